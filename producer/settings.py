@@ -1,0 +1,123 @@
+"""The one settings object. `os.environ` is read here and nowhere else.
+
+S3 endpoint and credentials are deliberately absent: boto3 reads its own
+standard variables (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.contract import QUEUE_GPU
+
+EMBEDDED_BROKER = "memory://"
+DEFAULT_STORAGE = "file://./actviz-results"
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = EMBEDDED_BROKER
+    result_backend: str | None = None
+    storage_url: str = DEFAULT_STORAGE
+    # URI prefixes a model may come from; "builtin:" is the shipped demo model.
+    model_allow: tuple[str, ...] = ("builtin:",)
+    # URI prefixes whose models may contain Lambda layers (arbitrary code).
+    model_trusted: tuple[str, ...] = ()
+    model_registry: str | None = None
+    model_cache_dir: str = field(
+        default_factory=lambda: str(Path.home() / ".cache" / "actviz" / "models")
+    )
+    cache_models: int = 4
+    cache_bytes: int = 4 * 1024**3
+    max_pixels: int = 50_000_000
+    max_side: int = 1024
+    max_grid_side: int = 4096
+    max_image_bytes: int = 32 * 1024**2
+    queue: str = QUEUE_GPU
+    queues: tuple[str, ...] = (QUEUE_GPU,)
+    preload: tuple[str, ...] = ()
+    concurrency: int = 1
+    soft_time_limit: int = 300
+    time_limit: int = 360
+    result_expires: int = 7 * 24 * 3600
+    max_retries: int = 5
+    max_deliveries: int = 3
+    batch_size: int = 8
+    batch_wait_ms: int = 15
+    metrics_port: int = 0
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url.startswith("memory://")
+
+    @property
+    def backend_url(self) -> str:
+        """Result backend; defaults to the broker (an in-memory cache when embedded)."""
+        if self.result_backend:
+            return self.result_backend
+        return "cache+memory://" if self.embedded else self.broker_url
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis redelivers an unacked message after this; keep it past the hard limit."""
+        return self.time_limit * 2 + 60
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("ACTVIZ_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """CLI flags override environment values; None means 'flag not given'."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration with passwords removed from URLs."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = redact_url(value) if isinstance(value, str) else value
+        out["result_backend"] = redact_url(self.backend_url)
+        return out
+
+
+def _parse(type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    if t.startswith("tuple"):
+        return _split(raw)
+    if t == "int":
+        return int(raw)
+    if t == "bool":
+        return _bool(raw)
+    return raw
+
+
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^@/]*)@", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """'redis://:secret@host:6379/0' -> 'redis://***@host:6379/0'."""
+    return _USERINFO.sub(lambda m: m.group(1) + "***@", url)

@@ -1,0 +1,292 @@
+"""Object storage: S3-compatible buckets and local folders behind one interface.
+
+Keys are relative to the store's prefix and use '/' separators. boto3 finds
+the endpoint and credentials in its standard places (AWS_ENDPOINT_URL_S3,
+AWS_ACCESS_KEY_ID, ~/.aws, instance roles), so MinIO needs no extra settings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from producer.errors import StorageUnavailable
+
+CONTENT_TYPES = {
+    ".json": "application/json",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".html": "text/html; charset=utf-8",
+    ".npz": "application/octet-stream",
+    ".h5": "application/x-hdf5",
+    ".keras": "application/zip",
+}
+
+
+def content_type_for(key: str) -> str:
+    return CONTENT_TYPES.get(Path(key).suffix.lower(), "application/octet-stream")
+
+
+class ObjectNotFound(LookupError):
+    """The key (or URI) does not exist in storage."""
+
+
+class Store(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def uri(self, key: str) -> str: ...
+    def presign(self, key: str, expires: int = 3600) -> str: ...
+    def download(self, key: str, path: Path) -> None: ...
+
+
+def put_many(store: Store, objects: Iterable[tuple[str, bytes]], workers: int = 8) -> None:
+    """Upload objects concurrently; raises the first failure after all finish."""
+    items = list(objects)
+    if len(items) <= 1 or workers <= 1:
+        for key, data in items:
+            store.put(key, data)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        for fut in [pool.submit(store.put, key, data) for key, data in items]:
+            fut.result()
+
+
+class FileStore:
+    """A folder on a local or shared filesystem, written atomically per object."""
+
+    def __init__(self, root: str | Path, url: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.url = url or self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ValueError(f"key {key!r} escapes the storage root")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(self.uri(key)) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        folder = base if base.is_dir() else base.parent
+        if not folder.exists():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in folder.rglob("*") if p.is_file())
+        return sorted(k for k in keys if k.startswith(prefix) and "/.tmp-" not in "/" + k)
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def presign(self, key: str, expires: int = 3600) -> str:
+        return str(self._path(key))
+
+    def download(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise ObjectNotFound(self.uri(key)) from None
+
+
+def s3_client():  # noqa: ANN201 - botocore client type is generated at runtime
+    """A boto3 S3 client configured from boto3's own environment variables."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        config=Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=32,
+        ),
+    )
+
+
+def _transient(exc: Exception) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(
+        exc,
+        EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError,
+    ):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+    return False
+
+
+def _not_found(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = exc.response.get("Error", {}).get("Code", "")
+    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
+class S3Store:
+    """An S3 bucket and key prefix: `s3://bucket/some/prefix`."""
+
+    def __init__(self, bucket: str, prefix: str = "", client: object | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = client
+
+    @property
+    def client(self):  # noqa: ANN201
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, fn, uri: str, **kwargs):  # noqa: ANN001, ANN202
+        try:
+            return fn(**kwargs)
+        except Exception as exc:
+            if _not_found(exc):
+                raise ObjectNotFound(uri) from None
+            if _transient(exc):
+                raise StorageUnavailable(f"storage unavailable for {uri}: {exc}") from exc
+            raise
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        self._call(
+            self.client.put_object,
+            self.uri(key),
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=data,
+            ContentType=content_type or content_type_for(key),
+        )
+
+    def get(self, key: str) -> bytes:
+        resp = self._call(
+            self.client.get_object, self.uri(key), Bucket=self.bucket, Key=self._key(key)
+        )
+        return resp["Body"].read()
+
+    def head(self, key: str) -> dict:
+        return self._call(
+            self.client.head_object, self.uri(key), Bucket=self.bucket, Key=self._key(key)
+        )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(self._iter_keys(prefix))
+
+    def _iter_keys(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][strip:]
+        except Exception as exc:
+            if _transient(exc):
+                raise StorageUnavailable(f"storage unavailable: {exc}") from exc
+            raise
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def presign(self, key: str, expires: int = 3600) -> str:
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=int(expires),
+        )
+
+    def download(self, key: str, path: Path) -> None:
+        """Multipart, concurrent download through boto3's transfer manager."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        self._call(
+            self.client.download_file,
+            self.uri(key),
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Filename=str(tmp),
+        )
+        os.replace(tmp, path)
+
+
+def open_store(url: str) -> Store:
+    """`s3://bucket/prefix` or `file:///abs/dir` or `file://./relative/dir`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"storage URL {url!r} names no bucket")
+        return S3Store(parsed.netloc, parsed.path)
+    if parsed.scheme == "file":
+        return FileStore(local_path(url), url)
+    if parsed.scheme == "":
+        return FileStore(url)
+    raise ValueError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or file:///dir")
+
+
+def local_path(uri: str) -> Path:
+    """Path of a `file://` URI; `file://./x` and `file://x` are relative to the cwd."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        raise ValueError(f"not a file URI: {uri!r}")
+    if parsed.scheme == "":
+        return Path(uri)
+    return Path(unquote(parsed.netloc + parsed.path))
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
