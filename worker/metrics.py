@@ -1,0 +1,29 @@
+"""Prometheus metrics of a worker process, one registry for the whole process."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+JOBS = Counter("actviz_jobs_total", "Jobs by final status and error code", ["status", "code"])
+STAGE_SECONDS = Histogram(
+    "actviz_stage_seconds",
+    "Time spent per job stage",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "actviz_queue_wait_seconds", "Enqueue to start of work", buckets=STAGE_BUCKETS
+)
+CACHE_EVENTS = Counter(
+    "actviz_model_cache_events_total", "Model cache hits, misses and evictions", ["event"]
+)
+CACHE_BYTES = Gauge("actviz_model_cache_bytes", "Bytes held by the warm model cache")
+CACHE_MODELS = Gauge("actviz_model_cache_models", "Models held by the warm model cache")
+BATCH_IMAGES = Histogram(
+    "actviz_forward_batch_images",
+    "Images per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
