@@ -1,0 +1,39 @@
+"""The activation engine: plain functions from (model, images) to grids, stats, manifest.
+
+    loaded = open_model("m.h5", uri="s3://b/m.h5", trusted=False)
+    results = analyze(loaded, [jpeg_bytes], JobOptions(layers=":8"), Settings())
+
+Imports Keras (and so the configured backend); only workers import this package.
+"""
+
+from worker.engine.analysis import Artifacts, analyze, check_options, warmup
+from worker.engine.extract import Extractor, build_extractor, extract
+from worker.engine.layers import LayerRef, flatten_layers, select_layers
+from worker.engine.loading import LoadedModel, load_model, open_model
+from worker.engine.manifest import manifest_bytes
+from worker.engine.preprocess import PreparedImage, preprocess
+from worker.engine.render import colormap_lut, render_grid
+from worker.engine.stats import channel_stats, layer_summary
+
+__all__ = [
+    "Artifacts",
+    "Extractor",
+    "LayerRef",
+    "LoadedModel",
+    "PreparedImage",
+    "analyze",
+    "build_extractor",
+    "channel_stats",
+    "check_options",
+    "colormap_lut",
+    "extract",
+    "flatten_layers",
+    "layer_summary",
+    "load_model",
+    "manifest_bytes",
+    "open_model",
+    "preprocess",
+    "render_grid",
+    "select_layers",
+    "warmup",
+]

@@ -1,0 +1,226 @@
+"""The engine's entry point: (model, images, options) -> grids, stats and manifest.
+
+`analyze` preprocesses every image, runs one forward pass per group of
+same-shaped images through the cached extractor, then renders and measures
+each image layer by layer. A bad image fails only its own slot; bad options
+or a bad layer spec fail the whole call.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from producer.contract import JobOptions, layer_grid_name
+from producer.errors import ActvizError, InvalidJob
+from producer.settings import Settings
+from worker.engine.layers import LayerRef
+from worker.engine.loading import LoadedModel
+from worker.engine.manifest import build_manifest
+from worker.engine.preprocess import PreparedImage, check_scale, preprocess
+from worker.engine.render import (
+    STRIP_MAX_VALUES,
+    check_normalize,
+    colormap_lut,
+    encode_png,
+    render_channel,
+    render_grid,
+    render_overlay,
+    render_strip,
+)
+from worker.engine.stats import channel_stats, json_stats, layer_summary
+
+
+@dataclass
+class Artifacts:
+    """One image's results: the manifest and the files it names.
+
+    `files` keys are relative to the job folder: "input.png",
+    "layers/NN-name.png", "overlays/NN-name.png", "channels/NN-name/CCC.png",
+    "activations.npz". The caller fills manifest["job_id"] and
+    manifest["image"]["uri"], then writes manifest.json last.
+    """
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def check_options(options: JobOptions, channels: int) -> None:
+    """Raise InvalidJob for options no image could satisfy."""
+    check_scale(options, channels)
+    check_normalize(options.normalize, options.percentile)
+    colormap_lut(options.colormap)
+    if options.top_k < 0:
+        raise InvalidJob(f"top_k must be >= 0, got {options.top_k}")
+
+
+def analyze(
+    loaded: LoadedModel,
+    images: list[bytes],
+    options: JobOptions,
+    settings: Settings,
+) -> list[Artifacts | ActvizError]:
+    """Analyze each image with `loaded`; one result per image, in order.
+
+    Images of one shape share one forward pass. A slot holds an ActvizError
+    (InvalidImage, ImageTooLarge) when that image is bad.
+    Raises InvalidJob (bad options) or UnknownLayer (bad layer spec) for all.
+    """
+    check_options(options, loaded.input_shape[2])
+    extractor = loaded.extractor(options.layers)
+    results: list[Artifacts | ActvizError | None] = [None] * len(images)
+    prepared: dict[int, PreparedImage] = {}
+    timings: dict[int, dict[str, float]] = {}
+    for i, data in enumerate(images):
+        started = time.perf_counter()
+        try:
+            prepared[i] = preprocess(data, loaded.input_shape, options, settings)
+        except ActvizError as exc:
+            results[i] = exc
+            continue
+        timings[i] = {"preprocess": _ms_since(started)}
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, image in prepared.items():
+        groups[image.pixels.shape].append(i)
+    for members in groups.values():
+        batch = np.stack([prepared[i].pixels for i in members])
+        started = time.perf_counter()
+        outputs = extractor(batch)
+        forward_ms = _ms_since(started)
+        for j, i in enumerate(members):
+            timings[i].update(forward=forward_ms, forward_batch=len(members))
+            activations = [output[j] for output in outputs]
+            results[i] = _artifacts(
+                loaded, extractor.refs, activations, prepared[i], options, settings, timings[i]
+            )
+        del outputs, batch
+    return [r for r in results if r is not None]  # every slot is filled above
+
+
+def warmup(
+    loaded: LoadedModel, options: JobOptions | None = None, settings: Settings | None = None
+) -> None:
+    """Build the extractor for `options.layers` and run it once on a gray image."""
+    options = options or JobOptions()
+    settings = settings or Settings()
+    check_options(options, loaded.input_shape[2])
+    extractor = loaded.extractor(options.layers)
+    height, width, channels = loaded.input_shape
+    side = min(64, settings.max_side)
+    shape = (1, height or side, width or side, channels)
+    extractor(np.full(shape, 0.5, dtype=np.float32))
+
+
+def _artifacts(
+    loaded: LoadedModel,
+    refs: list[LayerRef],
+    activations: list[np.ndarray],
+    image: PreparedImage,
+    options: JobOptions,
+    settings: Settings,
+    timings: dict[str, float],
+) -> Artifacts:
+    files = {"input.png": encode_png(image.display)}
+    render_ms = stats_ms = 0.0
+    layers = []
+    for ref, act in zip(refs, activations, strict=True):
+        started = time.perf_counter()
+        entry = _render_layer(ref, act, image, options, settings, files)
+        render_ms += _ms_since(started)
+        started = time.perf_counter()
+        stats = channel_stats(act)
+        entry["stats"] = json_stats(stats)
+        entry["summary"] = layer_summary(stats, options.top_k)
+        stats_ms += _ms_since(started)
+        layers.append(entry)
+    if options.save_npz:
+        files["activations.npz"] = _npz(refs, activations)
+    timings.update(render=render_ms, stats=stats_ms)
+    record = dict(image.record)
+    manifest = build_manifest(
+        model={
+            "uri": loaded.uri,
+            "sha256": loaded.sha256,
+            "name": loaded.model.name,
+            "class_name": type(loaded.model).__name__,
+            "input_shape": list(loaded.input_shape),
+        },
+        image={
+            "sha256": image.sha256,
+            "original_size": list(image.original_size),
+            "format": record.pop("format", None),
+            "mode": record.pop("mode", None),
+        },
+        preprocessing=record,
+        options=options,
+        engine={"backend": keras.backend.backend(), "keras": keras.__version__},
+        layers=layers,
+        files=list(files),
+        timings_ms=timings,
+    )
+    return Artifacts(manifest=manifest, files=files)
+
+
+def _render_layer(
+    ref: LayerRef,
+    act: np.ndarray,
+    image: PreparedImage,
+    options: JobOptions,
+    settings: Settings,
+    files: dict[str, bytes],
+) -> dict[str, Any]:
+    key = layer_grid_name(ref.index, ref.name)
+    stem = key[len("layers/") : -len(".png")]
+    entry: dict[str, Any] = {
+        "name": ref.name,
+        "index": ref.index,
+        "class_name": ref.class_name,
+        "output_shape": list(act.shape),
+        "spatial": act.ndim == 3,
+        "grid": None,
+    }
+    if act.ndim == 3:
+        png, grid, indices = render_grid(
+            act,
+            options.normalize,
+            options.colormap,
+            percentile=options.percentile,
+            max_side=settings.max_grid_side,
+        )
+        files[key] = png
+        entry["grid"] = {"png": key, **grid.to_dict()}
+        if options.channel_pngs:
+            entry["channels_dir"] = f"channels/{stem}/"
+            for c in range(indices.shape[-1]):
+                files[f"channels/{stem}/{c:03d}.png"] = render_channel(
+                    indices[:, :, c], options.colormap
+                )
+        if options.overlay:
+            files[f"overlays/{stem}.png"] = render_overlay(image.display, act, options.colormap)
+            entry["overlay"] = f"overlays/{stem}.png"
+    elif 0 < act.size <= STRIP_MAX_VALUES:
+        png, grid = render_strip(act, options.colormap)
+        files[key] = png
+        entry["grid"] = {"png": key, **grid.to_dict()}
+    return entry
+
+
+def _npz(refs: list[LayerRef], activations: list[np.ndarray]) -> bytes:
+    """float16 activations keyed 'NN-name' (the grid file stem)."""
+    arrays = {
+        layer_grid_name(ref.index, ref.name)[len("layers/") : -len(".png")]: act.astype(np.float16)
+        for ref, act in zip(refs, activations, strict=True)
+    }
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

@@ -1,0 +1,87 @@
+"""One forward pass that returns the outputs of many layers at once.
+
+An `Extractor` is a single multi-output `keras.Model` over the selected
+layers, built once per (model, layer set) and cached on the `LoadedModel`.
+Layers inside nested models have no tensor in the outer graph, so for those
+the graph is traced again on a fresh `keras.Input`: every layer (and every
+layer of every nested model) is re-called on symbolic tensors, which shares
+the weights and yields a tensor for each inner layer.
+Only Keras APIs are used, so any Keras backend runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from worker.engine.layers import LayerRef, is_graph_model
+
+
+class Extractor:
+    """`extractor(batch)` -> one float32 array per selected layer.
+
+    `batch` is (N, H, W, C) float32, already preprocessed; each result is
+    (N, *layer.output_shape) float32, in the order of `refs`.
+    """
+
+    def __init__(self, model: keras.Model, refs: list[LayerRef]) -> None:
+        self.model = model
+        self.refs = refs
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        outputs = self.model(batch, training=False)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        return [np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float32) for t in outputs]
+
+
+def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:
+    """Build the multi-output model for `refs` (LayerRefs of `model`)."""
+    if all(len(ref.path) == 1 for ref in refs):
+        outputs = [_first_output(ref.layer) for ref in refs]
+        return Extractor(keras.Model(model.inputs[0], outputs), refs)
+    inputs = keras.Input(shape=tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype)
+    traced: dict[int, Any] = {}
+    _trace(model, inputs, traced)
+    outputs = [traced[id(ref.layer)] for ref in refs]
+    return Extractor(keras.Model(inputs, outputs), refs)
+
+
+def extract(loaded: Any, batch: np.ndarray, refs: list[LayerRef]) -> list[np.ndarray]:
+    """Raw activations of `refs` for a preprocessed (N, H, W, C) float32 batch.
+
+    Uses the cached extractor of `loaded` (a LoadedModel) for that layer set.
+    """
+    return loaded.extractor([ref.name for ref in refs])(batch)
+
+
+def _first_output(layer: keras.layers.Layer) -> Any:
+    output = layer.output
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def _trace(model: keras.Model, inputs: Any, traced: dict[int, Any]) -> Any:
+    """Re-call `model`'s layers on `inputs`, recording each layer's output tensor."""
+    if isinstance(model, keras.Sequential):
+        x = inputs
+        for layer in model.layers:
+            x = _call(layer, traced)(x)
+        return x
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            traced.setdefault(id(layer), inputs)
+    # Functional: replay its node graph with our own call for every operation.
+    return model._run_through_graph(inputs, operation_fn=lambda op: _call(op, traced))
+
+
+def _call(layer: keras.layers.Layer, traced: dict[int, Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        nested = is_graph_model(layer)
+        output = _trace(layer, args[0], traced) if nested else layer(*args, **kwargs)
+        traced.setdefault(id(layer), output)
+        return output
+
+    return run

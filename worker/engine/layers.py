@@ -1,0 +1,183 @@
+"""Which layers a job looks at: the flattened layer list and the selection spec.
+
+Nested models (a Functional or Sequential model used as a layer) are
+flattened: their inner layers follow each other as `outer/inner`, and the
+nested model itself comes right after its inner layers (its output is the
+output of its last inner layer). Indices and slices count positions in this
+flattened list, which is exactly `model.layers` when nothing is nested.
+
+Default selection: every layer with a spatial output (batch, H, W, C) in model
+order, except input layers and nested-model containers (their inner layers
+are listed instead).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+import keras
+
+from producer.errors import UnknownLayer
+
+_INT = re.compile(r"^-?\d+$")
+_SLICE = re.compile(r"^(-?\d*):(-?\d*)(?::(-?\d*))?$")
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRef:
+    """One addressable layer of a (possibly nested) model.
+
+    `output_shape` excludes the batch axis, e.g. (148, 148, 32); None where free.
+    `path` is the chain of layer objects from the top model down to this one.
+    """
+
+    name: str
+    index: int
+    class_name: str
+    output_shape: tuple[int | None, ...]
+    path: tuple[keras.layers.Layer, ...]
+    container: bool = False
+
+    @property
+    def layer(self) -> keras.layers.Layer:
+        return self.path[-1]
+
+    @property
+    def spatial(self) -> bool:
+        """True for (H, W, C) outputs that render as a grid of channel maps."""
+        return len(self.output_shape) == 3
+
+    @property
+    def is_input(self) -> bool:
+        return isinstance(self.layer, keras.layers.InputLayer)
+
+
+def is_graph_model(layer: keras.layers.Layer) -> bool:
+    """A nested model whose inner layers can be traced (Functional or Sequential)."""
+    if isinstance(layer, keras.Sequential):
+        return True
+    return isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth")
+
+
+def flatten_layers(model: keras.Model) -> list[LayerRef]:
+    """Every layer of `model` in model order, nested models expanded (see module doc)."""
+    refs: list[LayerRef] = []
+    _flatten(model, (), "", refs)
+    return refs
+
+
+def _flatten(
+    model: keras.Model,
+    parents: tuple[keras.layers.Layer, ...],
+    prefix: str,
+    refs: list[LayerRef],
+) -> None:
+    for layer in model.layers:
+        path = (*parents, layer)
+        nested = is_graph_model(layer)
+        if nested:
+            _flatten(layer, path, f"{prefix}{layer.name}/", refs)
+        refs.append(
+            LayerRef(
+                name=prefix + layer.name,
+                index=len(refs),
+                class_name=type(layer).__name__,
+                output_shape=_output_shape(layer),
+                path=path,
+                container=nested,
+            )
+        )
+
+
+def _output_shape(layer: keras.layers.Layer) -> tuple[int | None, ...]:
+    try:
+        output = layer.output
+    except (AttributeError, ValueError):
+        return ()
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return tuple(output.shape[1:])
+
+
+def default_layers(refs: list[LayerRef]) -> list[LayerRef]:
+    return [r for r in refs if r.spatial and not r.is_input and not r.container]
+
+
+def select_layers(refs: list[LayerRef], spec: str | list[str] | None) -> list[LayerRef]:
+    """Resolve a layer spec to layers in model order, without duplicates.
+
+    `spec` is a comma-separated string or a list of tokens; each token is a
+    layer name (`conv2d_1`, `outer/inner`), an index (`3`, `-1`), a slice
+    (`:8`, `2:6`), a class name (`Conv2D`) or a regex searched in names
+    (`re:block[12]_conv.*`). None or empty selects `default_layers`.
+    Raises UnknownLayer for an unknown token or an empty selection.
+    """
+    tokens = _tokens(spec)
+    if not tokens:
+        chosen = default_layers(refs)
+        if not chosen:
+            raise UnknownLayer(
+                "model has no layer with a spatial (H, W, C) output; select layers "
+                f"explicitly, e.g. one of: {', '.join(r.name for r in refs[:8])}"
+            )
+        return chosen
+    picked: dict[int, LayerRef] = {}
+    for token in tokens:
+        for ref in _resolve(refs, token):
+            picked[ref.index] = ref
+    return [picked[i] for i in sorted(picked)]
+
+
+def _tokens(spec: str | list[str] | None) -> list[str]:
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
+    return [t.strip() for t in items if t.strip()]
+
+
+def _resolve(refs: list[LayerRef], token: str) -> list[LayerRef]:
+    by_name = {r.name: r for r in refs}
+    if token in by_name:
+        return [by_name[token]]
+    if _INT.match(token):
+        i = int(token)
+        if not -len(refs) <= i < len(refs):
+            raise UnknownLayer(
+                f"layer index {i} is out of range: the model has {len(refs)} layers "
+                f"(0..{len(refs) - 1})"
+            )
+        return [refs[i]]
+    match = _SLICE.match(token)
+    if match:
+        start, stop, step = (int(g) if g else None for g in match.groups())
+        if step == 0:
+            raise UnknownLayer(f"layer slice '{token}' has step 0")
+        found = refs[slice(start, stop, step)]
+        return _non_empty(found, token, refs)
+    if token.startswith("re:"):
+        try:
+            pattern = re.compile(token[3:])
+        except re.error as exc:
+            raise UnknownLayer(f"layer pattern '{token}' is not a valid regex: {exc}") from exc
+        return _non_empty([r for r in refs if pattern.search(r.name)], token, refs)
+    by_class = [r for r in refs if r.class_name == token]
+    if by_class:
+        return by_class
+    raise UnknownLayer(f"layer '{token}' not found; nearest: {_nearest(token, refs)}")
+
+
+def _non_empty(found: list[LayerRef], token: str, refs: list[LayerRef]) -> list[LayerRef]:
+    if not found:
+        raise UnknownLayer(
+            f"layer selection '{token}' matches no layer; layers are: "
+            f"{', '.join(r.name for r in refs[:12])}{' ...' if len(refs) > 12 else ''}"
+        )
+    return found
+
+
+def _nearest(token: str, refs: list[LayerRef]) -> str:
+    candidates = [r.name for r in refs] + sorted({r.class_name for r in refs})
+    close = difflib.get_close_matches(token, candidates, n=5, cutoff=0.4)
+    return ", ".join(close) if close else ", ".join(r.name for r in refs[:5])

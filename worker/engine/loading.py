@@ -1,0 +1,254 @@
+"""Open a saved Keras model safely and keep it warm as a `LoadedModel`.
+
+Three on-disk formats are accepted, recognised by their bytes rather than the
+file name: Keras 3 `.keras` zip archives, legacy HDF5 files written by Keras 2
+or tf.keras, and TensorFlow SavedModel folders written by tf.keras (rebuilt
+from their embedded Keras config, see `savedmodel.py`).
+
+Loading never runs code from the file unless the caller says the source is
+trusted: the model config is scanned for `Lambda` layers *before* Keras
+deserializes anything, and Keras itself runs with `safe_mode=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import keras
+import numpy as np
+
+from producer.errors import ActvizError, InvalidModel, ModelNotFound, UnsafeModel
+from worker.engine.extract import Extractor, build_extractor
+from worker.engine.layers import LayerRef, flatten_layers, select_layers
+from worker.engine.savedmodel import is_savedmodel, load_savedmodel
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# Layers that carry arbitrary Python code inside the file.
+_CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")
+IMAGE_CHANNELS = (1, 3)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model kept warm in a worker, with its extractors cached per layer set.
+
+    `input_shape` is (H, W, C) with None for free spatial dimensions.
+    `nbytes` approximates the memory the weights hold.
+    """
+
+    model: keras.Model
+    uri: str
+    sha256: str
+    nbytes: int
+    input_shape: tuple[int | None, int | None, int]
+    layers: list[LayerRef]
+    _extractors: dict[tuple[str, ...], Extractor] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def select(self, layer_spec: str | list[str] | None) -> list[LayerRef]:
+        """Resolve a layer spec; raises UnknownLayer (see `layers.select_layers`)."""
+        return select_layers(self.layers, layer_spec)
+
+    def extractor(self, layer_spec: str | list[str] | None) -> Extractor:
+        """The multi-output extractor for the resolved layer set, built once."""
+        refs = self.select(layer_spec)
+        key = tuple(ref.name for ref in refs)
+        with self._lock:
+            found = self._extractors.get(key)
+            if found is None:
+                found = build_extractor(self.model, refs)
+                self._extractors[key] = found
+        return found
+
+
+def open_model(path: str | Path, uri: str | None = None, *, trusted: bool = False) -> LoadedModel:
+    """Load the model at `path` and wrap it for analysis.
+
+    Raises ModelNotFound (no such file), InvalidModel (not a usable image model),
+    UnsafeModel (Lambda layers and not `trusted`).
+    """
+    path = Path(path)
+    model = load_model(path, trusted=trusted)
+    input_shape = model_input_shape(model)
+    return LoadedModel(
+        model=model,
+        uri=uri or str(path),
+        sha256=hash_path(path),
+        nbytes=weight_bytes(model),
+        input_shape=input_shape,
+        layers=flatten_layers(model),
+    )
+
+
+def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
+    """Deserialize a `.keras`, `.h5`/`.hdf5` file or a SavedModel folder.
+
+    Raises ModelNotFound, InvalidModel or UnsafeModel; never a bare Keras error.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"model file '{path}' does not exist")
+    if path.is_dir():
+        if not is_savedmodel(path):
+            raise InvalidModel(f"'{path}' is a folder but not a TensorFlow SavedModel")
+        return load_savedmodel(path, trusted=trusted)
+    kind = _sniff(path)
+    config = _read_config(path, kind)
+    if not trusted:
+        refuse_code_layers(config)
+    with _with_suffix(path, ".keras" if kind == "keras" else ".h5") as named:
+        try:
+            model = keras.saving.load_model(named, compile=False, safe_mode=not trusted)
+        except ActvizError:
+            raise
+        except Exception as exc:  # Keras raises anything from ValueError to KeyError
+            if "safe_mode" in str(exc) or "arbitrary code" in str(exc):
+                raise UnsafeModel(f"model refused in safe mode: {_short(exc)}") from exc
+            raise InvalidModel(f"could not load model '{path.name}': {_short(exc)}") from exc
+    if not isinstance(model, keras.Model):
+        raise InvalidModel(f"'{path.name}' holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
+    """(H, W, C) of the single image input; raises InvalidModel otherwise."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError) as exc:
+        inputs = None
+        reason = str(exc)
+    else:
+        reason = ""
+    if not inputs:
+        raise InvalidModel(
+            "model has no defined input: it was saved before being built "
+            "(e.g. a Sequential model without an Input layer). Rebuild it with "
+            "keras.Input(shape=(H, W, C)) as its first layer and save it again"
+            + (f" ({reason})" if reason else "")
+        )
+    if len(inputs) != 1:
+        raise InvalidModel(f"model has {len(inputs)} inputs; an image model needs exactly one")
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4:
+        raise InvalidModel(f"model input shape {shape} is not (batch, H, W, C) image input")
+    _, height, width, channels = shape
+    if channels not in IMAGE_CHANNELS:
+        raise InvalidModel(
+            f"model input has {channels} channels; images can feed 1 (gray) or 3 (RGB)"
+        )
+    return (height, width, int(channels))
+
+
+def refuse_code_layers(config: Any) -> None:
+    """Raise UnsafeModel when a model config (any nesting depth) holds a Lambda."""
+    found = sorted(set(_code_layers(config)))
+    if found:
+        raise UnsafeModel(
+            f"model contains layers that run arbitrary Python code ({', '.join(found)}); "
+            "load it from a trusted source (ACTVIZ_MODEL_TRUSTED prefix) or replace "
+            "those layers with built-in Keras layers"
+        )
+
+
+def _code_layers(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if node.get("class_name") in _CODE_LAYERS:
+            cfg = node.get("config")
+            name = cfg.get("name") if isinstance(cfg, dict) else None
+            yield f"{node['class_name']} '{name}'" if name else str(node["class_name"])
+        for value in node.values():
+            yield from _code_layers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _code_layers(value)
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(_ZIP_MAGIC):
+        return "keras"
+    if head == _HDF5_MAGIC:
+        return "h5"
+    raise InvalidModel(
+        f"'{path.name}' is not a Keras model: expected a .keras archive, "
+        "an HDF5 .h5 file or a SavedModel folder"
+    )
+
+
+def _read_config(path: Path, kind: str) -> Any:
+    """The model config JSON, read without deserializing any layer."""
+    try:
+        if kind == "keras":
+            with zipfile.ZipFile(path) as archive:
+                return json.loads(archive.read("config.json"))
+        with h5py.File(path, "r") as fh:
+            raw = fh.attrs.get("model_config")
+            if raw is None:
+                raise InvalidModel(
+                    f"'{path.name}' holds weights only (no model config); "
+                    "save the whole model with model.save(...)"
+                )
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except InvalidModel:
+        raise
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
+
+
+class _with_suffix:
+    """Keras picks the format by file extension; give it one without copying."""
+
+    def __init__(self, path: Path, suffix: str) -> None:
+        self.path = path
+        self.suffix = suffix
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> str:
+        accepted = (".h5", ".hdf5") if self.suffix == ".h5" else (self.suffix,)
+        if self.path.suffix.lower() in accepted:
+            return str(self.path)
+        self._tmp = tempfile.TemporaryDirectory(prefix="actviz-model-")
+        link = Path(self._tmp.name) / ("model" + self.suffix)
+        link.symlink_to(self.path.resolve())
+        return str(link)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and bytes, sorted)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_bytes(model: keras.Model) -> int:
+    """Bytes held by the model's weights (a lower bound of its memory)."""
+    total = 0
+    for weight in model.weights:
+        total += int(np.prod(weight.shape)) * np.dtype(weight.dtype).itemsize
+    return total
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,93 @@
+"""The manifest: everything needed to read, and reproduce, one job's results.
+
+Shapes are (H, W[, C]) lists throughout; sizes in pixels, times in ms.
+
+```
+{
+  "version": MANIFEST_VERSION, "job_id": null,       # job_id filled by the caller
+  "model": {"uri", "sha256", "name", "class_name", "input_shape": [H|null, W|null, C]},
+  "image": {"uri": null, "sha256", "original_size": [H, W], "format", "mode"},
+  "input": "input.png",                                # the image as the model saw it
+  "preprocessing": {"size": [H, W], "channels", "color", "alpha", "exif_orientation",
+                    "resample", "resized", "scale", "formula", "mean"?, "std"?, ...},
+  "normalization": {"mode", "levels", "percentile"?},
+  "colormap": "viridis",
+  "engine": {"backend", "keras"},
+  "layers": [{"name", "index", "class_name", "output_shape", "spatial",
+              "grid": {"png", "rows", "cols", "tile_h", "tile_w", "separator",
+                       "channels", "downsample", "height", "width"} | null,
+              "overlay"?, "channels_dir"?,
+              "stats": {"mean", "std", "min", "max", "sparsity": [per channel], "dead": [c]},
+              "summary": {"mean", "std", "min", "max", "sparsity", "dead_count", "top_k"}}],
+  "files": [every file key of the job besides manifest.json],
+  "timings_ms": {"preprocess", "forward", "render", "stats", "forward_batch"},
+}
+```
+Grid tile of channel c: row c // cols, col c % cols, top-left pixel at
+(row * (tile_h + separator), col * (tile_w + separator)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from producer.contract import MANIFEST_VERSION, JobOptions
+
+
+def build_manifest(
+    *,
+    model: dict[str, Any],
+    image: dict[str, Any],
+    preprocessing: dict[str, Any],
+    options: JobOptions,
+    engine: dict[str, Any],
+    layers: list[dict[str, Any]],
+    files: list[str],
+    timings_ms: dict[str, float],
+) -> dict[str, Any]:
+    """Assemble the manifest dict (JSON-safe: no NaN, no numpy types)."""
+    normalization: dict[str, Any] = {"mode": options.normalize, "levels": 255}
+    if options.normalize == "percentile":
+        normalization["percentile"] = options.percentile
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "job_id": None,
+        "model": model,
+        "image": {"uri": None, **image},
+        "input": "input.png",
+        "preprocessing": preprocessing,
+        "normalization": normalization,
+        "colormap": options.colormap,
+        "layer_spec": options.layers,
+        "top_k": options.top_k,
+        "engine": engine,
+        "layers": layers,
+        "files": sorted(files),
+        "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
+    }
+    return json_safe(manifest)
+
+
+def json_safe(value: Any) -> Any:
+    """Recursively: numpy scalars -> Python, NaN/inf -> None, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return value
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """UTF-8 JSON of a manifest; raises ValueError if anything is not JSON-safe."""
+    return json.dumps(manifest, allow_nan=False, separators=(",", ":")).encode()

@@ -1,0 +1,231 @@
+"""Image bytes -> the float32 array the model is fed, and a record of how.
+
+Decoding is Pillow's, restricted to JPEG/PNG/WebP/BMP/TIFF/GIF. The header's
+pixel count is checked before any pixel is decoded. Then: first frame, EXIF
+orientation applied, 16-bit and float images reduced to 8 bits, alpha dropped,
+converted to the model's channel count (ITU-R 601-2 luma for gray), resized
+bilinearly to the model's input size and scaled. Everything that changes the
+pixels is written to the returned `record`, which goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import (
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    MpoImagePlugin,  # multi-picture JPEGs from cameras open as JPEG
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
+
+from producer.contract import SCALES, JobOptions
+from producer.errors import ImageTooLarge, InvalidImage, InvalidJob
+from producer.settings import Settings
+
+# The decoders we accept, registered by importing their plugins (formats= needs them).
+_PLUGINS = (
+    BmpImagePlugin,
+    GifImagePlugin,
+    JpegImagePlugin,
+    MpoImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+RESAMPLE = "bilinear"
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_FORMULAS = {
+    "1/255": "x / 255",
+    "none": "x",
+    "-1..1": "x / 127.5 - 1",
+    "meanstd": "(x / 255 - mean) / std",
+}
+# Errors Pillow raises for bytes that are not a well-formed image.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError)
+
+
+@dataclass
+class PreparedImage:
+    """One image ready for the forward pass.
+
+    `pixels`: (H, W, C) float32, scaled, what the model is fed.
+    `display`: (H, W, C) uint8, the same image before scaling (input.png).
+    `original_size`: (H, W) of the decoded image after EXIF orientation.
+    """
+
+    pixels: np.ndarray
+    display: np.ndarray
+    sha256: str
+    original_size: tuple[int, int]
+    record: dict[str, Any]
+
+
+def preprocess(
+    data: bytes,
+    input_shape: tuple[int | None, int | None, int],
+    options: JobOptions,
+    settings: Settings,
+) -> PreparedImage:
+    """Decode, convert, resize and scale one image for a model with `input_shape` (H, W, C).
+
+    Raises InvalidImage (not a decodable image), ImageTooLarge (header says
+    more than settings.max_pixels), InvalidJob (bad scale options).
+    """
+    channels = input_shape[2]
+    check_scale(options, channels)
+    image, record = decode_image(data, settings.max_pixels)
+    original = (image.height, image.width)
+    image = _to_channels(image, channels, record)
+    height, width = target_size(original, input_shape, settings.max_side)
+    if (height, width) != original:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    display = np.asarray(image, dtype=np.uint8)
+    if display.ndim == 2:
+        display = display[:, :, None]
+    record.update(
+        size=[height, width],
+        channels=channels,
+        resample=RESAMPLE,
+        resized=(height, width) != original,
+        layout="HWC",
+        dtype="float32",
+    )
+    record.update(_scale_record(options))
+    return PreparedImage(
+        pixels=scale_pixels(display, options),
+        display=display,
+        sha256=hashlib.sha256(data).hexdigest(),
+        original_size=original,
+        record=record,
+    )
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode the first frame with EXIF orientation applied.
+
+    The pixel count from the header is checked before decoding.
+    Raises InvalidImage or ImageTooLarge.
+    """
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below is the one that applies; Pillow's bomb error still does.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused before decoding: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(
+            f"not a readable image (JPEG, PNG, WebP, BMP, TIFF or GIF expected): {exc}"
+        ) from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+            f"the limit is {max_pixels / 1e6:g} megapixels"
+        )
+    if width == 0 or height == 0:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    record: dict[str, Any] = {"format": image.format, "mode": image.mode}
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image refused while decoding: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(f"image data is truncated or corrupt: {exc}") from exc
+    return _orient(image, record), record
+
+
+def _orient(image: Image.Image, record: dict[str, Any]) -> Image.Image:
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+        oriented = ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS + (KeyError, TypeError) as exc:
+        # A broken EXIF block does not spoil the pixels: keep them, say so.
+        record["exif_orientation"] = f"unreadable ({exc})"
+        return image
+    record["exif_orientation"] = orientation
+    return oriented if oriented is not None else image
+
+
+def _to_channels(image: Image.Image, channels: int, record: dict[str, Any]) -> Image.Image:
+    """8-bit L (channels == 1) or RGB (channels == 3), alpha dropped."""
+    mode = image.mode
+    record["alpha"] = "dropped" if ("A" in mode or "transparency" in image.info) else "none"
+    if mode in _SIXTEEN_BIT:
+        values = np.asarray(image).astype(np.float32)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+        record["bit_depth"] = "16-bit values divided by 257"
+    elif mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        span = high - low if high > low else 1.0
+        image = Image.fromarray(np.rint((values - low) * (255.0 / span)).astype(np.uint8))
+        record["bit_depth"] = f"float values rescaled from [{low:g}, {high:g}] to [0, 255]"
+    elif mode == "P":
+        image = image.convert("RGBA")
+    target = "L" if channels == 1 else "RGB"
+    record["color"] = f"{mode}->{target}" if mode != target else target
+    return image.convert(target) if image.mode != target else image
+
+
+def target_size(
+    original: tuple[int, int], input_shape: tuple[int | None, int | None, int], max_side: int
+) -> tuple[int, int]:
+    """(H, W) to resize to: the model's fixed size, else the image's, capped at max_side."""
+    height, width = original
+    free = [side for side, fixed in zip(original, input_shape[:2], strict=True) if fixed is None]
+    scale = min(1.0, max_side / max(free)) if free else 1.0
+    out_h = input_shape[0] if input_shape[0] is not None else max(1, round(height * scale))
+    out_w = input_shape[1] if input_shape[1] is not None else max(1, round(width * scale))
+    return int(out_h), int(out_w)
+
+
+def check_scale(options: JobOptions, channels: int) -> None:
+    """Raise InvalidJob unless options.scale (and mean/std for meanstd) are usable."""
+    if options.scale not in SCALES:
+        raise InvalidJob(f"unknown scale '{options.scale}'; use one of {', '.join(SCALES)}")
+    if options.scale != "meanstd":
+        return
+    for name in ("mean", "std"):
+        values = getattr(options, name)
+        if not values or len(values) not in (1, channels):
+            raise InvalidJob(f"scale 'meanstd' needs options.{name} with 1 or {channels} values")
+    if any(float(s) <= 0 for s in options.std or ()):
+        raise InvalidJob("options.std values must be positive")
+
+
+def scale_pixels(display: np.ndarray, options: JobOptions) -> np.ndarray:
+    """(H, W, C) uint8 -> (H, W, C) float32 with options.scale applied."""
+    x = display.astype(np.float32)
+    if options.scale == "1/255":
+        x /= np.float32(255)
+    elif options.scale == "-1..1":
+        x /= np.float32(127.5)
+        x -= np.float32(1)
+    elif options.scale == "meanstd":
+        x /= np.float32(255)
+        x -= np.asarray(options.mean, dtype=np.float32)
+        x /= np.asarray(options.std, dtype=np.float32)
+    return x
+
+
+def _scale_record(options: JobOptions) -> dict[str, Any]:
+    record: dict[str, Any] = {"scale": options.scale, "formula": _FORMULAS[options.scale]}
+    if options.scale == "meanstd":
+        record.update(mean=list(options.mean or []), std=list(options.std or []))
+    return record

@@ -1,0 +1,241 @@
+"""Activation maps -> colour-mapped PNGs, with numpy and Pillow only.
+
+A layer grid tiles every channel of an (H, W, C) map into one palette PNG:
+`cols = ceil(sqrt(C))`, `rows = ceil(C / cols)`, channel `c` at row `c // cols`,
+column `c % cols`, tiles separated by 1-pixel lines. Values are normalized to
+palette indices 0..254 (the colormap sampled at 255 levels); index 255 is the
+separator/background colour. The palette is the colormap's 256-entry LUT,
+built once per name from matplotlib's colormap registry.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from producer.contract import NORMALIZATIONS
+from producer.errors import InvalidJob
+
+LEVELS = 255  # colour levels; palette index 255 is the separator
+SEPARATOR = 255
+SEPARATOR_RGB = (255, 255, 255)
+PNG_COMPRESS_LEVEL = 1  # grids are regenerated per job: favour speed over size
+STRIP_MAX_VALUES = 4096
+STRIP_HEIGHT = 16
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a rendered grid, enough to map a pixel back to a channel."""
+
+    rows: int
+    cols: int
+    tile_h: int
+    tile_w: int
+    channels: int
+    downsample: int
+    separator: int = 1
+
+    @property
+    def height(self) -> int:
+        return self.rows * self.tile_h + (self.rows - 1) * self.separator
+
+    @property
+    def width(self) -> int:
+        return self.cols * self.tile_w + (self.cols - 1) * self.separator
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "cols": self.cols,
+            "tile_h": self.tile_h,
+            "tile_w": self.tile_w,
+            "separator": self.separator,
+            "channels": self.channels,
+            "downsample": self.downsample,
+            "height": self.height,
+            "width": self.width,
+        }
+
+
+@functools.lru_cache(maxsize=32)
+def colormap_lut(name: str) -> np.ndarray:
+    """(256, 3) uint8: the colormap at 255 levels, then the separator colour.
+
+    Raises InvalidJob for a name matplotlib does not know.
+    """
+    import matplotlib  # only the colormap registry; no figures are drawn
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except (KeyError, ValueError) as exc:
+        raise InvalidJob(f"unknown colormap '{name}'; use a matplotlib colormap name") from exc
+    rgba = cmap(np.linspace(0.0, 1.0, LEVELS))
+    lut = np.empty((256, 3), dtype=np.uint8)
+    lut[:LEVELS] = np.rint(rgba[:, :3] * 255).astype(np.uint8)
+    lut[SEPARATOR] = SEPARATOR_RGB
+    lut.setflags(write=False)
+    return lut
+
+
+def check_normalize(mode: str, percentile: float) -> None:
+    """Raise InvalidJob for an unknown normalization mode or percentile."""
+    if mode not in NORMALIZATIONS:
+        raise InvalidJob(f"unknown normalize '{mode}'; use one of {', '.join(NORMALIZATIONS)}")
+    if mode == "percentile" and not 50.0 < float(percentile) <= 100.0:
+        raise InvalidJob(f"percentile must be in (50, 100], got {percentile}")
+
+
+def normalize_maps(maps: np.ndarray, mode: str, percentile: float = 99.0) -> np.ndarray:
+    """(H, W, C) float32 -> (H, W, C) uint8 palette indices 0..254.
+
+    channel: per-channel min..max. layer: one min..max for the layer.
+    meanstd: per channel (x - mean) / std * 64 + 128 clipped to 0..255, then
+    scaled to the 255 levels (Chollet's recipe). percentile: per channel
+    clipped to the [100 - p, p] percentiles. A constant channel renders flat
+    (index 0; the middle level 128 for meanstd).
+    """
+    x = maps.reshape(-1, maps.shape[-1])
+    if mode == "meanstd":
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        gain = np.divide(64.0 * (LEVELS - 1) / 255.0, std, out=np.zeros_like(std), where=std > 0)
+        out = (x - mean) * gain
+        out += np.float32(128.0 * (LEVELS - 1) / 255.0)
+    else:
+        if mode == "channel":
+            low, high = x.min(axis=0), x.max(axis=0)
+        elif mode == "layer":
+            low, high = x.min(keepdims=True), x.max(keepdims=True)
+        elif mode == "percentile":
+            low, high = np.percentile(x, [100.0 - percentile, percentile], axis=0)
+            low, high = low.astype(np.float32), high.astype(np.float32)
+        else:
+            raise InvalidJob(f"unknown normalize '{mode}'")
+        span = high - low
+        gain = np.divide(LEVELS - 1, span, out=np.zeros_like(span), where=span > 0)
+        out = x - low
+        out *= gain
+    out += np.float32(0.5)  # round half up when truncating to uint8
+    np.clip(out, 0, LEVELS - 1, out=out)
+    return out.astype(np.uint8).reshape(maps.shape)
+
+
+def grid_layout(channels: int) -> tuple[int, int]:
+    """Near-square (rows, cols) holding every channel."""
+    cols = max(1, math.ceil(math.sqrt(channels)))
+    rows = max(1, math.ceil(channels / cols))
+    return rows, cols
+
+
+def downsample_factor(height: int, width: int, channels: int, max_side: int) -> int:
+    """Smallest integer stride that keeps the grid's long side within max_side."""
+    rows, cols = grid_layout(channels)
+    for factor in range(1, max(height, width) + 1):
+        h, w = -(-height // factor), -(-width // factor)
+        if max(rows * h + rows - 1, cols * w + cols - 1) <= max_side:
+            return factor
+    return max(height, width)
+
+
+def tile_indices(indices: np.ndarray) -> tuple[np.ndarray, Grid]:
+    """(H, W, C) uint8 -> one (grid.height, grid.width) uint8 canvas, separators = 255."""
+    height, width, channels = indices.shape
+    rows, cols = grid_layout(channels)
+    grid = Grid(rows, cols, height, width, channels, 1)
+    canvas = np.full((rows, height + 1, cols, width + 1), SEPARATOR, dtype=np.uint8)
+    tiles = np.moveaxis(indices, -1, 0)  # (C, H, W) view
+    full_rows, rest = divmod(channels, cols)
+    if full_rows:
+        block = tiles[: full_rows * cols].reshape(full_rows, cols, height, width)
+        canvas[:full_rows, :height, :, :width] = block.transpose(0, 2, 1, 3)
+    if rest:
+        canvas[full_rows, :height, :rest, :width] = tiles[full_rows * cols :].transpose(1, 0, 2)
+    flat = canvas.reshape(rows * (height + 1), cols * (width + 1))
+    return flat[: grid.height, : grid.width], grid
+
+
+def render_grid(
+    maps: np.ndarray,
+    mode: str,
+    colormap: str,
+    *,
+    percentile: float = 99.0,
+    max_side: int = 4096,
+) -> tuple[bytes, Grid, np.ndarray]:
+    """(H, W, C) float32 -> (PNG bytes, Grid, (H', W', C) uint8 palette indices).
+
+    Maps are strided by `grid.downsample` first when the grid would exceed
+    `max_side` pixels on its long side. Raises InvalidJob for a bad mode/colormap.
+    """
+    lut = colormap_lut(colormap)
+    height, width, channels = maps.shape
+    factor = downsample_factor(height, width, channels, max_side)
+    if factor > 1:
+        maps = maps[::factor, ::factor]
+    indices = normalize_maps(maps, mode, percentile)
+    canvas, grid = tile_indices(indices)
+    grid = Grid(grid.rows, grid.cols, grid.tile_h, grid.tile_w, channels, factor)
+    return encode_palette_png(canvas, lut), grid, indices
+
+
+def render_strip(values: np.ndarray, colormap: str) -> tuple[bytes, Grid]:
+    """A non-spatial output (any shape, <= 4096 values) as one row of cells.
+
+    Values are min..max normalized over the whole layer; each value is one
+    cell `tile_w` pixels wide and STRIP_HEIGHT tall, without separators.
+    """
+    flat = values.reshape(-1, 1).astype(np.float32, copy=False)
+    indices = normalize_maps(flat[None], "layer")[0, :, 0]
+    cell = max(1, min(16, 1024 // max(1, indices.size)))
+    row = np.repeat(indices, cell)
+    canvas = np.broadcast_to(row, (STRIP_HEIGHT, row.size))
+    grid = Grid(1, int(indices.size), STRIP_HEIGHT, cell, int(indices.size), 1, separator=0)
+    return encode_palette_png(np.ascontiguousarray(canvas), colormap_lut(colormap)), grid
+
+
+def render_channel(indices: np.ndarray, colormap: str) -> bytes:
+    """(H, W) uint8 palette indices of one channel -> PNG bytes."""
+    return encode_palette_png(np.ascontiguousarray(indices), colormap_lut(colormap))
+
+
+def render_overlay(image: np.ndarray, maps: np.ndarray, colormap: str, alpha: float = 0.5) -> bytes:
+    """Mean over channels of (h, w, C) `maps`, min..max normalized, upsampled
+    bilinearly onto the (H, W, 1|3) uint8 `image` and blended with weight `alpha`."""
+    mean = maps.mean(axis=-1, dtype=np.float32)
+    indices = normalize_maps(mean[:, :, None], "layer")[:, :, 0]
+    heat = Image.fromarray(colormap_lut(colormap)[indices])
+    heat = heat.resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR)
+    base = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    blended = base * (1.0 - alpha) + np.asarray(heat, dtype=np.float32) * alpha
+    return encode_png(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def encode_palette_png(indices: np.ndarray, lut: np.ndarray) -> bytes:
+    """(H, W) uint8 indices + (256, 3) LUT -> palette PNG bytes."""
+    image = Image.frombuffer("P", indices.shape[::-1], _contiguous(indices), "raw", "P", 0, 1)
+    image.putpalette(lut.tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 1|3) uint8 -> PNG bytes (gray or RGB)."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(_contiguous(pixels)).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
+    return buffer.getvalue()
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)

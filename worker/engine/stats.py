@@ -1,0 +1,70 @@
+"""Per-channel and per-layer statistics of one image's activations.
+
+Channels are the last axis; statistics reduce over every other axis, in
+float32 with numpy's own reductions (one vectorized call per statistic, no
+per-channel Python loop).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def channel_stats(activations: np.ndarray) -> dict[str, Any]:
+    """(..., C) float32 -> per-channel lists {mean, std, min, max, sparsity, dead}.
+
+    sparsity: fraction of values exactly 0. dead: channel indices whose values
+    are all equal (a dead ReLU is constant 0); for an output with a single
+    position per channel (Dense, Flatten), a unit is dead when it is exactly 0.
+    Returns numpy arrays; `json_stats` turns them into lists.
+    """
+    channels = activations.shape[-1]
+    x = activations.reshape(-1, channels)
+    low = x.min(axis=0)
+    high = x.max(axis=0)
+    zeros = x.shape[0] - np.count_nonzero(x, axis=0)
+    dead = (high == low) if x.shape[0] > 1 else (high == 0)
+    return {
+        "mean": x.mean(axis=0),
+        "std": x.std(axis=0),
+        "min": low,
+        "max": high,
+        "sparsity": (zeros / x.shape[0]).astype(np.float32),
+        "dead": np.flatnonzero(dead),
+        "zeros": zeros,
+        "count": x.shape[0],
+    }
+
+
+def layer_summary(stats: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """Aggregate `channel_stats` into layer-wide numbers plus the top-k channels.
+
+    mean/std/min/max/sparsity are over every value of the layer (std from the
+    per-channel moments, which is exact because every channel has the same
+    count); top_k lists channel indices by descending mean.
+    """
+    mean = stats["mean"].astype(np.float64)
+    var = stats["std"].astype(np.float64) ** 2
+    layer_mean = float(mean.mean())
+    layer_std = float(np.sqrt(np.mean(var + (mean - layer_mean) ** 2)))
+    order = np.argsort(-stats["mean"], kind="stable")
+    return {
+        "mean": layer_mean,
+        "std": layer_std,
+        "min": float(stats["min"].min()),
+        "max": float(stats["max"].max()),
+        "sparsity": float(stats["zeros"].sum() / (stats["count"] * stats["zeros"].size)),
+        "dead_count": int(stats["dead"].size),
+        "top_k": [int(i) for i in order[: max(0, top_k)]],
+    }
+
+
+def json_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """Per-channel arrays -> JSON-ready lists (floats as Python floats)."""
+    out: dict[str, Any] = {
+        key: [float(v) for v in stats[key]] for key in ("mean", "std", "min", "max", "sparsity")
+    }
+    out["dead"] = [int(i) for i in stats["dead"]]
+    return out
