@@ -1,0 +1,124 @@
+"""Opening models: every supported format, and a typed error for every bad one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import keras
+import models
+import numpy as np
+import pytest
+
+from producer.contract import ErrorCode
+from producer.errors import InvalidModel, ModelNotFound, UnsafeModel
+from worker.engine import open_model
+
+
+def _same_predictions(a: keras.Model, b: keras.Model, shape: tuple[int, ...]) -> float:
+    x = np.random.default_rng(3).random((2, *shape)).astype(np.float32)
+    return float(np.abs(np.asarray(a(x)) - np.asarray(b(x))).max())
+
+
+def test_h5_and_keras_files_open_with_their_input_shape(model_files):
+    seq = open_model(model_files["sequential_h5"], uri="s3://b/seq_cnn.h5")
+    assert seq.input_shape == (32, 32, 3)
+    assert seq.uri == "s3://b/seq_cnn.h5"
+    assert len(seq.sha256) == 64
+    assert seq.nbytes == sum(int(np.prod(w.shape)) * 4 for w in seq.model.weights) > 0
+    assert open_model(model_files["fully_conv"]).input_shape == (None, None, 3)
+    assert open_model(model_files["gray"]).input_shape == (32, 32, 1)
+
+
+def test_keras2_h5_file_loads_with_its_weights(keras2_files):
+    loaded = open_model(keras2_files["keras2_cnn.h5"])
+    names = [ref.name for ref in loaded.layers]
+    assert names[:4] == ["conv2d_1", "max_pooling2d_1", "conv2d_2", "max_pooling2d_2"]
+    kernel = loaded.model.get_layer("conv2d_1").get_weights()[0]
+    assert kernel.shape == (3, 3, 3, 4) and np.abs(kernel).sum() > 0
+
+
+def test_keras2_savedmodel_is_rebuilt_with_layers_and_same_outputs(keras2_files):
+    rebuilt = open_model(keras2_files["keras2_savedmodel"])
+    reference = open_model(keras2_files["keras2_cnn.h5"])
+    assert [r.name for r in rebuilt.layers] == [r.name for r in reference.layers]
+    assert _same_predictions(rebuilt.model, reference.model, (32, 32, 3)) == 0.0
+
+
+def test_savedmodel_without_keras_layers_is_refused_with_conversion_hint(model_dir):
+    path = models.save_tf_module_savedmodel(model_dir)
+    with pytest.raises(InvalidModel) as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+    assert "model.save('model.keras')" in err.value.message
+
+
+def test_file_without_extension_is_recognised_by_content(model_files, tmp_path):
+    copy = tmp_path / "downloaded-model"
+    shutil.copy(model_files["residual"], copy)
+    loaded = open_model(copy)
+    reference = keras.saving.load_model(model_files["residual"])
+    assert _same_predictions(loaded.model, reference, (32, 32, 3)) == 0.0
+
+
+def test_missing_file_is_model_not_found(tmp_path):
+    with pytest.raises(ModelNotFound) as err:
+        open_model(tmp_path / "nope.h5")
+    assert err.value.code == ErrorCode.MODEL_NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("notes.h5", b"this is a text file, not a model\n"),
+        ("empty.keras", b""),
+        ("broken.keras", b"PK\x03\x04 truncated zip"),
+        ("broken.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64),
+    ],
+)
+def test_non_model_file_is_invalid_model(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InvalidModel) as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+
+
+def test_plain_folder_is_invalid_model(tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(InvalidModel, match="not a TensorFlow SavedModel"):
+        open_model(tmp_path)
+
+
+def test_never_built_sequential_is_invalid_model_saying_why(model_files):
+    with pytest.raises(InvalidModel) as err:
+        open_model(model_files["unbuilt"])
+    assert "no defined input" in err.value.message
+    assert "keras.Input" in err.value.message
+
+
+@pytest.mark.parametrize("name", ["lambda_keras", "lambda_h5"])
+def test_lambda_model_is_unsafe_unless_trusted(model_files, name):
+    with pytest.raises(UnsafeModel) as err:
+        open_model(model_files[name])
+    assert err.value.code == ErrorCode.UNSAFE_MODEL
+    assert "Lambda 'double'" in err.value.message
+    trusted = open_model(model_files[name], trusted=True)
+    x = np.ones((1, 32, 32, 3), dtype=np.float32)
+    conv = trusted.model.get_layer("conv")
+    np.testing.assert_allclose(np.asarray(trusted.model(x)), 2.0 * np.asarray(conv(x)), rtol=1e-6)
+
+
+def test_keras2_lambda_h5_is_refused_before_deserializing(keras2_files):
+    with pytest.raises(UnsafeModel, match="Lambda 'double'"):
+        open_model(keras2_files["keras2_lambda.h5"])
+
+
+def test_lambda_nested_inside_a_model_is_found(tmp_path):
+    inner_in = keras.Input((8, 8, 3))
+    inner = keras.Model(inner_in, keras.layers.Lambda(lambda t: t + 1.0, name="plus")(inner_in))
+    outer = keras.Sequential([keras.Input((8, 8, 3)), inner, keras.layers.Flatten()])
+    path = Path(tmp_path) / "nested_lambda.h5"
+    outer.save(path)
+    with pytest.raises(UnsafeModel, match="Lambda 'plus'"):
+        open_model(path)

@@ -1,0 +1,241 @@
+"""Real Keras test models, built small and saved in the formats users have.
+
+Every builder returns the saved path. Weights are seeded so runs repeat.
+Models written by Keras 2 are made in a subprocess by running this file with
+`tf_keras` (`python tests/models.py keras2 OUT_DIR`), because Keras 2 and
+Keras 3 do not share one process cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SIDE = 32  # tiny inputs keep the tests fast on a shared CPU
+DEAD_CHANNEL = 1  # first conv channel forced to a constant 0 after ReLU
+
+
+def _keras():
+    import keras
+
+    keras.utils.set_random_seed(7)
+    return keras
+
+
+def _kill_channel(conv, channel: int = DEAD_CHANNEL) -> None:
+    """Zero kernel and negative bias: the ReLU output of `channel` is constant 0."""
+    kernel, bias = conv.get_weights()
+    kernel[..., channel] = 0.0
+    bias[channel] = -1.0
+    conv.set_weights([kernel, bias])
+
+
+def sequential_cnn(side: int = SIDE, channels: int = 3):
+    """Conv-pool x2, Flatten, Dense: a Dense-ending CNN; layer 0 has a dead channel."""
+    keras = _keras()
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((side, side, channels)),
+            layers.Conv2D(4, 3, activation="relu", name="conv2d_1"),
+            layers.MaxPooling2D(name="max_pooling2d_1"),
+            layers.Conv2D(6, 3, activation="relu", name="conv2d_2"),
+            layers.MaxPooling2D(name="max_pooling2d_2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(5, activation="relu", name="dense"),
+            layers.Dense(1, activation="sigmoid", name="head"),
+        ],
+        name="seq_cnn",
+    )
+    _kill_channel(model.get_layer("conv2d_1"))
+    return model
+
+
+def save_sequential_h5(out: Path) -> Path:
+    path = out / "seq_cnn.h5"
+    sequential_cnn().save(path)
+    return path
+
+
+def save_gray_keras(out: Path) -> Path:
+    """A 1-channel-input CNN, fed RGB images in the tests."""
+    path = out / "gray_cnn.keras"
+    sequential_cnn(channels=1).save(path)
+    return path
+
+
+def residual_separable():
+    """Functional: Conv2D, SeparableConv2D, residual Add, BatchNorm, pooling, Dense."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((SIDE, SIDE, 3), name="image")
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="stem")(inputs)
+    y = layers.SeparableConv2D(6, 3, padding="same", activation="relu", name="block1_sep")(x)
+    y = layers.BatchNormalization(name="block1_bn")(y)
+    x = layers.Add(name="block1_add")([x, y])
+    y = layers.SeparableConv2D(6, 3, padding="same", name="block2_sep")(x)
+    x = layers.Add(name="block2_add")([x, y])
+    x = layers.MaxPooling2D(name="pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="residual")
+    bn = model.get_layer("block1_bn")
+    # Non-trivial moving statistics so inference mode differs from training mode.
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([gamma * 1.5, beta + 0.1, mean + 0.2, var * 2.0])
+    return model
+
+
+def save_residual_keras(out: Path) -> Path:
+    path = out / "residual.keras"
+    residual_separable().save(path)
+    return path
+
+
+def nested():
+    """A Functional feature extractor used as one layer inside a Sequential model."""
+    keras = _keras()
+    layers = keras.layers
+    inner_in = keras.Input((SIDE - 2, SIDE - 2, 4))
+    z = layers.Conv2D(5, 3, activation="relu", name="inner_conv_a")(inner_in)
+    z = layers.Conv2D(5, 3, activation="relu", name="inner_conv_b")(z)
+    inner = keras.Model(inner_in, z, name="features")
+    return keras.Sequential(
+        [
+            keras.Input((SIDE, SIDE, 3)),
+            layers.Conv2D(4, 3, activation="relu", name="stem"),
+            inner,
+            layers.GlobalAveragePooling2D(name="gap"),
+            layers.Dense(2, name="out"),
+        ],
+        name="nested",
+    )
+
+
+def save_nested_keras(out: Path) -> Path:
+    path = out / "nested.keras"
+    nested().save(path)
+    return path
+
+
+def fully_convolutional():
+    """(None, None, 3) input: keeps the image's own size."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(3, 3, padding="same", activation="relu", name="fc_conv1")(inputs)
+    x = layers.Conv2D(2, 3, strides=2, padding="same", name="fc_conv2")(x)
+    return keras.Model(inputs, x, name="fully_conv")
+
+
+def save_fully_conv_keras(out: Path) -> Path:
+    path = out / "fully_conv.keras"
+    fully_convolutional().save(path)
+    return path
+
+
+def wide(channels: int = 40, side: int = 64):
+    """One conv layer with a large grid, for the max_grid_side tests."""
+    keras = _keras()
+    inputs = keras.Input((side, side, 3))
+    x = keras.layers.Conv2D(channels, 1, name="wide_conv")(inputs)
+    return keras.Model(inputs, x, name="wide")
+
+
+def save_wide_keras(out: Path) -> Path:
+    path = out / "wide.keras"
+    wide().save(path)
+    return path
+
+
+def save_lambda_models(out: Path) -> tuple[Path, Path]:
+    """The same Lambda model as .keras and .h5 (Keras 3)."""
+    keras = _keras()
+    model = keras.Sequential(
+        [
+            keras.Input((SIDE, SIDE, 3)),
+            keras.layers.Conv2D(2, 3, name="conv"),
+            keras.layers.Lambda(lambda t: t * 2.0, name="double"),
+        ]
+    )
+    paths = (out / "lambda.keras", out / "lambda.h5")
+    for path in paths:
+        model.save(path)
+    return paths
+
+
+def save_unbuilt_keras(out: Path) -> Path:
+    """A Sequential model saved before it ever saw an input shape."""
+    keras = _keras()
+    path = out / "unbuilt.keras"
+    keras.Sequential([keras.layers.Conv2D(2, 3), keras.layers.Flatten()]).save(path)
+    return path
+
+
+def save_tf_module_savedmodel(out: Path) -> Path:
+    """A SavedModel of a plain tf.Module: a graph with no Keras layers to rebuild."""
+    import tensorflow as tf
+
+    class Doubler(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, SIDE, SIDE, 3], tf.float32)])
+        def __call__(self, x):
+            return x * 2.0
+
+    path = out / "plain_savedmodel"
+    tf.saved_model.save(Doubler(), str(path))
+    return path
+
+
+# ---- Keras 2 (tf_keras) files, written in a subprocess -----------------------
+
+KERAS2_FILES = ("keras2_cnn.h5", "keras2_lambda.h5", "keras2_savedmodel")
+
+
+def save_keras2_models(out: Path) -> dict[str, Path]:
+    """Run this file under tf_keras; returns {name: path} for KERAS2_FILES."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "keras2", str(out)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
+    )
+    return {name: out / name for name in KERAS2_FILES}
+
+
+def _write_keras2(out: Path) -> None:
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(7)
+    layers = tf_keras.layers
+    cnn = tf_keras.Sequential(
+        [
+            layers.Conv2D(4, 3, activation="relu", input_shape=(SIDE, SIDE, 3), name="conv2d_1"),
+            layers.MaxPooling2D(name="max_pooling2d_1"),
+            layers.Conv2D(6, 3, activation="relu", name="conv2d_2"),
+            layers.MaxPooling2D(name="max_pooling2d_2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(1, activation="sigmoid", name="head"),
+        ]
+    )
+    cnn.save(out / "keras2_cnn.h5", save_format="h5")
+    cnn.save(out / "keras2_savedmodel", save_format="tf")
+    lam = tf_keras.Sequential(
+        [
+            layers.Conv2D(2, 3, input_shape=(SIDE, SIDE, 3), name="conv"),
+            layers.Lambda(lambda t: t * 2.0, name="double"),
+        ]
+    )
+    lam.save(out / "keras2_lambda.h5", save_format="h5")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "keras2":
+        _write_keras2(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: python tests/models.py keras2 OUT_DIR")
