@@ -7,6 +7,7 @@ AWS_ACCESS_KEY_ID, ~/.aws, instance roles), so MinIO needs no extra settings.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import tempfile
@@ -63,7 +64,12 @@ def put_many(store: Store, objects: Iterable[tuple[str, bytes]], workers: int = 
             store.put(key, data)
         return
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        for fut in [pool.submit(store.put, key, data) for key, data in items]:
+        # Uploads run in copies of the caller's context: context variables such as
+        # the job id that log lines carry follow them into the pool threads.
+        futures = [
+            pool.submit(contextvars.copy_context().run, store.put, key, data) for key, data in items
+        ]
+        for fut in futures:
             fut.result()
 
 

@@ -1,0 +1,212 @@
+"""End to end without containers: `actviz worker` started with exactly the environment
+docker-compose.yml gives the `worker` service, pointed at a local Redis and S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import pytest
+import redis
+from compose_file import read_env_file, service_environment
+
+from producer.client import Client
+from producer.contract import STAGES
+from producer.settings import Settings
+
+REDIS_DB = 14
+ACTVIZ = Path(sys.executable).parent / "actviz"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def localize(env: dict[str, str], *, redis_db: int, s3_endpoint: str, port: int) -> dict:
+    """The compose environment with container addresses replaced by local ones.
+
+    Only addresses change (and the Redis password, since the local Redis has
+    none); every other variable reaches the worker exactly as Compose sets it.
+    """
+    out = dict(env)
+    broker = urlsplit(env["ACTVIZ_BROKER_URL"])
+    assert broker.hostname == "redis" and broker.password, "compose broker URL changed shape"
+    out["ACTVIZ_BROKER_URL"] = urlunsplit(("redis", "127.0.0.1:6379", f"/{redis_db}", "", ""))
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    out["AWS_ENDPOINT_URL_S3"] = s3_endpoint
+    assert env["ACTVIZ_METRICS_PORT"] == "9100"
+    out["ACTVIZ_METRICS_PORT"] = str(port)
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def compose_env():
+    return service_environment("worker", read_env_file())
+
+
+@pytest.fixture(scope="module")
+def worker(s3_endpoint, compose_env, tmp_path_factory):
+    """A running `actviz worker` and the first /readyz answers it gave while starting."""
+    db = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    db.flushdb()
+    bucket = urlsplit(compose_env["ACTVIZ_STORAGE_URL"]).netloc
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=compose_env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=compose_env["AWS_SECRET_ACCESS_KEY"],
+        region_name=compose_env["AWS_DEFAULT_REGION"],
+    )
+    s3.create_bucket(Bucket=bucket)  # what minio-init does in the compose stack
+    port = free_port()
+    env = localize(compose_env, redis_db=REDIS_DB, s3_endpoint=s3_endpoint, port=port)
+    home = tmp_path_factory.mktemp("home")
+    base = {"PATH": os.environ["PATH"], "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    log_path = home / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(ACTVIZ), "worker"], env={**base, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+    seen = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status, _ = get(port, "/readyz")
+        except OSError:
+            time.sleep(0.05)
+            continue
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == 200:
+            break
+        time.sleep(0.05)
+    handle = {"proc": proc, "port": port, "env": env, "seen": seen, "log": log_path, "db": db}
+    yield handle
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    db.flushdb()
+
+
+def worker_log(worker) -> str:
+    return worker["log"].read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def finished_job(worker):
+    assert worker["seen"] and worker["seen"][-1] == 200, worker_log(worker)[-3000:]
+    env = worker["env"]
+    os.environ.setdefault("AWS_ENDPOINT_URL_S3", env["AWS_ENDPOINT_URL_S3"])
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    os.environ.update({k: env[k] for k in saved})
+    try:
+        from worker.demo import image_path
+
+        client = Client(
+            settings=Settings(
+                broker_url=env["ACTVIZ_BROKER_URL"], storage_url=env["ACTVIZ_STORAGE_URL"]
+            )
+        )
+        job = client.submit("builtin:demo", Path(image_path()))
+        result = job.wait(timeout=180)
+        yield job, result
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_readyz_flips_from_503_to_ready_after_preload(worker):
+    assert worker["seen"] == [503, 200], worker_log(worker)[-3000:]
+    assert get(worker["port"], "/healthz")[0] == 200
+    assert "builtin:demo" in worker["env"]["ACTVIZ_PRELOAD"]
+
+
+def test_metrics_count_the_finished_job_and_time_every_stage(worker, finished_job):
+    job, result = finished_job
+    assert result.layers
+    status, body = get(worker["port"], "/metrics")
+    assert status == 200
+    succeeded = re.search(r'^actviz_jobs_total\{code="",status="succeeded"\} (\S+)$', body, re.M)
+    assert succeeded and float(succeeded.group(1)) >= 1, body
+    for stage in STAGES:
+        count = re.search(rf'^actviz_stage_seconds_count\{{stage="{stage}"\}} (\S+)$', body, re.M)
+        assert count and float(count.group(1)) >= 1, f"no observation for stage {stage}"
+    wait = re.search(r"^actviz_queue_wait_seconds_count (\S+)$", body, re.M)
+    assert wait and float(wait.group(1)) >= 1
+
+
+def test_logs_are_json_lines_tagged_with_the_job_id_and_free_of_secrets(worker, finished_job):
+    job, _ = finished_job
+    text = worker_log(worker)
+    entries = [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
+    assert entries, text[-2000:]
+    # Celery logs "received" before the task runs and "succeeded" after it returns;
+    # every line any other logger writes in between belongs to the job.
+    start = next(i for i, e in enumerate(entries) if job.id in e["message"])
+    end = next(i for i, e in enumerate(entries) if "succeeded" in e["message"] and i > start)
+    inside = [e for e in entries[start + 1 : end] if not e["logger"].startswith("celery.")]
+    assert inside, "the job wrote no log lines of its own"
+    assert [e for e in inside if e.get("job_id") != job.id] == []
+    assert worker["env"]["AWS_SECRET_ACCESS_KEY"] not in text
+    assert read_env_file()["REDIS_PASSWORD"] not in text
+
+
+def test_sigterm_is_a_warm_shutdown_with_exit_status_0(worker, finished_job):
+    proc = worker["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, worker_log(worker)[-3000:]
