@@ -35,22 +35,47 @@ GPU_MEMORY_PEAK = Gauge(
 
 
 def sample_gpu_memory() -> int:
-    """Set the GPU memory gauges from TensorFlow's allocator; returns devices sampled.
+    """Set the GPU memory gauges from the loaded framework's allocator; returns devices sampled.
 
-    Called on every /metrics scrape. A no-op (0) without a GPU or before the
-    process has imported TensorFlow: sampling must never pull TF into a process
-    that does not use it, nor fail a scrape.
+    Called on every /metrics scrape. Reads TensorFlow and/or JAX, whichever the
+    process has already imported (Keras 3 runs on either). A no-op (0) without
+    a GPU: sampling must never import a framework into a process that does not
+    use it, nor fail a scrape.
     """
+    sampled = 0
+    for read in (_tensorflow_memory, _jax_memory):
+        try:
+            usage = read()
+        except Exception:  # noqa: BLE001 (a scrape reports what it can)
+            continue
+        for device, (current, peak) in usage.items():
+            GPU_MEMORY.labels(device=device).set(current)
+            GPU_MEMORY_PEAK.labels(device=device).set(peak)
+            sampled += 1
+    return sampled
+
+
+def _tensorflow_memory() -> dict[str, tuple[int, int]]:
+    """{"GPU:0": (bytes in use, peak bytes)} from TensorFlow's BFC allocator."""
     tf = sys.modules.get("tensorflow")
     if tf is None:
-        return 0
-    try:
-        gpus = tf.config.list_logical_devices("GPU")
-        for index in range(len(gpus)):
-            device = f"GPU:{index}"
-            info = tf.config.experimental.get_memory_info(device)
-            GPU_MEMORY.labels(device=device).set(info["current"])
-            GPU_MEMORY_PEAK.labels(device=device).set(info["peak"])
-    except Exception:  # noqa: BLE001 (a scrape reports what it can)
-        return 0
-    return len(gpus)
+        return {}
+    usage = {}
+    for index in range(len(tf.config.list_logical_devices("GPU"))):
+        info = tf.config.experimental.get_memory_info(f"GPU:{index}")
+        usage[f"GPU:{index}"] = (int(info["current"]), int(info["peak"]))
+    return usage
+
+
+def _jax_memory() -> dict[str, tuple[int, int]]:
+    """{"GPU:0": (bytes in use, peak bytes)} from each JAX GPU device's memory_stats()."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return {}
+    usage = {}
+    for device in jax.local_devices():
+        stats = device.memory_stats() if device.platform == "gpu" else None
+        if stats:
+            peak = stats.get("peak_bytes_in_use", stats["bytes_in_use"])
+            usage[f"GPU:{device.id}"] = (int(stats["bytes_in_use"]), int(peak))
+    return usage

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -69,7 +72,29 @@ def test_port_already_taken_raises_oserror(server):
         service.start(server.port)
 
 
-def test_gpu_sampling_is_a_noop_without_tensorflow_gpus():
-    # TF may or may not be imported by other tests; on this CPU machine either way
-    # there is no GPU, so nothing is sampled and nothing raises.
-    assert metrics.sample_gpu_memory() == 0
+def test_gpu_sampling_never_imports_a_framework():
+    # A scrape in a process that has not loaded TensorFlow or JAX samples nothing
+    # and must not pull either in (seconds of import and a CUDA context).
+    code = (
+        "import sys; from worker.metrics import sample_gpu_memory; "
+        "n = sample_gpu_memory(); "
+        "print(n, 'tensorflow' in sys.modules, 'jax' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["0", "False", "False"], out.stderr
+
+
+def test_gpu_memory_of_a_jax_gpu_appears_in_metrics(server):
+    jax = pytest.importorskip("jax", reason="JAX not installed: GPU sampling checked on GPU hosts")
+    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+    if not gpus:
+        pytest.skip("no GPU: GPU memory sampling is checked on GPU hosts")
+    import jax.numpy as jnp
+
+    block = jnp.ones((64, 1024, 1024), dtype=jnp.float32).block_until_ready()  # 256 MiB
+    status, body = fetch(server.port, "/metrics")
+    assert status == 200
+    used = re.search(r'^actviz_gpu_memory_bytes\{device="GPU:0"\} (\S+)$', body, re.M)
+    peak = re.search(r'^actviz_gpu_memory_peak_bytes\{device="GPU:0"\} (\S+)$', body, re.M)
+    assert used and float(used.group(1)) >= block.nbytes
+    assert peak and float(peak.group(1)) >= float(used.group(1))
