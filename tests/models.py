@@ -55,6 +55,21 @@ def sequential_cnn(side: int = SIDE, channels: int = 3):
     return model
 
 
+def classic_cnn():
+    """The classic cats-vs-dogs CNN: 4x (Conv2D + MaxPooling2D) on 150x150x3, Dense head."""
+    keras = _keras()
+    layers = keras.layers
+    stack = [keras.Input((150, 150, 3))]
+    for filters in (32, 64, 128, 128):
+        stack += [layers.Conv2D(filters, 3, activation="relu"), layers.MaxPooling2D(2)]
+    stack += [
+        layers.Flatten(),
+        layers.Dense(512, activation="relu"),
+        layers.Dense(1, activation="sigmoid"),
+    ]
+    return keras.Sequential(stack, name="classic")
+
+
 def save_sequential_h5(out: Path) -> Path:
     path = out / "seq_cnn.h5"
     sequential_cnn().save(path)
@@ -100,7 +115,7 @@ def nested():
     """A Functional feature extractor used as one layer inside a Sequential model."""
     keras = _keras()
     layers = keras.layers
-    inner_in = keras.Input((SIDE - 2, SIDE - 2, 4))
+    inner_in = keras.Input((SIDE - 2, SIDE - 2, 4), name="features_in")
     z = layers.Conv2D(5, 3, activation="relu", name="inner_conv_a")(inner_in)
     z = layers.Conv2D(5, 3, activation="relu", name="inner_conv_b")(z)
     inner = keras.Model(inner_in, z, name="features")
