@@ -25,6 +25,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
   apt_install redis-server
 fi
 
+# The report tests open the HTML reports in a headless Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  apt_install chromium
+fi
+
 if ! redis_up; then
   mkdir -p /tmp/actviz-redis
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" \
