@@ -9,7 +9,7 @@ degrees, say which. Telling "up" from "sideways" needs oriented edges and
 shading, which is what the first layers learn.
 
 The convolutional stack is the classic small recipe (Conv2D + MaxPooling2D four
-times, 32-64-128-128 filters, 3x3, ReLU) for a 150x150x3 input. Because it ends
+times, 32-64-128-128 filters, 3x3 but 5x5 first, ReLU) for a 150x150x3 input. Because it ends
 in global average pooling, the same weights run at any size: training uses
 64x64 crops (about 5x cheaper), and the saved model is rebuilt at 150x150 with
 the trained weights. Held-out accuracy is measured on crops from the bottom
@@ -133,7 +133,7 @@ def train(epochs: int, train_count: int, out_dir: Path) -> dict:
         "name": "actviz_demo_cnn",
         "task": "self-supervised rotation prediction (RotNet): 4 classes, "
         "0/90/180/270 degree quarter turns of a square crop",
-        "architecture": "Conv2D(32,64,128,128; 3x3, ReLU) with MaxPooling2D(2) between, "
+        "architecture": "Conv2D 32 (5x5), 64, 128, 128 (3x3), ReLU, MaxPooling2D(2) between, "
         "GlobalAveragePooling2D, Dense(4, softmax)",
         "input_shape": [INPUT_SIZE, INPUT_SIZE, 3],
         "preprocessing": "RGB scaled to [0, 1] (job option scale '1/255')",
