@@ -19,13 +19,14 @@ from urllib.parse import urlsplit, urlunsplit
 import boto3
 import pytest
 import redis
-from compose_file import read_env_file, service_environment
+from compose_file import interpolate, load_compose, read_env_file, service_environment
 
 from producer.client import Client
 from producer.contract import STAGES
 from producer.settings import Settings
 
 REDIS_DB = 14
+ROOT = Path(__file__).resolve().parents[2]
 ACTVIZ = Path(sys.executable).parent / "actviz"
 
 
@@ -43,7 +44,9 @@ def get(port: int, path: str) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def localize(env: dict[str, str], *, redis_db: int, s3_endpoint: str, port: int) -> dict:
+def localize(
+    env: dict[str, str], *, redis_db: int, s3_endpoint: str, port: int | None = None
+) -> dict[str, str]:
     """The compose environment with container addresses replaced by local ones.
 
     Only addresses change (and the Redis password, since the local Redis has
@@ -55,8 +58,9 @@ def localize(env: dict[str, str], *, redis_db: int, s3_endpoint: str, port: int)
     out["ACTVIZ_BROKER_URL"] = urlunsplit(("redis", "127.0.0.1:6379", f"/{redis_db}", "", ""))
     assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     out["AWS_ENDPOINT_URL_S3"] = s3_endpoint
-    assert env["ACTVIZ_METRICS_PORT"] == "9100"
-    out["ACTVIZ_METRICS_PORT"] = str(port)
+    if port is not None:
+        assert env["ACTVIZ_METRICS_PORT"] == "9100"
+        out["ACTVIZ_METRICS_PORT"] = str(port)
     return out
 
 
@@ -204,6 +208,40 @@ def test_logs_are_json_lines_tagged_with_the_job_id_and_free_of_secrets(worker, 
     assert [e for e in inside if e.get("job_id") != job.id] == []
     assert worker["env"]["AWS_SECRET_ACCESS_KEY"] not in text
     assert read_env_file()["REDIS_PASSWORD"] not in text
+
+
+def healthcheck_argv(test: list[str]) -> list[str]:
+    """A Docker exec-form healthcheck, run with this interpreter in place of `python`."""
+    assert test[0] == "CMD" and test[1] == "python", test
+    return [sys.executable, *test[2:]]
+
+
+def test_image_and_compose_healthchecks_pass_against_the_ready_worker(worker):
+    text = (ROOT / "worker" / "Dockerfile").read_text()
+    image_test = json.loads(re.search(r"^HEALTHCHECK .*\\\n\s*CMD (\[.*\])$", text, re.M).group(1))
+    env = {"PATH": os.environ["PATH"], "ACTVIZ_METRICS_PORT": str(worker["port"])}
+    image_check = [sys.executable, *image_test[1:]]
+    assert subprocess.run(image_check, env=env, capture_output=True, timeout=30).returncode == 0
+    env["ACTVIZ_METRICS_PORT"] = str(free_port())  # nothing listens there
+    assert subprocess.run(image_check, env=env, capture_output=True, timeout=30).returncode != 0
+
+    compose_test = load_compose()["services"]["worker"]["healthcheck"]["test"]
+    argv = [a.replace(":9100/", f":{worker['port']}/") for a in healthcheck_argv(compose_test)]
+    assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+
+def test_demo_producer_command_from_compose_gets_a_result(worker, s3_endpoint):
+    producer = load_compose()["services"]["producer"]
+    env = service_environment("producer", read_env_file())
+    env = localize(env, redis_db=REDIS_DB, s3_endpoint=s3_endpoint)
+    script = interpolate(producer["command"][0], {})  # "$$" -> "$", as Compose does
+    assert producer["entrypoint"] == ["/bin/sh", "-c"]
+    base = {"PATH": f"{ACTVIZ.parent}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run(
+        ["/bin/sh", "-c", script], env={**base, **env}, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "succeeded" in (out.stdout + out.stderr).lower()
 
 
 def test_sigterm_is_a_warm_shutdown_with_exit_status_0(worker, finished_job):
