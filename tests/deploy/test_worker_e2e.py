@@ -141,37 +141,36 @@ def worker_log(worker) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_job(worker):
-    assert worker["seen"] and worker["seen"][-1] == 200, worker_log(worker)[-3000:]
-    env = worker["env"]
-    os.environ.setdefault("AWS_ENDPOINT_URL_S3", env["AWS_ENDPOINT_URL_S3"])
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ENDPOINT_URL_S3",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        )
-    }
-    os.environ.update({k: env[k] for k in saved})
-    try:
-        from worker.demo import image_path
+def producer_env(worker):
+    """This process talks to the same S3 as the worker (boto3 reads these variables)."""
+    names = (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            mp.setenv(name, worker["env"][name])
+        yield
 
-        client = Client(
-            settings=Settings(
-                broker_url=env["ACTVIZ_BROKER_URL"], storage_url=env["ACTVIZ_STORAGE_URL"]
-            )
+
+def local_client(worker) -> Client:
+    env = worker["env"]
+    return Client(
+        settings=Settings(
+            broker_url=env["ACTVIZ_BROKER_URL"], storage_url=env["ACTVIZ_STORAGE_URL"]
         )
-        job = client.submit("builtin:demo", Path(image_path()))
-        result = job.wait(timeout=180)
-        yield job, result
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_job(worker, producer_env):
+    assert worker["seen"] and worker["seen"][-1] == 200, worker_log(worker)[-3000:]
+    from worker.demo import image_path
+
+    job = local_client(worker).submit("builtin:demo", Path(image_path()))
+    return job, job.wait(timeout=180)
 
 
 def test_readyz_flips_from_503_to_ready_after_preload(worker):
@@ -244,7 +243,40 @@ def test_demo_producer_command_from_compose_gets_a_result(worker, s3_endpoint):
     assert "succeeded" in (out.stdout + out.stderr).lower()
 
 
-def test_sigterm_is_a_warm_shutdown_with_exit_status_0(worker, finished_job):
-    proc = worker["proc"]
+def slow_model(path: Path) -> Path:
+    """A real CNN whose forward pass takes a second or more on a CPU (wide 256x256 convs)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((256, 256, 3))
+    x = inputs
+    for width in (128, 256, 256, 256):
+        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+    keras.Model(inputs, x, name="slow_cnn").save(path)
+    return path
+
+
+def test_sigterm_mid_job_lets_the_job_finish_then_exits_0(worker, finished_job, tmp_path):
+    """What a Kubernetes scale-down or `docker compose stop` does to a busy worker."""
+    env, proc = worker["env"], worker["proc"]
+    storage = urlsplit(env["ACTVIZ_STORAGE_URL"])
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
+    s3.upload_file(str(slow_model(tmp_path / "slow.keras")), storage.netloc, "models/slow.keras")
+    model_uri = f"s3://{storage.netloc}/models/slow.keras"
+    assert any(model_uri.startswith(p) for p in env["ACTVIZ_MODEL_ALLOW"].split(","))
+
+    from worker.demo import image_path
+
+    client = local_client(worker)
+    job = client.submit(model_uri, Path(image_path()))
+    deadline = time.monotonic() + 120
+    while job.status() != "started" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.status() == "started"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0, worker_log(worker)[-3000:]
+    # The signal must have landed while the job ran, or this test proves nothing.
+    assert not client.store.exists(f"jobs/{job.id}/manifest.json")
+    assert proc.wait(120) == 0, worker_log(worker)[-3000:]
+    result = job.wait(timeout=10)
+    assert len(result.layers) == 4
+    assert "Warm shutdown" in worker_log(worker) or "warm shutdown" in worker_log(worker)
