@@ -371,3 +371,12 @@ def test_extractor_is_built_once_per_layer_set(loaded_models, settings):
     analyze(loaded, [image_bytes()], JobOptions(layers="pool, stem"), settings)
     assert loaded.extractor(["stem", "pool"]) is first
     assert loaded.extractor("stem") is not first
+
+
+def test_extractor_of_a_loaded_sequential_runs_each_layer_once(model_files):
+    # Deserialized Sequential models keep stale inbound nodes per layer; an
+    # extractor over `layer.output` would run layers several times per call.
+    loaded = open_model(model_files["sequential_h5"])
+    extractor = loaded.extractor(":4")
+    nodes = sum(len(n) for n in extractor.model._nodes_by_depth.values())
+    assert nodes == 1 + 4  # the input plus the four selected layers

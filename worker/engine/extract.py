@@ -2,10 +2,10 @@
 
 An `Extractor` is a single multi-output `keras.Model` over the selected
 layers, built once per (model, layer set) and cached on the `LoadedModel`.
-Layers inside nested models have no tensor in the outer graph, so for those
-the graph is traced again on a fresh `keras.Input`: every layer (and every
-layer of every nested model) is re-called on symbolic tensors, which shares
-the weights and yields a tensor for each inner layer.
+The graph is traced again on a fresh `keras.Input`: every layer (and every
+layer of every nested model, whose inner layers have no tensor in the outer
+graph) is re-called on symbolic tensors, which shares the weights and yields
+one tensor per layer.
 Only Keras APIs are used, so any Keras backend runs it.
 """
 
@@ -39,11 +39,14 @@ class Extractor:
 
 
 def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:
-    """Build the multi-output model for `refs` (LayerRefs of `model`)."""
-    if all(len(ref.path) == 1 for ref in refs):
-        outputs = [_first_output(ref.layer) for ref in refs]
-        return Extractor(keras.Model(model.inputs[0], outputs), refs)
-    inputs = keras.Input(shape=tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype)
+    """Build the multi-output model for `refs` (LayerRefs of `model`).
+
+    The graph is always traced anew rather than reusing `layer.output`: a
+    deserialized Sequential model can carry several stale inbound nodes per
+    layer, and a model over those would run some layers many times.
+    """
+    source = model.inputs[0]
+    inputs = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype)
     traced: dict[int, Any] = {}
     _trace(model, inputs, traced)
     outputs = [traced[id(ref.layer)] for ref in refs]
@@ -56,11 +59,6 @@ def extract(loaded: Any, batch: np.ndarray, refs: list[LayerRef]) -> list[np.nda
     Uses the cached extractor of `loaded` (a LoadedModel) for that layer set.
     """
     return loaded.extractor([ref.name for ref in refs])(batch)
-
-
-def _first_output(layer: keras.layers.Layer) -> Any:
-    output = layer.output
-    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 def _trace(model: keras.Model, inputs: Any, traced: dict[int, Any]) -> Any:
