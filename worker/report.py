@@ -420,7 +420,7 @@ justify-content:center;z-index:10}#lightbox[hidden]{display:none}
 .gallery th.lname{text-align:left;font-size:13px;white-space:nowrap}
 .gallery .failed{color:#b03a2e;font-weight:400}
 .gallery img.grid{width:340px}
-.gallery .input img{width:120px}
+.gallery .input img{width:120px;margin:0 auto}
 """
 
 # Maps a click on a grid image to its channel (same formula as the manifest:

@@ -9,6 +9,9 @@ from producer.contract import JobOptions, job_prefix, manifest_key
 from producer.settings import Settings
 from producer.storage import FileStore
 
+# Top-left corners of 200x200 crops of the demo photo: face, flag, medals.
+CROPS = ((170, 110), (0, 0), (300, 390), (60, 250))
+
 
 def photo_crops(count: int, side: int = 48) -> list[bytes]:
     """`count` different PNG crops of the demo photo, `side` pixels square."""
@@ -21,8 +24,8 @@ def photo_crops(count: int, side: int = 48) -> list[bytes]:
         width, height = photo.size
         crops = []
         for i in range(count):
-            left = (i * 157) % (width - 200)
-            top = (i * 211) % (height - 200)
+            left, top = CROPS[i % len(CROPS)]
+            left, top = min(left, width - 200), min(top, height - 200)
             crop = photo.crop((left, top, left + 200, top + 200)).resize((side, side))
             buffer = io.BytesIO()
             crop.save(buffer, format="PNG")
