@@ -48,6 +48,7 @@ class ErrorCode:
     WORKER_LOST = "worker_lost"
     TIME_LIMIT = "time_limit"
     STORAGE_ERROR = "storage_error"
+    CANCELLED = "cancelled"
     INTERNAL = "internal"
 
 

@@ -79,6 +79,10 @@ class JobFailed(ActvizError):
         self.job_id = job_id
 
 
+class JobNotFound(LookupError):
+    """Storage holds neither a manifest nor an error.json for the job (yet)."""
+
+
 class TransientError(Exception):
     """A fault outside the input (storage or broker unreachable, throttled).
 

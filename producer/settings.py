@@ -104,6 +104,11 @@ class Settings:
         return out
 
 
+def child_environ(**extra: str) -> dict[str, str]:
+    """This process's environment plus `extra`, for a child process (e.g. a pinned worker)."""
+    return {**os.environ, **extra}
+
+
 def _parse(type_name: Any, raw: str) -> Any:
     t = str(type_name)
     if t.startswith("tuple"):

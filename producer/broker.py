@@ -1,0 +1,73 @@
+"""The Celery configuration both sides share, and the light app a producer sends with.
+
+The worker builds its app from the same `celery_config(settings)` and adds its
+own worker-side options, so the two can never disagree on serializer, queues,
+priorities or the Redis visibility timeout.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from producer.contract import MAX_PRIORITY, QUEUE_GPU, QUEUES, TASK_NAME
+from producer.settings import Settings
+
+
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Broker transport options; on Redis the visibility timeout outlives the hard limit."""
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if _is_redis(settings.broker_url):
+        # Redis emulates priorities with one list per step; lower numbers are served first.
+        options.update(
+            queue_order_strategy="priority",
+            priority_steps=list(range(MAX_PRIORITY + 1)),
+            sep=":",
+        )
+    if settings.embedded:
+        # The in-process broker is polled; keep the embedded round trip snappy.
+        options["polling_interval"] = 0.05
+    return options
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Configuration shared by producer and worker apps: JSON only, two queues."""
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.backend_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "broker_transport_options": transport_options(settings),
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "task_default_queue": QUEUE_GPU,
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_routes": {TASK_NAME: {"queue": QUEUE_GPU}},
+        "result_expires": settings.result_expires,
+        "result_extended": True,
+        "broker_connection_retry_on_startup": True,
+        "task_track_started": True,
+        "timezone": "UTC",
+    }
+    if settings.broker_url.startswith("rediss://") and "ssl_cert_reqs" not in settings.broker_url:
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    backend = settings.backend_url
+    if backend.startswith("rediss://") and "ssl_cert_reqs" not in backend:
+        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def create_app(settings: Settings, name: str = "actviz") -> Celery:
+    """A Celery app configured from `settings`; it knows the task only by name."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,376 @@
+"""The `actviz` command: a thin layer over `Client`, plus `worker` and `demo`.
+
+Results go to stdout (one JSON object with --json); everything else (which
+broker and storage, progress) goes to stderr, and progress only on a terminal.
+Exit status: 0 success, 1 the job failed, 2 bad input or configuration,
+124 timed out waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from producer.client import Client, Job, Result
+from producer.contract import FINAL_STATES, NORMALIZATIONS, QUEUES, SCALES, SUCCEEDED
+from producer.errors import ActvizError, JobFailed, JobNotFound
+from producer.settings import Settings, redact_url
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 124
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _client(args: argparse.Namespace, **overrides: Any) -> Client:
+    settings = Settings.from_env(
+        broker_url=args.broker, storage_url=args.storage, model_registry=args.registry, **overrides
+    )
+    client = Client(settings=settings)
+    _err(f"actviz: {client.describe()}")
+    return client
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() and not getattr(args, "json", False)
+
+
+def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {
+        "layers": args.layers,
+        "normalize": args.normalize,
+        "scale": args.scale,
+        "colormap": args.colormap,
+        "top_k": args.top_k,
+    }
+    if args.overlay:
+        options["overlay"] = True
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _outcome(job: Job, result: Result | None, error: ActvizError | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"job_id": job.id}
+    if result is not None:
+        out["status"] = SUCCEEDED
+        out["manifest"] = result.store.uri(result.prefix + "manifest.json")
+        out["report"] = result.url()
+    else:
+        out["status"] = "failed"
+        out["error"] = {"code": error.code, "message": error.message} if error else None
+    return out
+
+
+def _wait(job: Job, timeout: float | None, progress: bool) -> tuple[Result | None, ActvizError]:
+    """(Result, None) or (None, error); TimeoutError propagates."""
+    try:
+        if not progress:
+            return job.wait(timeout=timeout), None
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with console.status(f"job {job.id}: queued") as status:
+            while True:
+                state = job.state()
+                if state.state in FINAL_STATES:
+                    break
+                status.update(f"job {job.id}: {state.stage or state.state}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job.id} still {state.state} after {timeout} s")
+                time.sleep(0.2)
+        return job.wait(timeout=5), None
+    except JobFailed as exc:
+        return None, exc
+
+
+def _print_outcome(args: argparse.Namespace, outcome: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(outcome), flush=True)
+    elif outcome["status"] == SUCCEEDED:
+        print(f"job {outcome['job_id']} succeeded")
+        print(f"  manifest: {outcome['manifest']}")
+        print(f"  report:   {outcome['report']}")
+    else:
+        error = outcome.get("error") or {}
+        print(f"job {outcome['job_id']} failed: {error.get('code')}: {error.get('message')}")
+
+
+# ---- commands ---------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job = client.submit(
+        args.model, args.image, queue=args.queue, priority=args.priority, **_job_options(args)
+    )
+    wait = args.wait or client.settings.embedded
+    if not args.wait and client.settings.embedded:
+        _err("actviz: embedded mode runs the job in this process; waiting for it")
+    if not wait:
+        print(json.dumps({"job_id": job.id, "status": "queued"}) if args.json else job.id)
+        return EXIT_OK
+    try:
+        result, error = _wait(job, args.timeout, _show_progress(args))
+    except TimeoutError as exc:
+        _err(f"actviz: {exc}")
+        if args.json:
+            print(json.dumps({"job_id": job.id, "status": job.status(), "error": None}))
+        return EXIT_TIMEOUT
+    _print_outcome(args, _outcome(job, result, error))
+    return EXIT_OK if result is not None else EXIT_FAILED
+
+
+def collect_images(paths: list[str]) -> list[str]:
+    """Files as given, folders expanded to their image files (sorted)."""
+    images: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if raw.startswith("s3://") or not path.is_dir():
+            images.append(raw)
+            continue
+        images += sorted(
+            str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+    return images
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    images = collect_images(args.images)
+    if not images:
+        _err("actviz: no images found")
+        return EXIT_USAGE
+    jobs = client.submit_many(
+        args.model, images, queue=args.queue, priority=args.priority, **_job_options(args)
+    )
+    if not (args.wait or client.settings.embedded):
+        for job in jobs:
+            print(json.dumps({"job_id": job.id, "status": "queued"}) if args.json else job.id)
+        return EXIT_OK
+    outcomes = _wait_all(jobs, images, args)
+    if args.json:
+        for outcome in outcomes:
+            print(json.dumps(outcome))
+    else:
+        _print_table(outcomes)
+    return EXIT_OK if all(o["status"] == SUCCEEDED for o in outcomes) else EXIT_FAILED
+
+
+def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> list[dict]:
+    from rich.progress import Progress
+
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    pending = dict(zip([j.id for j in jobs], jobs, strict=True))
+    done: dict[str, dict[str, Any]] = {}
+    with Progress(disable=not _show_progress(args), transient=False) as progress:
+        bar = progress.add_task("jobs", total=len(jobs))
+        while pending:
+            for job_id, job in list(pending.items()):
+                if job.state().state in FINAL_STATES:
+                    result, error = _wait(job, 5, False)
+                    done[job_id] = _outcome(job, result, error)
+                    del pending[job_id]
+                    progress.advance(bar)
+            if deadline is not None and time.monotonic() > deadline:
+                for job_id in pending:
+                    done[job_id] = {"job_id": job_id, "status": "timeout", "error": None}
+                break
+            time.sleep(0.2)
+    out = []
+    for job, image in zip(jobs, images, strict=True):
+        done[job.id]["image"] = image
+        out.append(done[job.id])
+    return out
+
+
+def _print_table(outcomes: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="actviz batch")
+    for column in ("image", "job", "status", "detail"):
+        table.add_column(column)
+    for o in outcomes:
+        error = o.get("error") or {}
+        detail = o.get("report") or f"{error.get('code', '')}: {error.get('message', '')}"
+        table.add_row(o["image"], o["job_id"], o["status"], detail)
+    Console().print(table)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    state = client.job(args.job_id).state()
+    if args.json:
+        print(json.dumps(state.to_dict()))
+    else:
+        line = f"{state.job_id} {state.state}"
+        if state.stage:
+            line += f" ({state.stage})"
+        if state.error:
+            line += f": {state.error['code']}: {state.error['message']}"
+        print(line)
+    return EXIT_FAILED if state.state == "failed" else EXIT_OK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    result = client.result(args.job_id)
+    out = result.download(Path(args.out))
+    print(out / "index.html" if (out / "index.html").exists() else out)
+    return EXIT_OK
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    client = _client(args)
+    print(client.result(args.job_id).url(expires=args.expires))
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(
+        broker_url=args.broker, storage_url=args.storage, model_registry=args.registry
+    )
+    data = settings.redacted()
+    if args.json:
+        print(json.dumps(data, indent=2, default=list))
+    else:
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            print(f"{key} = {value}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(
+        broker_url=args.broker,
+        storage_url=args.storage,
+        model_registry=args.registry,
+        queues=tuple(q for q in args.queues.split(",") if q) if args.queues else None,
+        preload=tuple(args.preload) if args.preload else None,
+        concurrency=args.concurrency,
+    )
+    unknown = [q for q in settings.queues if q not in QUEUES]
+    if unknown:
+        _err(f"actviz worker: unknown queues {', '.join(unknown)}; use {', '.join(QUEUES)}")
+        return EXIT_USAGE
+    from worker.main import run_worker
+
+    return run_worker(settings, node_name=args.name)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import image_path
+
+    settings = Settings.from_env(broker_url="memory://", storage_url=args.storage)
+    client = Client(settings=settings)
+    _err(f"actviz demo: {client.describe()}; model builtin:demo")
+    job = client.submit("builtin:demo", Path(image_path()))
+    result, error = _wait(job, args.timeout, sys.stderr.isatty())
+    if result is None:
+        _err(f"actviz demo: the job failed: {error}")
+        return EXIT_FAILED
+    print(f"job {job.id} succeeded: {len(result.layers)} layers")
+    for name in result.layers:
+        print(f"  {name}: {result.url(name)}")
+    print(f"report: {result.url()}")
+    return EXIT_OK
+
+
+# ---- parser -----------------------------------------------------------------
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="s3:// URI, file path, or registry name")
+    p.add_argument("--layers", help="layer spec, e.g. 'conv' or 'block1_conv1,block2_conv1'")
+    p.add_argument("--normalize", choices=NORMALIZATIONS)
+    p.add_argument("--scale", choices=SCALES)
+    p.add_argument("--colormap")
+    p.add_argument("--top-k", type=int, dest="top_k")
+    p.add_argument("--overlay", action="store_true", help="also render overlays on the input")
+    p.add_argument("--queue", choices=QUEUES, help="gpu (default) or cpu")
+    p.add_argument("--priority", type=int, help="0..9 on Redis; lower is served first")
+    p.add_argument("--wait", action="store_true", help="wait for the result")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.add_argument("--timeout", type=float, help="seconds to wait at most")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actviz", description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", help="overrides ACTVIZ_BROKER_URL")
+    parser.add_argument("--storage", help="overrides ACTVIZ_STORAGE_URL")
+    parser.add_argument("--registry", help="overrides ACTVIZ_MODEL_REGISTRY")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="submit one (model, image) job")
+    _add_job_options(p)
+    p.add_argument("--image", required=True, help="local path or s3:// URI")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("batch", help="submit one job per image")
+    _add_job_options(p)
+    p.add_argument("images", nargs="+", help="image files, folders of images, s3:// URIs")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("status", help="state of a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fetch", help="download every object of a finished job")
+    p.add_argument("job_id")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("open", help="print a link to a job's HTML report")
+    p.add_argument("job_id")
+    p.add_argument("--expires", type=int, default=3600)
+    p.set_defaults(func=cmd_open)
+
+    p = sub.add_parser("worker", help="run a worker (needs a redis:// broker)")
+    p.add_argument("--queues", help="comma-separated: gpu,cpu")
+    p.add_argument("--preload", action="append", help="model to load and warm first; repeatable")
+    p.add_argument("--concurrency", type=int, help="worker processes, one per GPU")
+    p.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("demo", help="run the builtin demo model on a photo, in-process")
+    p.add_argument("--timeout", type=float, default=300)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print the effective settings (redacted)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobNotFound as exc:
+        _err(f"actviz: {exc}")
+        return EXIT_FAILED
+    except JobFailed as exc:
+        _err(f"actviz: job {exc.job_id} failed: {exc}")
+        return EXIT_FAILED
+    except ActvizError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"status": "rejected", "error": exc.to_dict()}))
+        _err(f"actviz: {exc}")
+        return EXIT_USAGE
+    except (ValueError, OSError) as exc:
+        _err(f"actviz: {redact_url(str(exc))}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Submit (model, image) jobs and read their results: `Client`, `Job`, `Result`.
+
+    client = Client.from_env()
+    job = client.submit("s3://models/vgg16.keras", "cat.jpg", layers="conv")
+    result = job.wait(timeout=60)          # Result, or raises JobFailed / TimeoutError
+    result.grid("block1_conv1").show()
+
+Messages carry URIs only: a local image (path or bytes) is uploaded once to
+`inputs/<sha256>.<ext>` in the result store and the job names that object.
+With no configuration at all the client runs an in-process worker thread on
+the `memory://` broker (the embedded mode), so the same calls work on a laptop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from producer import contract
+from producer.broker import create_app
+from producer.contract import (
+    FAILED,
+    MAX_PRIORITY,
+    NORMALIZATIONS,
+    QUEUED,
+    QUEUES,
+    SCALES,
+    STARTED,
+    SUCCEEDED,
+    TASK_NAME,
+    ErrorCode,
+    JobOptions,
+    JobSpec,
+)
+from producer.errors import (
+    ActvizError,
+    InputNotFound,
+    InvalidJob,
+    JobFailed,
+    JobNotFound,
+    PayloadTooLarge,
+    error_from_dict,
+)
+from producer.registry import load_registry, resolve_model
+from producer.settings import Settings, redact_url
+from producer.storage import ObjectNotFound, Store, local_path, open_store
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from PIL import Image
+
+ImageSource = str | Path | bytes
+
+# Leading bytes of the image formats Pillow decodes, to name the uploaded object.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
+
+# Celery task states -> actviz job states.
+_STATES = {
+    "PENDING": QUEUED,
+    "RECEIVED": QUEUED,
+    "RETRY": QUEUED,
+    "STARTED": STARTED,
+    "PROGRESS": STARTED,
+    "SUCCESS": SUCCEEDED,
+    "FAILURE": FAILED,
+    "REVOKED": FAILED,
+}
+
+
+def sniff_extension(data: bytes, name: str | None = None) -> str:
+    """'png', 'jpg', ... from the leading bytes, else from the file name, else 'bin'."""
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    suffix = Path(name or "").suffix.lstrip(".").lower()
+    return suffix or "bin"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Where a job stands: state is queued | started | succeeded | failed.
+
+    `stage` is the step a started job reports ('loading model', 'forward',
+    'rendering', 'uploading'); `error` is {code, message} for a failed job.
+    """
+
+    job_id: str
+    state: str
+    stage: str | None = None
+    error: dict[str, str] | None = None
+    info: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"job_id": self.job_id, "status": self.state}
+        if self.stage:
+            out["stage"] = self.stage
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Result:
+    """A finished job read back from storage: its manifest and the objects it names."""
+
+    def __init__(self, store: Store, job_id: str, manifest: dict[str, Any]) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.manifest = manifest
+
+    def __repr__(self) -> str:
+        return f"Result(job_id={self.job_id!r}, layers={len(self.layers)})"
+
+    @property
+    def prefix(self) -> str:
+        return contract.job_prefix(self.job_id)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in model order."""
+        return [entry["name"] for entry in self.manifest.get("layers", [])]
+
+    def layer(self, layer: str | int) -> dict[str, Any]:
+        """The manifest entry of a layer, by name or by position in `layers`.
+
+        Raises KeyError naming the available layers.
+        """
+        entries = self.manifest.get("layers", [])
+        if isinstance(layer, int):
+            return entries[layer]
+        for entry in entries:
+            if entry["name"] == layer:
+                return entry
+        raise KeyError(f"layer {layer!r} not in this result; layers: {', '.join(self.layers)}")
+
+    def grid_key(self, layer: str | int) -> str:
+        """Key of a layer's grid PNG relative to the job folder ('layers/00-conv1.png')."""
+        entry = self.layer(layer)
+        grid = entry.get("grid")
+        key = grid.get("png") if isinstance(grid, dict) else grid
+        if not key:
+            raise KeyError(f"layer {entry['name']!r} has no grid")
+        return key
+
+    def grid(self, layer: str | int) -> Image.Image:
+        """The channel grid of a layer as a PIL image (RGB, (rows*h, cols*w))."""
+        import io
+
+        from PIL import Image
+
+        data = self.store.get(self.prefix + self.grid_key(layer))
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+    def stats(self, layer: str | int) -> dict[str, Any]:
+        """Per-channel stats: {mean, std, min, max, sparsity: [C floats], dead: [idx]}."""
+        return self.layer(layer)["stats"]
+
+    def summary(self, layer: str | int) -> dict[str, Any]:
+        """Layer-wide summary: mean, std, min, max, sparsity, dead_count, top_k."""
+        return self.layer(layer)["summary"]
+
+    def url(self, layer: str | int | None = None, expires: int = 3600) -> str:
+        """A link to a layer grid, or to the HTML report when `layer` is None.
+
+        Presigned (valid `expires` seconds) on S3; a local path for file:// storage.
+        """
+        if layer is None:
+            key = contract.report_key(self.job_id)
+            if not self.store.exists(key):
+                key = contract.manifest_key(self.job_id)
+        else:
+            key = self.prefix + self.grid_key(layer)
+        return self.store.presign(key, expires=expires)
+
+    def keys(self) -> list[str]:
+        """Every stored object of the job, relative to the job folder."""
+        return [k[len(self.prefix) :] for k in self.store.list(self.prefix)]
+
+    def download(self, directory: str | Path) -> Path:
+        """Copy every object of the job (report, grids, manifest) into `directory`."""
+        out = Path(directory)
+        for name in self.keys():
+            self.store.download(self.prefix + name, out / name)
+        return out
+
+
+class Job:
+    """A submitted job; it fetches its own state and result."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def state(self, check_storage: bool = True) -> JobState:
+        """The job's state from the result backend, falling back to storage.
+
+        Storage decides when the backend has forgotten the job (expired or
+        flushed): a manifest means succeeded, an error.json means failed.
+        """
+        result = self.client.app.AsyncResult(self.id)
+        celery_state = result.state
+        state = _STATES.get(celery_state, QUEUED)
+        info = result.info
+        if state == FAILED:
+            return JobState(self.id, FAILED, error=self._failure(celery_state, info))
+        if state == SUCCEEDED:
+            return JobState(self.id, SUCCEEDED, info=info if isinstance(info, dict) else None)
+        if state == QUEUED and check_storage:
+            stored = self.client.stored_state(self.id)
+            if stored is not None:
+                return stored
+        stage = info.get("stage") if isinstance(info, dict) else None
+        if celery_state == "RETRY":
+            stage = "retrying"
+        return JobState(self.id, state, stage=stage)
+
+    def status(self) -> str:
+        """queued | started | succeeded | failed."""
+        return self.state().state
+
+    def _failure(self, celery_state: str, info: Any) -> dict[str, str]:
+        stored = self.client.stored_error(self.id)
+        if stored is not None:
+            return stored
+        if celery_state == "REVOKED":
+            return {"code": ErrorCode.CANCELLED, "message": "the job was cancelled"}
+        return error_of(info)
+
+    def wait(self, timeout: float | None = None, poll: float = 0.1) -> Result:
+        """Block until the job ends; return its Result.
+
+        Raises JobFailed (.code, .message) when it failed, TimeoutError after `timeout` s.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay, rounds = poll, 0
+        while True:
+            # Storage is the source of truth but costs a request: ask it now and then.
+            state = self.state(check_storage=rounds % 10 == 9)
+            if state.state == SUCCEEDED:
+                return self.client.result(self.id)
+            if state.state == FAILED:
+                error = state.error or {}
+                raise JobFailed(
+                    self.id, error.get("code", ErrorCode.INTERNAL), error.get("message", "")
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} still {state.state} after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+            rounds += 1
+
+    def cancel(self) -> None:
+        """Revoke the job: a queued job is dropped; a running one finishes."""
+        self.client.app.control.revoke(self.id)
+
+
+def error_of(info: Any) -> dict[str, str]:
+    """{code, message} from what Celery stored for a failed task."""
+    if isinstance(info, ActvizError):
+        return info.to_dict()
+    name = type(info).__name__
+    if name in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
+        return {"code": ErrorCode.TIME_LIMIT, "message": "the job ran past its time limit"}
+    if name == "WorkerLostError":
+        return {"code": ErrorCode.WORKER_LOST, "message": str(info)}
+    if name in ("StorageUnavailable", "EndpointConnectionError", "ConnectionError"):
+        return {"code": ErrorCode.STORAGE_ERROR, "message": str(info)}
+    return {"code": ErrorCode.INTERNAL, "message": f"{name}: {info}"}
+
+
+class Client:
+    """The producer's entry point: submit jobs, follow them, read results."""
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        storage_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> None:
+        base = settings or Settings()
+        self.settings = base.with_overrides(broker_url=broker_url, storage_url=storage_url)
+        self._app: Celery | None = None
+        self._store: Store | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Client:
+        """A client configured from ACTVIZ_* variables; keyword overrides win."""
+        return cls(settings=Settings.from_env(**overrides))
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app; in embedded mode, the one the in-process worker consumes."""
+        if self._app is None:
+            if self.settings.embedded:
+                # The one sanctioned import of `worker` from the producer side.
+                from worker.embedded import start_embedded_worker
+
+                self._app = start_embedded_worker(self.settings)
+            else:
+                self._app = create_app(self.settings)
+        return self._app
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings.storage_url)
+        return self._store
+
+    def describe(self) -> str:
+        """'broker redis://***@h:6379/0, storage s3://bucket/p' (credentials masked)."""
+        mode = " (embedded worker)" if self.settings.embedded else ""
+        return (
+            f"broker {redact_url(self.settings.broker_url)}{mode}, "
+            f"storage {redact_url(self.settings.storage_url)}"
+        )
+
+    # ---- submitting ------------------------------------------------------
+
+    def submit(
+        self,
+        model: str | Path,
+        image: ImageSource,
+        layers: str | list[str] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        job_id: str | None = None,
+        batch_id: str | None = None,
+        **options: Any,
+    ) -> Job:
+        """Enqueue one job and return at once.
+
+        model: s3:// URI, file:// URI or path the worker can see, registry name,
+        or 'builtin:demo'. image: local path, bytes, or s3:// URI.
+        options: JobOptions fields (scale, normalize, colormap, top_k, ...).
+        Raises InvalidJob (invalid_job), PayloadTooLarge (payload_too_large),
+        InputNotFound (input_not_found), ModelNotFound (model_not_found).
+        """
+        job_options = build_options(layers, options)
+        queue = queue or self.settings.queue
+        check_routing(queue, priority)
+        job_id = job_id or contract.new_job_id()
+        if not contract.valid_job_id(job_id):
+            raise InvalidJob(f"job id {job_id!r} is not one safe path segment")
+        spec = JobSpec(
+            job_id=job_id,
+            model=self.resolve_model(model),
+            image=self.upload_image(image),
+            options=job_options,
+            enqueued_at=time.time(),
+            batch_id=batch_id,
+        )
+        self.app.send_task(
+            TASK_NAME, args=[spec.to_message()], task_id=job_id, queue=queue, priority=priority
+        )
+        return Job(self, job_id)
+
+    def submit_many(
+        self,
+        model: str | Path,
+        images: list[ImageSource],
+        layers: str | list[str] | None = None,
+        **options: Any,
+    ) -> list[Job]:
+        """Enqueue one job per image, all tagged with one batch id."""
+        batch_id = options.pop("batch_id", None) or contract.new_job_id()
+        return [self.submit(model, image, layers, batch_id=batch_id, **options) for image in images]
+
+    def resolve_model(self, model: str | Path) -> str:
+        """The model URI a job carries; registry names are looked up here."""
+        return resolve_model(model, load_registry(self.settings.model_registry))
+
+    def upload_image(self, image: ImageSource) -> str:
+        """The image URI a job carries; local bytes are uploaded once, by content hash.
+
+        Raises PayloadTooLarge above settings.max_image_bytes, InputNotFound for
+        a missing file.
+        """
+        if isinstance(image, str) and image.startswith("s3://"):
+            return image
+        name = None
+        if isinstance(image, bytes):
+            data = image
+        else:
+            path = local_path(str(image)) if str(image).startswith("file://") else Path(image)
+            name = path.name
+            data = read_local_image(path, self.settings.max_image_bytes)
+        check_size(len(data), self.settings.max_image_bytes)
+        key = contract.input_key(hashlib.sha256(data).hexdigest(), sniff_extension(data, name))
+        if not self.store.exists(key):
+            self.store.put(key, data)
+        return self.store.uri(key)
+
+    # ---- reading back ----------------------------------------------------
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job id."""
+        if not contract.valid_job_id(job_id):
+            raise InvalidJob(f"job id {job_id!r} is not one safe path segment")
+        return Job(self, job_id)
+
+    def result(self, job_id: str) -> Result:
+        """A finished job from storage alone (no broker needed).
+
+        Raises JobFailed when the job stored an error, JobNotFound when storage
+        holds neither a manifest nor an error for it (unknown or unfinished).
+        """
+        job = self.job(job_id)
+        try:
+            manifest = json.loads(self.store.get(contract.manifest_key(job.id)))
+        except ObjectNotFound:
+            error = self.stored_error(job.id)
+            if error is not None:
+                raise JobFailed(job.id, error["code"], error["message"]) from None
+            raise JobNotFound(f"no result for job {job.id} in {self.store.url}") from None
+        return Result(self.store, job.id, manifest)
+
+    def stored_error(self, job_id: str) -> dict[str, str] | None:
+        """{code, message} from the job's error.json, or None."""
+        try:
+            data = json.loads(self.store.get(contract.error_key(job_id)))
+        except ObjectNotFound:
+            return None
+        return error_from_dict(data).to_dict()
+
+    def stored_state(self, job_id: str) -> JobState | None:
+        """succeeded/failed as storage sees it, or None when storage knows nothing yet."""
+        if self.store.exists(contract.manifest_key(job_id)):
+            return JobState(job_id, SUCCEEDED)
+        error = self.stored_error(job_id)
+        if error is not None:
+            return JobState(job_id, FAILED, error=error)
+        return None
+
+
+def build_options(layers: str | list[str] | None, options: dict[str, Any]) -> JobOptions:
+    """JobOptions from keyword arguments; raises InvalidJob for unknown or bad values."""
+    if layers is not None:
+        options = {**options, "layers": layers}
+    try:
+        job_options = JobOptions.from_dict(options)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(str(exc)) from None
+    if job_options.scale not in SCALES:
+        raise InvalidJob(f"scale {job_options.scale!r} unknown; use one of {', '.join(SCALES)}")
+    if job_options.normalize not in NORMALIZATIONS:
+        raise InvalidJob(
+            f"normalize {job_options.normalize!r} unknown; use one of {', '.join(NORMALIZATIONS)}"
+        )
+    return job_options
+
+
+def check_routing(queue: str, priority: int | None) -> None:
+    if queue not in QUEUES:
+        raise InvalidJob(f"queue {queue!r} unknown; use one of {', '.join(QUEUES)}")
+    if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+        raise InvalidJob(f"priority {priority} out of range 0..{MAX_PRIORITY}")
+
+
+def check_size(nbytes: int, limit: int) -> None:
+    if nbytes > limit:
+        raise PayloadTooLarge(
+            f"image is {nbytes} bytes, above the {limit}-byte limit (ACTVIZ_MAX_IMAGE_BYTES); "
+            "upload it to s3:// and pass the URI"
+        )
+
+
+def read_local_image(path: Path, limit: int) -> bytes:
+    """The file's bytes, checking the size before reading it."""
+    try:
+        check_size(path.stat().st_size, limit)
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise InputNotFound(f"image file {path} does not exist") from None

@@ -1,0 +1,62 @@
+"""The Celery app of a worker: the shared producer config plus worker-side options.
+
+    app = create_app(settings)     # registers the task and attaches WorkerRuntime as app.actviz
+
+JSON only, late acks, one message prefetched at a time, and retries with
+exponential backoff and jitter for transient faults only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from producer.broker import create_app as create_producer_app
+from producer.contract import TASK_NAME
+from producer.errors import ActvizError
+from producer.settings import Settings
+from worker import tasks
+from worker.runtime import WorkerRuntime
+from worker.tasks import TRANSIENT_ERRORS
+
+
+def worker_config(settings: Settings) -> dict:
+    """Options only a consuming worker needs."""
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.soft_time_limit,
+        "task_time_limit": settings.time_limit,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    """A worker app: shared config, worker options, the task, and a WorkerRuntime."""
+    app = create_producer_app(settings, name="actviz-worker")
+    app.conf.update(worker_config(settings))
+    runtime = WorkerRuntime(settings)
+    app.actviz = runtime
+
+    def extract(task: Task, message: dict[str, Any]) -> dict[str, Any]:
+        return tasks.extract(task, message, runtime)
+
+    app.task(
+        name=TASK_NAME,
+        bind=True,
+        autoretry_for=TRANSIENT_ERRORS,
+        retry_backoff=True,
+        retry_backoff_max=60,
+        retry_jitter=True,
+        max_retries=settings.max_retries,
+        # Expected failures are logged on one line, without a traceback.
+        throws=(ActvizError,),
+        acks_late=True,
+    )(extract)
+    return app

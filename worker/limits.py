@@ -1,0 +1,62 @@
+"""Soft and hard time limits for the solo pool, which Celery does not enforce itself.
+
+The worker runs jobs in its main thread (one process per GPU, see worker/main.py),
+so the soft limit is a SIGALRM that raises SoftTimeLimitExceeded inside the job,
+and the hard limit is a watchdog that ends the process: the message was not
+acknowledged (acks_late), so the broker hands it out again after the
+visibility timeout, and the orchestrator restarts the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+log = logging.getLogger(__name__)
+
+HARD_LIMIT_EXIT = 70
+
+
+def _raise_soft_limit(signum: int, frame: object) -> None:
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def _end_process(job_id: str, seconds: float) -> None:
+    log.critical("job %s ran past the hard time limit (%s s); ending the worker", job_id, seconds)
+    logging.shutdown()
+    os._exit(HARD_LIMIT_EXIT)
+
+
+@contextmanager
+def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Iterator[None]:
+    """Bound the block by `soft` seconds (exception) and `hard` seconds (process exit).
+
+    Signals only work in the main thread; elsewhere (the embedded worker
+    thread) the limits are not enforced. `may_exit=False` disables the hard
+    limit, e.g. inside a user's own process.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+    use_alarm = in_main and soft > 0 and hasattr(signal, "setitimer")
+    watchdog = None
+    if may_exit and hard > 0:
+        watchdog = threading.Timer(hard, _end_process, args=(job_id, hard))
+        watchdog.daemon = True
+        watchdog.start()
+    previous = None
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, _raise_soft_limit)
+        signal.setitimer(signal.ITIMER_REAL, soft)
+    try:
+        yield
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
+        if watchdog is not None:
+            watchdog.cancel()

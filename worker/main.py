@@ -1,0 +1,125 @@
+"""`actviz worker`: one Celery worker process per accelerator.
+
+Why solo pools in separate processes rather than prefork or threads:
+TensorFlow/CUDA must not be initialised in a process that later forks (the
+children inherit a broken CUDA context), and one TF runtime per GPU keeps a
+card's memory and the warm models in one place. So a worker is a single
+process running jobs in its main thread (`--pool solo`). `--concurrency N`
+starts N such processes, child i pinned to GPU i with CUDA_VISIBLE_DEVICES=i
+(on a CPU-only host they simply share the cores). On Kubernetes prefer one
+pod per GPU and concurrency 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from producer.errors import ActvizError
+from producer.registry import load_registry, resolve_model
+from producer.settings import Settings, child_environ, redact_url
+
+log = logging.getLogger("actviz.worker")
+
+EXIT_CONFIG = 2
+EXIT_PRELOAD = 3
+
+EMBEDDED_REFUSAL = (
+    "actviz worker needs a shared broker: set ACTVIZ_BROKER_URL=redis://host:6379/0. "
+    "The memory:// broker exists only inside one process; without configuration "
+    "`actviz submit` runs its own in-process worker instead."
+)
+
+
+def run_worker(settings: Settings, node_name: str | None = None) -> int:
+    """Run a worker until it is stopped; returns the exit status."""
+    if settings.embedded:
+        print(EMBEDDED_REFUSAL, file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.concurrency > 1:
+        return run_pinned_children(settings)
+    return run_one(settings, node_name)
+
+
+def run_one(settings: Settings, node_name: str | None) -> int:
+    from celery.signals import worker_ready, worker_shutting_down
+
+    from worker.accelerator import configure_accelerator
+    from worker.app import create_app
+    from worker.logs import configure_logging
+
+    configure_logging(settings)
+    log.info(
+        "worker: broker %s, storage %s, queues %s",
+        redact_url(settings.broker_url),
+        redact_url(settings.storage_url),
+        ",".join(settings.queues),
+    )
+    configure_accelerator()
+    app = create_app(settings)
+    service = start_service(settings.metrics_port)
+    try:
+        registry = load_registry(settings.model_registry)
+        app.actviz.preload([resolve_model(m, registry) for m in settings.preload])
+    except ActvizError as exc:
+        print(f"actviz worker: cannot preload: {exc}", file=sys.stderr)
+        return EXIT_PRELOAD
+    if service is not None:
+        # Ready only once the preloaded models are warm and the consumer listens.
+        worker_ready.connect(lambda **_: service.set_ready(True), weak=False)
+        worker_shutting_down.connect(lambda **_: service.set_ready(False), weak=False)
+    argv = [
+        "worker",
+        "--pool=solo",
+        f"--queues={','.join(settings.queues)}",
+        f"--loglevel={settings.log_level}",
+        f"--hostname={node_name or 'actviz@%h'}",
+        "--task-events",
+    ]
+    app.worker_main(argv)
+    return 0
+
+
+def start_service(port: int) -> Any:
+    """Start the health/metrics server when configured; returns its module or None."""
+    if port <= 0 or importlib.util.find_spec("worker.service") is None:
+        return None
+    from worker import service
+
+    service.start(port)
+    log.info("health and metrics on :%d", port)
+    return service
+
+
+def child_command(settings: Settings, index: int) -> list[str]:
+    cmd = [sys.executable, "-m", "producer.cli", "worker", "--concurrency", "1"]
+    cmd += ["--queues", ",".join(settings.queues), "--name", f"actviz{index}@%h"]
+    for model in settings.preload:
+        cmd += ["--preload", model]
+    return cmd
+
+
+def run_pinned_children(settings: Settings) -> int:
+    """Start `settings.concurrency` solo workers, child i on GPU i; wait for all."""
+    children = []
+    for index in range(settings.concurrency):
+        env = child_environ(
+            CUDA_VISIBLE_DEVICES=str(index),
+            ACTVIZ_BROKER_URL=settings.broker_url,
+            ACTVIZ_STORAGE_URL=settings.storage_url,
+            ACTVIZ_METRICS_PORT=str(settings.metrics_port + index if settings.metrics_port else 0),
+        )
+        children.append(subprocess.Popen(child_command(settings, index), env=env))
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)

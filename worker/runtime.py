@@ -1,0 +1,71 @@
+"""What a worker process keeps between jobs: settings, result store, warm models.
+
+One `WorkerRuntime` per process, attached to the Celery app as `app.actviz`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from producer.contract import JobOptions
+from producer.settings import Settings
+from producer.storage import Store, open_store
+from worker.cache import ModelCache
+from worker.fetch import fetch_model, model_trusted
+from worker.metrics import STAGE_SECONDS
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = ModelCache(settings.cache_models, settings.cache_bytes)
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings.storage_url)
+        return self._store
+
+    def load_model(self, uri: str) -> tuple[Any, str, dict[str, float]]:
+        """(LoadedModel, 'hit' | 'miss', {stage: ms}) for the model at `uri`.
+
+        The source is asked for its version on every job (one HEAD on S3), so
+        a replaced model file is picked up at once. Raises ModelNotAllowed,
+        ModelNotFound, InvalidModel, UnsafeModel, StorageUnavailable.
+        """
+        from worker.engine import open_model
+
+        started = time.perf_counter()
+        model_file = fetch_model(uri, self.settings)
+        fetched = time.perf_counter()
+        trusted = model_trusted(uri, self.settings)
+        loaded, event = self.cache.get_or_load(
+            model_file.cache_key,
+            lambda: open_model(str(model_file.path), uri=uri, trusted=trusted),
+        )
+        done = time.perf_counter()
+        STAGE_SECONDS.labels(stage="download_model").observe(fetched - started)
+        if event == "miss":
+            STAGE_SECONDS.labels(stage="load").observe(done - fetched)
+        timings = {"download_model": (fetched - started) * 1000, "load": (done - fetched) * 1000}
+        return loaded, event, timings
+
+    def preload(self, uris: list[str] | tuple[str, ...]) -> None:
+        """Download, load and warm each model before the first job arrives."""
+        from worker.engine import warmup
+
+        for uri in uris:
+            loaded, _, timings = self.load_model(uri)
+            started = time.perf_counter()
+            warmup(loaded, JobOptions(), self.settings)
+            log.info(
+                "preloaded %s (load %.0f ms, warmup %.0f ms)",
+                uri,
+                timings["load"],
+                (time.perf_counter() - started) * 1000,
+            )

@@ -1,0 +1,203 @@
+"""The one task: fetch inputs -> engine -> store. Maps exceptions to error codes.
+
+Failure representation: a permanent error (an `ActvizError`) is written to
+`jobs/<id>/error.json` as {job_id, code, message} and then raised, so Celery
+records the state FAILURE with the typed exception; the client reads the code
+from error.json (the source of truth) or, failing that, from the exception.
+Transient errors propagate to Celery's autoretry (see worker/app.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+from botocore.exceptions import (
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer import contract
+from producer.contract import ErrorCode, JobSpec
+from producer.errors import ActvizError, InvalidJob, TransientError
+from producer.storage import put_many
+from worker.limits import time_limits
+from worker.logs import job_context
+from worker.metrics import BATCH_IMAGES, JOBS, QUEUE_WAIT, STAGE_SECONDS
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+# Faults of the world, not of the input: Celery retries these with backoff and jitter.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    TransientError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    OperationalError,
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
+
+HAS_REPORT = importlib.util.find_spec("worker.report") is not None
+
+
+def parse_spec(message: Any) -> JobSpec:
+    """The JobSpec in a message; raises InvalidJob (invalid_job) for anything malformed."""
+    if not isinstance(message, dict):
+        raise InvalidJob("the job message is not an object")
+    try:
+        spec = JobSpec.from_message(message)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(f"malformed job message: {exc}") from None
+    if not isinstance(spec.job_id, str) or not contract.valid_job_id(spec.job_id):
+        raise InvalidJob(f"job id {spec.job_id!r} is not one safe path segment")
+    if not isinstance(spec.model, str) or not isinstance(spec.image, str):
+        raise InvalidJob("model and image must be URI strings")
+    return spec
+
+
+def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict[str, Any]:
+    """Run one job. Returns {job_id, status, manifest, cache, cache_stats, timings_ms}.
+
+    Raises the job's ActvizError after writing error.json; TransientError and
+    connection errors propagate for Celery to retry.
+    """
+    settings = runtime.settings
+    try:
+        spec = parse_spec(message)
+    except InvalidJob as exc:
+        JOBS.labels(status="failed", code=exc.code).inc()
+        raise
+    with job_context(spec.job_id):
+        if spec.enqueued_at:
+            QUEUE_WAIT.observe(max(0.0, time.time() - spec.enqueued_at))
+        try:
+            with time_limits(
+                spec.job_id,
+                settings.soft_time_limit,
+                settings.time_limit,
+                may_exit=not settings.embedded,
+            ):
+                result = run_job(task, spec, runtime)
+        except ActvizError as exc:
+            fail_job(spec, exc, runtime)
+            raise
+        except SoftTimeLimitExceeded:
+            error = ActvizError(
+                f"the job ran past the soft time limit ({settings.soft_time_limit} s)",
+                code=ErrorCode.TIME_LIMIT,
+            )
+            fail_job(spec, error, runtime)
+            raise error from None
+        except TransientError:
+            if task.request.retries >= task.max_retries:
+                JOBS.labels(status="failed", code=ErrorCode.STORAGE_ERROR).inc()
+            raise
+        except Exception as exc:
+            if isinstance(exc, TRANSIENT_ERRORS):
+                raise
+            log.exception("job failed unexpectedly")
+            error = ActvizError(f"{type(exc).__name__}: {exc}", code=ErrorCode.INTERNAL)
+            fail_job(spec, error, runtime)
+            raise error from None
+        JOBS.labels(status="succeeded", code="").inc()
+        return result
+
+
+def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
+    from worker.engine import analyze
+    from worker.fetch import read_image
+
+    settings, store = runtime.settings, runtime.store
+    report_stage(task, "loading model")
+    loaded, cache_event, timings = runtime.load_model(spec.model)
+    image = read_image(spec.image, store, settings)
+
+    report_stage(task, "forward")
+    BATCH_IMAGES.observe(1)
+    (outcome,) = analyze(loaded, [image], spec.options, settings)
+    if isinstance(outcome, ActvizError):
+        raise outcome
+    manifest = dict(outcome.manifest)
+    files = dict(outcome.files)
+    for stage in ("preprocess", "forward", "render"):
+        ms = (manifest.get("timings_ms") or {}).get(stage)
+        if ms is not None:
+            STAGE_SECONDS.labels(stage=stage).observe(ms / 1000)
+    fill_manifest(manifest, spec, cache_event, timings)
+
+    report_stage(task, "rendering")
+    files.update(render_report(manifest, files))
+
+    report_stage(task, "uploading")
+    started = time.perf_counter()
+    prefix = contract.job_prefix(spec.job_id)
+    put_many(store, [(prefix + name, data) for name, data in files.items()])
+    upload_s = time.perf_counter() - started
+    STAGE_SECONDS.labels(stage="upload").observe(upload_s)
+    manifest["timings_ms"]["upload"] = round(upload_s * 1000, 3)
+    # Written last: a manifest's presence means every object it names is there.
+    store.put(contract.manifest_key(spec.job_id), json.dumps(manifest, indent=2).encode())
+    log.info("job done: %d layers, model cache %s", len(manifest.get("layers", [])), cache_event)
+    return {
+        "job_id": spec.job_id,
+        "status": contract.SUCCEEDED,
+        "manifest": store.uri(contract.manifest_key(spec.job_id)),
+        "cache": cache_event,
+        "cache_stats": runtime.cache.stats(),
+        "timings_ms": manifest["timings_ms"],
+    }
+
+
+def fill_manifest(
+    manifest: dict[str, Any], spec: JobSpec, cache_event: str, timings: dict[str, float]
+) -> None:
+    """Add what only the task knows: job id, image URI, worker and load timings."""
+    manifest["job_id"] = spec.job_id
+    manifest.setdefault("image", {})["uri"] = spec.image
+    manifest.setdefault("model", {})["uri"] = spec.model
+    if spec.batch_id:
+        manifest["batch_id"] = spec.batch_id
+    manifest["worker"] = {"host": socket.gethostname(), "model_cache": cache_event}
+    stage_ms = manifest.setdefault("timings_ms", {})
+    for stage, ms in timings.items():
+        stage_ms[stage] = round(ms, 3)
+
+
+def render_report(manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
+    """The HTML report files of a job (index.html and its images), when available."""
+    if not HAS_REPORT:
+        return {}
+    from worker import report
+
+    return report.render_report(manifest, files)
+
+
+def report_stage(task: Task, stage: str) -> None:
+    """Let `Job.state()` show progress; a no-op when run outside a worker."""
+    if task.request.id:
+        task.update_state(state="STARTED", meta={"stage": stage})
+
+
+def fail_job(spec: JobSpec, error: ActvizError, runtime: WorkerRuntime) -> None:
+    """Record a permanent failure: metrics, log line, and jobs/<id>/error.json."""
+    JOBS.labels(status="failed", code=error.code).inc()
+    log.warning("job failed: %s", error)
+    body = {"job_id": spec.job_id, **error.to_dict(), "model": spec.model, "image": spec.image}
+    try:
+        runtime.store.put(contract.error_key(spec.job_id), json.dumps(body, indent=2).encode())
+    except Exception:
+        log.exception("could not write error.json")
