@@ -185,22 +185,16 @@ def test_every_trigger_is_a_redis_list_trigger_with_auth_and_the_broker_db():
         assert all(isinstance(v, str) for v in meta.values())
 
 
-def kombu_lists_for_gpu_queue() -> set[str]:
-    """Send one job per priority with the real producer config and read back the lists."""
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    client.flushdb()
-    app = create_app(Settings(broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}"))
+def test_triggers_cover_every_priority_list_of_the_gpu_queue(redis_url):
+    # Send one job per priority with the real producer config, then read back the lists.
+    app = create_app(Settings(broker_url=redis_url))
     try:
         for priority in range(MAX_PRIORITY + 1):
             app.send_task(TASK_NAME, args=[{}], queue=QUEUE_GPU, priority=priority)
-        return {k.decode() for k in client.keys("*") if client.type(k) == b"list"}
     finally:
-        client.flushdb()
         app.close()
-
-
-def test_triggers_cover_every_priority_list_of_the_gpu_queue():
-    lists = kombu_lists_for_gpu_queue()
+    client = redis.Redis.from_url(redis_url)
+    lists = {k.decode() for k in client.keys("*") if client.type(k) == b"list"}
     assert QUEUE_GPU in lists and len(lists) == MAX_PRIORITY + 1
     watched = {t["metadata"]["listName"] for t in scaled_object()["spec"]["triggers"]}
     assert lists <= watched, f"queued jobs invisible to KEDA in {sorted(lists - watched)}"

@@ -3,6 +3,7 @@ docker-compose.yml gives the `worker` service, pointed at a local Redis and S3 s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,11 +15,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import boto3
 import pytest
-import redis
 from compose_file import interpolate, load_compose, read_env_file, service_environment
 
 from producer.client import Client
@@ -45,7 +44,7 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 
 def localize(
-    env: dict[str, str], *, redis_db: int, s3_endpoint: str, port: int | None = None
+    env: dict[str, str], *, broker_url: str, s3_endpoint: str, port: int | None = None
 ) -> dict[str, str]:
     """The compose environment with container addresses replaced by local ones.
 
@@ -55,7 +54,7 @@ def localize(
     out = dict(env)
     broker = urlsplit(env["ACTVIZ_BROKER_URL"])
     assert broker.hostname == "redis" and broker.password, "compose broker URL changed shape"
-    out["ACTVIZ_BROKER_URL"] = urlunsplit(("redis", "127.0.0.1:6379", f"/{redis_db}", "", ""))
+    out["ACTVIZ_BROKER_URL"] = broker_url
     assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     out["AWS_ENDPOINT_URL_S3"] = s3_endpoint
     if port is not None:
@@ -65,59 +64,27 @@ def localize(
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-@pytest.fixture(scope="module")
 def compose_env():
     return service_environment("worker", read_env_file())
 
 
 @pytest.fixture(scope="module")
-def worker(s3_endpoint, compose_env, tmp_path_factory):
-    """A running `actviz worker` and the first /readyz answers it gave while starting."""
-    db = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    db.flushdb()
-    bucket = urlsplit(compose_env["ACTVIZ_STORAGE_URL"]).netloc
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=compose_env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=compose_env["AWS_SECRET_ACCESS_KEY"],
-        region_name=compose_env["AWS_DEFAULT_REGION"],
-    )
-    s3.create_bucket(Bucket=bucket)  # what minio-init does in the compose stack
-    port = free_port()
-    env = localize(compose_env, redis_db=REDIS_DB, s3_endpoint=s3_endpoint, port=port)
-    home = tmp_path_factory.mktemp("home")
-    base = {"PATH": os.environ["PATH"], "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    log_path = home / "worker.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(ACTVIZ), "worker"], env={**base, **env}, stdout=log, stderr=subprocess.STDOUT
-        )
-    seen = []
-    deadline = time.monotonic() + 180
+def compose_bucket(s3, compose_env):
+    """The bucket the compose stack's minio-init creates."""
+    name = urlsplit(compose_env["ACTVIZ_STORAGE_URL"]).netloc
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=name)
+    return name
+
+
+def poll_readiness(proc: subprocess.Popen, port: int, timeout: float = 180) -> list[int]:
+    """Every change of the /readyz status from the first answer until 200 (or exit)."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             status, _ = get(port, "/readyz")
-        except OSError:
+        except OSError:  # not listening yet
             time.sleep(0.05)
             continue
         if not seen or seen[-1] != status:
@@ -125,15 +92,31 @@ def worker(s3_endpoint, compose_env, tmp_path_factory):
         if status == 200:
             break
         time.sleep(0.05)
-    handle = {"proc": proc, "port": port, "env": env, "seen": seen, "log": log_path, "db": db}
-    yield handle
+    return seen
+
+
+@pytest.fixture(scope="module")
+def worker(s3_endpoint, compose_bucket, redis_url, compose_env, tmp_path_factory):
+    """A running `actviz worker` and the /readyz answers it gave while starting."""
+    port = free_port()
+    env = localize(compose_env, broker_url=redis_url, s3_endpoint=s3_endpoint, port=port)
+    home = tmp_path_factory.mktemp("home")
+    # Nothing from this process leaks in: the worker sees the compose variables only.
+    base = {"PATH": os.environ["PATH"], "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    log_path = home / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(ACTVIZ), "worker"], env={**base, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+    seen = poll_readiness(proc, port)
+    yield {"proc": proc, "port": port, "env": env, "seen": seen, "log": log_path}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    db.flushdb()
+            proc.wait(5)
 
 
 def worker_log(worker) -> str:
@@ -232,7 +215,7 @@ def test_image_and_compose_healthchecks_pass_against_the_ready_worker(worker):
 def test_demo_producer_command_from_compose_gets_a_result(worker, s3_endpoint):
     producer = load_compose()["services"]["producer"]
     env = service_environment("producer", read_env_file())
-    env = localize(env, redis_db=REDIS_DB, s3_endpoint=s3_endpoint)
+    env = localize(env, broker_url=worker["env"]["ACTVIZ_BROKER_URL"], s3_endpoint=s3_endpoint)
     script = interpolate(producer["command"][0], {})  # "$$" -> "$", as Compose does
     assert producer["entrypoint"] == ["/bin/sh", "-c"]
     base = {"PATH": f"{ACTVIZ.parent}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -256,11 +239,10 @@ def slow_model(path: Path) -> Path:
     return path
 
 
-def test_sigterm_mid_job_lets_the_job_finish_then_exits_0(worker, finished_job, tmp_path):
+def test_sigterm_mid_job_lets_the_job_finish_then_exits_0(worker, finished_job, s3, tmp_path):
     """What a Kubernetes scale-down or `docker compose stop` does to a busy worker."""
     env, proc = worker["env"], worker["proc"]
     storage = urlsplit(env["ACTVIZ_STORAGE_URL"])
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
     s3.upload_file(str(slow_model(tmp_path / "slow.keras")), storage.netloc, "models/slow.keras")
     model_uri = f"s3://{storage.netloc}/models/slow.keras"
     assert any(model_uri.startswith(p) for p in env["ACTVIZ_MODEL_ALLOW"].split(","))
