@@ -2,8 +2,12 @@
 
 `render_report(manifest, files)` returns {"index.html", "depth.png"}, keyed
 relative to the job folder like the engine's files. The page has inline CSS
-and script only and links the grids by relative keys, so it works from a
-presigned URL, an S3 browser or a downloaded folder alike.
+and script only. Its images (input, grids, overlays, depth chart) are embedded
+as data: URIs while they total at most `INLINE_MAX_BYTES`, so the one file
+works anywhere, a presigned link to index.html included (a presigned URL signs
+one object only; relative requests from it would be refused by a private
+bucket). Larger jobs link their images by relative keys, which works from the
+downloaded folder (`actviz fetch`) or a bucket that allows reads.
 
 Every string that comes from the model or the manifest is escaped: layer names
 are chosen by whoever built the model. Keys are only linked when they are
@@ -15,14 +19,18 @@ Page pieces shared with the batch gallery (`worker.gallery`): `page_html`,
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
 import re
 from typing import Any
 
+from producer.storage import content_type_for
+
 DEPTH_CHART = "depth.png"
 INDEX = "index.html"
+INLINE_MAX_BYTES = 6 * 1024 * 1024  # embed the images while they total at most this
 TOP_TILE_PX = 96  # top-k tiles are drawn this many CSS pixels on their long side
 DEAD_MARK_LIMIT = 1024  # more dead channels than this are listed, not outlined
 
@@ -30,27 +38,57 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 _STAT_COLUMNS = ("mean", "std", "min", "max", "sparsity")
 
 
-def render_report(manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
+def render_report(
+    manifest: dict[str, Any],
+    files: dict[str, bytes],
+    *,
+    inline_max_bytes: int = INLINE_MAX_BYTES,
+) -> dict[str, bytes]:
     """One job's manifest (+ its files) -> {"index.html": UTF-8, "depth.png": PNG}.
 
-    `files` are the job's artifacts keyed relative to the job folder; the page
-    links them and does not embed them. Layers without a grid (no spatial
-    output) get their stats only.
+    `files` are the job's artifacts keyed relative to the job folder. The page
+    embeds the images it shows when they are all in `files` and total at most
+    `inline_max_bytes`, else links them by relative key. Layers without a grid
+    (no spatial output) get their stats only.
     """
     layers = list(manifest.get("layers") or [])
+    depth = render_depth_chart(layers)
+    links = _Links(_image_keys(manifest), {**files, DEPTH_CHART: depth}, inline_max_bytes)
     body = [
-        _header(manifest),
-        _depth_section(),
-        *(_layer_section(position, layer) for position, layer in enumerate(layers)),
+        _header(manifest, links),
+        _depth_section(links),
+        *(_layer_section(position, layer, links) for position, layer in enumerate(layers)),
     ]
-    data = {"layers": [grid_data(layer, "") for layer in layers]}
+    data = {"layers": [grid_data(layer, "") for layer in layers], "inline": links.inline}
     title = f"actviz · {_model_name(manifest)}"
     if manifest.get("job_id"):
         title += f" · {manifest['job_id']}"
-    return {
-        INDEX: page_html(title, "\n".join(body), data),
-        DEPTH_CHART: render_depth_chart(layers),
-    }
+    return {INDEX: page_html(title, "\n".join(body), data), DEPTH_CHART: depth}
+
+
+class _Links:
+    """Where the page gets its images: data: URIs when all fit the budget, else keys."""
+
+    def __init__(self, keys: list[str], files: dict[str, bytes], limit: int) -> None:
+        keys = [k for k in keys if safe_href(k)]
+        self._files = files
+        self.inline = all(k in files for k in keys) and sum(len(files[k]) for k in keys) <= limit
+
+    def src(self, key: Any) -> str | None:
+        """The escaped src for `key`, or None for a key that is not a plain relative path."""
+        href = safe_href(key)
+        if href is None or not self.inline:
+            return href
+        data = base64.b64encode(self._files[key]).decode()
+        return f"data:{content_type_for(key)};base64,{data}"
+
+
+def _image_keys(manifest: dict[str, Any]) -> list[str]:
+    keys = [manifest.get("input") or "", DEPTH_CHART]
+    for layer in manifest.get("layers") or []:
+        keys.append((layer.get("grid") or {}).get("png") or "")
+        keys.append(layer.get("overlay") or "")
+    return [k for k in keys if k]
 
 
 # ---- shared page pieces ----------------------------------------------------
@@ -67,11 +105,12 @@ def safe_href(key: Any, prefix: str = "") -> str | None:
     return html.escape(prefix + key, quote=True)
 
 
-def tile_style(href: str, grid: dict[str, Any], channel: int, long_side: int) -> str:
-    """Inline CSS that shows one channel's tile of a grid PNG as a sprite.
+def tile_style(grid: dict[str, Any], channel: int, long_side: int) -> str:
+    """Inline CSS that sizes and positions a sprite of one channel's tile.
 
     The grid is scaled so the tile's long side is `long_side` CSS pixels and
-    positioned so only that tile shows.
+    positioned so only that tile shows; the page script sets the grid image
+    itself (from the layer's <img>, so an embedded grid is not repeated).
     """
     tile_h, tile_w = int(grid["tile_h"]), int(grid["tile_w"])
     step_h, step_w = tile_h + int(grid["separator"]), tile_w + int(grid["separator"])
@@ -79,7 +118,6 @@ def tile_style(href: str, grid: dict[str, Any], channel: int, long_side: int) ->
     scale = long_side / max(tile_h, tile_w)
     return (
         f"width:{tile_w * scale:.1f}px;height:{tile_h * scale:.1f}px;"
-        f"background-image:url({href});"
         f"background-size:{int(grid['width']) * scale:.1f}px {int(grid['height']) * scale:.1f}px;"
         f"background-position:-{col * step_w * scale:.1f}px -{row * step_h * scale:.1f}px"
     )
@@ -94,9 +132,14 @@ def grid_data(layer: dict[str, Any], prefix: str) -> dict[str, Any]:
         "name": str(layer.get("name", "")),
         "grid": html.unescape(href) if href else None,
         "geometry": _geometry(grid) if href else None,
-        "stats": {key: stats.get(key) or [] for key in _STAT_COLUMNS},
+        "stats": {key: [_round(v) for v in stats.get(key) or []] for key in _STAT_COLUMNS},
         "dead": stats.get("dead") or [],
     }
+
+
+def _round(value: Any) -> Any:
+    # Five significant digits keep the embedded stats small; the manifest has them all.
+    return float(f"{value:.5g}") if isinstance(value, float) else value
 
 
 def page_html(title: str, body: str, data: dict[str, Any]) -> bytes:
@@ -108,7 +151,7 @@ def page_html(title: str, body: str, data: dict[str, Any]) -> bytes:
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
-        f"<body>\n{body}\n"
+        f"<body>\n{_LINK_NOTE}\n{body}\n"
         '<div id="lightbox" hidden><div class="box" role="dialog" aria-modal="true">'
         '<button type="button" class="close" aria-label="close">×</button>'
         '<h3 id="lb-title"></h3><div id="lb-tiles"></div></div></div>\n'
@@ -192,7 +235,7 @@ def _model_name(manifest: dict[str, Any]) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _header(manifest: dict[str, Any]) -> str:
+def _header(manifest: dict[str, Any], links: _Links) -> str:
     model = manifest.get("model") or {}
     image = manifest.get("image") or {}
     pre = manifest.get("preprocessing") or {}
@@ -213,7 +256,7 @@ def _header(manifest: dict[str, Any]) -> str:
         for label, value in rows
         if value not in (None, "", "()", "None")
     )
-    input_href = safe_href(manifest.get("input"))
+    input_href = links.src(manifest.get("input"))
     figure = (
         f'<figure class="input"><img src="{input_href}" alt="input as the model saw it">'
         "<figcaption>input as the model saw it</figcaption></figure>"
@@ -249,20 +292,20 @@ def _escaped(value: Any) -> str | None:
     return None if value in (None, "") else html.escape(str(value))
 
 
-def _depth_section() -> str:
+def _depth_section(links: _Links) -> str:
     return (
         '<section class="depth"><h2>Sparsity and mean activation by depth</h2>'
-        f'<img id="depth-chart" src="{DEPTH_CHART}" alt="sparsity and mean activation '
-        'against layer depth"></section>'
+        f'<img id="depth-chart" src="{links.src(DEPTH_CHART)}" alt="sparsity and mean '
+        'activation against layer depth"></section>'
     )
 
 
-def _layer_section(position: int, layer: dict[str, Any]) -> str:
+def _layer_section(position: int, layer: dict[str, Any], links: _Links) -> str:
     name = html.escape(str(layer.get("name", "")))
     summary = layer.get("summary") or {}
     stats = layer.get("stats") or {}
     grid = layer.get("grid") or None
-    href = safe_href(grid.get("png")) if grid else None
+    href = links.src(grid.get("png")) if grid else None
     heading = (
         f'<h2 id="layer-{position}">{name} <span class="cls">'
         f"{html.escape(str(layer.get('class_name', '')))}</span>"
@@ -278,8 +321,8 @@ def _layer_section(position: int, layer: dict[str, Any]) -> str:
         main = _grid_figure(position, layer, grid, href, dead)
         top = [int(c) for c in summary.get("top_k") or []]
         if top and layer.get("spatial", True):
-            side.append(_top_tiles(position, grid, href, top, stats))
-    overlay = safe_href(layer.get("overlay"))
+            side.append(_top_tiles(position, grid, top, stats))
+    overlay = links.src(layer.get("overlay"))
     if overlay:
         side.append(
             f'<figure class="overlay"><img src="{overlay}" alt="overlay of {name}">'
@@ -308,7 +351,7 @@ def _grid_figure(
     name = html.escape(str(layer.get("name", "")))
     return (
         f'<figure class="grid"><div class="gridwrap">'
-        f'<img class="grid" data-layer="{position}" src="{href}" '
+        f'<img class="grid" data-layer="{position}" data-item="0" src="{href}" '
         f'alt="channel grid of {name}" title="click a tile to enlarge">{marks}</div>'
         f"<figcaption>{_grid_caption(geometry)}</figcaption></figure>"
     )
@@ -337,9 +380,7 @@ def _dead_mark(geometry: dict[str, int], channel: int) -> str:
     )
 
 
-def _top_tiles(
-    position: int, grid: dict[str, Any], href: str, top: list[int], stats: dict[str, Any]
-) -> str:
+def _top_tiles(position: int, grid: dict[str, Any], top: list[int], stats: dict[str, Any]) -> str:
     geometry = _geometry(grid)
     if not geometry:
         return ""
@@ -351,7 +392,7 @@ def _top_tiles(
         mean = format_number(means[channel]) if channel < len(means) else "–"
         tiles.append(
             f'<figure class="top"><button type="button" class="tile" data-layer="{position}" '
-            f'data-channel="{channel}" style="{tile_style(href, geometry, channel, TOP_TILE_PX)}" '
+            f'data-channel="{channel}" style="{tile_style(geometry, channel, TOP_TILE_PX)}" '
             f'aria-label="channel {channel}"></button>'
             f"<figcaption>#{channel} · mean {mean}</figcaption></figure>"
         )
@@ -376,6 +417,13 @@ def _geometry(grid: dict[str, Any] | None) -> dict[str, int] | None:
     )
     return geometry
 
+
+_LINK_NOTE = (
+    '<p id="linknote" class="linknote" hidden>Some images did not load. This page links '
+    "its images relative to itself: open it from its folder (for example after "
+    "<code>actviz fetch JOB --out DIR</code>) or from a bucket that allows reading the "
+    "job's objects. A presigned link signs index.html alone.</p>"
+)
 
 _CSS = """
 :root{--fg:#1d2329;--muted:#5f6b76;--line:#dde3e8;--bg:#f7f9fa;--accent:#2c6fbb}
@@ -419,6 +467,8 @@ justify-content:center;z-index:10}#lightbox[hidden]{display:none}
 .gallery td,.gallery th{padding:6px;vertical-align:top;text-align:center}
 .gallery th.lname{text-align:left;font-size:13px;white-space:nowrap}
 .gallery .failed{color:#b03a2e;font-weight:400}
+.linknote{background:#fdecea;border:1px solid #f5b7b1;border-radius:6px;padding:8px 12px;margin-top:16px}
+.linknote[hidden]{display:none}
 .gallery img.grid{width:340px}
 .gallery .input img{width:120px;margin:0 auto}
 """
@@ -431,22 +481,24 @@ _SCRIPT = r"""
 const DATA=JSON.parse(document.getElementById('actviz-data').textContent);
 const box=document.getElementById('lightbox');
 const fmt=v=>(v===null||v===undefined)?'–':Number(v).toPrecision(4).replace(/\.?0+$/,'');
-function sprite(el,item,c,size){
-  const g=item.geometry,row=Math.floor(c/g.cols),col=c%g.cols,s=size/Math.max(g.tile_w,g.tile_h);
+function items(layer){return DATA.rows?DATA.rows[layer]:[DATA.layers[layer]];}
+function gridImg(layer,i){return document.querySelector('img.grid[data-layer="'+layer+'"][data-item="'+i+'"]');}
+function sprite(el,src,g,c,size){
+  const row=Math.floor(c/g.cols),col=c%g.cols,s=size/Math.max(g.tile_w,g.tile_h);
   el.style.width=(g.tile_w*s)+'px';el.style.height=(g.tile_h*s)+'px';
-  el.style.backgroundImage='url("'+item.grid+'")';
+  el.style.backgroundImage='url("'+src+'")';
   el.style.backgroundSize=(g.width*s)+'px '+(g.height*s)+'px';
   el.style.backgroundPosition=(-col*(g.tile_w+g.separator)*s)+'px '+(-row*(g.tile_h+g.separator)*s)+'px';
 }
-function items(layer){return DATA.rows?DATA.rows[layer]:[DATA.layers[layer]];}
 function show(layer,c){
-  const list=items(layer).filter(it=>it&&it.grid&&it.geometry&&c<it.geometry.channels);
-  if(!list.length)return;
-  document.getElementById('lb-title').textContent=list[0].name+' · channel '+c;
   const host=document.getElementById('lb-tiles');host.replaceChildren();
-  for(const it of list){
+  let title=null;
+  items(layer).forEach((it,i)=>{
+    const img=gridImg(layer,i);
+    if(!it||!it.geometry||!img||c>=it.geometry.channels)return;
+    title=title||it.name+' · channel '+c;
     const fig=document.createElement('figure'),tile=document.createElement('div');
-    tile.className='tile';sprite(tile,it,c,list.length>1?220:360);fig.appendChild(tile);
+    tile.className='tile';sprite(tile,img.src,it.geometry,c,DATA.rows?220:360);fig.appendChild(tile);
     const cap=document.createElement('figcaption');
     if(it.label){cap.textContent=it.label;}
     fig.appendChild(cap);
@@ -456,12 +508,14 @@ function show(layer,c){
     const r=t.insertRow();r.insertCell().textContent='dead';
     r.insertCell().textContent=(it.dead||[]).includes(c)?'yes':'no';
     fig.appendChild(t);host.appendChild(fig);
-  }
+  });
+  if(title===null)return;
+  document.getElementById('lb-title').textContent=title;
   box.hidden=false;box.dataset.layer=layer;box.dataset.channel=c;
 }
 document.querySelectorAll('img.grid').forEach(img=>{
   img.addEventListener('click',ev=>{
-    const layer=+img.dataset.layer,item=img.dataset.item?items(layer)[+img.dataset.item]:items(layer)[0];
+    const layer=+img.dataset.layer,item=items(layer)[+img.dataset.item];
     if(!item||!item.geometry)return;
     const g=item.geometry,r=img.getBoundingClientRect();
     const x=(ev.clientX-r.left)*g.width/r.width,y=(ev.clientY-r.top)*g.height/r.height;
@@ -470,8 +524,18 @@ document.querySelectorAll('img.grid').forEach(img=>{
     const c=row*g.cols+col;if(c<g.channels)show(layer,c);
   });
 });
-document.querySelectorAll('button.tile').forEach(b=>b.addEventListener('click',()=>show(+b.dataset.layer,+b.dataset.channel)));
+document.querySelectorAll('button.tile').forEach(b=>{
+  const img=gridImg(b.dataset.layer,0);
+  if(img)b.style.backgroundImage='url("'+img.src+'")';
+  b.addEventListener('click',()=>show(+b.dataset.layer,+b.dataset.channel));
+});
 box.addEventListener('click',ev=>{if(ev.target===box||ev.target.classList.contains('close'))box.hidden=true;});
 document.addEventListener('keydown',ev=>{if(ev.key==='Escape')box.hidden=true;});
+// Linked (not embedded) images fail from a presigned link to this page alone: say why.
+const note=document.getElementById('linknote');
+const broken=()=>{note.hidden=false;};
+document.querySelectorAll('img').forEach(img=>{
+  if(img.complete&&img.naturalWidth===0)broken();else img.addEventListener('error',broken);
+});
 })();
 """

@@ -42,7 +42,9 @@ def analyze_images(loaded, images: list[bytes], **options) -> list:
     return analyze(loaded, images, JobOptions(**options), Settings())
 
 
-def publish_job(root: Path, job_id: str, artifacts, image_uri: str | None = None) -> Path:
+def publish_job(
+    root: Path, job_id: str, artifacts, image_uri: str | None = None, **report_options
+) -> Path:
     """Write one job the way the worker does (files, report, manifest last); returns index.html."""
     from worker.engine import manifest_bytes
     from worker.report import render_report
@@ -50,7 +52,7 @@ def publish_job(root: Path, job_id: str, artifacts, image_uri: str | None = None
     manifest = dict(artifacts.manifest, job_id=job_id)
     manifest["image"] = dict(manifest["image"], uri=image_uri)
     files = dict(artifacts.files)
-    files.update(render_report(manifest, files))
+    files.update(render_report(manifest, files, **report_options))
     store = FileStore(root)
     for key, data in files.items():
         store.put(job_prefix(job_id) + key, data)

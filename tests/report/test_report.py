@@ -31,26 +31,62 @@ def page(browser, job):
     return browser.open(job[0])
 
 
-def test_report_loads_every_image_without_console_errors(page, job) -> None:
-    images = page.evaluate(
+def images_of(page) -> list[list]:
+    return page.evaluate(
         "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
     )
+
+
+def test_report_loads_every_image_without_console_errors(page, job) -> None:
+    images = images_of(page)
     assert page.errors == []
-    srcs = [src for src, _, _ in images]
-    assert "input.png" in srcs and "depth.png" in srcs
-    broken = [src for src, complete, width in images if not complete or width == 0]
-    assert broken == []
+    assert [src[:40] for src, complete, width in images if not complete or width == 0] == []
     manifest = job[1]
-    grids = [layer["grid"]["png"] for layer in manifest["layers"] if layer["grid"]]
-    overlays = [layer["overlay"] for layer in manifest["layers"] if layer.get("overlay")]
+    grids = [layer for layer in manifest["layers"] if layer["grid"]]
+    overlays = [layer for layer in manifest["layers"] if layer.get("overlay")]
     assert overlays, "the job asked for overlays"
-    assert set(grids + overlays) <= set(srcs)
+    # input + depth chart + one grid and one overlay per layer, all embedded
+    assert len(images) == 2 + len(grids) + len(overlays)
+    assert all(src.startswith("data:image/png;base64,") for src, _, _ in images)
+    assert page.evaluate("document.getElementById('linknote').hidden") is True
+
+
+def test_report_is_one_self_contained_file(browser, job, tmp_path: Path) -> None:
+    """index.html alone, without its folder, still shows every image (as from a presigned link)."""
+    alone = tmp_path / "index.html"
+    alone.write_bytes(job[0].read_bytes())
+    page = browser.open(alone)
+    images = images_of(page)
+    assert images and all(complete and width > 0 for _, complete, width in images)
+    assert page.errors == []
+
+
+def test_large_report_links_its_images_and_explains_when_they_are_missing(
+    browser, seq_model, tmp_path: Path
+) -> None:
+    [artifacts] = analyze_images(seq_model, photo_crops(1))
+    index = publish_job(tmp_path / "store", "linked", artifacts, inline_max_bytes=0)
+    page = browser.open(index)
+    images = images_of(page)
+    srcs = {src for src, _, _ in images}
+    grids = {layer["grid"]["png"] for layer in artifacts.manifest["layers"] if layer["grid"]}
+    assert {"input.png", "depth.png"} | grids <= srcs
+    assert all(complete and width > 0 for _, complete, width in images)
+    assert page.errors == []
+    assert page.evaluate("document.getElementById('linknote').hidden") is True
+
+    alone = tmp_path / "alone" / "index.html"
+    alone.parent.mkdir()
+    alone.write_bytes(index.read_bytes())
+    page = browser.open(alone)
+    assert page.evaluate("document.getElementById('linknote').hidden") is False
 
 
 def test_depth_chart_is_a_png_shown_on_the_page(page, job) -> None:
     chart = Image.open(job[0].parent / "depth.png")
     assert chart.format == "PNG" and chart.width >= 600
     assert page.evaluate("document.getElementById('depth-chart').naturalWidth") == chart.width
+    assert page.evaluate("document.getElementById('depth-chart').naturalHeight") == chart.height
 
 
 def test_every_layer_is_shown_in_model_order_with_its_summary(page, job) -> None:
