@@ -27,8 +27,17 @@ def documents(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+OVERLAYS = ["base", "dev", "dev-cpu"]
+
+
 def manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    """Every Kubernetes object file; kustomizations and JSON patches (YAML lists) excluded."""
+    return sorted(
+        p
+        for p in K8S.rglob("*.yaml")
+        if p.name != "kustomization.yaml"
+        and not isinstance(next(yaml.safe_load_all(p.read_text())), list)
+    )
 
 
 def all_documents() -> list[tuple[Path, dict]]:
@@ -73,7 +82,7 @@ def test_only_keda_objects_lack_a_schema():
     }
 
 
-@pytest.mark.parametrize("folder", ["base", "dev"])
+@pytest.mark.parametrize("folder", OVERLAYS)
 def test_kustomization_lists_every_manifest_in_its_folder(folder):
     kustomization = yaml.safe_load((K8S / folder / "kustomization.yaml").read_text())
     listed = {r for r in kustomization["resources"] if not r.startswith("..")}
@@ -85,9 +94,10 @@ def test_kustomization_lists_every_manifest_in_its_folder(folder):
 
 def test_dev_objects_are_marked_dev_only():
     kustomization = (K8S / "dev" / "kustomization.yaml").read_text()
-    assert "DEV ONLY" in kustomization and 'actviz.dev/dev-only: "true"' in kustomization
-    for path in (K8S / "dev").glob("*.yaml"):
-        assert "DEV ONLY" in path.read_text(), path.name
+    assert 'actviz.dev/dev-only: "true"' in kustomization
+    for folder in ("dev", "dev-cpu"):
+        for path in (K8S / folder).glob("*.yaml"):
+            assert "DEV ONLY" in path.read_text(), f"{folder}/{path.name}"
     base_kinds = {d["metadata"]["name"] for p, d in all_documents() if p.parent.name == "base"}
     assert not base_kinds & {"redis", "minio", "minio-init"}
 
@@ -201,8 +211,8 @@ def test_triggers_cover_every_priority_list_of_the_gpu_queue(redis_url):
     assert watched <= lists, f"triggers on lists nothing writes: {sorted(watched - lists)}"
 
 
-@pytest.mark.parametrize("folder", ["base", "dev"])
-def test_kustomize_builds(folder, tmp_path):
+def build(folder: str, tmp_path: Path) -> list[dict]:
+    """`kubectl kustomize` of a copy of infra/k8s, with the dev credentials file filled in."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed; the static checks above still ran")
@@ -214,8 +224,29 @@ def test_kustomize_builds(folder, tmp_path):
         [kubectl, "kustomize", str(tree / folder)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+WORKER_IMAGE = {
+    "base": "registry.example.com/actviz/actviz-worker:0.1.0-gpu",
+    "dev": "actviz-worker:gpu",
+    "dev-cpu": "actviz-worker:cpu",
+}
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_kustomize_builds_valid_objects_in_one_namespace(folder, tmp_path):
+    docs = build(folder, tmp_path)
     assert all(d["metadata"].get("namespace") == "actviz" for d in docs if d["kind"] != "Namespace")
     for doc in docs:
         if not is_keda(doc):
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    worker = next(
+        d for d in docs if d["metadata"]["name"] == "actviz-worker" and d["kind"] == "Deployment"
+    )
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == WORKER_IMAGE[folder]
+    gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+    assert gpus == (None if folder == "dev-cpu" else "1")
+    queues = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["ACTVIZ_QUEUES"]
+    assert "gpu" in queues.split(",")
