@@ -24,6 +24,7 @@ from worker.engine import warmup as warm
 
 LEVELS = 255
 ATOL = 1e-5
+to_numpy = keras.ops.convert_to_numpy  # any backend, any device
 
 
 # ---- independent references ----------------------------------------------------
@@ -35,7 +36,7 @@ def reference_activations(path, names: list[str], x: np.ndarray) -> list[np.ndar
     probe = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])
     out = probe(x, training=False)
     out = out if isinstance(out, (list, tuple)) else [out]
-    return [np.asarray(o) for o in out]
+    return [to_numpy(o) for o in out]
 
 
 def expected_indices(act: np.ndarray, mode: str = "channel", percentile: float = 99.0):
@@ -173,14 +174,14 @@ def test_nested_model_inner_layers_match_a_stepwise_reference(model_files, loade
     x = preprocess(data, loaded.input_shape, options, settings).pixels[None]
 
     model = keras.saving.load_model(model_files["nested"], compile=False)
-    stem = np.asarray(keras.Model(model.inputs[0], model.get_layer("stem").output)(x))
+    stem = to_numpy(keras.Model(model.inputs[0], model.get_layer("stem").output)(x))
     inner = model.get_layer("features")
     inner_probe = keras.Model(
         inner.inputs[0],
         [inner.get_layer("inner_conv_a").output, inner.get_layer("inner_conv_b").output],
     )
-    conv_a, conv_b = (np.asarray(t) for t in inner_probe(stem))
-    gap = np.asarray(keras.Model(model.inputs[0], model.get_layer("gap").output)(x))
+    conv_a, conv_b = (to_numpy(t) for t in inner_probe(stem))
+    gap = to_numpy(keras.Model(model.inputs[0], model.get_layer("gap").output)(x))
     reference = [stem, conv_a, conv_b, conv_b, gap]
 
     refs = loaded.select(options.layers)

@@ -14,10 +14,12 @@ from producer.contract import ErrorCode
 from producer.errors import InvalidModel, ModelNotFound, UnsafeModel
 from worker.engine import open_model
 
+to_numpy = keras.ops.convert_to_numpy  # any backend, any device
+
 
 def _same_predictions(a: keras.Model, b: keras.Model, shape: tuple[int, ...]) -> float:
     x = np.random.default_rng(3).random((2, *shape)).astype(np.float32)
-    return float(np.abs(np.asarray(a(x)) - np.asarray(b(x))).max())
+    return float(np.abs(to_numpy(a(x)) - to_numpy(b(x))).max())
 
 
 def test_h5_and_keras_files_open_with_their_input_shape(model_files):
@@ -106,7 +108,7 @@ def test_lambda_model_is_unsafe_unless_trusted(model_files, name):
     trusted = open_model(model_files[name], trusted=True)
     x = np.ones((1, 32, 32, 3), dtype=np.float32)
     conv = trusted.model.get_layer("conv")
-    np.testing.assert_allclose(np.asarray(trusted.model(x)), 2.0 * np.asarray(conv(x)), rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(trusted.model(x)), 2.0 * to_numpy(conv(x)), rtol=1e-6)
 
 
 def test_keras2_lambda_h5_is_refused_before_deserializing(keras2_files):
