@@ -11,7 +11,7 @@ import ssl
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from producer.contract import MAX_PRIORITY, QUEUE_GPU, QUEUES, TASK_NAME
 from producer.settings import Settings
@@ -29,7 +29,6 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         options.update(
             queue_order_strategy="priority",
             priority_steps=list(range(MAX_PRIORITY + 1)),
-            sep=":",
         )
     if settings.embedded:
         # The in-process broker is polled; keep the embedded round trip snappy.
@@ -50,7 +49,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport_options(settings),
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "task_default_queue": QUEUE_GPU,
-        "task_queues": [Queue(name) for name in QUEUES],
+        # Each queue gets its own exchange and key, so 'cpu' jobs never reach 'gpu' workers.
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
         "task_routes": {TASK_NAME: {"queue": QUEUE_GPU}},
         "result_expires": settings.result_expires,
         "result_extended": True,

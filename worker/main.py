@@ -75,6 +75,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
     argv = [
         "worker",
         "--pool=solo",
+        "--concurrency=1",
         f"--queues={','.join(settings.queues)}",
         f"--loglevel={settings.log_level}",
         f"--hostname={node_name or 'actviz@%h'}",

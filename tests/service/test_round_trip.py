@@ -1,0 +1,258 @@
+"""Producer -> Redis -> a real `actviz worker` process -> S3 (moto over HTTP) -> Result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ACTVIZ, start_worker, subprocess_env
+from kombu import Connection, Exchange, Producer
+
+from producer import Client, ErrorCode, JobFailed, Settings
+from producer.contract import TASK_NAME, manifest_key
+
+REDIS_DB = 10
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str, bucket: str, saved_models: dict[str, Path], tmp_path_factory) -> dict:
+    """ACTVIZ_* for the worker and the producers of this module."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    return subprocess_env(
+        ACTVIZ_BROKER_URL=redis_url,
+        ACTVIZ_STORAGE_URL=f"s3://{bucket}/results",
+        ACTVIZ_MODEL_ALLOW=f"s3://{bucket}/models/,{saved_models['seq'].parent.as_uri()}/",
+        ACTVIZ_MODEL_CACHE_DIR=str(cache),
+        ACTVIZ_QUEUES="gpu,cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def s3_model(s3, bucket: str, saved_models: dict[str, Path]) -> str:  # noqa: ANN001
+    key = "models/seq_cnn.keras"
+    s3.upload_file(str(saved_models["seq"]), bucket, key)
+    return f"s3://{bucket}/{key}"
+
+
+@pytest.fixture(scope="module")
+def worker(env: dict, tmp_path_factory):  # noqa: ANN001, ANN201
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start_worker(env, log)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(env: dict) -> Client:
+    return Client(settings=Settings.from_env(environ=env))
+
+
+def keys_of(s3, bucket: str, prefix: str) -> list[str]:  # noqa: ANN001
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def test_python_submit_stores_grids_manifest_and_report_in_s3(
+    worker, client: Client, s3, bucket: str, s3_model: str, png_bytes: bytes
+) -> None:
+    job = client.submit(s3_model, png_bytes, layers="conv2d_1,conv2d_2")
+    result = job.wait(timeout=60)
+
+    keys = keys_of(s3, bucket, f"results/jobs/{job.id}/")
+    names = [k.split(f"{job.id}/", 1)[1] for k in keys]
+    assert "manifest.json" in names and "index.html" in names and "input.png" in names
+    assert [n for n in names if n.startswith("layers/")] == [
+        "layers/00-conv2d_1.png",
+        "layers/02-conv2d_2.png",  # NN is the position in the model
+    ]
+    types = {
+        n: s3.head_object(Bucket=bucket, Key=k)["ContentType"]
+        for n, k in zip(names, keys, strict=True)
+    }
+    assert all(t != "binary/octet-stream" for t in types.values()), types
+    assert types["manifest.json"] == "application/json"
+    assert types["layers/00-conv2d_1.png"] == "image/png"
+    assert types["index.html"].startswith("text/html")
+
+    assert result.layers == ["conv2d_1", "conv2d_2"]
+    assert result.manifest["job_id"] == job.id
+    assert result.manifest["model"]["uri"] == s3_model
+    grid = result.grid("conv2d_1")
+    assert grid.size == (
+        result.layer("conv2d_1")["grid"]["width"],
+        result.layer("conv2d_1")["grid"]["height"],
+    )
+    assert len(result.stats("conv2d_2")["mean"]) == 6  # one entry per channel
+    with urllib.request.urlopen(result.url("conv2d_1"), timeout=10) as resp:
+        assert resp.read().startswith(b"\x89PNG")
+    assert job.status() == "succeeded"
+
+
+def test_result_reads_from_storage_alone_after_redis_is_flushed(
+    worker, client: Client, s3_model: str, png_bytes: bytes, redis_url: str, tmp_path: Path
+) -> None:
+    job = client.submit(s3_model, png_bytes, layers="conv2d_1")
+    job.wait(timeout=60)
+    redis.Redis.from_url(redis_url).flushdb()
+
+    fresh = Client(settings=client.settings)
+    result = fresh.result(job.id)
+    assert result.layers == ["conv2d_1"]
+    assert fresh.job(job.id).status() == "succeeded"
+    out = result.download(tmp_path / "job")
+    assert (out / "index.html").is_file() and (out / "layers" / "00-conv2d_1.png").is_file()
+
+
+def test_same_image_twice_is_uploaded_once(
+    client: Client, s3, bucket: str, png_bytes: bytes, tmp_path: Path
+) -> None:
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes + b"")
+    before = keys_of(s3, bucket, "results/inputs/")
+    first = client.upload_image(path)
+    second = client.upload_image(png_bytes)
+    after = keys_of(s3, bucket, "results/inputs/")
+    assert first == second and first.endswith(".png")
+    assert len(set(after) - set(before)) <= 1
+    assert sum(1 for k in after if first.endswith(k)) == 1
+
+
+def test_second_job_of_a_model_uses_the_warm_model(
+    worker, client: Client, s3_model: str, png_bytes: bytes
+) -> None:
+    first = client.submit(s3_model, png_bytes, layers="conv2d_1")
+    first.wait(timeout=60)
+    second = client.submit(s3_model, png_bytes, layers="conv2d_1")
+    result = second.wait(timeout=60)
+
+    info_first = first.state().info
+    info_second = second.state().info
+    assert info_second["cache"] == "hit"
+    assert info_second["cache_stats"]["misses"] == info_first["cache_stats"]["misses"]
+    assert info_second["cache_stats"]["hits"] == info_first["cache_stats"]["hits"] + 1
+    assert result.manifest["worker"]["model_cache"] == "hit"
+    # The S3 object did not change, so the file on disk was not fetched again.
+    assert worker.log_text().count(f"downloading model {s3_model}") == 1
+
+
+def test_bad_input_fails_with_its_code_and_the_next_job_succeeds(
+    worker, client: Client, s3, bucket: str, s3_model: str, png_bytes: bytes, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere.keras"
+    outside.write_bytes(b"not even a model")
+    bad = client.submit(outside, png_bytes)
+    with pytest.raises(JobFailed) as failed:
+        bad.wait(timeout=60)
+    assert failed.value.code == ErrorCode.MODEL_NOT_ALLOWED
+    error = json.loads(
+        s3.get_object(Bucket=bucket, Key=f"results/jobs/{bad.id}/error.json")["Body"].read()
+    )
+    assert error["code"] == ErrorCode.MODEL_NOT_ALLOWED
+    assert not keys_of(s3, bucket, f"results/{manifest_key(bad.id)}")
+    with pytest.raises(JobFailed) as stored:
+        client.result(bad.id)
+    assert stored.value.code == ErrorCode.MODEL_NOT_ALLOWED
+
+    not_an_image = client.submit(s3_model, b"GIF89a but not really")
+    with pytest.raises(JobFailed) as invalid:
+        not_an_image.wait(timeout=60)
+    assert invalid.value.code == ErrorCode.INVALID_IMAGE
+
+    good = client.submit(s3_model, png_bytes, layers="conv2d_1")
+    assert good.wait(timeout=60).layers == ["conv2d_1"]
+
+
+def test_message_with_a_bad_job_id_fails_without_writing_anything(
+    worker, client: Client, s3, bucket: str, s3_model: str
+) -> None:
+    message = {"job_id": "../escape", "model": s3_model, "image": "s3://x/y.png"}
+    before = keys_of(s3, bucket, "")
+    client.app.send_task(TASK_NAME, args=[message], task_id="bad-id-probe", queue="gpu")
+    job = client.job("bad-id-probe")
+    with pytest.raises(JobFailed) as failed:
+        job.wait(timeout=60)
+    assert failed.value.code == ErrorCode.INVALID_JOB
+    assert keys_of(s3, bucket, "") == before
+
+
+def test_pickle_message_is_refused_and_logged(worker, redis_url: str, s3, bucket: str) -> None:
+    job_id = "pickled-job"
+    with Connection(redis_url) as conn:
+        producer = Producer(conn, exchange=Exchange("gpu", type="direct"), routing_key="gpu")
+        producer.publish(
+            [[{"job_id": job_id, "model": "builtin:demo", "image": "s3://x/y.png"}], {}, {}],
+            serializer="pickle",
+            headers={"task": TASK_NAME, "id": job_id},
+        )
+    worker.wait_for_log("pickle", timeout=30)
+    log = worker.log_text()
+    assert "Refusing to deserialize" in log or "untrusted content" in log
+    time.sleep(1)
+    assert f"actviz.extract[{job_id}] received" not in log  # never handed to the task
+    assert not keys_of(s3, bucket, f"results/jobs/{job_id}/")
+
+
+def test_cli_submit_wait_json_prints_one_object_and_exits_zero(
+    worker, env: dict, s3_model: str, png_bytes: bytes, tmp_path: Path, redis_url: str
+) -> None:
+    image = tmp_path / "cli.png"
+    image.write_bytes(png_bytes)
+    cmd = [str(ACTVIZ), "submit", "--model", s3_model, "--image", str(image), "--wait", "--json"]
+    done = subprocess.run(cmd + ["--layers", "conv2d_2"], env=env, capture_output=True, timeout=90)
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["status"] == "succeeded"
+    assert out["manifest"] == f"{env['ACTVIZ_STORAGE_URL']}/jobs/{out['job_id']}/manifest.json"
+    assert redis_url in done.stderr.decode()  # which broker it used (no password to hide)
+
+    failed = subprocess.run(
+        cmd + ["--layers", "no_such_layer"], env=env, capture_output=True, timeout=90
+    )
+    assert failed.returncode == 1
+    out = json.loads(failed.stdout.decode())
+    assert out["status"] == "failed" and out["error"]["code"] == ErrorCode.UNKNOWN_LAYER
+
+
+def test_producer_submits_without_importing_tensorflow(
+    worker, env: dict, s3_model: str, png_bytes: bytes, tmp_path: Path
+) -> None:
+    image = tmp_path / "light.png"
+    image.write_bytes(png_bytes)
+    script = f"""
+import sys
+import producer
+job = producer.Client.from_env().submit({s3_model!r}, {str(image)!r}, layers="conv2d_1")
+job.wait(timeout=60)
+assert "tensorflow" not in sys.modules, "tensorflow imported"
+assert "keras" not in sys.modules, "keras imported"
+assert not any(m == "worker" or m.startswith("worker.") for m in sys.modules)
+print("ok", job.id)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=90)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().startswith("ok ")
+
+
+def test_replaced_model_object_is_downloaded_and_loaded_again(
+    worker, client: Client, s3, bucket: str, saved_models: dict[str, Path], png_bytes: bytes
+) -> None:
+    key = "models/replaced.h5"
+    uri = f"s3://{bucket}/{key}"
+    s3.upload_file(str(saved_models["seq_h5"]), bucket, key)
+    first = client.submit(uri, png_bytes, layers="conv2d_1").wait(timeout=60)
+    s3.upload_file(str(saved_models["small_h5"]), bucket, key)  # new content, new ETag
+    second = client.submit(uri, png_bytes, layers="conv2d_1").wait(timeout=60)
+
+    assert first.manifest["model"]["input_shape"] == [32, 32, 3]
+    assert second.manifest["model"]["input_shape"] == [24, 24, 3]
+    assert second.manifest["worker"]["model_cache"] == "miss"
+    assert worker.log_text().count(f"downloading model {uri}") == 2
