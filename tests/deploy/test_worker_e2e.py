@@ -1,5 +1,6 @@
-"""End to end without containers: `actviz worker` started with exactly the environment
-docker-compose.yml gives the `worker` service, pointed at a local Redis and S3 server."""
+"""End to end without containers: `actviz worker` started with exactly the environment the
+`worker` service gets in the compose stack (the image's ENV, then docker-compose.yml's
+variables), container addresses swapped for a local Redis and S3 server."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -41,6 +43,20 @@ def get(port: int, path: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def image_environment(home: Path, variant: str = "gpu") -> dict[str, str]:
+    """The ENV of the worker image's final stage, its home folder moved to `home`."""
+    text = (ROOT / "worker" / "Dockerfile").read_text().replace("\\\n", " ")
+    final = text[text.rindex("\nFROM ") :]
+    env: dict[str, str] = {}
+    for line in final.splitlines():
+        if line.startswith("ENV "):
+            for pair in shlex.split(line[4:]):
+                key, _, value = pair.partition("=")
+                env[key] = value.replace("${VARIANT}", variant)
+    assert env.pop("PATH").startswith("/opt/venv/bin:")  # the venv; here: this interpreter's
+    return {k: v.replace("/home/actviz", str(home)) for k, v in env.items()}
 
 
 def localize(
@@ -101,8 +117,9 @@ def worker(s3_endpoint, compose_bucket, redis_url, compose_env, tmp_path_factory
     port = free_port()
     env = localize(compose_env, broker_url=redis_url, s3_endpoint=s3_endpoint, port=port)
     home = tmp_path_factory.mktemp("home")
-    # Nothing from this process leaks in: the worker sees the compose variables only.
-    base = {"PATH": os.environ["PATH"], "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Nothing from this process leaks in: the worker sees the image's ENV, then the
+    # compose variables on top, as in the container.
+    base = {"PATH": os.environ["PATH"], "HOME": str(home), **image_environment(home)}
     log_path = home / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
