@@ -1,0 +1,92 @@
+"""The embedded default: no Redis, no S3, no configuration; same task code in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ACTVIZ
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """Nothing but PATH and HOME (a fresh one), like a new laptop."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **extra}
+
+
+def test_submit_with_no_configuration_runs_in_process_and_writes_local_files(
+    tmp_path: Path, saved_models: dict[str, Path], png_bytes: bytes
+) -> None:
+    (tmp_path / "cat.png").write_bytes(png_bytes)
+    model = tmp_path / "model.keras"
+    model.write_bytes(saved_models["seq"].read_bytes())
+    done = subprocess.run(
+        [str(ACTVIZ), "submit", "--model", "model.keras", "--image", "cat.png", "--wait", "--json"],
+        cwd=tmp_path,
+        env=clean_env(tmp_path / "home"),
+        capture_output=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip())
+    assert out["status"] == "succeeded"
+    job_dir = tmp_path / "actviz-results" / "jobs" / out["job_id"]
+    manifest = json.loads((job_dir / "manifest.json").read_text())
+    assert manifest["model"]["uri"] == model.as_uri()
+    assert [layer["name"] for layer in manifest["layers"]][:2] == ["conv2d_1", "max_pooling2d_1"]
+    assert (job_dir / manifest["layers"][0]["grid"]["png"]).is_file()
+    assert (job_dir / "index.html").is_file()
+    stderr = done.stderr.decode()
+    assert "broker memory://" in stderr and "storage file://./actviz-results" in stderr
+
+
+def test_worker_refuses_the_in_memory_broker(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(ACTVIZ), "worker"],
+        cwd=tmp_path,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "ACTVIZ_BROKER_URL=redis://" in done.stderr.decode()
+
+
+def test_config_prints_effective_settings_without_passwords(tmp_path: Path) -> None:
+    env = clean_env(
+        tmp_path,
+        ACTVIZ_BROKER_URL="rediss://:hunter2@redis.example:6380/0",
+        ACTVIZ_STORAGE_URL="s3://bucket/prefix",
+    )
+    done = subprocess.run(
+        [str(ACTVIZ), "config", "--json"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    config = json.loads(done.stdout)
+    assert "hunter2" not in done.stdout.decode()
+    assert config["broker_url"] == "rediss://***@redis.example:6380/0"
+    assert config["result_backend"] == "rediss://***@redis.example:6380/0"
+    assert config["storage_url"] == "s3://bucket/prefix"
+
+
+def test_demo_runs_the_builtin_model_on_the_photo(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(ACTVIZ), "demo"],
+        cwd=tmp_path,
+        env=clean_env(tmp_path / "home"),
+        capture_output=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    lines = done.stdout.decode().splitlines()
+    report = Path(next(line for line in lines if line.startswith("report: ")).split(": ", 1)[1])
+    assert report.name == "index.html" and report.is_file()
+    assert report.is_relative_to(tmp_path / "actviz-results" / "jobs")
+    manifest = json.loads((report.parent / "manifest.json").read_text())
+    assert manifest["model"]["uri"] == "builtin:demo"
+    assert manifest["model"]["input_shape"] == [150, 150, 3]
+    assert len(manifest["layers"]) == len(lines) - 2  # one grid line per layer
