@@ -188,3 +188,16 @@ def test_worker_environment_makes_valid_settings():
     assert worker_env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert worker_env["AWS_SECRET_ACCESS_KEY"] == env["ACTVIZ_S3_SECRET_KEY"]
     assert env["REDIS_PASSWORD"] not in str(settings.redacted())
+
+
+def test_files_that_hold_real_secrets_are_ignored_by_git():
+    root = COMPOSE.parent
+    ignored = (root / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored
+    dev = root / "infra" / "k8s" / "dev"
+    assert "credentials.env" in (dev / ".gitignore").read_text().splitlines()
+    # Only the examples are in the tree, and they hold placeholders, not secrets.
+    for example in (root / ".env.example", dev / "credentials.env.example"):
+        values = read_env_file(example)
+        secrets = {k: v for k, v in values.items() if re.search(r"PASSWORD|SECRET|TOKEN", k)}
+        assert secrets and all(v.startswith("change-me") for v in secrets.values()), example
