@@ -37,7 +37,8 @@ def make_screenshots(out: Path) -> list[Path]:
     written = []
     with tempfile.TemporaryDirectory() as tmp, Browser(width=1280, height=REPORT_HEIGHT) as browser:
         root = Path(tmp)
-        [artifacts] = analyze_images(demo, [image_path().read_bytes()], layers=None, overlay=True)
+        # The options `actviz demo` uses: the defaults.
+        [artifacts] = analyze_images(demo, [image_path().read_bytes()], layers=None, overlay=False)
         index = publish_job(root, "demo", artifacts, image_uri="builtin:demo-photo.jpg")
         page = browser.open(index)
         if page.errors:
