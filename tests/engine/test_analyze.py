@@ -199,7 +199,8 @@ def test_fully_convolutional_model_groups_images_by_shape(model_files, loaded_mo
     loaded = loaded_models("fully_conv")
     images = [image_bytes(30, 20, seed=1), image_bytes(18, 26, seed=2), image_bytes(30, 20, seed=3)]
     results = analyze(loaded, images, JobOptions(), settings)
-    assert [r.manifest["timings_ms"]["forward_batch"] for r in results] == [2, 1, 2]
+    assert [r.manifest["batch"]["size"] for r in results] == [2, 1, 2]
+    assert [r.manifest["batch"]["position"] for r in results] == [0, 0, 1]
     for data, result in zip(images, results, strict=True):
         x = preprocess(data, loaded.input_shape, JobOptions(), settings).pixels[None]
         (conv1, conv2) = reference_activations(
@@ -336,7 +337,7 @@ def test_a_bad_image_fails_only_its_own_slot(loaded_models, settings):
     )
     assert isinstance(results[0], Artifacts) and isinstance(results[2], Artifacts)
     assert isinstance(results[1], InvalidImage)
-    assert results[0].manifest["timings_ms"]["forward_batch"] == 2
+    assert results[0].manifest["batch"]["size"] == 2
 
 
 def test_unknown_layer_and_bad_options_fail_the_whole_call(loaded_models, settings):

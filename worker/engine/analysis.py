@@ -94,11 +94,13 @@ def analyze(
         outputs = extractor(batch)
         forward_ms = _ms_since(started)
         for j, i in enumerate(members):
-            timings[i].update(forward=forward_ms, forward_batch=len(members))
+            timings[i]["forward"] = forward_ms
             activations = [output[j] for output in outputs]
+            batch_info = {"size": len(members), "position": j}
             results[i] = _artifacts(
                 loaded, extractor.refs, activations, prepared[i], options, settings, timings[i]
             )
+            results[i].manifest["batch"] = batch_info  # set here: _artifacts is per image
         del outputs, batch
     return [r for r in results if r is not None]  # every slot is filled above
 

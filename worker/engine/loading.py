@@ -12,6 +12,7 @@ deserializes anything, and Keras itself runs with `safe_mode=True`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -106,7 +107,7 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
     config = _read_config(path, kind)
     if not trusted:
         refuse_code_layers(config)
-    with _with_suffix(path, ".keras" if kind == "keras" else ".h5") as named:
+    with _named_for_keras(path, ".keras" if kind == "keras" else ".h5") as named:
         try:
             model = keras.saving.load_model(named, compile=False, safe_mode=not trusted)
         except ActvizError:
@@ -206,26 +207,17 @@ def _read_config(path: Path, kind: str) -> Any:
         raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
 
 
-class _with_suffix:
+@contextlib.contextmanager
+def _named_for_keras(path: Path, suffix: str) -> Iterator[str]:
     """Keras picks the format by file extension; give it one without copying."""
-
-    def __init__(self, path: Path, suffix: str) -> None:
-        self.path = path
-        self.suffix = suffix
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-
-    def __enter__(self) -> str:
-        accepted = (".h5", ".hdf5") if self.suffix == ".h5" else (self.suffix,)
-        if self.path.suffix.lower() in accepted:
-            return str(self.path)
-        self._tmp = tempfile.TemporaryDirectory(prefix="actviz-model-")
-        link = Path(self._tmp.name) / ("model" + self.suffix)
-        link.symlink_to(self.path.resolve())
-        return str(link)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+    accepted = (".h5", ".hdf5") if suffix == ".h5" else (suffix,)
+    if path.suffix.lower() in accepted:
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="actviz-model-") as tmp:
+        link = Path(tmp) / ("model" + suffix)
+        link.symlink_to(path.resolve())
+        yield str(link)
 
 
 def hash_path(path: Path) -> str:

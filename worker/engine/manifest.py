@@ -20,9 +20,11 @@ Shapes are (H, W[, C]) lists throughout; sizes in pixels, times in ms.
               "stats": {"mean", "std", "min", "max", "sparsity": [per channel], "dead": [c]},
               "summary": {"mean", "std", "min", "max", "sparsity", "dead_count", "top_k"}}],
   "files": [every file key of the job besides manifest.json],
-  "timings_ms": {"preprocess", "forward", "render", "stats", "forward_batch"},
+  "timings_ms": {"preprocess", "forward", "render", "stats"},
+  "batch": {"size", "position"},   # the forward pass this image shared
 }
 ```
+`timings_ms.forward` is the whole forward pass of the batch the image was in.
 Grid tile of channel c: row c // cols, col c % cols, top-left pixel at
 (row * (tile_h + separator), col * (tile_w + separator)).
 """
