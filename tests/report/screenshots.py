@@ -3,6 +3,7 @@
 Writes, into the given folder:
   report.png     the top of the demo job's HTML report, as headless Chromium shows it
   demo-grid.png  the demo model's first conv layer on the demo photo (the engine's grid)
+  demo-vs-random.png  that grid beside the same layer of the untrained (random) network
   gallery.png    the batch gallery of three crops of the demo photo
 The pages are rendered by the same code as a worker's, through the engine.
 """
@@ -50,6 +51,8 @@ def make_screenshots(out: Path) -> list[Path]:
             (grid.width * 2 // 3, grid.height * 2 // 3), Image.LANCZOS
         )
         written.append(_save(small, out / "demo-grid.png"))
+        untrained = _untrained_grid(root)
+        written.append(_save(_beside(small, untrained), out / "demo-vs-random.png"))
 
         results = analyze_images(demo, photo_crops(3, side=150), layers="conv1,conv2,conv3")
         jobs = []
@@ -66,6 +69,50 @@ def make_screenshots(out: Path) -> list[Path]:
         shot = Image.open(io.BytesIO(page.screenshot(full_page=False)))
         written.append(_save(shot.crop((0, 0, 1280, 1100)), out / "gallery.png"))
     return written
+
+
+def _untrained_grid(folder: Path) -> Image.Image:
+    """conv1 of the demo architecture with its initial (random, seeded) weights."""
+    import keras
+
+    from worker.demo import image_path
+    from worker.demo.train import build_model
+    from worker.engine import open_model
+
+    keras.utils.set_random_seed(0)
+    path = folder / "untrained.keras"
+    build_model(150).save(path)
+    loaded = open_model(str(path), uri="untrained", trusted=False)
+    [artifacts] = analyze_images(loaded, [image_path().read_bytes()], layers="conv1")
+    grid = Image.open(io.BytesIO(artifacts.files[artifacts.manifest["layers"][0]["grid"]["png"]]))
+    return grid.convert("RGB").resize((grid.width * 2 // 3, grid.height * 2 // 3), Image.LANCZOS)
+
+
+def _beside(trained: Image.Image, untrained: Image.Image) -> Image.Image:
+    from PIL import ImageDraw
+
+    gap, band = 24, 28
+    canvas = Image.new(
+        "RGB", (trained.width + gap + untrained.width, trained.height + band), "white"
+    )
+    canvas.paste(trained, (0, band))
+    canvas.paste(untrained, (trained.width + gap, band))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    draw.text((4, 4), "conv1, trained demo model", fill="black", font=font)
+    draw.text(
+        (trained.width + gap + 4, 4), "conv1, same network untrained", fill="black", font=font
+    )
+    return canvas
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=18)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
 
 
 def _save(image: Image.Image, path: Path) -> Path:
