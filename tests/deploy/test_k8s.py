@@ -250,3 +250,6 @@ def test_kustomize_builds_valid_objects_in_one_namespace(folder, tmp_path):
     assert gpus == (None if folder == "dev-cpu" else "1")
     queues = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["ACTVIZ_QUEUES"]
     assert "gpu" in queues.split(",")
+    # The list names carry control characters; the rendered YAML must keep them intact.
+    rendered = next(d for d in docs if d["kind"] == "ScaledObject")["spec"]["triggers"]
+    assert rendered == scaled_object()["spec"]["triggers"]
