@@ -11,7 +11,8 @@ head, random weights) and one image, for the first 8 layers (spec ":8"):
   c  engine    analyze(): decode + preprocess, forward, every grid PNG,
                per-channel stats, manifest JSON bytes
 
-Warm runs only (one untimed run each first); medians over --repeats.
+Warm runs only (one untimed run each first), cases interleaved round by
+round; medians over --repeats (--classic-repeats for b).
 Targets: b / c >= 10 and c / a <= 8. Never asserts; prints a table.
 
     python bench/bench_engine.py [--repeats 20] [--classic-repeats 5]
@@ -107,14 +108,23 @@ def classic_recipe(model: keras.Model, data: bytes, out_dir: Path) -> None:
         plt.close()
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    fn()  # warm: builds graphs, caches, colormap LUT
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def measure(cases: dict[str, tuple[Callable[[], object], int]]) -> dict[str, tuple[float, float]]:
+    """{name: (fn, repeats)} -> {name: (median ms, min ms)}.
+
+    Every case runs once untimed (warm: graphs, caches, colormap LUT), then
+    the cases take turns round by round, so load from other processes on a
+    shared machine falls on all of them alike.
+    """
+    for fn, _ in cases.values():
         fn()
-        times.append((time.perf_counter() - started) * 1000.0)
-    return statistics.median(times), min(times)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(max(n for _, n in cases.values())):
+        for name, (fn, repeats) in cases.items():
+            if round_ < repeats:
+                started = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - started) * 1000.0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def machine() -> str:
@@ -152,9 +162,14 @@ def main() -> None:
             (result,) = analyze(loaded, [data], options, settings)
             return manifest_bytes(result.manifest)
 
-        a = median_ms(lambda: extractor(batch), args.repeats)
-        b = median_ms(lambda: classic_recipe(loaded.model, data, grids), args.classic_repeats)
-        c = median_ms(engine, args.repeats)
+        timed = measure(
+            {
+                "a": (lambda: extractor(batch), args.repeats),
+                "b": (lambda: classic_recipe(loaded.model, data, grids), args.classic_repeats),
+                "c": (engine, args.repeats),
+            }
+        )
+        a, b, c = timed["a"], timed["b"], timed["c"]
         (result,) = analyze(loaded, [data], options, settings)
 
     rows = [
