@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ACTVIZ, start_worker, subprocess_env
-from kombu import Connection, Exchange, Producer
+from conftest import ACTVIZ, free_port, start_worker, subprocess_env
+from kombu import Connection, Exchange, Producer, Queue
 
 from producer import Client, ErrorCode, JobFailed, Settings
 from producer.contract import TASK_NAME, manifest_key
@@ -42,9 +42,17 @@ def s3_model(s3, bucket: str, saved_models: dict[str, Path]) -> str:  # noqa: AN
 
 
 @pytest.fixture(scope="module")
-def worker(env: dict, tmp_path_factory):  # noqa: ANN001, ANN201
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(env: dict, s3_model: str, metrics_port: int, tmp_path_factory):  # noqa: ANN001, ANN201
+    """One `actviz worker` for the module, with the S3 model preloaded and metrics on."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_worker(env, log)
+    proc = start_worker(
+        {**env, "ACTVIZ_METRICS_PORT": str(metrics_port)}, log, "--preload", s3_model
+    )
     yield proc
     proc.stop()
 
@@ -142,6 +150,24 @@ def test_second_job_of_a_model_uses_the_warm_model(
     assert worker.log_text().count(f"downloading model {s3_model}") == 1
 
 
+def test_preloaded_model_serves_the_first_job_warm_and_metrics_count_it(
+    worker, client: Client, s3_model: str, png_bytes: bytes, metrics_port: int
+) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=5) as resp:
+        assert resp.status == 200
+    result = client.submit(s3_model, png_bytes, layers="conv2d_1").wait(timeout=60)
+    assert result.manifest["worker"]["model_cache"] == "hit"
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    hits = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('actviz_model_cache_events_total{event="hit"}')
+    ]
+    assert hits and hits[0] >= 1
+    assert 'actviz_jobs_total{code="",status="succeeded"}' in metrics
+
+
 def test_bad_input_fails_with_its_code_and_the_next_job_succeeds(
     worker, client: Client, s3, bucket: str, s3_model: str, png_bytes: bytes, tmp_path: Path
 ) -> None:
@@ -185,9 +211,11 @@ def test_message_with_a_bad_job_id_fails_without_writing_anything(
 def test_pickle_message_is_refused_and_logged(worker, redis_url: str, s3, bucket: str) -> None:
     job_id = "pickled-job"
     with Connection(redis_url) as conn:
-        producer = Producer(conn, exchange=Exchange("gpu", type="direct"), routing_key="gpu")
+        gpu = Queue("gpu", Exchange("gpu", type="direct"), routing_key="gpu")
+        producer = Producer(conn, exchange=gpu.exchange, routing_key="gpu")
         producer.publish(
             [[{"job_id": job_id, "model": "builtin:demo", "image": "s3://x/y.png"}], {}, {}],
+            declare=[gpu],
             serializer="pickle",
             headers={"task": TASK_NAME, "id": job_id},
         )
@@ -256,3 +284,41 @@ def test_replaced_model_object_is_downloaded_and_loaded_again(
     assert second.manifest["model"]["input_shape"] == [24, 24, 3]
     assert second.manifest["worker"]["model_cache"] == "miss"
     assert worker.log_text().count(f"downloading model {uri}") == 2
+
+
+def test_cli_batch_status_fetch_and_open(
+    worker, env: dict, s3_model: str, png_bytes: bytes, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes)
+    (images / "b.png").write_bytes(png_bytes[:-1] + b"\x00")  # same pixels, other bytes
+    (images / "notes.txt").write_text("not an image")
+
+    def actviz(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ACTVIZ), *args], env=env, capture_output=True, timeout=90)
+
+    done = actviz(
+        "batch", "--model", s3_model, "--layers", "conv2d_1", str(images), "--wait", "--json"
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    outcomes = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [Path(o["image"]).name for o in outcomes] == ["a.png", "b.png"]
+    assert all(o["status"] == "succeeded" for o in outcomes)
+
+    job_id = outcomes[0]["job_id"]
+    status = actviz("status", job_id, "--json")
+    assert json.loads(status.stdout) == {"job_id": job_id, "status": "succeeded"}
+
+    out = tmp_path / "fetched"
+    fetched = actviz("fetch", job_id, "--out", str(out))
+    assert fetched.returncode == 0, fetched.stderr.decode()
+    assert (out / "index.html").is_file() and (out / "manifest.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["job_id"] == job_id
+
+    link = actviz("open", job_id).stdout.decode().strip()
+    with urllib.request.urlopen(link, timeout=10) as resp:
+        assert b"<html" in resp.read().lower()
+
+    missing = actviz("status", "no-such-job", "--json")
+    assert json.loads(missing.stdout)["status"] == "queued"  # unknown ids look pending
