@@ -1,7 +1,8 @@
 """The report as a user gets it: `actviz submit` to a real worker, then `actviz fetch`.
 
 A real `actviz worker` process, a real Redis and a real S3-compatible server
-(moto's standalone server); the folder `actviz fetch` writes is opened in Chromium.
+(moto's standalone server, shared by the suite: tests/conftest.py); the folder
+`actviz fetch` writes is opened in Chromium.
 """
 
 from __future__ import annotations
@@ -9,70 +10,32 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
-import redis
 
 from worker.demo import image_path
 
-REDIS_DB = 11
-BUCKET = "actviz-report"
+REDIS_DB = 11  # the shared `redis_url` fixture flushes this database
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
-    """Environment for actviz subprocesses: local Redis db, a fresh S3 server and bucket."""
-    port = free_port()
-    s3 = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    values = {
+def env(s3_endpoint: str, bucket: str, redis_url: str, tmp_path_factory) -> dict[str, str]:
+    """Environment for actviz subprocesses: the shared Redis db and S3 server, a fresh bucket."""
+    return {
         "PATH": os.environ["PATH"],
         "HOME": str(tmp_path_factory.mktemp("home")),
         "TF_CPP_MIN_LOG_LEVEL": "2",
-        "ACTVIZ_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "ACTVIZ_STORAGE_URL": f"s3://{BUCKET}",
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_ACCESS_KEY_ID": "report-test",
-        "AWS_SECRET_ACCESS_KEY": "report-test",
+        "ACTVIZ_BROKER_URL": redis_url,
+        "ACTVIZ_STORAGE_URL": f"s3://{bucket}",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="report-test",
-        aws_secret_access_key="report-test",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=BUCKET)
-    db = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    db.flushdb()
-    yield values
-    db.flushdb()
-    s3.terminate()
-    s3.wait(10)
 
 
 @pytest.fixture(scope="module")
