@@ -154,11 +154,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
             print(json.dumps({"job_id": job.id, "status": "queued"}) if args.json else job.id)
         return EXIT_OK
     outcomes = _wait_all(jobs, images, args)
+    for outcome in outcomes:
+        outcome["batch_id"] = jobs[0].batch_id
     if args.json:
         for outcome in outcomes:
             print(json.dumps(outcome))
     else:
         _print_table(outcomes)
+        gallery = client.batch_url(jobs[0].batch_id or "")
+        if gallery:
+            print(f"gallery: {gallery}")
     return EXIT_OK if all(o["status"] == SUCCEEDED for o in outcomes) else EXIT_FAILED
 
 

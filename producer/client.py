@@ -201,9 +201,10 @@ class Result:
 class Job:
     """A submitted job; it fetches its own state and result."""
 
-    def __init__(self, client: Client, job_id: str) -> None:
+    def __init__(self, client: Client, job_id: str, batch_id: str | None = None) -> None:
         self.client = client
         self.id = job_id
+        self.batch_id = batch_id
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -344,6 +345,8 @@ class Client:
         priority: int | None = None,
         job_id: str | None = None,
         batch_id: str | None = None,
+        batch_index: int = 0,
+        batch_total: int = 0,
         **options: Any,
     ) -> Job:
         """Enqueue one job and return at once.
@@ -360,6 +363,8 @@ class Client:
         job_id = job_id or contract.new_job_id()
         if not contract.valid_job_id(job_id):
             raise InvalidJob(f"job id {job_id!r} is not one safe path segment")
+        if batch_id is not None and not contract.valid_job_id(batch_id):
+            raise InvalidJob(f"batch id {batch_id!r} is not one safe path segment")
         spec = JobSpec(
             job_id=job_id,
             model=self.resolve_model(model),
@@ -367,11 +372,13 @@ class Client:
             options=job_options,
             enqueued_at=time.time(),
             batch_id=batch_id,
+            batch_index=batch_index,
+            batch_total=batch_total,
         )
         self.app.send_task(
             TASK_NAME, args=[spec.to_message()], task_id=job_id, queue=queue, priority=priority
         )
-        return Job(self, job_id)
+        return Job(self, job_id, batch_id)
 
     def submit_many(
         self,
@@ -380,9 +387,29 @@ class Client:
         layers: str | list[str] | None = None,
         **options: Any,
     ) -> list[Job]:
-        """Enqueue one job per image, all tagged with one batch id."""
+        """Enqueue one job per image, all tagged with one batch id.
+
+        The worker that finishes the last job writes the batch gallery
+        (`batches/<batch_id>/index.html`, see `batch_url`).
+        """
         batch_id = options.pop("batch_id", None) or contract.new_job_id()
-        return [self.submit(model, image, layers, batch_id=batch_id, **options) for image in images]
+        return [
+            self.submit(
+                model,
+                image,
+                layers,
+                batch_id=batch_id,
+                batch_index=index,
+                batch_total=len(images),
+                **options,
+            )
+            for index, image in enumerate(images)
+        ]
+
+    def batch_url(self, batch_id: str, expires: int = 3600) -> str | None:
+        """Link to a batch's gallery page once every job of it has ended, else None."""
+        key = contract.batch_key(batch_id)
+        return self.store.presign(key, expires=expires) if self.store.exists(key) else None
 
     def resolve_model(self, model: str | Path) -> str:
         """The model URI a job carries; registry names are looked up here."""

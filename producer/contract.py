@@ -113,6 +113,13 @@ def batch_key(batch_id: str) -> str:
     return f"batches/{batch_id}/index.html"
 
 
+def batch_member_key(batch_id: str, index: int, job_id: str) -> str:
+    """Marker a finished job of a batch leaves: 'batches/<id>/jobs/0003-<job_id>.json'."""
+    if not valid_job_id(batch_id) or not valid_job_id(job_id):
+        raise ValueError(f"invalid batch or job id {batch_id!r}/{job_id!r}")
+    return f"batches/{batch_id}/jobs/{index:04d}-{job_id}.json"
+
+
 # ---- job spec -------------------------------------------------------------
 
 
@@ -154,6 +161,9 @@ class JobSpec:
     options: JobOptions = field(default_factory=JobOptions)
     enqueued_at: float = 0.0
     batch_id: str | None = None
+    # Position in the batch and its size; the job that completes the batch renders its gallery.
+    batch_index: int = 0
+    batch_total: int = 0
 
     def to_message(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

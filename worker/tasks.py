@@ -32,6 +32,7 @@ from producer import contract
 from producer.contract import ErrorCode, JobSpec
 from producer.errors import ActvizError, InvalidJob, TransientError
 from producer.storage import put_many
+from worker.batch import publish_batch
 from worker.limits import time_limits
 from worker.logs import job_context
 from worker.metrics import BATCH_IMAGES, JOBS, QUEUE_WAIT, STAGE_SECONDS
@@ -64,6 +65,8 @@ def parse_spec(message: Any) -> JobSpec:
         raise InvalidJob(f"malformed job message: {exc}") from None
     if not isinstance(spec.job_id, str) or not contract.valid_job_id(spec.job_id):
         raise InvalidJob(f"job id {spec.job_id!r} is not one safe path segment")
+    if spec.batch_id is not None and not contract.valid_job_id(str(spec.batch_id)):
+        raise InvalidJob(f"batch id {spec.batch_id!r} is not one safe path segment")
     if not isinstance(spec.model, str) or not isinstance(spec.image, str):
         raise InvalidJob("model and image must be URI strings")
     return spec
@@ -152,6 +155,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     # Written last: a manifest's presence means every object it names is there.
     store.put(contract.manifest_key(spec.job_id), json.dumps(manifest, indent=2).encode())
     log.info("job done: %d layers, model cache %s", len(manifest.get("layers", [])), cache_event)
+    publish_batch(spec, store, contract.SUCCEEDED)
     return {
         "job_id": spec.job_id,
         "status": contract.SUCCEEDED,
@@ -201,3 +205,4 @@ def fail_job(spec: JobSpec, error: ActvizError, runtime: WorkerRuntime) -> None:
         runtime.store.put(contract.error_key(spec.job_id), json.dumps(body, indent=2).encode())
     except Exception:
         log.exception("could not write error.json")
+    publish_batch(spec, runtime.store, contract.FAILED)

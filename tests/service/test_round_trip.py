@@ -287,7 +287,7 @@ def test_replaced_model_object_is_downloaded_and_loaded_again(
 
 
 def test_cli_batch_status_fetch_and_open(
-    worker, env: dict, s3_model: str, png_bytes: bytes, tmp_path: Path
+    worker, env: dict, s3, bucket: str, s3_model: str, png_bytes: bytes, tmp_path: Path
 ) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -305,6 +305,12 @@ def test_cli_batch_status_fetch_and_open(
     outcomes = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert [Path(o["image"]).name for o in outcomes] == ["a.png", "b.png"]
     assert all(o["status"] == "succeeded" for o in outcomes)
+    batch_id = outcomes[0]["batch_id"]
+    assert outcomes[1]["batch_id"] == batch_id
+    gallery = s3.get_object(Bucket=bucket, Key=f"results/batches/{batch_id}/index.html")
+    assert gallery["ContentType"].startswith("text/html")
+    page = gallery["Body"].read().decode()
+    assert all(f"jobs/{o['job_id']}/" in page for o in outcomes)
 
     job_id = outcomes[0]["job_id"]
     status = actviz("status", job_id, "--json")
