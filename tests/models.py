@@ -167,6 +167,22 @@ def save_wide_keras(out: Path) -> Path:
     return path
 
 
+def save_wide_dense_keras(out: Path, units: int = 4100) -> Path:
+    """An image model ending in a Dense layer too wide for a strip image."""
+    keras = _keras()
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(2, 3, name="small_conv"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(units, name="wide_dense"),
+        ]
+    )
+    path = out / "wide_dense.keras"
+    model.save(path)
+    return path
+
+
 def save_lambda_models(out: Path) -> tuple[Path, Path]:
     """The same Lambda model as .keras and .h5 (Keras 3)."""
     keras = _keras()

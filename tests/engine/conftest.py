@@ -33,6 +33,7 @@ def model_files(model_dir: Path) -> dict[str, Path]:
         "nested": models.save_nested_keras(model_dir),
         "fully_conv": models.save_fully_conv_keras(model_dir),
         "wide": models.save_wide_keras(model_dir),
+        "wide_dense": models.save_wide_dense_keras(model_dir),
         "unbuilt": models.save_unbuilt_keras(model_dir),
     }
     files["lambda_keras"], files["lambda_h5"] = models.save_lambda_models(model_dir)

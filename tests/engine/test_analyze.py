@@ -283,6 +283,16 @@ def test_non_spatial_layers_get_stats_and_a_strip_when_small(loaded_models, sett
     assert len(dense["stats"]["mean"]) == 5
 
 
+def test_non_spatial_layer_over_4096_values_gets_stats_only(loaded_models, settings):
+    options = JobOptions(layers="flat,wide_dense")
+    (result,) = analyze(loaded_models("wide_dense"), [image_bytes(seed=3)], options, settings)
+    flat, dense = result.manifest["layers"]
+    assert flat["grid"] is not None  # 72 values: a strip
+    assert dense["grid"] is None and dense["output_shape"] == [4100]
+    assert len(dense["stats"]["mean"]) == 4100
+    assert not any(key.endswith("-wide_dense.png") for key in result.files)
+
+
 def test_optional_channel_pngs_npz_and_overlay(model_files, loaded_models, settings):
     loaded = loaded_models("sequential_h5")
     data = image_bytes(seed=10)

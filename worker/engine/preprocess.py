@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import (
     BmpImagePlugin,
     GifImagePlugin,
@@ -140,7 +141,11 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, A
         )
     if width == 0 or height == 0:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
-    record: dict[str, Any] = {"format": image.format, "mode": image.mode}
+    record: dict[str, Any] = {
+        "format": image.format,
+        "mode": image.mode,
+        "decoder": f"Pillow {PIL.__version__}",
+    }
     try:
         image.load()
     except Image.DecompressionBombError as exc:
