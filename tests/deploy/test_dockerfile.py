@@ -56,8 +56,14 @@ def test_tensorflow_is_pinned_gpu_by_default_and_inside_the_supported_range():
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG VARIANT=gpu$", text, re.M)
     version = re.search(r"^ARG TF_VERSION=(\S+)$", text, re.M).group(1)
-    assert "tensorflow[and-cuda]==${TF_VERSION}" in text
-    assert "tensorflow-cpu==${TF_VERSION}" in text
+    installs = dict(re.findall(r'^\s*(gpu|cpu)\) pip install "([^"]+)"', text, re.M))
+    assert installs == {
+        "gpu": "tensorflow[and-cuda]==${TF_VERSION}",
+        "cpu": "tensorflow==${TF_VERSION}",
+    }
+    # The same distribution name the package requires, or pip installs TensorFlow twice.
+    for spec in installs.values():
+        assert Requirement(spec.replace("${TF_VERSION}", version)).name == "tensorflow"
     pin = re.search(r'"(tensorflow[<>=!~][^"]*)"', (ROOT / "pyproject.toml").read_text())
     tf = Requirement(pin.group(1))
     assert tf.specifier.contains(version), f"{version} outside pyproject's {tf.specifier}"
