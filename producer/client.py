@@ -43,6 +43,7 @@ from producer.errors import (
     JobFailed,
     JobNotFound,
     PayloadTooLarge,
+    TransientError,
     error_from_dict,
 )
 from producer.registry import load_registry, resolve_model
@@ -237,7 +238,10 @@ class Job:
         return self.state().state
 
     def _failure(self, celery_state: str, info: Any) -> dict[str, str]:
-        stored = self.client.stored_error(self.id)
+        try:
+            stored = self.client.stored_error(self.id)
+        except TransientError:
+            stored = None  # storage is down; the backend still knows why the job failed
         if stored is not None:
             return stored
         if celery_state == "REVOKED":
