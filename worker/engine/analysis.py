@@ -96,11 +96,16 @@ def analyze(
         for j, i in enumerate(members):
             timings[i]["forward"] = forward_ms
             activations = [output[j] for output in outputs]
-            batch_info = {"size": len(members), "position": j}
             results[i] = _artifacts(
-                loaded, extractor.refs, activations, prepared[i], options, settings, timings[i]
+                loaded,
+                extractor.refs,
+                activations,
+                prepared[i],
+                options,
+                settings,
+                timings[i],
+                batch={"size": len(members), "position": j},
             )
-            results[i].manifest["batch"] = batch_info  # set here: _artifacts is per image
         del outputs, batch
     return [r for r in results if r is not None]  # every slot is filled above
 
@@ -127,6 +132,7 @@ def _artifacts(
     options: JobOptions,
     settings: Settings,
     timings: dict[str, float],
+    batch: dict[str, int],
 ) -> Artifacts:
     files = {"input.png": encode_png(image.display)}
     render_ms = stats_ms = 0.0
@@ -165,6 +171,7 @@ def _artifacts(
         layers=layers,
         files=list(files),
         timings_ms=timings,
+        batch=batch,
     )
     return Artifacts(manifest=manifest, files=files)
 

@@ -50,6 +50,7 @@ def build_manifest(
     layers: list[dict[str, Any]],
     files: list[str],
     timings_ms: dict[str, float],
+    batch: dict[str, int],
 ) -> dict[str, Any]:
     """Assemble the manifest dict (JSON-safe: no NaN, no numpy types)."""
     normalization: dict[str, Any] = {"mode": options.normalize, "levels": 255}
@@ -70,6 +71,7 @@ def build_manifest(
         "layers": layers,
         "files": sorted(files),
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
+        "batch": batch,
     }
     return json_safe(manifest)
 
