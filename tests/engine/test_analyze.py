@@ -392,3 +392,18 @@ def test_extractor_of_a_loaded_sequential_runs_each_layer_once(model_files):
     extractor = loaded.extractor(":4")
     nodes = sum(len(n) for n in extractor.model._nodes_by_depth.values())
     assert nodes == 1 + 4  # the input plus the four selected layers
+
+
+def test_shared_layer_shows_its_first_call(tmp_path, settings):
+    inputs = keras.Input((16, 16, 3))
+    shared = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="shared")
+    outputs = keras.layers.Add(name="sum")([shared(inputs), shared(shared(inputs))])
+    path = tmp_path / "shared.keras"
+    keras.Model(inputs, outputs).save(path)
+    loaded = open_model(path)
+    data = image_bytes(16, 16, seed=4)
+    x = preprocess(data, loaded.input_shape, JobOptions(), settings).pixels[None]
+    (first_call, total) = reference_activations(path, ["shared", "sum"], x)
+    (mine_shared, mine_sum) = extract(loaded, x, loaded.select("shared,sum"))
+    np.testing.assert_allclose(mine_shared, first_call, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(mine_sum, total, atol=ATOL, rtol=0)

@@ -79,7 +79,9 @@ def _call(layer: keras.layers.Layer, traced: dict[int, Any]) -> Callable[..., An
     def run(*args: Any, **kwargs: Any) -> Any:
         nested = is_graph_model(layer)
         output = _trace(layer, args[0], traced) if nested else layer(*args, **kwargs)
-        traced.setdefault(id(layer), output)
+        # A shared layer shows its first call; a multi-output layer its first output.
+        first = output[0] if isinstance(output, (list, tuple)) else output
+        traced.setdefault(id(layer), first)
         return output
 
     return run

@@ -8,7 +8,8 @@ flattened list, which is exactly `model.layers` when nothing is nested.
 
 Default selection: every layer with a spatial output (batch, H, W, C) in model
 order, except input layers and nested-model containers (their inner layers
-are listed instead).
+are listed instead). A layer called more than once (shared) is shown at its
+first call; a layer with several outputs by its first output.
 """
 
 from __future__ import annotations
