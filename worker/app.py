@@ -8,15 +8,18 @@ exponential backoff and jitter for transient faults only.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import task_postrun, task_prerun
 
 from producer.broker import create_app as create_producer_app
 from producer.contract import TASK_NAME
 from producer.errors import ActvizError
 from producer.settings import Settings
 from worker import tasks
+from worker.logs import job_context
 from worker.runtime import WorkerRuntime
 from worker.tasks import TRANSIENT_ERRORS
 
@@ -35,6 +38,28 @@ def worker_config(settings: Settings) -> dict:
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
     }
+
+
+_job_logs: dict[str, ExitStack] = {}
+
+
+def _enter_job_log(task_id: str | None = None, **_: Any) -> None:
+    # From here to task_postrun, Celery's own lines (started, succeeded, raised,
+    # retry) carry the job id too: the task id is the job id.
+    if task_id:
+        stack = ExitStack()
+        stack.enter_context(job_context(task_id))
+        _job_logs[task_id] = stack
+
+
+def _leave_job_log(task_id: str | None = None, **_: Any) -> None:
+    stack = _job_logs.pop(task_id or "", None)
+    if stack is not None:
+        stack.close()
+
+
+task_prerun.connect(_enter_job_log, weak=False, dispatch_uid="actviz-job-log-enter")
+task_postrun.connect(_leave_job_log, weak=False, dispatch_uid="actviz-job-log-leave")
 
 
 def create_app(settings: Settings) -> Celery:

@@ -102,6 +102,15 @@ def test_python_submit_stores_grids_manifest_and_report_in_s3(
         assert resp.read().startswith(b"\x89PNG")
     assert job.status() == "succeeded"
 
+    # Every line written while the job ran carries its id, Celery's own lines included.
+    lines = worker.log_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if f"extract[{job.id}] received" in line)
+    end = next(i for i, line in enumerate(lines) if f"extract[{job.id}] succeeded" in line)
+    during = [
+        line for line in lines[start + 1 : end + 1] if " INFO " in line or " WARNING " in line
+    ]
+    assert during and all(f" [{job.id}] " in line for line in during), during
+
 
 def test_result_reads_from_storage_alone_after_redis_is_flushed(
     worker, client: Client, s3_model: str, png_bytes: bytes, redis_url: str, tmp_path: Path
