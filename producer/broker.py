@@ -29,6 +29,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         options.update(
             queue_order_strategy="priority",
             priority_steps=list(range(MAX_PRIORITY + 1)),
+            # A dead worker's job is found again within a tenth of the visibility timeout
+            # (at most 10 s); kombu's defaults sweep only every 100 s.
+            unacked_restore_interval=max(1, min(10, settings.visibility_timeout // 10)),
+            unacked_restore_throttle=1,
         )
     if settings.embedded:
         # The in-process broker is polled; keep the embedded round trip snappy.

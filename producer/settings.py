@@ -55,7 +55,11 @@ class Settings:
     time_limit: int = 360
     result_expires: int = 7 * 24 * 3600
     max_retries: int = 5
+    # A job whose worker died this many times is failed with worker_lost, not run again.
     max_deliveries: int = 3
+    # Seconds before Redis hands an unacknowledged job to another worker; 0 derives it
+    # from the hard time limit. Shorter than the time limit, a slow job may run twice.
+    redeliver_after: int = 0
     batch_size: int = 8
     batch_wait_ms: int = 15
     metrics_port: int = 0
@@ -76,6 +80,8 @@ class Settings:
     @property
     def visibility_timeout(self) -> int:
         """Redis redelivers an unacked message after this; keep it past the hard limit."""
+        if self.redeliver_after > 0:
+            return self.redeliver_after
         return self.time_limit * 2 + 60
 
     @classmethod
