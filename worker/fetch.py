@@ -61,11 +61,11 @@ def check_model_allowed(uri: str, settings: Settings) -> None:
         )
 
 
-def fetch_model(uri: str, settings: Settings) -> ModelFile:
+def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> ModelFile:
     """Make the model at `uri` available as a local file.
 
     Raises ModelNotAllowed (model_not_allowed), ModelNotFound (model_not_found),
-    StorageUnavailable (transient).
+    StorageUnavailable (transient). `s3`: a boto3 client to reuse.
     """
     check_model_allowed(uri, settings)
     if uri == BUILTIN_DEMO:
@@ -81,7 +81,7 @@ def fetch_model(uri: str, settings: Settings) -> ModelFile:
             raise ModelNotFound(f"model file {path} does not exist on the worker")
         return ModelFile(uri, path, _file_version(path))
     if uri.startswith("s3://"):
-        return _fetch_s3_model(uri, Path(settings.model_cache_dir))
+        return _fetch_s3_model(uri, Path(settings.model_cache_dir), s3)
     raise ModelNotFound(f"model URI {uri!r} has an unsupported scheme; use s3:// or file://")
 
 
@@ -90,9 +90,9 @@ def _file_version(path: Path) -> str:
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
-def _fetch_s3_model(uri: str, cache_dir: Path) -> ModelFile:
+def _fetch_s3_model(uri: str, cache_dir: Path, s3: object | None) -> ModelFile:
     bucket, key = split_s3_uri(uri)
-    store = S3Store(bucket)
+    store = S3Store(bucket, client=s3)
     try:
         etag = str(store.head(key).get("ETag", "")).strip('"')
     except ObjectNotFound:
@@ -117,7 +117,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_image(uri: str, store: Store, settings: Settings) -> bytes:
+def read_image(uri: str, store: Store, settings: Settings, s3: object | None = None) -> bytes:
     """The bytes of the image a job names, checking the size before reading.
 
     The image may live in the result store (uploaded by the producer), in any
@@ -128,7 +128,7 @@ def read_image(uri: str, store: Store, settings: Settings) -> bytes:
     limit = settings.max_image_bytes
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
-        source = S3Store(bucket)
+        source = S3Store(bucket, client=s3)
         try:
             size = int(source.head(key).get("ContentLength", 0))
             _check_image_size(uri, size, limit)

@@ -53,6 +53,8 @@ def run_one(settings: Settings, node_name: str | None) -> int:
     from worker.logs import configure_logging
 
     configure_logging(settings)
+    # botocore narrates every client it builds at INFO; keep job logs readable.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     log.info(
         "worker: broker %s, storage %s, queues %s",
         redact_url(settings.broker_url),

@@ -11,7 +11,7 @@ from typing import Any
 
 from producer.contract import JobOptions
 from producer.settings import Settings
-from producer.storage import Store, open_store
+from producer.storage import Store, open_store, s3_client
 from worker.cache import ModelCache
 from worker.fetch import fetch_model, model_trusted
 from worker.metrics import STAGE_SECONDS
@@ -24,12 +24,20 @@ class WorkerRuntime:
         self.settings = settings
         self.cache = ModelCache(settings.cache_models, settings.cache_bytes)
         self._store: Store | None = None
+        self._s3: object | None = None
 
     @property
     def store(self) -> Store:
         if self._store is None:
             self._store = open_store(self.settings.storage_url)
         return self._store
+
+    @property
+    def s3(self) -> object:
+        """One boto3 client for every bucket a job names (clients are costly to build)."""
+        if self._s3 is None:
+            self._s3 = s3_client()
+        return self._s3
 
     def load_model(self, uri: str) -> tuple[Any, str, dict[str, float]]:
         """(LoadedModel, 'hit' | 'miss', {stage: ms}) for the model at `uri`.
@@ -41,7 +49,7 @@ class WorkerRuntime:
         from worker.engine import open_model
 
         started = time.perf_counter()
-        model_file = fetch_model(uri, self.settings)
+        model_file = fetch_model(uri, self.settings, self.s3 if uri.startswith("s3://") else None)
         fetched = time.perf_counter()
         trusted = model_trusted(uri, self.settings)
         loaded, event = self.cache.get_or_load(

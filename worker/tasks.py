@@ -30,9 +30,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import contract
 from producer.contract import ErrorCode, JobSpec
-from producer.errors import ActvizError, InvalidJob, TransientError
+from producer.errors import ActvizError, InvalidJob, PayloadTooLarge, TransientError
 from producer.storage import put_many
 from worker.batch import publish_batch
+from worker.deliveries import admit_delivery
 from worker.limits import time_limits
 from worker.logs import job_context
 from worker.metrics import BATCH_IMAGES, JOBS, QUEUE_WAIT, STAGE_SECONDS
@@ -59,6 +60,12 @@ def parse_spec(message: Any) -> JobSpec:
     """The JobSpec in a message; raises InvalidJob (invalid_job) for anything malformed."""
     if not isinstance(message, dict):
         raise InvalidJob("the job message is not an object")
+    size = len(json.dumps(message, default=str))
+    if size > contract.MAX_MESSAGE_BYTES:
+        raise PayloadTooLarge(
+            f"the job message is {size} bytes, above {contract.MAX_MESSAGE_BYTES}; "
+            "messages carry URIs, not data"
+        )
     try:
         spec = JobSpec.from_message(message)
     except (TypeError, ValueError) as exc:
@@ -81,7 +88,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
     settings = runtime.settings
     try:
         spec = parse_spec(message)
-    except InvalidJob as exc:
+    except ActvizError as exc:
         JOBS.labels(status="failed", code=exc.code).inc()
         raise
     with job_context(spec.job_id):
@@ -94,7 +101,10 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 settings.time_limit,
                 may_exit=not settings.embedded,
             ):
-                result = run_job(task, spec, runtime)
+                # A finished job is not run again; a job that keeps killing workers stops.
+                result = admit_delivery(task, spec, runtime.store, settings) or run_job(
+                    task, spec, runtime
+                )
         except ActvizError as exc:
             fail_job(spec, exc, runtime)
             raise
@@ -127,7 +137,9 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     settings, store = runtime.settings, runtime.store
     report_stage(task, "loading model")
     loaded, cache_event, timings = runtime.load_model(spec.model)
-    image = read_image(spec.image, store, settings)
+    image = read_image(
+        spec.image, store, settings, runtime.s3 if spec.image.startswith("s3://") else None
+    )
 
     report_stage(task, "forward")
     BATCH_IMAGES.observe(1)
