@@ -32,6 +32,7 @@ DEPTH_CHART = "depth.png"
 INDEX = "index.html"
 INLINE_MAX_BYTES = 6 * 1024 * 1024  # embed the images while they total at most this
 TOP_TILE_PX = 96  # top-k tiles are drawn this many CSS pixels on their long side
+STRIP_PX = 32  # height of a non-spatial layer's strip of values
 DEAD_MARK_LIMIT = 1024  # more dead channels than this are listed, not outlined
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
@@ -357,9 +358,15 @@ def _grid_figure(
     if geometry and len(dead) <= DEAD_MARK_LIMIT:
         marks = "".join(_dead_mark(geometry, c) for c in dead if c < geometry["channels"])
     name = html.escape(str(layer.get("name", "")))
+    size = ""
+    if geometry and not layer.get("spatial", True):
+        # A strip of values (Dense, Flatten): keep it a strip instead of scaling it square.
+        size = (
+            f' style="height:{STRIP_PX}px;width:{min(560, max(STRIP_PX, geometry["width"] * 2))}px"'
+        )
     return (
         f'<figure class="grid"><div class="gridwrap">'
-        f'<img class="grid" data-layer="{position}" data-item="0" src="{href}" '
+        f'<img class="grid" data-layer="{position}" data-item="0" src="{href}"{size} '
         f'alt="channel grid of {name}" title="click a tile to enlarge">{marks}</div>'
         f"<figcaption>{_grid_caption(geometry)}</figcaption></figure>"
     )
@@ -368,7 +375,10 @@ def _grid_figure(
 def _grid_caption(geometry: dict[str, int] | None) -> str:
     if not geometry:
         return "channel grid"
-    text = f"{geometry['channels']} channels, {geometry['rows']}×{geometry['cols']} tiles"
+    count = geometry["channels"]
+    text = (
+        f"{count} channel{'s' if count != 1 else ''}, {geometry['rows']}×{geometry['cols']} tiles"
+    )
     if geometry.get("downsample", 1) > 1:
         text += f", every {geometry['downsample']}th pixel"
     return text + "; click a tile to enlarge"
@@ -462,7 +472,7 @@ background:repeating-linear-gradient(45deg,transparent 0 4px,rgba(231,76,60,.35)
 .tile{display:block;border:1px solid var(--line);padding:0;cursor:zoom-in;image-rendering:pixelated;
 background-repeat:no-repeat}
 .overlay img{width:200px;margin-top:12px;image-rendering:pixelated}
-.layerbody{display:flex;gap:20px;align-items:flex-start;flex-wrap:wrap}.side{flex:1;min-width:300px}
+.layerbody{display:flex;gap:20px;align-items:flex-start;flex-wrap:wrap}.layerbody>figure.grid{flex:0 1 560px;max-width:100%}.side{flex:1;min-width:300px}
 #lightbox{position:fixed;inset:0;background:rgba(20,24,28,.72);display:flex;align-items:center;
 justify-content:center;z-index:10}#lightbox[hidden]{display:none}
 .box{background:#fff;border-radius:8px;padding:16px 20px;max-width:95vw;max-height:95vh;overflow:auto;position:relative}

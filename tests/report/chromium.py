@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -49,15 +48,16 @@ class Browser:
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
 
-        def wire_pipes() -> None:
-            # Move both ends clear of 3 and 4 first, then onto 3 and 4.
-            commands = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
-            replies = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
-            os.dup2(commands, 3)
-            os.dup2(replies, 4)
-
+        # Chromium wants the pipe on fds 3 and 4 exactly; a shell moves them there
+        # (no preexec_fn: this process runs TensorFlow's threads).
+        wiring = (
+            f'exec "$0" "$@" 3<&{to_child_r} 4>&{from_child_w} {to_child_r}<&- {from_child_w}>&-'
+        )
         self._process = subprocess.Popen(
             [
+                "/bin/bash",
+                "-c",
+                wiring,
                 executable,
                 "--headless",
                 "--no-sandbox",
@@ -77,8 +77,7 @@ class Browser:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=wire_pipes,
-            pass_fds=(3, 4),
+            pass_fds=(to_child_r, from_child_w),
         )
         os.close(to_child_r)
         os.close(from_child_w)
