@@ -16,6 +16,9 @@ from typing import Any
 TASK_NAME = "actviz.extract"
 MANIFEST_VERSION = 1
 
+# A job message carries URIs and options only; anything bigger is refused.
+MAX_MESSAGE_BYTES = 64 * 1024
+
 QUEUE_GPU = "gpu"
 QUEUE_CPU = "cpu"
 QUEUES = (QUEUE_GPU, QUEUE_CPU)

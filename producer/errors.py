@@ -71,6 +71,12 @@ class PayloadTooLarge(ActvizError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
+class WorkerLost(ActvizError):
+    """The job's worker stopped on every delivery (out of memory, crash, hard time limit)."""
+
+    code = ErrorCode.WORKER_LOST
+
+
 class JobFailed(ActvizError):
     """Raised by `Job.wait()` when the job ended `failed`."""
 
@@ -107,6 +113,7 @@ _BY_CODE = {
         InvalidJob,
         InputNotFound,
         PayloadTooLarge,
+        WorkerLost,
     )
 }
 

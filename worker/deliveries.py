@@ -1,0 +1,105 @@
+"""At-least-once delivery, made safe: finished jobs are not run again, poison jobs stop.
+
+Late acknowledgement means a job whose worker dies is handed out again
+(after the Redis visibility timeout). Two things keep that from going wrong:
+
+- A job whose manifest already exists is complete (the manifest is written
+  last), so a second delivery returns the stored result instead of running:
+  a duplicate message or a crash after the manifest costs one HEAD request.
+- A job that kills its worker every time (out of memory, a crashing kernel,
+  the hard time limit) would otherwise loop forever. Each delivery of an
+  attempt increments `actviz:deliveries:<job_id>:<retry>` in Redis before the
+  job runs; past `settings.max_deliveries` the job fails with `worker_lost`.
+  The retry number is part of the key because Celery's retries of transient
+  faults are new messages, not lost workers.
+
+Celery has no delivery limit for Redis, hence this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from producer import contract
+from producer.contract import JobSpec
+from producer.errors import WorkerLost
+from producer.settings import Settings
+from producer.storage import Store
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "actviz:deliveries:"
+
+
+def delivery_key(job_id: str, retry: int) -> str:
+    """'actviz:deliveries:<job_id>:<retry>'."""
+    return f"{KEY_PREFIX}{job_id}:{retry}"
+
+
+def counter_ttl(settings: Settings) -> int:
+    """Seconds a counter lives: long enough to span every redelivery of one attempt."""
+    return settings.visibility_timeout * (settings.max_deliveries + 1) + settings.time_limit
+
+
+def redis_client(task: Task) -> Any:
+    """The result backend's Redis client, or None when the backend is not Redis."""
+    from celery.backends.redis import RedisBackend
+
+    return task.backend.client if isinstance(task.backend, RedisBackend) else None
+
+
+def count_delivery(task: Task, job_id: str, settings: Settings) -> int:
+    """Record one more delivery of this attempt; returns how many there have been.
+
+    Returns 0 when the backend is not Redis (the embedded mode, where a
+    worker that dies takes its queue with it). Redis connection errors
+    propagate: they are transient and the task retries.
+    """
+    client = redis_client(task)
+    if client is None:
+        return 0
+    key = delivery_key(job_id, int(task.request.retries or 0))
+    pipe = client.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, counter_ttl(settings))
+    count, _ = pipe.execute()
+    return int(count)
+
+
+def stored_result(spec: JobSpec, store: Store) -> dict[str, Any] | None:
+    """The task result of a job whose manifest exists, else None."""
+    key = contract.manifest_key(spec.job_id)
+    if not store.exists(key):
+        return None
+    return {
+        "job_id": spec.job_id,
+        "status": contract.SUCCEEDED,
+        "manifest": store.uri(key),
+        "duplicate": True,
+    }
+
+
+def admit_delivery(task: Task, spec: JobSpec, store: Store, settings: Settings) -> dict | None:
+    """Decide what this delivery of `spec` does before any work starts.
+
+    Returns the stored result when the job already completed (nothing to
+    run), None when the job should run. Raises WorkerLost (worker_lost) when
+    the job has been delivered more than `settings.max_deliveries` times.
+    """
+    done = stored_result(spec, store)
+    if done is not None:
+        log.info("job already complete; returning the stored manifest")
+        return done
+    count = count_delivery(task, spec.job_id, settings)
+    if count > 1:
+        log.warning("delivery %d of this job: a worker stopped during an earlier one", count)
+    if count > settings.max_deliveries:
+        raise WorkerLost(
+            f"the job was delivered {count} times and its worker stopped each time "
+            f"(limit ACTVIZ_MAX_DELIVERIES={settings.max_deliveries}); it may need more "
+            "memory or time than a worker has, or crash the model"
+        )
+    return None
