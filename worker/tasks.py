@@ -137,7 +137,9 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     settings, store = runtime.settings, runtime.store
     report_stage(task, "loading model")
     loaded, cache_event, timings = runtime.load_model(spec.model)
-    image = read_image(spec.image, store, settings)
+    image = read_image(
+        spec.image, store, settings, runtime.s3 if spec.image.startswith("s3://") else None
+    )
 
     report_stage(task, "forward")
     BATCH_IMAGES.observe(1)
