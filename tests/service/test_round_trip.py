@@ -186,6 +186,7 @@ def test_bad_input_fails_with_its_code_and_the_next_job_succeeds(
     with pytest.raises(JobFailed) as failed:
         bad.wait(timeout=60)
     assert failed.value.code == ErrorCode.MODEL_NOT_ALLOWED
+    assert f"actviz.extract[{bad.id}] retry" not in worker.log_text()  # bad input: no retry
     error = json.loads(
         s3.get_object(Bucket=bucket, Key=f"results/jobs/{bad.id}/error.json")["Body"].read()
     )
