@@ -168,12 +168,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> list[dict]:
+    from rich.console import Console
     from rich.progress import Progress
 
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     pending = dict(zip([j.id for j in jobs], jobs, strict=True))
     done: dict[str, dict[str, Any]] = {}
-    with Progress(disable=not _show_progress(args), transient=False) as progress:
+    progress_console = Console(stderr=True)
+    with Progress(console=progress_console, disable=not _show_progress(args)) as progress:
         bar = progress.add_task("jobs", total=len(jobs))
         while pending:
             for job_id, job in list(pending.items()):
@@ -200,7 +202,7 @@ def _print_table(outcomes: list[dict[str, Any]]) -> None:
 
     table = Table(title="actviz batch")
     for column in ("image", "job", "status", "detail"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for o in outcomes:
         error = o.get("error") or {}
         detail = o.get("report") or f"{error.get('code', '')}: {error.get('message', '')}"
