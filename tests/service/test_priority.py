@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import start_worker, subprocess_env
 
 from producer import Client, Settings
@@ -29,6 +30,13 @@ def test_waiting_jobs_start_in_priority_order_on_their_queue(
     background = [client.submit(model, png_bytes, queue="cpu", priority=9) for _ in range(2)]
     urgent = client.submit(model, png_bytes, queue="cpu", priority=0)
     elsewhere = client.submit(model, png_bytes, queue="gpu", priority=0)
+
+    # Messages carry URIs, not pixels: each stays small whatever the image size.
+    conn = redis.Redis.from_url(redis_url)
+    queued = [m for key in conn.keys("cpu*") + conn.keys("gpu*") for m in conn.lrange(key, 0, -1)]
+    assert len(queued) == 4
+    assert all(len(message) < 4096 for message in queued)
+    assert len(png_bytes) > 4096
 
     worker = start_worker(env, tmp_path / "worker.log", "--queues", "cpu")
     try:
