@@ -256,7 +256,8 @@ class S3Store:
     def download(self, key: str, path: Path) -> None:
         """Multipart, concurrent download through boto3's transfer manager."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
+        # One temp name per process: workers sharing a model cache may fetch the same file.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
         self._call(
             self.client.download_file,
             self.uri(key),

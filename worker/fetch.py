@@ -79,6 +79,10 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
         path = local_path(uri)
         if not path.is_file():
             raise ModelNotFound(f"model file {path} does not exist on the worker")
+        # A symlink inside an allowed folder must not reach a file outside it.
+        real = path.resolve()
+        if not settings.embedded and not model_allowed(real.as_uri(), settings):
+            raise ModelNotAllowed(f"model {uri} resolves to {real}, outside the allowed sources")
         return ModelFile(uri, path, _file_version(path))
     if uri.startswith("s3://"):
         return _fetch_s3_model(uri, Path(settings.model_cache_dir), s3)

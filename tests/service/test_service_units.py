@@ -154,3 +154,18 @@ def test_worker_task_retries_only_transient_errors() -> None:
     assert task.max_retries == 4 and task.retry_backoff and task.retry_jitter
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
+
+
+def test_symlink_in_an_allowed_folder_cannot_reach_outside(tmp_path: Path) -> None:
+    from worker.fetch import fetch_model
+
+    allowed, outside = tmp_path / "models", tmp_path / "private"
+    allowed.mkdir()
+    outside.mkdir()
+    (outside / "secret.h5").write_bytes(b"weights")
+    (allowed / "link.h5").symlink_to(outside / "secret.h5")
+    (allowed / "real.h5").write_bytes(b"weights")
+    settings = Settings(broker_url="redis://x", model_allow=(allowed.as_uri() + "/",))
+    assert fetch_model((allowed / "real.h5").as_uri(), settings).path == allowed / "real.h5"
+    with pytest.raises(ModelNotAllowed, match="resolves to"):
+        fetch_model((allowed / "link.h5").as_uri(), settings)
