@@ -20,6 +20,7 @@ from producer.errors import ActvizError
 from producer.settings import Settings
 from worker import tasks
 from worker.logs import job_context
+from worker.pool import POOL
 from worker.runtime import WorkerRuntime
 from worker.tasks import TRANSIENT_ERRORS
 
@@ -28,6 +29,8 @@ def worker_config(settings: Settings) -> dict:
     """Options only a consuming worker needs."""
     return {
         "task_acks_late": True,
+        # Celery's solo pool; a cold shutdown re-queues the running job instead of failing it.
+        "worker_pool": POOL,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.soft_time_limit,

@@ -76,7 +76,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
         worker_shutting_down.connect(lambda **_: service.set_ready(False), weak=False)
     argv = [
         "worker",
-        "--pool=solo",
+        # The solo pool, from worker_pool in worker/app.py (see worker/pool.py).
         "--concurrency=1",
         f"--queues={','.join(settings.queues)}",
         f"--loglevel={settings.log_level}",

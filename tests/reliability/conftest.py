@@ -1,0 +1,87 @@
+"""Fixtures of the reliability suite: test models in S3 and the figures report.
+
+The Redis, S3 server and bucket fixtures come from tests/conftest.py. Set
+ACTVIZ_WRITE_REPORT=1 to write the measured figures into docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import harness
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REPORT = ROOT / "docs" / "reliability.md"
+BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
+
+
+def build_models(out: Path) -> dict[str, Path]:
+    """'tiny': 2 small convs on 16x16; 'heavy': 6 wide convs, fully convolutional."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    layers = keras.layers
+    tiny = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            layers.Conv2D(4, 3, activation="relu", name="conv_a"),
+            layers.Conv2D(4, 3, activation="relu", name="conv_b"),
+        ],
+        name="tiny",
+    )
+    heavy = keras.Sequential(
+        [keras.Input((None, None, 3))]
+        + [
+            layers.Conv2D(48, 3, padding="same", activation="relu", name=f"conv_{i}")
+            for i in range(6)
+        ],
+        name="heavy",
+    )
+    paths = {"tiny": out / "tiny.keras", "heavy": out / "heavy.keras"}
+    tiny.save(paths["tiny"])
+    heavy.save(paths["heavy"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def rel_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_models(tmp_path_factory.mktemp("reliability-models"))
+
+
+@pytest.fixture(scope="module")
+def models(s3, bucket: str, rel_model_files: dict[str, Path]) -> dict[str, str]:  # noqa: ANN001
+    """s3:// URIs of the test models in this module's bucket."""
+    uris = {}
+    for name, path in rel_model_files.items():
+        key = f"models/{path.name}"
+        s3.upload_file(str(path), bucket, key)
+        uris[name] = f"s3://{bucket}/{key}"
+    return uris
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not harness.FIGURES:
+        return
+    text = render_figures(harness.FIGURES)
+    print("\n" + text)
+    if os.environ.get("ACTVIZ_WRITE_REPORT") == "1" and REPORT.is_file():
+        doc = REPORT.read_text()
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+        REPORT.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+
+
+def render_figures(figures: dict[str, dict]) -> str:
+    lines = []
+    for section in sorted(figures):
+        lines.append(f"**{section}**\n")
+        lines.append("| measure | value |")
+        lines.append("|---|---|")
+        for name, value in figures[section].items():
+            shown = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            lines.append(f"| {name} | {shown} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
