@@ -338,3 +338,27 @@ def test_cli_batch_status_fetch_and_open(
 
     missing = actviz("status", "no-such-job", "--json")
     assert json.loads(missing.stdout)["status"] == "queued"  # unknown ids look pending
+
+
+def test_started_job_reports_each_stage_in_order(
+    worker, client: Client, s3_model: str, png_bytes: bytes, redis_url: str
+) -> None:
+    job_id = "stages-" + str(int(time.time() * 1000))
+    # The Redis result backend publishes every state change on the job's key.
+    pubsub = redis.Redis.from_url(redis_url).pubsub()
+    pubsub.subscribe(f"celery-task-meta-{job_id}")
+    client.submit(s3_model, png_bytes, layers="conv2d_1", job_id=job_id).wait(timeout=60)
+    seen = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not seen or seen[-1][0] != "SUCCESS"):
+        message = pubsub.get_message(timeout=1)
+        if message and message["type"] == "message":
+            meta = json.loads(message["data"])
+            result = meta.get("result") or {}
+            seen.append(
+                (meta["status"], result.get("stage") if meta["status"] == "STARTED" else None)
+            )
+    pubsub.close()
+    stages = [stage for status, stage in seen if status == "STARTED" and stage]
+    assert stages == ["loading model", "forward", "rendering", "uploading"]
+    assert seen[-1][0] == "SUCCESS"
