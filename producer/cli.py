@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"status": "rejected", "error": exc.to_dict()}))
         _err(f"actviz: {exc}")
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        _err(f"actviz: {exc.name} is missing; workers need pip install 'actviz[worker]'")
+        return EXIT_USAGE
     except (ValueError, OSError) as exc:
         _err(f"actviz: {redact_url(str(exc))}")
         return EXIT_USAGE
