@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ACTVIZ
+from stack import ACTVIZ
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import start_worker, subprocess_env
+from stack import start_worker, subprocess_env
 
 from producer import Client, Settings
 

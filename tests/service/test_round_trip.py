@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ACTVIZ, free_port, start_worker, subprocess_env
 from kombu import Connection, Exchange, Producer, Queue
+from stack import ACTVIZ, free_port, start_worker, subprocess_env
 
 from producer import Client, ErrorCode, JobFailed, Settings
 from producer.contract import TASK_NAME, manifest_key

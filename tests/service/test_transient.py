@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import S3_ENV, free_port, start_worker, subprocess_env
+from stack import S3_ENV, free_port, start_worker, subprocess_env
 
 from producer import Client, ErrorCode, JobFailed, Settings
 

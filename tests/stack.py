@@ -1,0 +1,89 @@
+"""Real-service helpers shared by the test packages: ports, waits, worker processes.
+
+Test modules import these from `stack` (a uniquely named module), never from `conftest`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+ACTVIZ = BIN / "actviz"
+REDIS_HOST = "127.0.0.1:6379"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment (with the S3 variables) plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTVIZ_")}
+    env.update(extra)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+class WorkerProcess:
+    """A running `actviz worker`; `log_text()` reads what it has logged so far."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        wait_for(lambda: text in self.log_text(), timeout, f"log line {text!r}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_worker(env: dict[str, str], log: Path, *args: str, timeout: float = 90) -> WorkerProcess:
+    """Start `actviz worker ARGS` and wait until Celery says it is ready."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(ACTVIZ), "worker", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    worker = WorkerProcess(proc, log)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"actviz worker exited {proc.returncode}:\n{worker.log_text()}")
+        return " ready." in worker.log_text()
+
+    try:
+        wait_for(ready, timeout, "actviz worker", interval=0.2)
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
