@@ -6,7 +6,7 @@
 Imports Keras (and so the configured backend); only workers import this package.
 """
 
-from worker.engine.analysis import Artifacts, analyze, check_options, warmup
+from worker.engine.analysis import Artifacts, analyze, check_options, render_artifacts, warmup
 from worker.engine.extract import Extractor, build_extractor, extract
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.loading import LoadedModel, load_model, open_model
@@ -33,6 +33,7 @@ __all__ = [
     "manifest_bytes",
     "open_model",
     "preprocess",
+    "render_artifacts",
     "render_grid",
     "select_layers",
     "warmup",

@@ -110,6 +110,27 @@ def analyze(
     return [r for r in results if r is not None]  # every slot is filled above
 
 
+def render_artifacts(
+    loaded: LoadedModel,
+    refs: list[LayerRef],
+    activations: list[np.ndarray],
+    image: PreparedImage,
+    options: JobOptions,
+    settings: Settings,
+    timings: dict[str, float],
+    batch: dict[str, Any],
+) -> Artifacts:
+    """One image's Artifacts from activations a caller's own forward pass produced.
+
+    `activations`: one (*layer.output_shape) float32 array per ref, in the
+    order of `refs` (the image's slice of an extractor's batch output).
+    `timings` (ms per stage so far) gains render and stats; `batch` goes to
+    the manifest as is. What `analyze` does after its forward pass, for
+    callers that batch images from many jobs (worker/batcher.py).
+    """
+    return _artifacts(loaded, refs, activations, image, options, settings, timings, batch)
+
+
 def warmup(
     loaded: LoadedModel, options: JobOptions | None = None, settings: Settings | None = None
 ) -> None:
@@ -132,7 +153,7 @@ def _artifacts(
     options: JobOptions,
     settings: Settings,
     timings: dict[str, float],
-    batch: dict[str, int],
+    batch: dict[str, Any],
 ) -> Artifacts:
     files = {"input.png": encode_png(image.display)}
     render_ms = stats_ms = 0.0
