@@ -11,6 +11,7 @@ import contextvars
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -256,8 +257,9 @@ class S3Store:
     def download(self, key: str, path: Path) -> None:
         """Multipart, concurrent download through boto3's transfer manager."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One temp name per process: workers sharing a model cache may fetch the same file.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+        # One temp name per process and thread: workers sharing a model cache, and jobs
+        # of one batching worker, may fetch the same file at once.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         self._call(
             self.client.download_file,
             self.uri(key),
