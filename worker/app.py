@@ -20,7 +20,7 @@ from producer.errors import ActvizError
 from producer.settings import Settings
 from worker import tasks
 from worker.logs import job_context
-from worker.pool import POOL
+from worker.pool import pool_for
 from worker.runtime import WorkerRuntime
 from worker.tasks import TRANSIENT_ERRORS
 
@@ -29,9 +29,11 @@ def worker_config(settings: Settings) -> dict:
     """Options only a consuming worker needs."""
     return {
         "task_acks_late": True,
-        # Celery's solo pool; a cold shutdown re-queues the running job instead of failing it.
-        "worker_pool": POOL,
+        # Celery's solo pool, or threads when batching (worker/pool.py); a cold shutdown
+        # re-queues the running jobs instead of failing them.
+        "worker_pool": pool_for(settings)[0],
         "task_reject_on_worker_lost": True,
+        # Reserved messages = this x the pool's threads (2 x batch size when batching).
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.soft_time_limit,
         "task_time_limit": settings.time_limit,

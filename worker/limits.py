@@ -9,6 +9,7 @@ visibility timeout, and the orchestrator restarts the worker.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -27,6 +28,12 @@ def _raise_soft_limit(signum: int, frame: object) -> None:
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 
 
+def _raise_in_thread(ident: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(SoftTimeLimitExceeded)
+    )
+
+
 def _end_process(job_id: str, seconds: float) -> None:
     log.critical("job %s ran past the hard time limit (%s s); ending the worker", job_id, seconds)
     logging.shutdown()
@@ -37,8 +44,9 @@ def _end_process(job_id: str, seconds: float) -> None:
 def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Iterator[None]:
     """Bound the block by `soft` seconds (exception) and `hard` seconds (process exit).
 
-    Signals only work in the main thread; elsewhere (the embedded worker
-    thread) the limits are not enforced. `may_exit=False` disables the hard
+    Signals only work in the main thread; on a pool thread of a real worker
+    the soft limit is an asynchronous exception instead, and in the embedded
+    worker thread the limits are not enforced. `may_exit=False` disables the hard
     limit, e.g. inside a user's own process.
     """
     in_main = threading.current_thread() is threading.main_thread()
@@ -48,6 +56,13 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
         watchdog = threading.Timer(hard, _end_process, args=(job_id, hard))
         watchdog.daemon = True
         watchdog.start()
+    soft_timer = None
+    if may_exit and soft > 0 and not in_main:
+        # A job on a pool thread (a batching worker): the exception is raised in
+        # that thread at its next Python instruction.
+        soft_timer = threading.Timer(soft, _raise_in_thread, args=(threading.get_ident(),))
+        soft_timer.daemon = True
+        soft_timer.start()
     previous = None
     if use_alarm:
         previous = signal.signal(signal.SIGALRM, _raise_soft_limit)
@@ -60,3 +75,5 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
             signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
         if watchdog is not None:
             watchdog.cancel()
+        if soft_timer is not None:
+            soft_timer.cancel()

@@ -51,6 +51,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
     from worker.accelerator import configure_accelerator
     from worker.app import create_app
     from worker.logs import configure_logging
+    from worker.pool import pool_for
 
     configure_logging(settings)
     # botocore narrates every client it builds at INFO; keep job logs readable.
@@ -76,8 +77,8 @@ def run_one(settings: Settings, node_name: str | None) -> int:
         worker_shutting_down.connect(lambda **_: service.set_ready(False), weak=False)
     argv = [
         "worker",
-        # The solo pool, from worker_pool in worker/app.py (see worker/pool.py).
-        "--concurrency=1",
+        # The pool is worker_pool in worker/app.py: solo, or threads when batching.
+        f"--concurrency={pool_for(settings)[1]}",
         f"--queues={','.join(settings.queues)}",
         f"--loglevel={settings.log_level}",
         f"--hostname={node_name or 'actviz@%h'}",

@@ -28,6 +28,11 @@ BATCH_IMAGES = Histogram(
     "Images per forward pass",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+ACTIVATION_BYTES = Histogram(
+    "actviz_batch_activation_bytes",
+    "Bytes of activations one forward pass holds (all selected layers, all images)",
+    buckets=(2**20, 2**22, 2**24, 2**26, 2**28, 2**30, 2**32),
+)
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(
     "actviz_gpu_memory_peak_bytes", "Peak accelerator memory since process start", ["device"]

@@ -1,4 +1,4 @@
-"""The worker's pool: Celery's solo pool, with a cold shutdown that keeps the job.
+"""The worker's pool: Celery's solo (or thread) pool, with a cold shutdown that keeps the job.
 
 A solo pool runs the job in the worker's main thread, which is also where
 Celery's signal handlers run. On a cold shutdown (SIGQUIT, or a second
@@ -11,12 +11,16 @@ Redis transport puts the unacknowledged message back on its queue.
 
 from __future__ import annotations
 
-from celery.concurrency import solo
+from celery.concurrency import solo, thread
 from celery.exceptions import WorkerTerminate
 from celery.platforms import EX_FAILURE
 
+from producer.settings import Settings
+
 # Celery resolves ACTVIZ's pool by this name (`worker_pool` in worker/app.py).
 POOL = "worker.pool:SoloPool"
+# With micro-batching (ACTVIZ_BATCH_SIZE > 1): jobs run on threads, see worker/batcher.py.
+THREAD_POOL = "worker.pool:ThreadPool"
 
 
 class SoloPool(solo.TaskPool):
@@ -24,3 +28,29 @@ class SoloPool(solo.TaskPool):
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
         raise WorkerTerminate(EX_FAILURE)
+
+
+class ThreadPool(thread.TaskPool):
+    """Thread pool with the same cold shutdown: unacknowledged jobs go back to the queue."""
+
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        raise WorkerTerminate(EX_FAILURE)
+
+
+def batching(settings: Settings) -> bool:
+    """Whether a worker with `settings` batches jobs (never in the embedded mode)."""
+    return settings.batch_size > 1 and not settings.embedded
+
+
+def pool_for(settings: Settings) -> tuple[str, int]:
+    """(pool, threads) of a worker process.
+
+    Batch size 1: the solo pool, one job at a time. Batch size N: 2N
+    threads, so N jobs can fill the next forward pass while the N of the
+    previous one render and upload. With prefetch multiplier 1 the worker
+    then reserves up to 2N messages, which a queue-length autoscaler does
+    not see (infra/README.md).
+    """
+    if not batching(settings):
+        return POOL, 1
+    return THREAD_POOL, 2 * settings.batch_size

@@ -6,15 +6,18 @@ One `WorkerRuntime` per process, attached to the Celery app as `app.actviz`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from producer.contract import JobOptions
 from producer.settings import Settings
 from producer.storage import Store, open_store, s3_client
+from worker.batcher import Batcher, run_alone
 from worker.cache import ModelCache
 from worker.fetch import fetch_model, model_trusted
 from worker.metrics import STAGE_SECONDS
+from worker.pool import batching
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,42 @@ class WorkerRuntime:
         self.cache = ModelCache(settings.cache_models, settings.cache_bytes)
         self._store: Store | None = None
         self._s3: object | None = None
+        self._batcher: Batcher | None = None
+        self._lock = threading.Lock()
+        # One fetch-and-load per model at a time: the pool's threads of a cold
+        # start wait for the first one and then hit the cache.
+        self._model_locks: dict[str, threading.Lock] = {}
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """The forward-pass batcher when the worker batches (batch size > 1), else None."""
+        if not batching(self.settings):
+            return None
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = Batcher(self.settings)
+        return self._batcher
+
+    def expect_image(self) -> None:
+        """A job started: its image will reach `analyze` soon (lets a batch wait for it)."""
+        if self.batcher is not None:
+            self.batcher.expect()
+
+    def drop_image(self) -> None:
+        """A job that called `expect_image` failed before `analyze`."""
+        if self.batcher is not None:
+            self.batcher.cancel()
+
+    def analyze(self, loaded: Any, image: bytes, options: JobOptions, alone: str | None) -> Any:
+        """One image's Artifacts, from a shared forward pass when batching.
+
+        `alone`: a group of its own (see batcher.group_key). Raises the
+        image's ActvizError (InvalidImage, ImageTooLarge, UnknownLayer, InvalidJob).
+        """
+        batcher = self.batcher
+        if batcher is None:
+            return run_alone(loaded, image, options, self.settings)
+        return batcher.run(loaded, image, options, alone=alone)
 
     @property
     def store(self) -> Store:
@@ -48,15 +87,19 @@ class WorkerRuntime:
         """
         from worker.engine import open_model
 
-        started = time.perf_counter()
-        model_file = fetch_model(uri, self.settings, self.s3 if uri.startswith("s3://") else None)
-        fetched = time.perf_counter()
-        trusted = model_trusted(uri, self.settings)
-        loaded, event = self.cache.get_or_load(
-            model_file.cache_key,
-            lambda: open_model(str(model_file.path), uri=uri, trusted=trusted),
-        )
-        done = time.perf_counter()
+        with self._lock:
+            model_lock = self._model_locks.setdefault(uri, threading.Lock())
+        with model_lock:
+            started = time.perf_counter()
+            s3 = self.s3 if uri.startswith("s3://") else None
+            model_file = fetch_model(uri, self.settings, s3)
+            fetched = time.perf_counter()
+            trusted = model_trusted(uri, self.settings)
+            loaded, event = self.cache.get_or_load(
+                model_file.cache_key,
+                lambda: open_model(str(model_file.path), uri=uri, trusted=trusted),
+            )
+            done = time.perf_counter()
         STAGE_SECONDS.labels(stage="download_model").observe(fetched - started)
         if event == "miss":
             STAGE_SECONDS.labels(stage="load").observe(done - fetched)

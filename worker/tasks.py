@@ -33,10 +33,10 @@ from producer.contract import ErrorCode, JobSpec
 from producer.errors import ActvizError, InvalidJob, PayloadTooLarge, TransientError
 from producer.storage import put_many
 from worker.batch import publish_batch
-from worker.deliveries import admit_delivery
+from worker.deliveries import admit_delivery, delivery_key, redis_client
 from worker.limits import time_limits
 from worker.logs import job_context
-from worker.metrics import BATCH_IMAGES, JOBS, QUEUE_WAIT, STAGE_SECONDS
+from worker.metrics import JOBS, QUEUE_WAIT, STAGE_SECONDS
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -131,21 +131,24 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
 
 
 def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
-    from worker.engine import analyze
     from worker.fetch import read_image
 
     settings, store = runtime.settings, runtime.store
     report_stage(task, "loading model")
-    loaded, cache_event, timings = runtime.load_model(spec.model)
-    image = read_image(
-        spec.image, store, settings, runtime.s3 if spec.image.startswith("s3://") else None
-    )
+    runtime.expect_image()
+    try:
+        loaded, cache_event, timings = runtime.load_model(spec.model)
+        image = read_image(
+            spec.image, store, settings, runtime.s3 if spec.image.startswith("s3://") else None
+        )
+    except BaseException:
+        runtime.drop_image()
+        raise
 
     report_stage(task, "forward")
-    BATCH_IMAGES.observe(1)
-    (outcome,) = analyze(loaded, [image], spec.options, settings)
-    if isinstance(outcome, ActvizError):
-        raise outcome
+    # A job delivered again (its worker died) runs in a forward pass of its own.
+    alone = spec.job_id if redelivered(task, spec.job_id) else None
+    outcome = runtime.analyze(loaded, image, spec.options, alone=alone)
     manifest = dict(outcome.manifest)
     files = dict(outcome.files)
     for stage in ("preprocess", "forward", "render"):
@@ -176,6 +179,15 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
         "cache_stats": runtime.cache.stats(),
         "timings_ms": manifest["timings_ms"],
     }
+
+
+def redelivered(task: Task, job_id: str) -> bool:
+    """Whether this attempt of the job was delivered before (see worker/deliveries.py)."""
+    client = redis_client(task)
+    if client is None:
+        return False
+    count = client.get(delivery_key(job_id, int(task.request.retries or 0)))
+    return int(count or 0) > 1
 
 
 def fill_manifest(

@@ -1,0 +1,286 @@
+"""Micro-batching: images of different jobs that share a model and layer set share one forward pass.
+
+With ACTVIZ_BATCH_SIZE > 1 a worker runs its jobs on a pool of threads
+(worker/pool.py). Each job's thread fetches and preprocesses its own image,
+then calls `Batcher.run(...)`. The batcher's one forward thread takes the
+oldest waiting image and every waiting image of its group (same extractor,
+i.e. same model and layer set; same preprocessed shape), up to
+`batch_size`, waiting at most `batch_wait_ms` for the group to fill, and runs
+one forward pass. Each image's slice of the activations is rendered on a pool
+of threads sized to the cores (Pillow and numpy release the GIL), and the
+job's own thread gets back its Artifacts and uploads them.
+
+So every job keeps its own Celery task: its own result, stages, retries,
+delivery count and late acknowledgement after its own manifest is written.
+
+Pipelining: the forward thread starts batch k+1 as soon as batch k's
+activations are handed to the render pool, while batch k renders and
+uploads. At most `PIPELINE_DEPTH` batches hold activations at once, so a
+worker's activation memory is bounded by PIPELINE_DEPTH x the largest batch
+(`activation_bytes`, reported in each manifest's `batch`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from producer.contract import JobOptions
+from producer.errors import ActvizError
+from producer.settings import Settings
+from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 2
+# How often a job's thread wakes while it waits, so a soft time limit can interrupt it.
+WAIT_POLL_S = 0.1
+
+
+@dataclass
+class Pending:
+    """One preprocessed image waiting for a forward pass."""
+
+    key: Hashable
+    arrived: float
+    payload: Any = None
+    # The job thread's context (its job id for log lines) follows the image into the render pool.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    future: Future = field(default_factory=Future)
+
+
+def group_key(extractor: object, shape: tuple[int, ...], alone: str | None = None) -> Hashable:
+    """Images with equal keys may share a forward pass.
+
+    Same extractor object (one per model and resolved layer set) and same
+    preprocessed (H, W, C). `alone` (e.g. the job id) gives the image a
+    group of its own: a job delivered again after its worker died runs by
+    itself, so a job that kills workers cannot take other jobs down with it.
+    """
+    return (id(extractor), tuple(shape), alone)
+
+
+def take_batch(pending: list[Pending], batch_size: int) -> list[Pending]:
+    """Remove and return the oldest item and the next items of its group, at most `batch_size`.
+
+    Items of other groups keep their places (first come, first served).
+    """
+    if not pending:
+        return []
+    key = pending[0].key
+    taken = [p for p in pending if p.key == key][: max(1, batch_size)]
+    chosen = {id(p) for p in taken}
+    pending[:] = [p for p in pending if id(p) not in chosen]
+    return taken
+
+
+def batch_ready(
+    pending: list[Pending], batch_size: int, wait_s: float, now: float, incoming: int
+) -> bool:
+    """Whether the oldest item's group should run now.
+
+    Yes when the group is full, when the oldest item has waited `wait_s`,
+    or when no other job is on its way (`incoming` jobs are being fetched
+    and preprocessed by their threads): waiting could only add latency.
+    """
+    if not pending:
+        return False
+    key = pending[0].key
+    members = sum(1 for p in pending if p.key == key)
+    return members >= batch_size or now - pending[0].arrived >= wait_s or incoming == 0
+
+
+def activation_bytes(outputs: list[np.ndarray]) -> int:
+    """Bytes the activations of one forward pass hold (every layer, every image)."""
+    return int(sum(o.nbytes for o in outputs))
+
+
+@dataclass
+class _Work:
+    """What a job hands to the batcher: its model, layers, image and options."""
+
+    loaded: Any
+    extractor: Any
+    image: Any  # worker.engine.PreparedImage
+    options: JobOptions
+    timings: dict[str, float]
+
+
+class Batcher:
+    """One forward thread per worker process plus a render pool; see the module doc."""
+
+    def __init__(self, settings: Settings, render_threads: int | None = None) -> None:
+        self.settings = settings
+        self.batch_size = max(1, settings.batch_size)
+        self.wait_s = max(0, settings.batch_wait_ms) / 1000.0
+        self._pending: list[Pending] = []
+        self._incoming = 0
+        self._cond = threading.Condition()
+        self._slots = threading.BoundedSemaphore(PIPELINE_DEPTH)
+        threads = render_threads or os.cpu_count() or 1
+        self._render = ThreadPoolExecutor(threads, thread_name_prefix="actviz-render")
+        self._batches = itertools.count(1)
+        self._thread = threading.Thread(target=self._loop, name="actviz-forward", daemon=True)
+        self._thread.start()
+
+    def expect(self) -> None:
+        """A job has started and will call `run` (or `cancel`) soon."""
+        with self._cond:
+            self._incoming += 1
+
+    def cancel(self) -> None:
+        """A job that called `expect` will not call `run` (it failed before its forward pass)."""
+        with self._cond:
+            self._incoming = max(0, self._incoming - 1)
+            self._cond.notify_all()
+
+    def run(
+        self,
+        loaded: Any,
+        image_bytes: bytes,
+        options: JobOptions,
+        alone: str | None = None,
+    ) -> Any:
+        """Preprocess one image here, forward it in a shared batch, render it; -> Artifacts.
+
+        Call `expect()` first. Raises what `analyze` raises for one image:
+        InvalidJob, UnknownLayer, InvalidImage, ImageTooLarge; an unexpected
+        forward-pass error is raised in every job of that batch.
+        """
+        from worker.engine import check_options, preprocess
+
+        try:
+            started = time.perf_counter()
+            check_options(options, loaded.input_shape[2])
+            extractor = loaded.extractor(options.layers)
+            image = preprocess(image_bytes, loaded.input_shape, options, self.settings)
+            timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
+        except BaseException:
+            self.cancel()
+            raise
+        work = _Work(loaded, extractor, image, options, timings)
+        item = Pending(group_key(extractor, image.pixels.shape, alone), time.monotonic(), work)
+        with self._cond:
+            self._incoming = max(0, self._incoming - 1)
+            self._pending.append(item)
+            self._cond.notify_all()
+        return wait_result(item.future)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not batch_ready(
+                    self._pending,
+                    self.batch_size,
+                    self.wait_s,
+                    time.monotonic(),
+                    self._incoming,
+                ):
+                    timeout = None
+                    if self._pending:
+                        timeout = max(
+                            0.0, self._pending[0].arrived + self.wait_s - time.monotonic()
+                        )
+                    self._cond.wait(timeout)
+                batch = take_batch(self._pending, self.batch_size)
+            self._slots.acquire()
+            try:
+                self._forward(batch)
+            except BaseException as exc:  # noqa: BLE001 (every job of the batch gets the error)
+                self._slots.release()
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _forward(self, batch: list[Pending]) -> None:
+        first: _Work = batch[0].payload
+        number = next(self._batches)
+        waited_ms = {id(i): (time.monotonic() - i.arrived) * 1000.0 for i in batch}
+        pixels = np.stack([item.payload.image.pixels for item in batch])
+        started = time.perf_counter()
+        outputs = first.extractor(pixels)
+        forward_s = time.perf_counter() - started
+        del pixels
+        nbytes = activation_bytes(outputs)
+        BATCH_IMAGES.observe(len(batch))
+        ACTIVATION_BYTES.observe(nbytes)
+        remaining = [len(batch)]
+        lock = threading.Lock()
+
+        def rendered(_: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self._slots.release()
+
+        for position, item in enumerate(batch):
+            work: _Work = item.payload
+            work.timings["batch_wait"] = waited_ms[id(item)]
+            work.timings["forward"] = forward_s * 1000.0
+            info = {
+                "size": len(batch),
+                "position": position,
+                "number": number,
+                "activation_bytes": nbytes,
+            }
+            slices = [output[position] for output in outputs]
+            task = self._render.submit(item.context.run, _render, work, slices, self.settings, info)
+            task.add_done_callback(rendered)
+            task.add_done_callback(lambda done, item=item: _settle(item.future, done))
+
+
+def _render(work: _Work, activations: list[np.ndarray], settings: Settings, info: dict) -> Any:
+    from worker.engine import render_artifacts
+
+    return render_artifacts(
+        work.loaded,
+        work.extractor.refs,
+        activations,
+        work.image,
+        work.options,
+        settings,
+        work.timings,
+        batch=info,
+    )
+
+
+def _settle(future: Future, done: Future) -> None:
+    exc = done.exception()
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(done.result())
+
+
+def wait_result(future: Future) -> Any:
+    """`future.result()`, waking every WAIT_POLL_S so an async exception can land."""
+    while True:
+        try:
+            return future.result(timeout=WAIT_POLL_S)
+        except TimeoutError:
+            continue
+
+
+def run_alone(loaded: Any, image_bytes: bytes, options: JobOptions, settings: Settings) -> Any:
+    """Batch size 1: `analyze` on one image in the job's thread; -> Artifacts.
+
+    Raises the image's ActvizError, as `Batcher.run` does.
+    """
+    from worker.engine import analyze
+
+    BATCH_IMAGES.observe(1)
+    (outcome,) = analyze(loaded, [image_bytes], options, settings)
+    if isinstance(outcome, ActvizError):
+        raise outcome
+    return outcome
