@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -117,7 +118,9 @@ class Browser:
 
     def _read(self, deadline: float) -> dict:
         while b"\0" not in self._buffer:
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([self._from_child], [], [], max(0.0, remaining))
+            if not readable:
                 raise TimeoutError("no reply from chromium")
             chunk = os.read(self._from_child, 1 << 16)
             if not chunk:
@@ -181,8 +184,13 @@ class Page:
             raise RuntimeError(f"script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def bring_to_front(self) -> None:
+        """Make this the visible tab: a background tab does not paint or run animation frames."""
+        self.browser.send("Page.bringToFront", session=self.session)
+
     def click(self, x: float, y: float) -> None:
         """A real left click at viewport CSS pixel (x, y)."""
+        self.bring_to_front()
         for kind in ("mousePressed", "mouseReleased"):
             self.browser.send(
                 "Input.dispatchMouseEvent",
@@ -211,6 +219,7 @@ class Page:
 
     def screenshot(self, full_page: bool = True) -> bytes:
         """PNG of the page (the whole scroll height when `full_page`)."""
+        self.bring_to_front()
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             height = self.evaluate("document.documentElement.scrollHeight")

@@ -161,13 +161,21 @@ def test_top_k_tiles_show_their_own_channel(page, job) -> None:
     layer = job[1]["layers"][0]
     grid = layer["grid"]
     grid_rgb = np.asarray(Image.open(job[0].parent / grid["png"]).convert("RGB"), np.float32)
+    page.bring_to_front()
+    page.evaluate("document.querySelector('section.layer .topk').scrollIntoView()")
+    # Wait until every image is decoded and painted before reading pixels back.
+    page.evaluate(
+        "Promise.all(Array.from(document.images).map(i => i.decode())).then(() =>"
+        " new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done))))"
+    )
     tiles = page.evaluate(
-        "Array.from(document.querySelector('section.layer').querySelectorAll('button.tile')).map(b => {"
-        " const r = b.getBoundingClientRect(); return [+b.dataset.channel, r.left + scrollX,"
-        " r.top + scrollY, r.width, r.height]; })"
+        "Array.from(document.querySelector('section.layer').querySelectorAll('button.tile'))"
+        ".map(b => { const r = b.getBoundingClientRect();"
+        " return [+b.dataset.channel, r.left, r.top, r.width, r.height]; })"
     )
     assert [c for c, *_ in tiles] == layer["summary"]["top_k"]
-    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"), np.float32)
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=False))).convert("RGB")
+    shot = np.asarray(shot, np.float32)
     for channel, left, top, width, height in tiles:
         row, col = divmod(channel, grid["cols"])
         y0, x0 = row * (grid["tile_h"] + 1), col * (grid["tile_w"] + 1)
