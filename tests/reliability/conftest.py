@@ -1,6 +1,7 @@
 """Fixtures of the reliability suite: test models in S3 and the figures report.
 
-The Redis, S3 server and bucket fixtures come from tests/conftest.py. Set
+The S3 server and bucket fixtures come from tests/conftest.py; `redis_url` is
+overridden here with a private redis-server per module. Set
 ACTVIZ_WRITE_REPORT=1 to write the measured figures into docs/reliability.md.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import harness
@@ -61,6 +63,15 @@ def models(s3, bucket: str, rel_model_files: dict[str, Path]) -> dict[str, str]:
         s3.upload_file(str(path), bucket, key)
         uris[name] = f"s3://{bucket}/{key}"
     return uris
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server per module (AOF on), so concurrent test runs never share a queue."""
+    server = harness.RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

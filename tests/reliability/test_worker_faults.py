@@ -20,7 +20,6 @@ import pytest
 
 from producer import Client, ErrorCode, JobFailed, Settings
 
-REDIS_DB = 1
 REDELIVER_AFTER = 8
 pytestmark = pytest.mark.timeout(240)
 
