@@ -95,7 +95,10 @@ def admit_delivery(task: Task, spec: JobSpec, store: Store, settings: Settings) 
         return done
     count = count_delivery(task, spec.job_id, settings)
     if count > 1:
-        log.warning("delivery %d of this job: a worker stopped during an earlier one", count)
+        log.warning(
+            "delivery %d of this job: an earlier one was lost with its worker or is a duplicate",
+            count,
+        )
     if count > settings.max_deliveries:
         raise WorkerLost(
             f"the job was delivered {count} times and its worker stopped each time "
