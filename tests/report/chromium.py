@@ -97,6 +97,9 @@ class Browser:
         os.write(self._to_child, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + self.timeout
         while True:
+            # Events may stream in without pause; the deadline bounds the wait for the reply.
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no reply to {method} from chromium")
             reply = self._read(deadline)
             if reply.get("id") == self._next_id:
                 if "error" in reply:
@@ -111,6 +114,8 @@ class Browser:
             if event.get("method") == method and event.get("sessionId") == session:
                 return event
         while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {method} event from chromium")
             event = self._read(deadline)
             self.events.append(event)
             if event.get("method") == method and event.get("sessionId") == session:

@@ -163,11 +163,8 @@ def test_top_k_tiles_show_their_own_channel(page, job) -> None:
     grid_rgb = np.asarray(Image.open(job[0].parent / grid["png"]).convert("RGB"), np.float32)
     page.bring_to_front()
     page.evaluate("document.querySelector('section.layer .topk').scrollIntoView()")
-    # Wait until every image is decoded and painted before reading pixels back.
-    page.evaluate(
-        "Promise.all(Array.from(document.images).map(i => i.decode())).then(() =>"
-        " new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done))))"
-    )
+    # Wait until every image is decoded; the screenshot itself forces a fresh paint.
+    page.evaluate("Promise.all(Array.from(document.images).map(i => i.decode()))")
     tiles = page.evaluate(
         "Array.from(document.querySelector('section.layer').querySelectorAll('button.tile'))"
         ".map(b => { const r = b.getBoundingClientRect();"
