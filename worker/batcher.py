@@ -178,6 +178,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
+            # A free pipeline slot first: images that arrive while earlier batches
+            # still render join the next batch instead of waiting behind a small one.
+            self._slots.acquire()
             with self._cond:
                 while not batch_ready(
                     self._pending,
@@ -193,7 +196,6 @@ class Batcher:
                         )
                     self._cond.wait(timeout)
                 batch = take_batch(self._pending, self.batch_size)
-            self._slots.acquire()
             try:
                 self._forward(batch)
             except BaseException as exc:  # noqa: BLE001 (every job of the batch gets the error)

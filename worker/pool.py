@@ -11,6 +11,11 @@ Redis transport puts the unacknowledged message back on its queue.
 
 from __future__ import annotations
 
+import ctypes
+import threading
+from collections.abc import Callable
+from typing import Any
+
 from celery.concurrency import solo, thread
 from celery.exceptions import WorkerTerminate
 from celery.platforms import EX_FAILURE
@@ -31,10 +36,42 @@ class SoloPool(solo.TaskPool):
 
 
 class ThreadPool(thread.TaskPool):
-    """Thread pool with the same cold shutdown: unacknowledged jobs go back to the queue."""
+    """Thread pool with the same cold shutdown: unacknowledged jobs go back to the queue.
+
+    Celery cancels each running job from the main thread, but a job on a pool
+    thread cannot be unwound from there: left alone it would run on while the
+    interpreter shuts down and fail as `internal`. So the cancel raises
+    WorkerTerminate inside every thread running a job, at its next Python
+    instruction; Celery's tracer lets it through without storing a failure,
+    nothing is acknowledged, and the consumer restores the messages.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._running: set[int] = set()
+        self._running_lock = threading.Lock()
+
+    def on_apply(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def tracked(*a: Any, **kw: Any) -> Any:
+            ident = threading.get_ident()
+            with self._running_lock:
+                self._running.add(ident)
+            try:
+                return target(*a, **kw)
+            finally:
+                with self._running_lock:
+                    self._running.discard(ident)
+
+        return super().on_apply(tracked, *args, **kwargs)
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
-        raise WorkerTerminate(EX_FAILURE)
+        with self._running_lock:
+            running = list(self._running)
+            self._running.clear()  # each thread is told once
+        for ident in running:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(ident), ctypes.py_object(WorkerTerminate)
+            )
 
 
 def batching(settings: Settings) -> bool:
