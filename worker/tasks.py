@@ -158,7 +158,11 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     fill_manifest(manifest, spec, cache_event, timings)
 
     report_stage(task, "rendering")
+    started = time.perf_counter()
     files.update(render_report(manifest, files))
+    report_s = time.perf_counter() - started
+    STAGE_SECONDS.labels(stage="report").observe(report_s)
+    manifest["timings_ms"]["report"] = round(report_s * 1000, 3)
 
     report_stage(task, "uploading")
     started = time.perf_counter()
