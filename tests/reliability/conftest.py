@@ -77,6 +77,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not harness.FIGURES:
         return
+    logs = [p for p in harness.WORKER_LOGS if p.exists()]
+    leaks = [
+        p
+        for p in logs
+        if any(secret in p.read_text(errors="replace") for secret in harness.SECRETS)
+    ]
+    harness.record(
+        "Security", "all worker logs of the run / holding a secret", f"{len(logs)} / {len(leaks)}"
+    )
     text = render_figures(harness.FIGURES)
     print("\n" + text)
     if os.environ.get("ACTVIZ_WRITE_REPORT") == "1" and REPORT.is_file():

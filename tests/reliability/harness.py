@@ -33,6 +33,7 @@ ACTVIZ = BIN / "actviz"
 # The credentials the reliability workers hold; no log line may ever contain them.
 AWS_SECRET = "rel-aws-secret-6f1d0c9e7b"
 REDIS_PASSWORD = "rel-redis-pw-3a8e51"
+SECRETS = (AWS_SECRET, REDIS_PASSWORD)
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "rel-access-key",
     "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
