@@ -8,6 +8,7 @@ exponential backoff and jitter for transient faults only.
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack
 from typing import Any
 
@@ -45,7 +46,8 @@ def worker_config(settings: Settings) -> dict:
     }
 
 
-_job_logs: dict[str, ExitStack] = {}
+# Keyed by task id and thread: two deliveries of one job id may run at once on two threads.
+_job_logs: dict[tuple[str, int], ExitStack] = {}
 
 
 def _enter_job_log(task_id: str | None = None, **_: Any) -> None:
@@ -54,11 +56,11 @@ def _enter_job_log(task_id: str | None = None, **_: Any) -> None:
     if task_id:
         stack = ExitStack()
         stack.enter_context(job_context(task_id))
-        _job_logs[task_id] = stack
+        _job_logs[(task_id, threading.get_ident())] = stack
 
 
 def _leave_job_log(task_id: str | None = None, **_: Any) -> None:
-    stack = _job_logs.pop(task_id or "", None)
+    stack = _job_logs.pop((task_id or "", threading.get_ident()), None)
     if stack is not None:
         stack.close()
 
