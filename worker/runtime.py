@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from producer.contract import JobOptions
 from producer.settings import Settings
@@ -20,6 +21,8 @@ from worker.metrics import STAGE_SECONDS
 from worker.pool import batching
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class WorkerRuntime:
@@ -43,6 +46,17 @@ class WorkerRuntime:
             if self._batcher is None:
                 self._batcher = Batcher(self.settings)
         return self._batcher
+
+    @property
+    def upload_threads(self) -> int:
+        """Concurrent uploads per job: fewer when many jobs upload at once (batching)."""
+        return 2 if batching(self.settings) else 8
+
+    def on_cpu_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the render pool when batching, so CPU-bound work of many
+        jobs runs on as many threads as there are cores; else right here."""
+        batcher = self.batcher
+        return fn(*args) if batcher is None else batcher.call(fn, *args)
 
     def expect_image(self) -> None:
         """A job started: its image will reach `analyze` soon (lets a batch wait for it)."""

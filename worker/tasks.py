@@ -159,7 +159,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
 
     report_stage(task, "rendering")
     started = time.perf_counter()
-    files.update(render_report(manifest, files))
+    files.update(runtime.on_cpu_pool(render_report, manifest, files))
     report_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="report").observe(report_s)
     manifest["timings_ms"]["report"] = round(report_s * 1000, 3)
@@ -167,7 +167,8 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     report_stage(task, "uploading")
     started = time.perf_counter()
     prefix = contract.job_prefix(spec.job_id)
-    put_many(store, [(prefix + name, data) for name, data in files.items()])
+    objects = [(prefix + name, data) for name, data in files.items()]
+    put_many(store, objects, workers=runtime.upload_threads)
     upload_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="upload").observe(upload_s)
     manifest["timings_ms"]["upload"] = round(upload_s * 1000, 3)
