@@ -1,0 +1,666 @@
+"""Service benchmark: jobs/s and latency through Redis, S3 and a real worker, vs the in-process floor.
+
+One run measures, on the same images:
+
+  in-process (no queue, no storage), images/s per model and layer spec:
+    forward     the cached extractor alone on a preprocessed batch
+    analyze     forward + grids + stats + manifest (`analyze`), per batch size
+    classic     the book's recipe from bench/bench_engine.py (per-layer
+                predict + matplotlib), classic CNN and ':8' only
+  service: its own redis-server and moto_server on free ports, one
+    `actviz worker --preload` subprocess per batch size (ACTVIZ_BATCH_SIZE),
+    producers at each concurrency submitting the fixed workload; end-to-end
+    latency is submit (image upload included) to the Celery result being
+    SUCCESS, which the worker stores after the job's manifest
+  cold start: seconds from starting `actviz worker --preload` to /readyz 200,
+    and the first job of a model the worker has not loaded yet.
+
+Workload: --jobs per model (classic 150x150 CNN of bench_engine, and a deeper
+VGG-style CNN on the same input), half with layers ':8', half with the
+default (every spatial layer), in that order; 16 distinct 320x240 JPEGs.
+
+    python bench/bench_service.py [--jobs 200] [--batch-sizes 1,8] [--concurrency 1,4,16]
+    KERAS_BACKEND=jax python bench/bench_service.py --in-process-only
+
+`--in-process-only` needs no Redis, S3 server or worker: it prints the
+engine floor with a batch-size sweep (1/8/32) and where the time goes.
+Never asserts; prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_engine  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from producer.contract import JobOptions  # noqa: E402
+from producer.settings import Settings  # noqa: E402
+from worker.engine import analyze, manifest_bytes, open_model, preprocess  # noqa: E402
+
+SPECS = (":8", None)  # first 8 layers; every spatial layer (the default)
+IMAGES = 16
+SWEEP = (1, 8, 32)
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+# ---- models and images ------------------------------------------------------
+
+
+def deep_cnn() -> keras.Model:
+    """A deeper VGG-style CNN on 150x150x3: 9 convs in 4 blocks, 13 spatial layers."""
+    keras.utils.set_random_seed(1)
+    layers = keras.layers
+    stack: list = [keras.Input((150, 150, 3))]
+    for filters, convs in ((32, 2), (64, 2), (96, 3), (128, 2)):
+        stack += [
+            layers.Conv2D(filters, 3, padding="same", activation="relu") for _ in range(convs)
+        ]
+        stack.append(layers.MaxPooling2D(2))
+    stack += [layers.GlobalAveragePooling2D(), layers.Dense(1, activation="sigmoid")]
+    return keras.Sequential(stack, name="deep_vgg_style")
+
+
+def photos(count: int, width: int = 320, height: int = 240) -> list[bytes]:
+    """`count` distinct photo-like JPEGs: gradients, waves and noise, seeded."""
+    out = []
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        fx, fy = rng.uniform(8, 30, 2)
+        base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / fx + yy / fy)], axis=-1)
+        pixels = np.clip(base * 220 + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def save_models(folder: Path) -> dict[str, Path]:
+    paths = {"classic": folder / "classic_cnn.keras", "deep": folder / "deep_cnn.keras"}
+    bench_engine.classic_cnn().save(paths["classic"])
+    deep_cnn().save(paths["deep"])
+    return paths
+
+
+def spec_name(spec: str | None) -> str:
+    return spec or "default"
+
+
+# ---- in-process floor -------------------------------------------------------
+
+
+def median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm: graphs, caches, colormap LUT
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@dataclass
+class Floor:
+    forward: dict[int, float] = field(default_factory=dict)  # batch -> images/s
+    analyze: dict[int, float] = field(default_factory=dict)  # batch -> images/s
+    stages: dict[str, float] = field(default_factory=dict)  # ms per image, largest batch
+    activation_mb: dict[int, float] = field(default_factory=dict)  # batch -> MB
+    classic: float | None = None
+
+
+def measure_floor(
+    path: Path, images: list[bytes], spec: str | None, batches: tuple[int, ...], repeats: int
+) -> Floor:
+    settings = Settings()
+    options = JobOptions(layers=spec)
+    loaded = open_model(path)
+    extractor = loaded.extractor(spec)
+    floor = Floor()
+    for batch in batches:
+        chosen = [images[i % len(images)] for i in range(batch)]
+        pixels = np.stack(
+            [preprocess(d, loaded.input_shape, options, settings).pixels for d in chosen]
+        )
+        outputs = extractor(pixels)
+        floor.activation_mb[batch] = sum(o.nbytes for o in outputs) / 2**20
+        del outputs
+        floor.forward[batch] = batch / median_s(lambda x=pixels: extractor(x), repeats)
+
+        def run(chosen: list[bytes] = chosen) -> list:
+            results = analyze(loaded, chosen, options, settings)
+            for result in results:
+                manifest_bytes(result.manifest)
+            return results
+
+        floor.analyze[batch] = batch / median_s(run, max(2, repeats // max(1, batch // 4)))
+    results = analyze(
+        loaded, [images[i % len(images)] for i in range(batches[-1])], options, settings
+    )
+    for stage in ("preprocess", "forward", "render", "stats"):
+        total = sum(r.manifest["timings_ms"][stage] for r in results)
+        # The forward pass is shared: every image of the batch records the same time.
+        floor.stages[stage] = total / len(results) / (len(results) if stage == "forward" else 1)
+    return floor
+
+
+def measure_classic(path: Path, image: bytes, repeats: int) -> float:
+    loaded = open_model(path)
+    with tempfile.TemporaryDirectory(prefix="actviz-classic-") as tmp:
+        return 1.0 / median_s(
+            lambda: bench_engine.classic_recipe(loaded.model, image, Path(tmp)), repeats
+        )
+
+
+def device_name() -> str:
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_logical_devices("GPU")
+            return gpus[0].name if gpus else "CPU"
+        if backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            return f"{device.platform.upper()} ({device.device_kind})"
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    except Exception as exc:  # noqa: BLE001 (the table says what it could not find)
+        return f"unknown ({exc})"
+    return "CPU"
+
+
+# ---- real services ------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def services(folder: Path) -> Iterator[dict[str, str]]:
+    """redis-server and moto_server on free ports; yields the env a worker and client need."""
+    bin_dir = Path(sys.executable).parent
+    redis_port, s3_port = free_port(), free_port()
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise SystemExit("redis-server not found; --in-process-only runs without it")
+    procs = [
+        subprocess.Popen(
+            [redis_bin, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            cwd=folder,
+        ),
+        subprocess.Popen(
+            [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    try:
+        wait_until(lambda: http_ok(endpoint), 30, "moto_server")
+        import redis
+
+        wait_until(lambda: _redis_up(redis, redis_port), 30, "redis-server")
+        env = {**S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}
+        os.environ.update(env)  # this process's boto3 (the producers) too
+        env["ACTVIZ_BROKER_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        env["pids"] = {"redis": procs[0].pid, "s3 server": procs[1].pid}
+        yield env
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_up(redis: object, port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port).ping())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class Worker:
+    """An `actviz worker --preload ...` subprocess with its metrics port."""
+
+    def __init__(self, env: dict[str, str], preload: list[str], log: Path) -> None:
+        self.port = free_port()
+        env = {**env, "ACTVIZ_METRICS_PORT": str(self.port)}
+        args = [str(Path(sys.executable).parent / "actviz"), "worker"]
+        for uri in preload:
+            args += ["--preload", uri]
+        self.started = time.monotonic()
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.log = log
+        self.ready_s = wait_until(self._ready, 300, "actviz worker")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited {self.proc.returncode}: {self.log.read_text()}")
+        return http_ok(f"http://127.0.0.1:{self.port}/readyz")
+
+    def batches(self) -> tuple[float, float]:
+        """(forward passes, images) so far, from actviz_forward_batch_images."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        values = {}
+        for line in text.splitlines():
+            for name in ("count", "sum"):
+                if line.startswith(f"actviz_forward_batch_images_{name} "):
+                    values[name] = float(line.split()[1])
+        return values.get("count", 0.0), values.get("sum", 0.0)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@dataclass
+class Load:
+    jobs: int
+    seconds: float
+    latencies: list[float]
+    failed: int
+    images_per_forward: float
+    stages: dict[str, float]
+    cpu_ms: dict[str, float]  # CPU ms per job, by process
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000.0
+
+
+class Watcher:
+    """One thread that polls every job in flight with a single MGET, every 5 ms.
+
+    Polling each job from its own producer thread would cost the producers
+    more CPU than the worker on a small machine; Celery's pub/sub result
+    consumer is not safe to share between threads.
+    """
+
+    def __init__(self, app: object) -> None:
+        self.backend = app.backend
+        self._waiting: dict[str, tuple[threading.Event, list[str]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def wait(self, job_id: str) -> tuple[str, dict]:
+        """Block until the job's result is stored; (final state, the task's result)."""
+        event, state = threading.Event(), []
+        with self._lock:
+            self._waiting[job_id] = (event, state)
+        event.wait()
+        return state[0], state[1]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.005):
+            with self._lock:
+                ids = list(self._waiting)
+            if not ids:
+                continue
+            keys = [self.backend.get_key_for_task(i) for i in ids]
+            for job_id, raw in zip(ids, self.backend.client.mget(keys), strict=True):
+                if raw is None:
+                    continue
+                meta = self.backend.decode_result(raw)
+                if meta["status"] in ("SUCCESS", "FAILURE"):
+                    with self._lock:
+                        event, state = self._waiting.pop(job_id)
+                    result = meta.get("result")
+                    state += [meta["status"], result if isinstance(result, dict) else {}]
+                    event.set()
+
+
+def run_load(
+    settings: Settings, workload: list[tuple[str, bytes, str | None]], concurrency: int
+) -> tuple[float, list[float], int, dict[str, float]]:
+    """Submit `workload` with `concurrency` jobs in flight.
+
+    Returns (seconds, latencies s, failed jobs, mean ms per worker stage).
+    """
+    from producer import Client
+
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = {}
+    failed = [0]
+    lock = threading.Lock()
+    cursor = iter(workload)
+    clients = [Client(settings=settings) for _ in range(concurrency)]
+    watcher = Watcher(clients[0].app)
+
+    def producer(client: Client) -> None:
+        while True:
+            with lock:
+                item = next(cursor, None)
+            if item is None:
+                return
+            model, image, spec = item
+            started = time.perf_counter()
+            job = client.submit(model, image, layers=spec)
+            state, result = watcher.wait(job.id)
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                failed[0] += state == "FAILURE"
+                for stage, ms in (result.get("timings_ms") or {}).items():
+                    stages.setdefault(stage, []).append(ms)
+
+    threads = [threading.Thread(target=producer, args=(c,)) for c in clients]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    watcher.close()
+    means = {stage: statistics.mean(values) for stage, values in stages.items()}
+    return seconds, latencies, failed[0], means
+
+
+def workload_of(uris: dict[str, str], images: list[bytes], jobs: int) -> list:
+    """Per model `jobs` jobs: the first half ':8', the rest default; images cycle."""
+    out = []
+    for name in ("classic", "deep"):
+        for i in range(jobs):
+            spec = SPECS[0] if i < jobs // 2 else SPECS[1]
+            out.append((uris[name], images[i % len(images)], spec))
+    return out
+
+
+def measure_service(
+    args: argparse.Namespace, paths: dict[str, Path], images: list[bytes], folder: Path
+) -> tuple[dict[tuple[int, int], Load], dict[str, float]]:
+    import boto3
+
+    loads: dict[tuple[int, int], Load] = {}
+    cold: dict[str, float] = {}
+    with services(folder) as env:
+        pids = env.pop("pids")
+        bucket = "actviz-bench"
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=bucket)
+        uris = {}
+        for name, path in paths.items():
+            s3.upload_file(str(path), bucket, f"models/{path.name}")
+            uris[name] = f"s3://{bucket}/models/{path.name}"
+        s3.upload_file(str(paths["classic"]), bucket, "models/uncached.keras")
+        settings = Settings(broker_url=env["ACTVIZ_BROKER_URL"], storage_url=f"s3://{bucket}/r")
+        worker_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ACTVIZ_")},
+            **env,
+            "ACTVIZ_STORAGE_URL": settings.storage_url,
+            "ACTVIZ_MODEL_ALLOW": f"s3://{bucket}/models/",
+            "ACTVIZ_LOG_LEVEL": "WARNING",
+        }
+        workload = workload_of(uris, images, args.jobs)
+        warm = [(uris[m], images[0], spec) for m in ("classic", "deep") for spec in SPECS]
+        for batch_size in args.batch_sizes:
+            env_b = {
+                **worker_env,
+                "ACTVIZ_BATCH_SIZE": str(batch_size),
+                "ACTVIZ_MODEL_CACHE_DIR": str(folder / f"cache-{batch_size}"),
+            }
+            log = folder / f"worker-b{batch_size}.log"
+            worker = Worker(env_b, [uris["classic"], uris["deep"]], log)
+            try:
+                cold[f"ready_s_b{batch_size}"] = worker.ready_s
+                run_load(settings, warm * 2, 4)  # build the ':8' extractors too
+                for concurrency in args.concurrency:
+                    procs = {**pids, "worker": worker.proc.pid, "producers": os.getpid()}
+                    cpu_before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+                    before = worker.batches()
+                    seconds, latencies, failed, stages = run_load(settings, workload, concurrency)
+                    after = worker.batches()
+                    cpu_ms = {
+                        name: (cpu_seconds(pid) - cpu_before[name]) * 1000.0 / len(workload)
+                        for name, pid in procs.items()
+                    }
+                    passes = max(1.0, after[0] - before[0])
+                    loads[(batch_size, concurrency)] = Load(
+                        len(workload),
+                        seconds,
+                        latencies,
+                        failed,
+                        (after[1] - before[1]) / passes,
+                        stages,
+                        cpu_ms,
+                    )
+                    print(
+                        f"  batch {batch_size:>2} concurrency {concurrency:>2}: "
+                        f"{len(workload) / seconds:6.1f} jobs/s",
+                        file=sys.stderr,
+                    )
+                if batch_size == args.batch_sizes[-1]:
+                    _, first, _, _ = run_load(
+                        settings, [(f"s3://{bucket}/models/uncached.keras", images[1], None)], 1
+                    )
+                    cold["first_job_uncached_ms"] = first[0] * 1000.0
+            finally:
+                worker.stop()
+    return loads, cold
+
+
+# ---- report -------------------------------------------------------------------
+
+
+def weighted_rate(rates: list[float]) -> float:
+    """Images/s of a workload with an equal number of images at each rate."""
+    return len(rates) / sum(1.0 / r for r in rates)
+
+
+def print_floor(floors: dict[tuple[str, str], Floor], batches: tuple[int, ...]) -> None:
+    heads = [f"fwd b={b}" for b in batches] + [f"analyze b={b}" for b in batches]
+    print("in-process, no queue, no storage (images/s):")
+    print(f"{'model':<9}{'layers':<9}" + "".join(f"{h:>14}" for h in heads) + f"{'classic':>10}")
+    for (model, spec), floor in floors.items():
+        cells = [floor.forward[b] for b in batches] + [floor.analyze[b] for b in batches]
+        classic = f"{floor.classic:>10.2f}" if floor.classic else f"{'':>10}"
+        print(f"{model:<9}{spec:<9}" + "".join(f"{c:>14.1f}" for c in cells) + classic)
+    print()
+    print("where the time goes per image at the largest batch (ms), and activation memory:")
+    print(
+        f"{'model':<9}{'layers':<9}{'preprocess':>11}{'forward':>9}{'render':>8}{'stats':>7}"
+        + "".join(f"{f'MB b={b}':>10}" for b in batches)
+    )
+    for (model, spec), floor in floors.items():
+        s = floor.stages
+        print(
+            f"{model:<9}{spec:<9}{s['preprocess']:>11.1f}{s['forward']:>9.1f}"
+            f"{s['render']:>8.1f}{s['stats']:>7.1f}"
+            + "".join(f"{floor.activation_mb[b]:>10.1f}" for b in batches)
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200, help="jobs per model per run")
+    parser.add_argument("--batch-sizes", default="1,8", help="worker batch sizes to compare")
+    parser.add_argument("--concurrency", default="1,4,16", help="producer concurrencies")
+    parser.add_argument("--repeats", type=int, default=10, help="in-process repeats")
+    parser.add_argument("--classic-repeats", type=int, default=3)
+    parser.add_argument("--in-process-only", action="store_true", help="engine floor only")
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    images = photos(IMAGES)
+    service_batch = max(args.batch_sizes)
+    batches = SWEEP if args.in_process_only else tuple(sorted({1, service_batch}))
+    with tempfile.TemporaryDirectory(prefix="actviz-bench-service-") as tmp:
+        folder = Path(tmp)
+        paths = save_models(folder)
+        floors: dict[tuple[str, str], Floor] = {}
+        for name, path in paths.items():
+            for spec in SPECS:
+                floors[(name, spec_name(spec))] = measure_floor(
+                    path, images, spec, batches, args.repeats
+                )
+        floors[("classic", ":8")].classic = measure_classic(
+            paths["classic"], images[0], args.classic_repeats
+        )
+        loads, cold = ({}, {})
+        if not args.in_process_only:
+            loads, cold = measure_service(args, paths, images, folder)
+
+    print(f"actviz service benchmark  {now:%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {bench_engine.machine()}")
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}, device {device_name()}")
+    print(
+        f"images: {IMAGES} distinct 320x240 JPEGs; models: classic CNN and deep VGG-style, 150x150x3"
+    )
+    print()
+    print_floor(floors, batches)
+    b = service_batch
+    floor_fwd = weighted_rate([f.forward[b] for f in floors.values()])
+    floor_all = weighted_rate([f.analyze[b] for f in floors.values()])
+    print()
+    print(
+        f"workload mix (equal jobs per model and layer spec), batch {b}: "
+        f"forward {floor_fwd:.1f} images/s, forward + grids {floor_all:.1f} images/s"
+    )
+    classic = floors[("classic", ":8")]
+    print(
+        f"classic recipe (classic CNN, ':8'): {classic.classic:.2f} images/s; "
+        f"analyze b=1 / classic = {classic.analyze[1] / classic.classic:.1f}x, "
+        f"b={b} / classic = {classic.analyze[b] / classic.classic:.1f}x"
+    )
+    if not loads:
+        return
+    print()
+    print(
+        f"service: Redis + moto S3 + actviz worker --preload; {args.jobs} jobs per model per row "
+        f"({2 * args.jobs} jobs), submit -> result ready"
+    )
+    print(
+        f"{'batch':>5}{'conc':>6}{'jobs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p95/p50':>9}"
+        f"{'img/fwd':>9}{'vs floor':>10}{'failed':>8}"
+    )
+    for (batch, conc), load in sorted(loads.items()):
+        p50, p95 = load.percentile(50), load.percentile(95)
+        print(
+            f"{batch:>5}{conc:>6}{load.rate:>9.1f}{p50:>9.0f}{p95:>9.0f}{p95 / p50:>9.2f}"
+            f"{load.images_per_forward:>9.1f}{load.rate / floor_all:>9.0%}{load.failed:>8}"
+        )
+    print()
+    print("where a job's time goes in the worker (mean ms per job; forward is its batch's pass):")
+    names = ("batch_wait", "preprocess", "forward", "render", "stats", "report", "upload")
+    print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>12}" for n in names))
+    for (batch, conc), load in sorted(loads.items()):
+        cells = "".join(f"{load.stages.get(n, 0.0):>12.1f}" for n in names)
+        print(f"{batch:>5}{conc:>6}" + cells)
+    print()
+    print(f"CPU per job by process (ms; the machine has {os.cpu_count() or 1} cores):")
+    owners = ("worker", "s3 server", "redis", "producers")
+    print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in owners) + f"{'total':>9}")
+    for (batch, conc), load in sorted(loads.items()):
+        cells = "".join(f"{load.cpu_ms[n]:>11.0f}" for n in owners)
+        print(f"{batch:>5}{conc:>6}" + cells + f"{sum(load.cpu_ms.values()):>9.0f}")
+    print()
+    top = max(args.concurrency)
+    low = min(args.concurrency)
+    best = loads.get((b, top))
+    one = loads.get((1, top))
+    if best:
+        print(
+            f"service at concurrency {top}, batch {b}: {best.rate / floor_all:.0%} of the in-process "
+            f"forward + grids rate (target >= 60%)"
+        )
+    if best and one and b != 1:
+        print(f"batching: batch {b} / batch 1 at concurrency {top} = {best.rate / one.rate:.2f}x")
+    for batch in args.batch_sizes:
+        load = loads.get((batch, low))
+        if load:
+            print(
+                f"latency at concurrency {low}, batch {batch}: p95 / p50 = "
+                f"{load.percentile(95) / load.percentile(50):.2f} (target <= 1.5)"
+            )
+    ready = ", ".join(
+        f"batch {k.rsplit('b', 1)[1]} {v:.1f} s" for k, v in cold.items() if k.startswith("ready")
+    )
+    print(f"cold start: worker start -> /readyz with both models preloaded: {ready}")
+    if "first_job_uncached_ms" in cold and (b, low) in loads:
+        print(
+            f"cold start: first job of a model not yet loaded {cold['first_job_uncached_ms']:.0f} ms "
+            f"(warm p50 at concurrency {low}: {loads[(b, low)].percentile(50):.0f} ms)"
+        )
+    summary = {f"{k[0]}x{k[1]}": round(v.rate, 2) for k, v in loads.items()}
+    print("json: " + json.dumps({"jobs_per_s": summary, "floor": round(floor_all, 2), **cold}))
+
+
+if __name__ == "__main__":
+    main()
