@@ -31,5 +31,9 @@ test: $(STAMP) services lint
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 
+# Starts its own redis-server and S3 server; see bench/README.md. BENCH_ARGS="--jobs 40" scales it.
+bench-service: $(STAMP)
+	$(PY) bench/bench_service.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) actviz-results .pytest_cache .ruff_cache
