@@ -55,3 +55,29 @@ def test_batch_size_one_keeps_the_solo_pool_and_larger_sizes_reserve_two_batches
     assert pool_for(Settings(broker_url=redis, batch_size=1)) == ("worker.pool:SoloPool", 1)
     assert pool_for(Settings(broker_url=redis, batch_size=8)) == (THREAD_POOL, 16)
     assert pool_for(Settings(batch_size=8))[1] == 1  # the embedded worker never batches
+
+
+def test_soft_time_limit_interrupts_a_job_on_a_pool_thread() -> None:
+    import threading
+    import time
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from worker.limits import time_limits
+
+    outcome: list[str] = []
+
+    def job() -> None:
+        try:
+            with time_limits("job-1", soft=0.2, hard=0, may_exit=True):
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            outcome.append("ran to the end")
+        except SoftTimeLimitExceeded:
+            outcome.append("soft limit")
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(15)
+    assert outcome == ["soft limit"]
