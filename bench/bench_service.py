@@ -131,6 +131,7 @@ class Floor:
     analyze: dict[int, float] = field(default_factory=dict)  # batch -> images/s
     stages: dict[str, float] = field(default_factory=dict)  # ms per image, largest batch
     activation_mb: dict[int, float] = field(default_factory=dict)  # batch -> MB
+    cpu_ms: dict[int, float] = field(default_factory=dict)  # batch -> process CPU ms per image
     classic: float | None = None
 
 
@@ -158,7 +159,11 @@ def measure_floor(
                 manifest_bytes(result.manifest)
             return results
 
-        floor.analyze[batch] = batch / median_s(run, max(2, repeats // max(1, batch // 4)))
+        cpu_started = time.process_time()
+        rounds = max(2, repeats // max(1, batch // 4))
+        floor.analyze[batch] = batch / median_s(run, rounds)
+        # median_s runs `run` rounds + 1 times (one untimed warm run).
+        floor.cpu_ms[batch] = (time.process_time() - cpu_started) * 1000.0 / (batch * (rounds + 1))
     results = analyze(
         loaded, [images[i % len(images)] for i in range(batches[-1])], options, settings
     )
@@ -639,6 +644,10 @@ def main() -> None:
         cells = "".join(f"{load.stages.get(n, 0.0):>12.1f}" for n in names)
         print(f"{batch:>5}{conc:>6}" + cells)
     print()
+    engine_cpu = statistics.mean(f.cpu_ms[b] for f in floors.values())
+    print(
+        f"engine CPU per image in-process (analyze, batch {b}, workload mix): {engine_cpu:.0f} ms"
+    )
     print(f"CPU per job by process (ms; the machine has {os.cpu_count() or 1} cores):")
     owners = ("worker", "s3 server", "redis", "producers")
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in owners) + f"{'total':>9}")
