@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,11 +175,6 @@ class Batcher:
             self._pending.append(item)
             self._cond.notify_all()
         return wait_result(item.future)
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on the render pool, in the caller's context; waits for it."""
-        context = contextvars.copy_context()
-        return wait_result(self._render.submit(context.run, fn, *args))
 
     def _loop(self) -> None:
         while True:

@@ -5,11 +5,11 @@ One `WorkerRuntime` per process, attached to the Celery app as `app.actviz`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from producer.contract import JobOptions
 from producer.settings import Settings
@@ -19,10 +19,9 @@ from worker.cache import ModelCache
 from worker.fetch import fetch_model, model_trusted
 from worker.metrics import STAGE_SECONDS
 from worker.pool import batching
+from worker.report_pool import ReportPool
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class WorkerRuntime:
@@ -32,6 +31,7 @@ class WorkerRuntime:
         self._store: Store | None = None
         self._s3: object | None = None
         self._batcher: Batcher | None = None
+        self._reports: ReportPool | None = None
         self._lock = threading.Lock()
         # One fetch-and-load per model at a time: the pool's threads of a cold
         # start wait for the first one and then hit the cache.
@@ -52,11 +52,15 @@ class WorkerRuntime:
         """Concurrent uploads per job: fewer when many jobs upload at once (batching)."""
         return 2 if batching(self.settings) else 8
 
-    def on_cpu_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the render pool when batching, so CPU-bound work of many
-        jobs runs on as many threads as there are cores; else right here."""
-        batcher = self.batcher
-        return fn(*args) if batcher is None else batcher.call(fn, *args)
+    @property
+    def reports(self) -> ReportPool | None:
+        """Helper processes that render job reports when batching, else None (in-thread)."""
+        if not batching(self.settings):
+            return None
+        with self._lock:
+            if self._reports is None:
+                self._reports = ReportPool()
+        return self._reports
 
     def expect_image(self) -> None:
         """A job started: its image will reach `analyze` soon (lets a batch wait for it)."""
@@ -124,6 +128,8 @@ class WorkerRuntime:
         """Download, load and warm each model before the first job arrives."""
         from worker.engine import warmup
 
+        if self.reports is not None and importlib.util.find_spec("worker.report") is not None:
+            self.reports.start()
         for uri in uris:
             loaded, _, timings = self.load_model(uri)
             started = time.perf_counter()

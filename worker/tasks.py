@@ -37,6 +37,7 @@ from worker.deliveries import admit_delivery, delivery_key, redis_client
 from worker.limits import time_limits
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_SECONDS
+from worker.report_pool import ReportPool
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
 
     report_stage(task, "rendering")
     started = time.perf_counter()
-    files.update(runtime.on_cpu_pool(render_report, manifest, files))
+    files.update(render_report(manifest, files, runtime.reports))
     report_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="report").observe(report_s)
     manifest["timings_ms"]["report"] = round(report_s * 1000, 3)
@@ -210,10 +211,17 @@ def fill_manifest(
         stage_ms[stage] = round(ms, 3)
 
 
-def render_report(manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
-    """The HTML report files of a job (index.html and its images), when available."""
+def render_report(
+    manifest: dict[str, Any], files: dict[str, bytes], pool: ReportPool | None = None
+) -> dict[str, bytes]:
+    """The HTML report files of a job (index.html and its images), when available.
+
+    Rendered by `pool`'s helper processes when given (batching workers).
+    """
     if not HAS_REPORT:
         return {}
+    if pool is not None:
+        return pool.render(manifest, files)
     from worker import report
 
     return report.render_report(manifest, files)

@@ -1,0 +1,76 @@
+"""Job reports rendered in separate processes, off the batching worker's GIL.
+
+A job's report (worker/report.py: the HTML page and its matplotlib depth
+chart) is about 0.2 s of pure-Python work per job on one core. In the worker
+process it holds the interpreter lock, so it serializes with everything else
+that needs Python (Celery, boto3, the forward thread) and caps a batching
+worker long before its cores or its accelerator are busy. A few spawned
+processes (never forked from a process that holds TensorFlow or CUDA state)
+render reports instead: the job sends its manifest and files (a few MB,
+pickled through a pipe) and gets index.html and depth.png back.
+
+Only batching workers use it; with batch size 1 the job would wait for its
+report anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from worker.batcher import wait_result
+
+log = logging.getLogger(__name__)
+
+
+def render_in_process(manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
+    """worker.report.render_report, importable by name in a spawned process."""
+    from worker import report
+
+    return report.render_report(manifest, files)
+
+
+def _ready() -> bool:
+    from worker import report  # noqa: F401 (import matplotlib and the report once, now)
+
+    return True
+
+
+class ReportPool:
+    """`render(manifest, files)` -> {"index.html": ..., "depth.png": ...} in a helper process."""
+
+    def __init__(self, processes: int | None = None) -> None:
+        self.processes = processes or max(1, (os.cpu_count() or 1) // 2)
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    self.processes, mp_context=multiprocessing.get_context("spawn")
+                )
+            return self._executor
+
+    def start(self) -> None:
+        """Start the processes and import the report in each (a second or two), before jobs."""
+        pool = self._pool()
+        for future in [pool.submit(_ready) for _ in range(self.processes)]:
+            future.result()
+
+    def render(self, manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
+        """The report files of one job; rendered here if the helper process died."""
+        pool = self._pool()
+        try:
+            return wait_result(pool.submit(render_in_process, manifest, files))
+        except BrokenProcessPool:
+            log.warning("a report process stopped; rendering this report in the worker")
+            with self._lock:
+                if self._executor is pool:
+                    self._executor = None
+            return render_in_process(manifest, files)
