@@ -269,13 +269,20 @@ def services(folder: Path) -> Iterator[dict[str, str]]:
             proc.wait(10)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds a process (and its live children) has used (Linux /proc).
+
+    A batching worker renders reports in helper processes; they count as the worker.
+    """
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or (children and int(fields[1]) == pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _redis_up(redis: object, port: int) -> bool:
@@ -500,13 +507,15 @@ def measure_service(
                 run_load(settings, warm * 2, 4)  # build the ':8' extractors too
                 for concurrency in args.concurrency:
                     procs = {**pids, "worker": worker.proc.pid, "producers": os.getpid()}
-                    cpu_before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+                    cpu_before = {n: cpu_seconds(pid, n == "worker") for n, pid in procs.items()}
                     before = worker.batches()
                     seconds, latencies, failed, stages = run_load(settings, workload, concurrency)
                     after = worker.batches()
                     cpu_ms = {
-                        name: (cpu_seconds(pid) - cpu_before[name]) * 1000.0 / len(workload)
-                        for name, pid in procs.items()
+                        n: (cpu_seconds(pid, n == "worker") - cpu_before[n])
+                        * 1000.0
+                        / len(workload)
+                        for n, pid in procs.items()
                     }
                     passes = max(1.0, after[0] - before[0])
                     loads[(batch_size, concurrency)] = Load(
