@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -33,6 +34,17 @@ def render_in_process(manifest: dict[str, Any], files: dict[str, bytes]) -> dict
     from worker import report
 
     return report.render_report(manifest, files)
+
+
+def _watch_parent(parent: int) -> None:
+    """Runs in each helper: end it when the worker is gone (even after SIGKILL)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="actviz-parent-watch", daemon=True).start()
 
 
 def _ready() -> bool:
@@ -53,7 +65,10 @@ class ReportPool:
         with self._lock:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
-                    self.processes, mp_context=multiprocessing.get_context("spawn")
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_watch_parent,
+                    initargs=(os.getpid(),),
                 )
             return self._executor
 
