@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "reliability.md"
+STARTED = time.monotonic()
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
 
 
@@ -77,6 +79,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not harness.FIGURES:
         return
+    if all(item.nodeid.startswith("tests/reliability/") for item in session.items):
+        minutes = (time.monotonic() - STARTED) / 60
+        harness.record("Suite", "tests/reliability wall time (min)", round(minutes, 1))
+        harness.record("Suite", "tests / failed", f"{len(session.items)} / {session.testsfailed}")
     logs = [p for p in harness.WORKER_LOGS if p.exists()]
     leaks = [
         p

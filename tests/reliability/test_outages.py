@@ -76,7 +76,12 @@ def test_s3_outage_mid_run_jobs_retry_and_succeed_without_partial_manifests(
     client = Client(settings=Settings.from_env(environ={**env, "AWS_ENDPOINT_URL_S3": s3_endpoint}))
     try:
         jobs = [
-            client.submit(models["heavy"], harness.random_png(10 + i, 64, 64), channel_pngs=True)
+            client.submit(
+                models["heavy"],
+                harness.random_png(10 + i, 64, 64),
+                layers="conv_0,conv_1",
+                channel_pngs=True,
+            )
             for i in range(8)
         ]
         poller = ManifestPoller(s3, bucket, [job.id for job in jobs])
