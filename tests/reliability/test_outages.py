@@ -75,19 +75,21 @@ def test_s3_outage_mid_run_jobs_retry_and_succeed_without_partial_manifests(
     # The producer talks to the S3 server directly: only the worker's path fails.
     client = Client(settings=Settings.from_env(environ={**env, "AWS_ENDPOINT_URL_S3": s3_endpoint}))
     try:
-        jobs = [
-            client.submit(
-                models["heavy"],
-                harness.random_png(10 + i, 64, 64),
-                layers="conv_0,conv_1",
-                channel_pngs=True,
-            )
-            for i in range(8)
-        ]
+
+        def submit(i: int):  # noqa: ANN202
+            image = harness.random_png(10 + i, 64, 64)
+            return client.submit(models["heavy"], image, layers="conv_0,conv_1", channel_pngs=True)
+
+        jobs = [submit(i) for i in range(4)]
         poller = ManifestPoller(s3, bucket, [job.id for job in jobs])
         poller.start()
-        jobs[0].wait(timeout=90)
+        harness.wait_for(
+            lambda: jobs[0].state(check_storage=False).state != "queued", 90, "first job started"
+        )
         proxy.down()
+        # Jobs that arrive during the outage cannot even fetch their model: they must retry.
+        jobs += [submit(i) for i in range(4, 8)]
+        poller.job_ids = [job.id for job in jobs]
         time.sleep(OUTAGE_S)
         proxy.up()
         for job in jobs:
