@@ -109,6 +109,15 @@ class Worker:
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS line")
 
+    def family_rss_kib(self) -> int:
+        """VmRSS of the worker plus its child processes (report helpers), in KiB."""
+        total = 0
+        for pid in [self.pid, *child_pids(self.pid)]:
+            with contextlib.suppress(OSError, StopIteration):
+                status = Path(f"/proc/{pid}/status").read_text().splitlines()
+                total += int(next(ln for ln in status if ln.startswith("VmRSS:")).split()[1])
+        return total
+
     def kill(self) -> None:
         """SIGKILL: the process ends at once, mid-job, acknowledging nothing."""
         if self.alive():
@@ -124,6 +133,15 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/<pid>/task/*/children."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def start_worker(env: dict[str, str], log: Path, *args: str, timeout: float = 120) -> Worker:
