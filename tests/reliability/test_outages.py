@@ -69,9 +69,6 @@ def test_s3_outage_mid_run_jobs_retry_and_succeed_without_partial_manifests(
         [f"s3://{bucket}/models/"],
         AWS_ENDPOINT_URL_S3=proxy.endpoint,
         ACTVIZ_MAX_RETRIES="12",
-        # One job at a time, so jobs are still waiting when the outage starts: a
-        # batching worker finishes all eight together, before it.
-        ACTVIZ_BATCH_SIZE="1",
         ACTVIZ_MODEL_CACHE_DIR=str(logs / "models"),
     )
     worker = harness.start_worker(env, logs / "worker.log")
