@@ -28,6 +28,8 @@ from worker.batcher import wait_result
 
 log = logging.getLogger(__name__)
 
+MAX_PROCESSES = 4
+
 
 def render_in_process(manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
     """worker.report.render_report, importable by name in a spawned process."""
@@ -57,7 +59,10 @@ class ReportPool:
     """`render(manifest, files)` -> {"index.html": ..., "depth.png": ...} in a helper process."""
 
     def __init__(self, processes: int | None = None) -> None:
-        self.processes = processes or max(1, (os.cpu_count() or 1) // 2)
+        # Half the cores this process may run on, at most MAX_PROCESSES: a node's
+        # core count is not a container's CPU limit, and each helper holds matplotlib.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.processes = processes or min(MAX_PROCESSES, max(1, (cores or 1) // 2))
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
