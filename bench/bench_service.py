@@ -233,8 +233,11 @@ def http_ok(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def services(folder: Path) -> Iterator[dict[str, str]]:
-    """redis-server and moto_server on free ports; yields the env a worker and client need."""
+def services(folder: Path, s3: bool = True) -> Iterator[dict[str, str]]:
+    """redis-server and (unless `s3` is false) moto_server on free ports.
+
+    Yields the env a worker and client need.
+    """
     bin_dir = Path(sys.executable).parent
     redis_port, s3_port = free_port(), free_port()
     redis_bin = shutil.which("redis-server")
@@ -245,23 +248,30 @@ def services(folder: Path) -> Iterator[dict[str, str]]:
             [redis_bin, "--port", str(redis_port), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             cwd=folder,
-        ),
-        subprocess.Popen(
-            [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
+        )
     ]
+    if s3:
+        procs.append(
+            subprocess.Popen(
+                [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     endpoint = f"http://127.0.0.1:{s3_port}"
     try:
-        wait_until(lambda: http_ok(endpoint), 30, "moto_server")
+        env: dict = {}
+        if s3:
+            wait_until(lambda: http_ok(endpoint), 30, "moto_server")
+            env = {**S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}
+            os.environ.update(env)  # this process's boto3 (the producers) too
         import redis
 
         wait_until(lambda: _redis_up(redis, redis_port), 30, "redis-server")
-        env = {**S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}
-        os.environ.update(env)  # this process's boto3 (the producers) too
         env["ACTVIZ_BROKER_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-        env["pids"] = {"redis": procs[0].pid, "s3 server": procs[1].pid}
+        env["pids"] = {"redis": procs[0].pid}
+        if s3:
+            env["pids"]["s3 server"] = procs[1].pid
         yield env
     finally:
         for proc in procs:
@@ -467,29 +477,45 @@ def workload_of(uris: dict[str, str], images: list[bytes], jobs: int) -> list:
     return out
 
 
+def stage_models(storage: str, paths: dict[str, Path], folder: Path) -> tuple[str, str]:
+    """Put the models (and an extra copy nobody preloads) where the worker reads them.
+
+    Returns (models URI prefix, results storage URL). `s3`: the moto bucket;
+    `file`: a local folder, for machines without the S3 test server.
+    """
+    files = {path.name: path for path in paths.values()}
+    files["uncached.keras"] = paths["classic"]
+    if storage == "file":
+        models = folder / "models"
+        models.mkdir(exist_ok=True)
+        for name, path in files.items():
+            shutil.copyfile(path, models / name)
+        return models.resolve().as_uri() + "/", (folder / "results").resolve().as_uri()
+    import boto3
+
+    bucket = "actviz-bench"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for name, path in files.items():
+        s3.upload_file(str(path), bucket, f"models/{name}")
+    return f"s3://{bucket}/models/", f"s3://{bucket}/r"
+
+
 def measure_service(
     args: argparse.Namespace, paths: dict[str, Path], images: list[bytes], folder: Path
 ) -> tuple[dict[tuple[int, int], Load], dict[str, float]]:
-    import boto3
-
     loads: dict[tuple[int, int], Load] = {}
     cold: dict[str, float] = {}
-    with services(folder) as env:
+    with services(folder, s3=args.storage == "s3") as env:
         pids = env.pop("pids")
-        bucket = "actviz-bench"
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=bucket)
-        uris = {}
-        for name, path in paths.items():
-            s3.upload_file(str(path), bucket, f"models/{path.name}")
-            uris[name] = f"s3://{bucket}/models/{path.name}"
-        s3.upload_file(str(paths["classic"]), bucket, "models/uncached.keras")
-        settings = Settings(broker_url=env["ACTVIZ_BROKER_URL"], storage_url=f"s3://{bucket}/r")
+        models_uri, storage_url = stage_models(args.storage, paths, folder)
+        uris = {name: f"{models_uri}{path.name}" for name, path in paths.items()}
+        settings = Settings(broker_url=env["ACTVIZ_BROKER_URL"], storage_url=storage_url)
         worker_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("ACTVIZ_")},
             **env,
             "ACTVIZ_STORAGE_URL": settings.storage_url,
-            "ACTVIZ_MODEL_ALLOW": f"s3://{bucket}/models/",
+            "ACTVIZ_MODEL_ALLOW": models_uri,
             "ACTVIZ_LOG_LEVEL": "WARNING",
         }
         workload = workload_of(uris, images, args.jobs)
@@ -535,7 +561,7 @@ def measure_service(
                     )
                 if batch_size == args.batch_sizes[-1]:
                     _, first, _, _ = run_load(
-                        settings, [(f"s3://{bucket}/models/uncached.keras", images[1], None)], 1
+                        settings, [(f"{models_uri}uncached.keras", images[1], None)], 1
                     )
                     cold["first_job_uncached_ms"] = first[0][1] * 1000.0
             finally:
@@ -582,6 +608,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="in-process repeats")
     parser.add_argument("--classic-repeats", type=int, default=3)
     parser.add_argument("--in-process-only", action="store_true", help="engine floor only")
+    parser.add_argument(
+        "--storage",
+        choices=("s3", "file"),
+        default="s3",
+        help="results and models in the moto S3 server (default) or a local folder",
+    )
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -632,7 +664,8 @@ def main() -> None:
         return
     print()
     print(
-        f"service: Redis + moto S3 + actviz worker --preload; {args.jobs} jobs per model per row "
+        f"service: Redis + {'moto S3' if args.storage == 's3' else 'local folder'} + actviz worker"
+        f" --preload; {args.jobs} jobs per model per row "
         f"({2 * args.jobs} jobs), submit -> result ready"
     )
     print(
@@ -661,7 +694,7 @@ def main() -> None:
     owners = ("worker", "s3 server", "redis", "producers")
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in owners) + f"{'total':>9}")
     for (batch, conc), load in sorted(loads.items()):
-        cells = "".join(f"{load.cpu_ms[n]:>11.0f}" for n in owners)
+        cells = "".join(f"{load.cpu_ms.get(n, 0.0):>11.0f}" for n in owners)
         print(f"{batch:>5}{conc:>6}" + cells + f"{sum(load.cpu_ms.values()):>9.0f}")
     print()
     top = max(args.concurrency)
