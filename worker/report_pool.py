@@ -21,12 +21,16 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from worker.batcher import wait_result
 
 log = logging.getLogger(__name__)
+
+# Spawning a helper and importing matplotlib takes a second or two; far longer means stuck.
+START_TIMEOUT_S = 60.0
 
 MAX_PROCESSES = 4
 
@@ -65,6 +69,7 @@ class ReportPool:
         self.processes = processes or min(MAX_PROCESSES, max(1, (cores or 1) // 2))
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._disabled = False
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -77,14 +82,28 @@ class ReportPool:
                 )
             return self._executor
 
-    def start(self) -> None:
-        """Start the processes and import the report in each (a second or two), before jobs."""
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the processes and import the report in each (a second or two), before jobs.
+
+        A helper that does not come up within `timeout` must not keep the worker
+        from serving: reports are then rendered in the worker itself.
+        """
         pool = self._pool()
-        for future in [pool.submit(_ready) for _ in range(self.processes)]:
-            future.result()
+        try:
+            for future in [pool.submit(_ready) for _ in range(self.processes)]:
+                future.result(timeout=timeout)
+        except (FuturesTimeout, BrokenProcessPool) as exc:
+            log.warning(
+                "report processes did not start (%s); reports render in the worker",
+                type(exc).__name__,
+            )
+            self._disabled = True
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def render(self, manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
         """The report files of one job; rendered here if the helper process died."""
+        if self._disabled:
+            return render_in_process(manifest, files)
         pool = self._pool()
         try:
             return wait_result(pool.submit(render_in_process, manifest, files))
