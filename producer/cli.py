@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from producer.client import Client, Job, Result
-from producer.contract import FINAL_STATES, NORMALIZATIONS, QUEUES, SCALES, SUCCEEDED
+from producer.contract import (
+    FINAL_STATES,
+    NORMALIZATIONS,
+    QUEUES,
+    SCALES,
+    STARTED,
+    SUCCEEDED,
+)
 from producer.errors import ActvizError, JobFailed, JobNotFound
 from producer.settings import Settings, redact_url
 
@@ -38,7 +45,8 @@ def _client(args: argparse.Namespace, **overrides: Any) -> Client:
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
-    return sys.stderr.isatty() and not getattr(args, "json", False)
+    """Progress goes to stderr, and only to a terminal; stdout (with --json too) stays clean."""
+    return sys.stderr.isatty()
 
 
 def _job_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,12 +186,22 @@ def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> l
     with Progress(console=progress_console, disable=not _show_progress(args)) as progress:
         bar = progress.add_task("jobs", total=len(jobs))
         while pending:
+            running = 0
             for job_id, job in list(pending.items()):
-                if job.state().state in FINAL_STATES:
+                state = job.state().state
+                if state in FINAL_STATES:
                     result, error = _wait(job, 5, False)
                     done[job_id] = _outcome(job, result, error)
                     del pending[job_id]
                     progress.advance(bar)
+                elif state == STARTED:
+                    running += 1
+            failed = sum(1 for o in done.values() if o["status"] != SUCCEEDED)
+            progress.update(
+                bar,
+                description=f"done {len(done) - failed} · failed {failed} · "
+                f"running {running} · queued {len(pending) - running}",
+            )
             if deadline is not None and time.monotonic() > deadline:
                 for job_id in pending:
                     done[job_id] = {"job_id": job_id, "status": "timeout", "error": None}

@@ -362,3 +362,47 @@ def test_started_job_reports_each_stage_in_order(
     stages = [stage for status, stage in seen if status == "STARTED" and stage]
     assert stages == ["loading model", "forward", "rendering", "uploading"]
     assert seen[-1][0] == "SUCCESS"
+
+
+def _run_with_terminal_stderr(cmd: list[str], env: dict) -> tuple[int, str, str]:
+    """Run `cmd` with stderr on a pseudo-terminal (progress on) and stdout on a pipe."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    stdout = proc.stdout.read().decode()
+    proc.wait(timeout=90)
+    os.close(leader)
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
+def test_json_output_parses_while_progress_is_shown_on_a_terminal(
+    worker, env: dict, s3_model: str, png_bytes: bytes, tmp_path: Path
+) -> None:
+    images = tmp_path / "progress"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png_bytes[:-1] + bytes([i]))
+    base = [str(ACTVIZ), "batch", "--model", s3_model, "--layers", "conv2d_1", str(images)]
+
+    code, stdout, stderr = _run_with_terminal_stderr(base + ["--wait", "--json"], env)
+    assert code == 0, stderr
+    assert "done 3 · failed 0" in stderr  # the progress bar was drawn on the terminal
+    outcomes = [json.loads(line) for line in stdout.splitlines()]
+    assert len(outcomes) == 3 and all(o["status"] == "succeeded" for o in outcomes)
+
+    single = [str(ACTVIZ), "submit", "--model", s3_model, "--image", str(images / "0.png")]
+    code, stdout, stderr = _run_with_terminal_stderr(single + ["--wait", "--json"], env)
+    assert code == 0, stderr
+    assert json.loads(stdout)["status"] == "succeeded"
