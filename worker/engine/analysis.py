@@ -96,7 +96,7 @@ def analyze(
         for j, i in enumerate(members):
             timings[i]["forward"] = forward_ms
             activations = [output[j] for output in outputs]
-            results[i] = _artifacts(
+            results[i] = render_artifacts(
                 loaded,
                 extractor.refs,
                 activations,
@@ -108,6 +108,20 @@ def analyze(
             )
         del outputs, batch
     return [r for r in results if r is not None]  # every slot is filled above
+
+
+def warmup(
+    loaded: LoadedModel, options: JobOptions | None = None, settings: Settings | None = None
+) -> None:
+    """Build the extractor for `options.layers` and run it once on a gray image."""
+    options = options or JobOptions()
+    settings = settings or Settings()
+    check_options(options, loaded.input_shape[2])
+    extractor = loaded.extractor(options.layers)
+    height, width, channels = loaded.input_shape
+    side = min(64, settings.max_side)
+    shape = (1, height or side, width or side, channels)
+    extractor(np.full(shape, 0.5, dtype=np.float32))
 
 
 def render_artifacts(
@@ -128,33 +142,6 @@ def render_artifacts(
     the manifest as is. What `analyze` does after its forward pass, for
     callers that batch images from many jobs (worker/batcher.py).
     """
-    return _artifacts(loaded, refs, activations, image, options, settings, timings, batch)
-
-
-def warmup(
-    loaded: LoadedModel, options: JobOptions | None = None, settings: Settings | None = None
-) -> None:
-    """Build the extractor for `options.layers` and run it once on a gray image."""
-    options = options or JobOptions()
-    settings = settings or Settings()
-    check_options(options, loaded.input_shape[2])
-    extractor = loaded.extractor(options.layers)
-    height, width, channels = loaded.input_shape
-    side = min(64, settings.max_side)
-    shape = (1, height or side, width or side, channels)
-    extractor(np.full(shape, 0.5, dtype=np.float32))
-
-
-def _artifacts(
-    loaded: LoadedModel,
-    refs: list[LayerRef],
-    activations: list[np.ndarray],
-    image: PreparedImage,
-    options: JobOptions,
-    settings: Settings,
-    timings: dict[str, float],
-    batch: dict[str, Any],
-) -> Artifacts:
     files = {"input.png": encode_png(image.display)}
     render_ms = stats_ms = 0.0
     layers = []
