@@ -19,17 +19,15 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from stack import ACTVIZ, BIN, free_port, wait_for  # noqa: F401 (re-exported to the tests)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-BIN = Path(sys.executable).parent
-ACTVIZ = BIN / "actviz"
 # The credentials the reliability workers hold; no log line may ever contain them.
 AWS_SECRET = "rel-aws-secret-6f1d0c9e7b"
 REDIS_PASSWORD = "rel-redis-pw-3a8e51"
@@ -48,24 +46,6 @@ WORKER_LOGS: list[Path] = []
 
 def record(section: str, name: str, value: Any) -> None:
     FIGURES.setdefault(section, {})[name] = value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `predicate` until it returns something truthy; return that, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not after {timeout} s")
-        time.sleep(interval)
 
 
 def worker_env(
