@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 from typing import Any
 
 from producer.storage import content_type_for
+from worker.depth_chart import render_depth_chart
 
 DEPTH_CHART = "depth.png"
 INDEX = "index.html"
@@ -175,62 +175,6 @@ def format_shape(shape: Any) -> str:
     if isinstance(shape, (list, tuple)):
         return html.escape("(" + ", ".join(str(d) for d in shape) + ")")
     return html.escape(str(shape))
-
-
-# ---- the depth chart -------------------------------------------------------
-
-
-def render_depth_chart(layers: list[dict[str, Any]]) -> bytes:
-    """PNG: mean sparsity and mean activation of each layer against its depth.
-
-    x is the layer's position in the report (model order); sparsity (fraction
-    of exact zeros, 0..1) on the left axis, mean activation on the right.
-    Drawn with matplotlib's Agg canvas, once per job.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = [str(layer.get("name", "")) for layer in layers]
-    sparsity = [_summary_value(layer, "sparsity") for layer in layers]
-    means = [_summary_value(layer, "mean") for layer in layers]
-    depth = list(range(len(layers)))
-
-    labels = [_short(name) for name in names]
-    # Fixed margins in inches (room for the rotated names) instead of tight_layout,
-    # which costs more than drawing the plot.
-    bottom = 0.55 + 0.045 * max((len(label) for label in labels), default=0)
-    width, height = min(14.0, max(6.0, 0.3 * len(layers) + 2.5)), 2.5 + bottom
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    figure.subplots_adjust(
-        left=0.8 / width, right=1 - 0.8 / width, bottom=bottom / height, top=1 - 0.15 / height
-    )
-    axes = figure.add_subplot()
-    axes.plot(depth, sparsity, "o-", color="#c0392b", label="sparsity (fraction of zeros)")
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_ylabel("sparsity", color="#c0392b")
-    axes.set_xlabel("layer (model order)")
-    step = max(1, -(-len(layers) // 40))  # at most 40 names on the axis
-    axes.set_xticks(depth[::step])
-    axes.set_xticklabels(labels[::step], rotation=45, ha="right", fontsize=8)
-    right = axes.twinx()
-    right.plot(depth, means, "s--", color="#2c6fbb", label="mean activation")
-    right.set_ylabel("mean activation", color="#2c6fbb")
-    axes.grid(alpha=0.3)
-    lines = axes.get_lines() + right.get_lines()
-    axes.legend(lines, [line.get_label() for line in lines], loc="upper left", fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _summary_value(layer: dict[str, Any], key: str) -> float:
-    value = (layer.get("summary") or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else float("nan")
-
-
-def _short(name: str, limit: int = 18) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 # ---- page sections ---------------------------------------------------------
