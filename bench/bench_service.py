@@ -131,6 +131,7 @@ class Floor:
     analyze: dict[int, float] = field(default_factory=dict)  # batch -> images/s
     stages: dict[str, float] = field(default_factory=dict)  # ms per image, largest batch
     activation_mb: dict[int, float] = field(default_factory=dict)  # batch -> MB
+    host_peak_mb: float = 0.0  # most float32 MB on the host at once, largest batch
     cpu_ms: dict[int, float] = field(default_factory=dict)  # batch -> process CPU ms per image
     classic: float | None = None
 
@@ -171,6 +172,7 @@ def measure_floor(
         total = sum(r.manifest["timings_ms"][stage] for r in results)
         # The forward pass is shared: every image of the batch records the same time.
         floor.stages[stage] = total / len(results) / (len(results) if stage == "forward" else 1)
+    floor.host_peak_mb = results[0].manifest["batch"]["host_peak_bytes"] / 2**20
     return floor
 
 
@@ -590,6 +592,7 @@ def print_floor(floors: dict[tuple[str, str], Floor], batches: tuple[int, ...]) 
     print(
         f"{'model':<9}{'layers':<9}{'preprocess':>11}{'forward':>9}{'render':>8}{'stats':>7}"
         + "".join(f"{f'MB b={b}':>10}" for b in batches)
+        + f"{f'peak b={batches[-1]}':>12}"
     )
     for (model, spec), floor in floors.items():
         s = floor.stages
@@ -597,6 +600,7 @@ def print_floor(floors: dict[tuple[str, str], Floor], batches: tuple[int, ...]) 
             f"{model:<9}{spec:<9}{s['preprocess']:>11.1f}{s['forward']:>9.1f}"
             f"{s['render']:>8.1f}{s['stats']:>7.1f}"
             + "".join(f"{floor.activation_mb[b]:>10.1f}" for b in batches)
+            + f"{floor.host_peak_mb:>12.1f}"
         )
 
 

@@ -14,10 +14,16 @@ So every job keeps its own Celery task: its own result, stages, retries,
 delivery count and late acknowledgement after its own manifest is written.
 
 Pipelining: the forward thread starts batch k+1 as soon as batch k's
-activations are handed to the render pool, while batch k renders and
-uploads. At most `PIPELINE_DEPTH` batches hold activations at once, so a
-worker's activation memory is bounded by PIPELINE_DEPTH x the largest batch
-(`activation_bytes`, reported in each manifest's `batch`).
+outputs are handed to the render pool, while batch k renders and uploads.
+At most `PIPELINE_DEPTH` batches are alive at once.
+
+Memory: a pass's outputs are copied to the host one layer at a time
+(`LayerOutputs`). The pool renders layer by layer across the batch's images
+(one task per layer and image, layer-major), and a layer's float32 copy is
+dropped as soon as every image has rendered it and measured it; what an
+image keeps is PNG bytes and JSON-ready statistics. Each manifest's `batch`
+reports `activation_bytes` (every layer of the pass, float32) and
+`host_peak_bytes` (the most the pass held on the host at once, so far).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import numpy as np
 from producer.contract import JobOptions
 from producer.errors import ActvizError
 from producer.settings import Settings
-from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES
+from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, HOST_PEAK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +104,6 @@ def batch_ready(
     key = pending[0].key
     members = sum(1 for p in pending if p.key == key)
     return members >= batch_size or now - pending[0].arrived >= wait_s or incoming == 0
-
-
-def activation_bytes(outputs: list[np.ndarray]) -> int:
-    """Bytes the activations of one forward pass hold (every layer, every image)."""
-    return int(sum(o.nbytes for o in outputs))
 
 
 @dataclass
@@ -205,64 +206,107 @@ class Batcher:
                         item.future.set_exception(exc)
 
     def _forward(self, batch: list[Pending]) -> None:
+        from worker.engine import ImageRender
+
         first: _Work = batch[0].payload
         number = next(self._batches)
         waited_ms = {id(i): (time.monotonic() - i.arrived) * 1000.0 for i in batch}
         pixels = np.stack([item.payload.image.pixels for item in batch])
         started = time.perf_counter()
-        outputs = first.extractor(pixels)
+        outputs = first.extractor.forward(pixels)
         forward_s = time.perf_counter() - started
         del pixels
-        nbytes = activation_bytes(outputs)
         BATCH_IMAGES.observe(len(batch))
-        ACTIVATION_BYTES.observe(nbytes)
-        remaining = [len(batch)]
-        lock = threading.Lock()
-
-        def rendered(_: Future) -> None:
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                self._slots.release()
-
-        for position, item in enumerate(batch):
+        ACTIVATION_BYTES.observe(outputs.nbytes)
+        renders = []
+        for item in batch:
             work: _Work = item.payload
             work.timings["batch_wait"] = waited_ms[id(item)]
             work.timings["forward"] = forward_s * 1000.0
+            renders.append(ImageRender(work.image, work.options, self.settings, work.timings))
+        state = _PassState(self._slots, batch, outputs, renders, number)
+        if not len(outputs):  # no layer to render: the images are done already
+            for position in range(len(batch)):
+                state.finish(position)
+        # Layer-major: the pool renders layer 0 of every image first, so each layer's
+        # host copy is dropped early instead of every layer living to the pass's end.
+        for index in range(len(outputs)):
+            for position, item in enumerate(batch):
+                # A context is entered by one thread at a time: each task runs in a copy.
+                self._render.submit(item.context.copy().run, state.layer, index, position)
+
+
+class _PassState:
+    """One forward pass being rendered: the layers and images still to do.
+
+    Each (layer, image) is one render task. A layer's host copy is released
+    when every image has taken it; an image's job gets its Artifacts (or its
+    first error) after its last layer; the pipeline slot is freed after the
+    last image.
+    """
+
+    def __init__(
+        self,
+        slots: threading.BoundedSemaphore,
+        batch: list[Pending],
+        outputs: Any,  # worker.engine.LayerOutputs
+        renders: list[Any],  # worker.engine.ImageRender, one per item
+        number: int,
+    ) -> None:
+        self.slots = slots
+        self.batch = batch
+        self.outputs = outputs
+        self.renders = renders
+        self.number = number
+        self.refs = batch[0].payload.extractor.refs
+        self.lock = threading.Lock()
+        self.layers_left = [len(batch)] * len(outputs)  # images still to take each layer
+        self.images_left = [len(outputs)] * len(batch)  # layers still to render per image
+        self.errors: list[BaseException | None] = [None] * len(batch)
+        self.unfinished = len(batch)
+
+    def layer(self, index: int, position: int) -> None:
+        """Render layer `index` of image `position`; finish the image after its last layer."""
+        try:
+            if self.errors[position] is None:
+                act = self.outputs.host(index)[position]
+                self.renders[position].add_layer(index, self.refs[index], act)
+        except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
+            self.errors[position] = self.errors[position] or exc
+        with self.lock:
+            self.layers_left[index] -= 1
+            release = self.layers_left[index] == 0
+            self.images_left[position] -= 1
+            done = self.images_left[position] == 0
+        if release:
+            self.outputs.release(index)
+        if done:
+            self.finish(position)
+
+    def finish(self, position: int) -> None:
+        item, error = self.batch[position], self.errors[position]
+        try:
+            if error is not None:
+                raise error
             info = {
-                "size": len(batch),
+                "size": len(self.batch),
                 "position": position,
-                "number": number,
-                "activation_bytes": nbytes,
+                "number": self.number,
+                "activation_bytes": self.outputs.nbytes,
+                "host_peak_bytes": self.outputs.peak_bytes,
             }
-            slices = [output[position] for output in outputs]
-            task = self._render.submit(item.context.run, _render, work, slices, self.settings, info)
-            task.add_done_callback(rendered)
-            task.add_done_callback(lambda done, item=item: _settle(item.future, done))
-
-
-def _render(work: _Work, activations: list[np.ndarray], settings: Settings, info: dict) -> Any:
-    from worker.engine import render_artifacts
-
-    return render_artifacts(
-        work.loaded,
-        work.extractor.refs,
-        activations,
-        work.image,
-        work.options,
-        settings,
-        work.timings,
-        batch=info,
-    )
-
-
-def _settle(future: Future, done: Future) -> None:
-    exc = done.exception()
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(done.result())
+            loaded = item.payload.loaded
+            item.future.set_result(self.renders[position].finish(loaded, self.refs, info))
+        except BaseException as exc:  # noqa: BLE001
+            if not item.future.done():
+                item.future.set_exception(exc)
+        finally:
+            with self.lock:
+                self.unfinished -= 1
+                last = self.unfinished == 0
+            if last:
+                HOST_PEAK_BYTES.observe(self.outputs.peak_bytes)
+                self.slots.release()
 
 
 def wait_result(future: Future) -> Any:

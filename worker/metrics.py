@@ -33,6 +33,11 @@ ACTIVATION_BYTES = Histogram(
     "Bytes of activations one forward pass holds (all selected layers, all images)",
     buckets=(2**20, 2**22, 2**24, 2**26, 2**28, 2**30, 2**32),
 )
+HOST_PEAK_BYTES = Histogram(
+    "actviz_batch_host_peak_bytes",
+    "Most bytes of float32 activations one forward pass held on the host at once",
+    buckets=(2**20, 2**22, 2**24, 2**26, 2**28, 2**30, 2**32),
+)
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(
     "actviz_gpu_memory_peak_bytes", "Peak accelerator memory since process start", ["device"]

@@ -6,8 +6,15 @@
 Imports Keras (and so the configured backend); only workers import this package.
 """
 
-from worker.engine.analysis import Artifacts, analyze, check_options, render_artifacts, warmup
-from worker.engine.extract import Extractor, build_extractor, extract
+from worker.engine.analysis import (
+    Artifacts,
+    ImageRender,
+    analyze,
+    check_options,
+    render_artifacts,
+    warmup,
+)
+from worker.engine.extract import Extractor, LayerOutputs, build_extractor, extract
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.loading import LoadedModel, load_model, open_model
 from worker.engine.manifest import manifest_bytes
@@ -18,6 +25,8 @@ from worker.engine.stats import channel_stats, layer_summary
 __all__ = [
     "Artifacts",
     "Extractor",
+    "ImageRender",
+    "LayerOutputs",
     "LayerRef",
     "LoadedModel",
     "PreparedImage",

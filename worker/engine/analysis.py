@@ -9,6 +9,7 @@ or a bad layer spec fail the whole call.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -91,22 +92,24 @@ def analyze(
     for members in groups.values():
         batch = np.stack([prepared[i].pixels for i in members])
         started = time.perf_counter()
-        outputs = extractor(batch)
+        outputs = extractor.forward(batch)
         forward_ms = _ms_since(started)
-        for j, i in enumerate(members):
+        del batch
+        renders = {}
+        for i in members:
             timings[i]["forward"] = forward_ms
-            activations = [output[j] for output in outputs]
-            results[i] = render_artifacts(
-                loaded,
-                extractor.refs,
-                activations,
-                prepared[i],
-                options,
-                settings,
-                timings[i],
-                batch={"size": len(members), "position": j},
-            )
-        del outputs, batch
+            renders[i] = ImageRender(prepared[i], options, settings, timings[i])
+        # Layer by layer: only one layer of the pass is on the host as float32 at a time.
+        for index, ref in enumerate(extractor.refs):
+            layer = outputs.host(index)
+            for j, i in enumerate(members):
+                renders[i].add_layer(index, ref, layer[j])
+            del layer
+            outputs.release(index)
+        for j, i in enumerate(members):
+            info = {"size": len(members), "position": j, "activation_bytes": outputs.nbytes}
+            info["host_peak_bytes"] = outputs.peak_bytes
+            results[i] = renders[i].finish(loaded, extractor.refs, batch=info)
     return [r for r in results if r is not None]  # every slot is filled above
 
 
@@ -137,51 +140,99 @@ def render_artifacts(
     """One image's Artifacts from activations a caller's own forward pass produced.
 
     `activations`: one (*layer.output_shape) float32 array per ref, in the
-    order of `refs` (the image's slice of an extractor's batch output).
-    `timings` (ms per stage so far) gains render and stats; `batch` goes to
-    the manifest as is. What `analyze` does after its forward pass, for
-    callers that batch images from many jobs (worker/batcher.py).
+    order of `refs`. `timings` (ms per stage so far) gains render and stats;
+    `batch` goes to the manifest as is.
     """
-    files = {"input.png": encode_png(image.display)}
-    render_ms = stats_ms = 0.0
-    layers = []
-    for ref, act in zip(refs, activations, strict=True):
+    render = ImageRender(image, options, settings, timings)
+    for index, (ref, act) in enumerate(zip(refs, activations, strict=True)):
+        render.add_layer(index, ref, act)
+    return render.finish(loaded, refs, batch)
+
+
+class ImageRender:
+    """One image's Artifacts, built one layer at a time.
+
+    `add_layer` renders a layer's grid (and channel PNGs, overlay) and its
+    statistics, keeping only what it produced (PNG bytes, JSON-ready stats,
+    a float16 copy when `save_npz`), so a caller can drop the layer's float32
+    activations as soon as every image has taken its layer. Layers may be
+    added in any order and from several threads; `finish` (once all are in)
+    builds the manifest.
+    """
+
+    def __init__(
+        self,
+        image: PreparedImage,
+        options: JobOptions,
+        settings: Settings,
+        timings: dict[str, float],
+    ) -> None:
+        self.image = image
+        self.options = options
+        self.settings = settings
+        self.timings = timings
+        self._input_png = encode_png(image.display)
+        self._files: dict[int, dict[str, bytes]] = {}
+        self._entries: dict[int, dict[str, Any]] = {}
+        self._npz: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._render_ms = self._stats_ms = 0.0
+
+    def add_layer(self, index: int, ref: LayerRef, act: np.ndarray) -> None:
+        """Render and measure layer `index` (`ref`) from its (*output_shape) activations."""
+        files: dict[str, bytes] = {}
         started = time.perf_counter()
-        entry = _render_layer(ref, act, image, options, settings, files)
-        render_ms += _ms_since(started)
+        entry = _render_layer(ref, act, self.image, self.options, self.settings, files)
+        render_ms = _ms_since(started)
         started = time.perf_counter()
         stats = channel_stats(act)
         entry["stats"] = json_stats(stats)
-        entry["summary"] = layer_summary(stats, options.top_k)
-        stats_ms += _ms_since(started)
-        layers.append(entry)
-    if options.save_npz:
-        files["activations.npz"] = _npz(refs, activations)
-    timings.update(render=render_ms, stats=stats_ms)
-    record = dict(image.record)
-    manifest = build_manifest(
-        model={
-            "uri": loaded.uri,
-            "sha256": loaded.sha256,
-            "name": loaded.model.name,
-            "class_name": type(loaded.model).__name__,
-            "input_shape": list(loaded.input_shape),
-        },
-        image={
-            "sha256": image.sha256,
-            "original_size": list(image.original_size),
-            "format": record.pop("format", None),
-            "mode": record.pop("mode", None),
-        },
-        preprocessing=record,
-        options=options,
-        engine={"backend": keras.backend.backend(), "keras": keras.__version__},
-        layers=layers,
-        files=list(files),
-        timings_ms=timings,
-        batch=batch,
-    )
-    return Artifacts(manifest=manifest, files=files)
+        entry["summary"] = layer_summary(stats, self.options.top_k)
+        stats_ms = _ms_since(started)
+        half = act.astype(np.float16) if self.options.save_npz else None
+        with self._lock:
+            self._entries[index] = entry
+            self._files[index] = files
+            if half is not None:
+                self._npz[index] = half
+            self._render_ms += render_ms
+            self._stats_ms += stats_ms
+
+    def finish(self, loaded: LoadedModel, refs: list[LayerRef], batch: dict[str, Any]) -> Artifacts:
+        """The Artifacts, once `add_layer` has run for every ref."""
+        layers = [self._entries[index] for index in range(len(refs))]
+        # Files in model order, whatever order the layers were rendered in.
+        files = {"input.png": self._input_png}
+        for index in range(len(refs)):
+            files.update(self._files[index])
+        if self.options.save_npz:
+            files["activations.npz"] = _npz(refs, [self._npz[i] for i in range(len(refs))])
+        self.timings.update(render=self._render_ms, stats=self._stats_ms)
+        image = self.image
+        record = dict(image.record)
+        manifest = build_manifest(
+            model={
+                "uri": loaded.uri,
+                "sha256": loaded.sha256,
+                "name": loaded.model.name,
+                "class_name": type(loaded.model).__name__,
+                "input_shape": list(loaded.input_shape),
+            },
+            image={
+                "sha256": image.sha256,
+                "original_size": list(image.original_size),
+                "format": record.pop("format", None),
+                "mode": record.pop("mode", None),
+            },
+            preprocessing=record,
+            options=self.options,
+            engine={"backend": keras.backend.backend(), "keras": keras.__version__},
+            layers=layers,
+            files=list(files),
+            timings_ms=self.timings,
+            batch=batch,
+        )
+        return Artifacts(manifest=manifest, files=files)
 
 
 def _render_layer(
@@ -231,7 +282,9 @@ def _render_layer(
 def _npz(refs: list[LayerRef], activations: list[np.ndarray]) -> bytes:
     """float16 activations keyed 'NN-name' (the grid file stem)."""
     arrays = {
-        layer_grid_name(ref.index, ref.name)[len("layers/") : -len(".png")]: act.astype(np.float16)
+        layer_grid_name(ref.index, ref.name)[len("layers/") : -len(".png")]: act.astype(
+            np.float16, copy=False
+        )
         for ref, act in zip(refs, activations, strict=True)
     }
     buffer = io.BytesIO()

@@ -11,6 +11,8 @@ Only Keras APIs are used, so any Keras backend runs it.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +34,59 @@ class Extractor:
         self.refs = refs
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        outputs = self.forward(batch)
+        return [outputs.host(i) for i in range(len(outputs))]
+
+    def forward(self, batch: np.ndarray) -> LayerOutputs:
+        """One forward pass; its outputs stay the backend's until `host(i)` asks for a layer."""
         outputs = self.model(batch, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        return [np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float32) for t in outputs]
+        return LayerOutputs(list(outputs))
+
+
+class LayerOutputs:
+    """The outputs of one forward pass, copied to host float32 one layer at a time.
+
+    `host(i)` copies layer i (all images of the pass) once and drops the
+    backend's tensor; `release(i)` drops the copy. A caller that renders
+    layer by layer and releases each layer when done holds, on the host, only
+    the layers in flight instead of a float32 copy of every layer. `nbytes`
+    is the pass's float32 size (all layers), `peak_bytes` the most host bytes
+    held at once so far. Thread-safe.
+    """
+
+    def __init__(self, tensors: list[Any]) -> None:
+        self._tensors: list[Any] = tensors
+        self._host: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.nbytes = int(sum(4 * math.prod(tuple(t.shape)) for t in tensors))
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def host(self, i: int) -> np.ndarray:
+        with self._lock:
+            array = self._host.get(i)
+            if array is None:
+                tensor = self._tensors[i]
+                if tensor is None:
+                    raise RuntimeError(f"layer output {i} was released")
+                array = np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)
+                self._host[i] = array
+                self._tensors[i] = None
+                self.live_bytes += array.nbytes
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            return array
+
+    def release(self, i: int) -> None:
+        with self._lock:
+            array = self._host.pop(i, None)
+            self._tensors[i] = None
+            if array is not None:
+                self.live_bytes -= array.nbytes
 
 
 def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:

@@ -1,0 +1,81 @@
+"""Activations go to the host one layer at a time, and batched rendering equals analyze."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from sample_images import image_bytes
+
+from producer.contract import JobOptions
+from producer.settings import Settings
+from worker.batcher import Batcher
+from worker.engine import Artifacts, LayerOutputs, analyze
+
+
+def layer_bytes(manifest: dict, images: int) -> list[int]:
+    return [4 * images * int(np.prod(layer["output_shape"])) for layer in manifest["layers"]]
+
+
+def test_layer_outputs_copy_each_layer_once_and_release_it() -> None:
+    outputs = LayerOutputs([np.ones((2, 4, 4, 3), np.float32), np.zeros((2, 10), np.float32)])
+    assert len(outputs) == 2 and outputs.nbytes == 4 * (96 + 20)
+    first = outputs.host(0)
+    assert outputs.host(0) is first and first.dtype == np.float32
+    assert outputs.live_bytes == first.nbytes == 384
+    outputs.release(0)
+    assert outputs.live_bytes == 0
+    with pytest.raises(RuntimeError, match="released"):
+        outputs.host(0)
+    outputs.host(1)
+    assert outputs.peak_bytes == 384  # never both at once
+
+
+def test_analyze_holds_one_layer_of_the_pass_on_the_host_at_a_time(loaded_models, settings):
+    loaded = loaded_models("residual")
+    images = [image_bytes(seed=s) for s in (1, 2, 3)]
+    results = analyze(loaded, images, JobOptions(), settings)
+    batch = results[0].manifest["batch"]
+    sizes = layer_bytes(results[0].manifest, len(images))
+    assert len(sizes) > 2
+    assert batch["activation_bytes"] == sum(sizes)
+    assert batch["host_peak_bytes"] == max(sizes) < sum(sizes)
+
+
+def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
+    """Four jobs through the batcher's layer-major pool: the same files and stats as analyze."""
+    loaded = loaded_models("residual")
+    settings = Settings(batch_size=4, batch_wait_ms=2000)
+    options = JobOptions(channel_pngs=True, save_npz=True, overlay=True, top_k=3)
+    images = [image_bytes(seed=s) for s in (11, 12, 13, 14)]
+    expected = analyze(loaded, images, options, settings)
+    batcher = Batcher(settings, render_threads=3)
+    got: dict[int, Artifacts] = {}
+    for _ in images:
+        batcher.expect()
+
+    def job(i: int) -> None:
+        got[i] = batcher.run(loaded, images[i], options)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(got) == [0, 1, 2, 3]
+    for i, want in enumerate(expected):
+        have = got[i]
+        assert have.manifest["batch"]["size"] == 4
+        assert (
+            0
+            < have.manifest["batch"]["host_peak_bytes"]
+            <= have.manifest["batch"]["activation_bytes"]
+        )
+        assert list(have.files) == list(want.files)  # model order, whatever order layers ran in
+        for name, data in want.files.items():
+            if name == "activations.npz":
+                continue  # compressed archives carry timestamps
+            assert have.files[name] == data, name
+        for mine, theirs in zip(have.manifest["layers"], want.manifest["layers"], strict=True):
+            assert mine["stats"] == theirs["stats"] and mine["summary"] == theirs["summary"]
