@@ -42,7 +42,7 @@ def test_a_blitted_chart_matches_a_full_draw_of_the_same_figure() -> None:
     full = np.asarray(chart.canvas.buffer_rgba())[..., :3].astype(int)
     depth_chart._charts.clear()
     assert blitted.shape == full.shape
-    # Equal but for the palette's rounding and where the legend now sits over the lines.
+    # Equal but for the palette's rounding of anti-aliased edges.
     differs = np.abs(blitted - full).max(axis=2) > 24
     assert differs.mean() < 0.01
 
