@@ -45,6 +45,14 @@ class ObjectNotFound(LookupError):
     """The key (or URI) does not exist in storage."""
 
 
+class ObjectTooLarge(ValueError):
+    """An object is larger than the caller's limit; `size` is its size in bytes (or more)."""
+
+    def __init__(self, uri: str, size: int) -> None:
+        super().__init__(f"{uri} is {size} bytes")
+        self.uri, self.size = uri, size
+
+
 class Store(Protocol):
     url: str
 
@@ -215,6 +223,26 @@ class S3Store:
             self.client.get_object, self.uri(key), Bucket=self.bucket, Key=self._key(key)
         )
         return resp["Body"].read()
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """The object's bytes, in one GET; raises ObjectTooLarge past `limit` bytes.
+
+        The size is checked from the response headers before the body is read,
+        and the read stops at `limit` + 1 bytes whatever the headers said.
+        """
+        uri = self.uri(key)
+        resp = self._call(self.client.get_object, uri, Bucket=self.bucket, Key=self._key(key))
+        body = resp["Body"]
+        try:
+            size = int(resp.get("ContentLength") or 0)
+            if size > limit:
+                raise ObjectTooLarge(uri, size)
+            data = body.read(limit + 1)
+            if len(data) > limit:
+                raise ObjectTooLarge(uri, len(data))
+            return data
+        finally:
+            body.close()
 
     def head(self, key: str) -> dict:
         return self._call(

@@ -6,6 +6,7 @@ Late acknowledgement means a job whose worker dies is handed out again
 - A job whose manifest already exists is complete (the manifest is written
   last), so a second delivery returns the stored result instead of running:
   a duplicate message or a crash after the manifest costs one HEAD request.
+  A first delivery skips that check (the delivery counter says it is one).
 - A job that kills its worker every time (out of memory, a crashing kernel,
   the hard time limit) would otherwise loop forever. Each delivery of an
   attempt increments `actviz:deliveries:<job_id>:<retry>` in Redis before the
@@ -89,11 +90,15 @@ def admit_delivery(task: Task, spec: JobSpec, store: Store, settings: Settings) 
     run), None when the job should run. Raises WorkerLost (worker_lost) when
     the job has been delivered more than `settings.max_deliveries` times.
     """
-    done = stored_result(spec, store)
-    if done is not None:
-        log.info("job already complete; returning the stored manifest")
-        return done
     count = count_delivery(task, spec.job_id, settings)
+    # Only a job seen before can be complete already: a later delivery or retry of
+    # this attempt, or a resubmission of its id. A first delivery (count 1 of retry 0;
+    # 0 without Redis) spends no storage request on it.
+    if count != 1 or task.request.retries:
+        done = stored_result(spec, store)
+        if done is not None:
+            log.info("job already complete; returning the stored manifest")
+            return done
     if count > 1:
         log.warning(
             "delivery %d of this job: an earlier one was lost with its worker or is a duplicate",

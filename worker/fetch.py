@@ -17,7 +17,15 @@ from pathlib import Path
 
 from producer.errors import ImageTooLarge, InputNotFound, ModelNotAllowed, ModelNotFound
 from producer.settings import Settings, redact_url
-from producer.storage import FileStore, ObjectNotFound, S3Store, Store, local_path, split_s3_uri
+from producer.storage import (
+    FileStore,
+    ObjectNotFound,
+    ObjectTooLarge,
+    S3Store,
+    Store,
+    local_path,
+    split_s3_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +131,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def read_image(uri: str, store: Store, settings: Settings, s3: object | None = None) -> bytes:
-    """The bytes of the image a job names, checking the size before reading.
+    """The bytes of the image a job names, checking the size before reading the body.
 
     The image may live in the result store (uploaded by the producer), in any
     s3:// bucket the worker's credentials can read, or, in the embedded mode,
@@ -135,11 +143,12 @@ def read_image(uri: str, store: Store, settings: Settings, s3: object | None = N
         bucket, key = split_s3_uri(uri)
         source = S3Store(bucket, client=s3)
         try:
-            size = int(source.head(key).get("ContentLength", 0))
-            _check_image_size(uri, size, limit)
-            return source.get(key)
+            return source.get_at_most(key, limit)
         except ObjectNotFound:
             raise InputNotFound(f"image {uri} does not exist") from None
+        except ObjectTooLarge as exc:
+            _check_image_size(uri, exc.size, limit)
+            raise
     if uri.startswith("file://"):
         path = local_path(uri).resolve()
         inside_store = isinstance(store, FileStore) and store.root in path.parents
