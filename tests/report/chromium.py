@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -37,6 +38,13 @@ def find_chromium() -> str | None:
     return None
 
 
+def _above(fd: int, lowest: int) -> int:
+    """`fd` moved to a descriptor number >= `lowest` (the old one is closed)."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, lowest)
+    os.close(fd)
+    return moved
+
+
 class Browser:
     """One headless Chromium process; `open` loads a page in a fresh tab."""
 
@@ -48,6 +56,8 @@ class Browser:
         self._profile = tempfile.TemporaryDirectory(prefix="actviz-chromium-")
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
+        # Above fd 4, so that moving them onto 3 and 4 below cannot close one of them.
+        to_child_r, from_child_w = (_above(fd, 10) for fd in (to_child_r, from_child_w))
 
         # Chromium wants the pipe on fds 3 and 4 exactly; a shell moves them there
         # (no preexec_fn: this process runs TensorFlow's threads).
