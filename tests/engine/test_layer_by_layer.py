@@ -79,3 +79,52 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
             assert have.files[name] == data, name
         for mine, theirs in zip(have.manifest["layers"], want.manifest["layers"], strict=True):
             assert mine["stats"] == theirs["stats"] and mine["summary"] == theirs["summary"]
+
+
+def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, monkeypatch):
+    """The other images of the pass succeed, and the pass's pipeline slot is freed."""
+    import hashlib
+
+    from worker.engine import ImageRender
+
+    loaded = loaded_models("residual")
+    settings = Settings(batch_size=3, batch_wait_ms=2000)
+    images = [image_bytes(seed=s) for s in (21, 22, 23)]
+    broken = hashlib.sha256(images[1]).hexdigest()
+    add_layer = ImageRender.add_layer
+
+    def failing(self, index, ref, act):  # noqa: ANN001, ANN202
+        if self.image.sha256 == broken and index == 1:
+            raise RuntimeError("render failed")
+        return add_layer(self, index, ref, act)
+
+    monkeypatch.setattr(ImageRender, "add_layer", failing)
+    batcher = Batcher(settings, render_threads=2)
+    outcome: dict[int, object] = {}
+    for _ in images:
+        batcher.expect()
+
+    def job(i: int) -> None:
+        try:
+            outcome[i] = batcher.run(loaded, images[i], JobOptions())
+        except RuntimeError as exc:
+            outcome[i] = exc
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert isinstance(outcome[1], RuntimeError)
+    assert isinstance(outcome[0], Artifacts) and isinstance(outcome[2], Artifacts)
+    assert outcome[0].manifest["batch"]["size"] == 3
+    # The failed pass gave its pipeline slot back: once idle, the forward thread holds
+    # one slot (taken before it waits for images) and every other one is free.
+    import time
+
+    from worker.batcher import PIPELINE_DEPTH
+
+    deadline = time.monotonic() + 10
+    while batcher._slots._value != PIPELINE_DEPTH - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batcher._slots._value == PIPELINE_DEPTH - 1
