@@ -171,7 +171,6 @@ class ImageRender:
         self.options = options
         self.settings = settings
         self.timings = timings
-        self._input_png = encode_png(image.display)
         self._files: dict[int, dict[str, bytes]] = {}
         self._entries: dict[int, dict[str, Any]] = {}
         self._npz: dict[int, np.ndarray] = {}
@@ -202,7 +201,7 @@ class ImageRender:
         """The Artifacts, once `add_layer` has run for every ref."""
         layers = [self._entries[index] for index in range(len(refs))]
         # Files in model order, whatever order the layers were rendered in.
-        files = {"input.png": self._input_png}
+        files = {"input.png": encode_png(self.image.display)}
         for index in range(len(refs)):
             files.update(self._files[index])
         if self.options.save_npz:
