@@ -730,8 +730,43 @@ def main() -> None:
             f"cold start: first job of a model not yet loaded {cold['first_job_uncached_ms']:.0f} ms "
             f"(warm p50 at concurrency {low}: {loads[(b, low)].percentile(50):.0f} ms)"
         )
+    print()
+    print_anchors(classic.classic or 0.0, floor_fwd, floor_all, b, loads, cold, args.storage)
     summary = {f"{k[0]}x{k[1]}": round(v.rate, 2) for k, v in loads.items()}
     print("json: " + json.dumps({"jobs_per_s": summary, "floor": round(floor_all, 2), **cold}))
+
+
+def print_anchors(
+    classic: float,
+    forward: float,
+    floor: float,
+    batch: int,
+    loads: dict[tuple[int, int], Load],
+    cold: dict[str, float],
+    storage: str,
+) -> None:
+    """Every anchor of the run in one table, each rate against the forward + grids floor."""
+    print("all anchors in one table (rates per second; vs floor = rate / forward + grids):")
+    print(f"{'what':<52}{'rate':>9}{'vs floor':>10}{'p50 ms':>9}{'p95 ms':>9}")
+    rows: list[tuple[str, float, float | None, float | None]] = [
+        ("classic recipe, in process (classic CNN, :8)", classic, None, None),
+        (f"forward pass alone, in process, batch {batch}", forward, None, None),
+        (f"forward + grids (analyze), in process, batch {batch}", floor, None, None),
+    ]
+    where = "S3 server" if storage == "s3" else "local folder"
+    for (size, conc), load in sorted(loads.items()):
+        name = f"service ({where}), batch {size}, concurrency {conc}"
+        rows.append((name, load.rate, load.percentile(50), load.percentile(95)))
+    for name, rate, p50, p95 in rows:
+        latency = f"{p50:>9.0f}{p95:>9.0f}" if p50 is not None else ""
+        print(f"{name:<52}{rate:>9.2f}{rate / floor:>10.0%}{latency}")
+    for key, value in cold.items():
+        if key.startswith("ready_s_b"):
+            name = f"cold start: --preload to /readyz, batch {key.rsplit('b', 1)[1]}"
+            print(f"{name:<52}{value:>8.1f}s")
+    if "first_job_uncached_ms" in cold:
+        name = "cold start: first job of an unloaded model"
+        print(f"{name:<52}{cold['first_job_uncached_ms']:>7.0f}ms")
 
 
 if __name__ == "__main__":
