@@ -36,6 +36,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -457,7 +458,7 @@ def run_load(
                 for stage, ms in (result.get("timings_ms") or {}).items():
                     stages.setdefault(stage, []).append(ms)
 
-    threads = [threading.Thread(target=producer, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=producer, args=(c,), daemon=True) for c in clients]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -619,6 +620,8 @@ def main() -> None:
         help="results and models in the moto S3 server (default) or a local folder",
     )
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the worker, Redis and S3 server it started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
