@@ -181,13 +181,16 @@ class ImageRender:
         """Render and measure layer `index` (`ref`) from its (*output_shape) activations."""
         files: dict[str, bytes] = {}
         started = time.perf_counter()
-        entry = _render_layer(ref, act, self.image, self.options, self.settings, files)
+        stats = channel_stats(act)
+        stats_ms = _ms_since(started)
+        started = time.perf_counter()
+        bounds = (stats["min"], stats["max"])  # the grid's normalization reuses them
+        entry = _render_layer(ref, act, self.image, self.options, self.settings, files, bounds)
         render_ms = _ms_since(started)
         started = time.perf_counter()
-        stats = channel_stats(act)
         entry["stats"] = json_stats(stats)
         entry["summary"] = layer_summary(stats, self.options.top_k)
-        stats_ms = _ms_since(started)
+        stats_ms += _ms_since(started)
         half = act.astype(np.float16) if self.options.save_npz else None
         with self._lock:
             self._entries[index] = entry
@@ -241,6 +244,7 @@ def _render_layer(
     options: JobOptions,
     settings: Settings,
     files: dict[str, bytes],
+    bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     key = layer_grid_name(ref.index, ref.name)
     stem = key[len("layers/") : -len(".png")]
@@ -259,6 +263,7 @@ def _render_layer(
             options.colormap,
             percentile=options.percentile,
             max_side=settings.max_grid_side,
+            bounds=bounds,
         )
         files[key] = png
         entry["grid"] = {"png": key, **grid.to_dict()}
