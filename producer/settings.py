@@ -62,6 +62,9 @@ class Settings:
     redeliver_after: int = 0
     batch_size: int = 8
     batch_wait_ms: int = 15
+    # Most MB of float32 activations (all selected layers) one forward pass may produce;
+    # fewer images go into a pass whose images are larger. At least one image always runs.
+    batch_max_mb: int = 1024
     metrics_port: int = 0
     log_json: bool = False
     log_level: str = "INFO"

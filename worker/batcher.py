@@ -24,6 +24,10 @@ dropped as soon as every image has rendered it and measured it; what an
 image keeps is PNG bytes and JSON-ready statistics. Each manifest's `batch`
 reports `activation_bytes` (every layer of the pass, float32) and
 `host_peak_bytes` (the most the pass held on the host at once, so far).
+A pass's size is bounded in bytes as well as in images: a group's first pass
+runs one image and measures its activations, and later passes take at most
+`batch_max_mb` worth (`images_per_pass`), never fewer than one image. So a
+worker holds at most 2 x max(batch_max_mb, one image's activations).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, HOST_PEAK_BYTES
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2
+KNOWN_GROUPS = 1024  # groups whose activation bytes per image the batcher remembers
 # How often a job's thread wakes while it waits, so a soft time limit can interrupt it.
 WAIT_POLL_S = 0.1
 
@@ -90,6 +95,18 @@ def take_batch(pending: list[Pending], batch_size: int) -> list[Pending]:
     return taken
 
 
+def images_per_pass(batch_size: int, max_bytes: int, image_bytes: int | None) -> int:
+    """How many images of a group one forward pass takes.
+
+    `image_bytes`: the activations one image of the group produced in its last
+    pass (all selected layers, float32), or None before its first pass, which
+    then runs one image alone to measure it. Never fewer than 1.
+    """
+    if image_bytes is None:
+        return 1
+    return max(1, min(batch_size, max_bytes // max(1, image_bytes)))
+
+
 def batch_ready(
     pending: list[Pending], batch_size: int, wait_s: float, now: float, incoming: int
 ) -> bool:
@@ -124,6 +141,9 @@ class Batcher:
         self.settings = settings
         self.batch_size = max(1, settings.batch_size)
         self.wait_s = max(0, settings.batch_wait_ms) / 1000.0
+        self.max_bytes = max(1, settings.batch_max_mb) * 2**20
+        # Activation bytes per image of each group, from its latest pass.
+        self._image_bytes: dict[Hashable, int] = {}
         self._pending: list[Pending] = []
         self._incoming = 0
         self._cond = threading.Condition()
@@ -185,7 +205,7 @@ class Batcher:
             with self._cond:
                 while not batch_ready(
                     self._pending,
-                    self.batch_size,
+                    self._size_for(self._pending),
                     self.wait_s,
                     time.monotonic(),
                     self._incoming,
@@ -196,7 +216,7 @@ class Batcher:
                             0.0, self._pending[0].arrived + self.wait_s - time.monotonic()
                         )
                     self._cond.wait(timeout)
-                batch = take_batch(self._pending, self.batch_size)
+                batch = take_batch(self._pending, self._size_for(self._pending))
             try:
                 self._forward(batch)
             except BaseException as exc:  # noqa: BLE001 (every job of the batch gets the error)
@@ -204,6 +224,13 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+
+    def _size_for(self, pending: list[Pending]) -> int:
+        """Images per pass for the oldest waiting image's group."""
+        if not pending:
+            return self.batch_size
+        known = self._image_bytes.get(pending[0].key)
+        return images_per_pass(self.batch_size, self.max_bytes, known)
 
     def _forward(self, batch: list[Pending]) -> None:
         from worker.engine import ImageRender
@@ -218,6 +245,12 @@ class Batcher:
         del pixels
         BATCH_IMAGES.observe(len(batch))
         ACTIVATION_BYTES.observe(outputs.nbytes)
+        with self._cond:
+            sizes = self._image_bytes
+            sizes.pop(batch[0].key, None)
+            sizes[batch[0].key] = outputs.nbytes // len(batch)
+            while len(sizes) > KNOWN_GROUPS:  # the least recently measured go first
+                del sizes[next(iter(sizes))]
         renders = []
         for item in batch:
             work: _Work = item.payload

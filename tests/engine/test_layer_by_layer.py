@@ -14,6 +14,15 @@ from worker.batcher import Batcher
 from worker.engine import Artifacts, LayerOutputs, analyze
 
 
+def measured_batcher(loaded, settings: Settings, render_threads: int) -> Batcher:  # noqa: ANN001
+    """A Batcher that has run one image of `loaded`, so its next passes are full-size."""
+    batcher = Batcher(settings, render_threads=render_threads)
+    batcher.expect()
+    first = batcher.run(loaded, image_bytes(seed=99), JobOptions())
+    assert first.manifest["batch"]["size"] == 1  # a group's first pass measures one image
+    return batcher
+
+
 def layer_bytes(manifest: dict, images: int) -> list[int]:
     return [4 * images * int(np.prod(layer["output_shape"])) for layer in manifest["layers"]]
 
@@ -50,7 +59,7 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
     options = JobOptions(channel_pngs=True, save_npz=True, overlay=True, top_k=3)
     images = [image_bytes(seed=s) for s in (11, 12, 13, 14)]
     expected = analyze(loaded, images, options, settings)
-    batcher = Batcher(settings, render_threads=3)
+    batcher = measured_batcher(loaded, settings, render_threads=3)
     got: dict[int, Artifacts] = {}
     for _ in images:
         batcher.expect()
@@ -98,8 +107,8 @@ def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, 
             raise RuntimeError("render failed")
         return add_layer(self, index, ref, act)
 
+    batcher = measured_batcher(loaded, settings, render_threads=2)
     monkeypatch.setattr(ImageRender, "add_layer", failing)
-    batcher = Batcher(settings, render_threads=2)
     outcome: dict[int, object] = {}
     for _ in images:
         batcher.expect()
@@ -128,3 +137,32 @@ def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, 
     while batcher._slots._value != PIPELINE_DEPTH - 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert batcher._slots._value == PIPELINE_DEPTH - 1
+
+
+def test_passes_stay_within_the_byte_bound_once_the_group_is_measured(loaded_models) -> None:
+    """The first pass measures one image; later ones take what fits ACTVIZ_BATCH_MAX_MB."""
+    loaded = loaded_models("fully_conv")  # keeps the image's size: 512x512 -> about 3.7 MB
+    (probe,) = analyze(loaded, [image_bytes(512, 512, seed=30)], JobOptions(), Settings())
+    per_image = probe.manifest["batch"]["activation_bytes"]
+    max_mb = (3 * per_image + per_image // 2) // 2**20  # room for 3 images, not 4
+    assert 3 * per_image <= max_mb * 2**20 < 4 * per_image
+    settings = Settings(batch_size=8, batch_wait_ms=2000, batch_max_mb=max_mb)
+    batcher = Batcher(settings, render_threads=2)
+    images = [image_bytes(512, 512, seed=s) for s in range(31, 38)]
+    results: list[Artifacts] = []
+    for _ in images:
+        batcher.expect()
+
+    def job(data: bytes) -> None:
+        results.append(batcher.run(loaded, data, JobOptions()))
+
+    threads = [threading.Thread(target=job, args=(data,)) for data in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == len(images)
+    sizes = {r.manifest["batch"]["number"]: r.manifest["batch"]["size"] for r in results}
+    assert sorted(sizes.values()) == [1, 3, 3]  # 1 to measure, then passes of at most 3
+    for result in results:
+        assert result.manifest["batch"]["activation_bytes"] <= max_mb * 2**20

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from producer.settings import Settings
-from worker.batcher import Pending, batch_ready, group_key, take_batch
+from worker.batcher import Pending, batch_ready, group_key, images_per_pass, take_batch
 from worker.pool import THREAD_POOL, pool_for
 
 
@@ -48,6 +48,15 @@ def test_batch_runs_when_full_or_waited_long_enough_or_nothing_else_is_coming() 
     assert batch_ready(queue, batch_size=4, wait_s=0.015, now=10.016, incoming=2)  # waited
     assert batch_ready(queue, batch_size=4, wait_s=0.015, now=10.005, incoming=0)  # alone
     assert not batch_ready([], batch_size=1, wait_s=0.0, now=10.0, incoming=0)
+
+
+def test_a_pass_is_bounded_in_bytes_as_well_as_in_images() -> None:
+    mb = 2**20
+    assert images_per_pass(8, 1024 * mb, None) == 1  # a group's first pass measures one image
+    assert images_per_pass(8, 1024 * mb, 10 * mb) == 8  # small images: the batch size
+    assert images_per_pass(8, 100 * mb, 30 * mb) == 3  # large ones: what fits the bytes
+    assert images_per_pass(8, 100 * mb, 300 * mb) == 1  # one image past the bound still runs
+    assert images_per_pass(8, 100 * mb, 0) == 8
 
 
 def test_batch_size_one_keeps_the_solo_pool_and_larger_sizes_reserve_two_batches() -> None:
