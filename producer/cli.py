@@ -280,6 +280,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         queues=tuple(q for q in args.queues.split(",") if q) if args.queues else None,
         preload=tuple(args.preload) if args.preload else None,
         concurrency=args.concurrency,
+        processes_per_device=args.per_device,
     )
     unknown = [q for q in settings.queues if q not in QUEUES]
     if unknown:
@@ -361,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker (needs a redis:// broker)")
     p.add_argument("--queues", help="comma-separated: gpu,cpu")
     p.add_argument("--preload", action="append", help="model to load and warm first; repeatable")
-    p.add_argument("--concurrency", type=int, help="worker processes, one per GPU")
+    p.add_argument("--concurrency", type=int, help="devices (GPUs) to run workers on")
+    p.add_argument(
+        "--per-device", type=int, help="worker processes sharing each device (default 1)"
+    )
     p.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
     p.set_defaults(func=cmd_worker)
 

@@ -51,6 +51,9 @@ class Settings:
     queues: tuple[str, ...] = (QUEUE_GPU,)
     preload: tuple[str, ...] = ()
     concurrency: int = 1
+    # Worker processes sharing each device: more than one when the host side of a job
+    # (grids, stats, report, uploads) keeps one process from filling its accelerator.
+    processes_per_device: int = 1
     soft_time_limit: int = 300
     time_limit: int = 360
     result_expires: int = 7 * 24 * 3600

@@ -6,14 +6,19 @@ children inherit a broken CUDA context), and one TF runtime per GPU keeps a
 card's memory and the warm models in one place. So a worker is a single
 process running jobs in its main thread (`--pool solo`). `--concurrency N`
 starts N such processes, child i pinned to GPU i with CUDA_VISIBLE_DEVICES=i
-(on a CPU-only host they simply share the cores). On Kubernetes prefer one
-pod per GPU and concurrency 1.
+(on a CPU-only host they simply share the cores). `--per-device K`
+(ACTVIZ_PROCESSES_PER_DEVICE) starts K processes per GPU instead, for when one
+process's host-side work (grids, statistics, report, uploads) leaves its card
+idle; they then share the card's memory (TensorFlow grows its memory as it
+needs it; JAX is told not to preallocate). On Kubernetes prefer one pod per
+GPU with concurrency 1.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -40,7 +45,7 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
     if settings.embedded:
         print(EMBEDDED_REFUSAL, file=sys.stderr)
         return EXIT_CONFIG
-    if settings.concurrency > 1:
+    if settings.concurrency * max(1, settings.processes_per_device) > 1:
         return run_pinned_children(settings)
     return run_one(settings, node_name)
 
@@ -107,17 +112,39 @@ def child_command(settings: Settings, index: int) -> list[str]:
     return cmd
 
 
+def child_plan(settings: Settings, environ: dict[str, str]) -> list[dict[str, str]]:
+    """The extra environment of each child: its device, metrics port, storage and broker.
+
+    `settings.concurrency` devices x `settings.processes_per_device` processes;
+    child i runs on device i // processes_per_device. `environ` is the
+    parent's environment, to respect what the operator set.
+    """
+    per_device = max(1, settings.processes_per_device)
+    plan = []
+    for index in range(max(1, settings.concurrency) * per_device):
+        env = {
+            "CUDA_VISIBLE_DEVICES": str(index // per_device),
+            "ACTVIZ_BROKER_URL": settings.broker_url,
+            "ACTVIZ_STORAGE_URL": settings.storage_url,
+            "ACTVIZ_METRICS_PORT": str(
+                settings.metrics_port + index if settings.metrics_port else 0
+            ),
+            "ACTVIZ_PROCESSES_PER_DEVICE": "1",
+        }
+        if per_device > 1 and "XLA_PYTHON_CLIENT_PREALLOCATE" not in environ:
+            # JAX takes 75% of a card at start-up by default; processes sharing it cannot.
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        plan.append(env)
+    return plan
+
+
 def run_pinned_children(settings: Settings) -> int:
-    """Start `settings.concurrency` solo workers, child i on GPU i; wait for all."""
+    """Start the solo workers of `child_plan`; wait for all."""
     children = []
-    for index in range(settings.concurrency):
-        env = child_environ(
-            CUDA_VISIBLE_DEVICES=str(index),
-            ACTVIZ_BROKER_URL=settings.broker_url,
-            ACTVIZ_STORAGE_URL=settings.storage_url,
-            ACTVIZ_METRICS_PORT=str(settings.metrics_port + index if settings.metrics_port else 0),
+    for index, extra in enumerate(child_plan(settings, dict(os.environ))):
+        children.append(
+            subprocess.Popen(child_command(settings, index), env=child_environ(**extra))
         )
-        children.append(subprocess.Popen(child_command(settings, index), env=env))
 
     def forward(signum: int, frame: object) -> None:
         for child in children:

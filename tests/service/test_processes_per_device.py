@@ -1,0 +1,90 @@
+"""`actviz worker --per-device K`: K solo worker processes share one device."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+from stack import free_port, start_worker, subprocess_env, wait_for
+
+from producer import Client, Settings
+from worker.main import child_plan
+
+REDIS_DB = 7
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_children_are_spread_over_devices_and_told_not_to_preallocate() -> None:
+    settings = Settings(
+        broker_url="redis://127.0.0.1:6379/0",
+        storage_url="s3://bucket/results",
+        concurrency=2,
+        processes_per_device=3,
+        metrics_port=9100,
+    )
+    plan = child_plan(settings, {})
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in plan] == ["0", "0", "0", "1", "1", "1"]
+    assert [env["ACTVIZ_METRICS_PORT"] for env in plan] == [str(9100 + i) for i in range(6)]
+    assert {env["ACTVIZ_PROCESSES_PER_DEVICE"] for env in plan} == {"1"}  # children run one each
+    assert {env["XLA_PYTHON_CLIENT_PREALLOCATE"] for env in plan} == {"false"}
+    # What the operator set is kept; one process per device needs no change.
+    mine = child_plan(settings, {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})
+    assert all("XLA_PYTHON_CLIENT_PREALLOCATE" not in env for env in mine)
+    single = child_plan(Settings(concurrency=2, metrics_port=0), {})
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in single] == ["0", "1"]
+    assert all("XLA_PYTHON_CLIENT_PREALLOCATE" not in env for env in single)
+    assert {env["ACTVIZ_METRICS_PORT"] for env in single} == {"0"}
+
+
+def test_two_processes_on_one_device_both_serve_jobs(
+    redis_url: str,
+    bucket: str,
+    saved_models: dict[str, Path],
+    png_bytes: bytes,
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    while not _free(port + 1):
+        port = free_port()
+    env = subprocess_env(
+        ACTVIZ_BROKER_URL=redis_url,
+        ACTVIZ_STORAGE_URL=f"s3://{bucket}/results",
+        ACTVIZ_MODEL_ALLOW=f"{saved_models['seq'].parent.as_uri()}/",
+        ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "cache"),
+        ACTVIZ_METRICS_PORT=str(port),
+        ACTVIZ_BATCH_SIZE="1",
+    )
+    worker = start_worker(env, tmp_path / "worker.log", "--per-device", "2")
+    try:
+        wait_for(lambda: worker.log_text().count(" ready.") == 2, 90, "both worker processes")
+        for child_port in (port, port + 1):
+            wait_for(lambda p=child_port: _ready(p), 30, f"/readyz on {child_port}")
+        client = Client(settings=Settings.from_env(environ=env))
+        nodes = {name for reply in client.app.control.ping(timeout=3) for name in reply}
+        assert {name.split("@")[0] for name in nodes} == {"actviz0", "actviz1"}
+        model = saved_models["seq"].as_uri()
+        jobs = [client.submit(model, png_bytes, layers="conv2d_1") for _ in range(4)]
+        assert all(job.wait(timeout=90).manifest["job_id"] == job.id for job in jobs)
+    finally:
+        worker.stop()
+    assert worker.proc.returncode is not None
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
