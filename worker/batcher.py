@@ -261,6 +261,7 @@ class Batcher:
         if not len(outputs):  # no layer to render: the images are done already
             for position in range(len(batch)):
                 state.finish(position)
+            return
         # Layer-major: the pool renders layer 0 of every image first, so each layer's
         # host copy is dropped early instead of every layer living to the pass's end.
         for index in range(len(outputs)):
