@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BIN = Path(sys.executable).parent
 ACTVIZ = BIN / "actviz"
@@ -73,18 +73,35 @@ class WorkerProcess:
                 self.proc.wait(5)
 
 
-def start_worker(env: dict[str, str], log: Path, *args: str, timeout: float = 90) -> WorkerProcess:
-    """Start `actviz worker ARGS` and wait until Celery says it is ready."""
-    with log.open("wb") as out:
+W = TypeVar("W", bound=WorkerProcess)
+
+
+def start_worker(
+    env: dict[str, str],
+    log: Path,
+    *args: str,
+    timeout: float = 90,
+    append: bool = False,
+    kind: type[W] = WorkerProcess,
+) -> W:
+    """Start `actviz worker ARGS` and wait until Celery says it is ready.
+
+    `append`: add to `log` (a restarted worker) and wait for a ready line
+    after what it already holds. `kind`: the WorkerProcess class to return.
+    """
+    with log.open("ab" if append else "wb") as out:
+        start = out.tell()
         proc = subprocess.Popen(
             [str(ACTVIZ), "worker", *args], env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    worker = WorkerProcess(proc, log)
+    worker = kind(proc, log)
 
     def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"actviz worker exited {proc.returncode}:\n{worker.log_text()}")
-        return " ready." in worker.log_text()
+        with log.open("rb") as fh:
+            fh.seek(start)
+            return b" ready." in fh.read()
 
     try:
         wait_for(ready, timeout, "actviz worker", interval=0.2)

@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from stack import ACTVIZ, BIN, free_port, wait_for  # noqa: F401 (re-exported to the tests)
+import stack
+from stack import ACTVIZ, BIN, WorkerProcess, free_port, wait_for  # noqa: F401 (re-exported to the tests)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -65,19 +66,12 @@ def worker_env(
     return env
 
 
-class Worker:
+class Worker(WorkerProcess):
     """A running `actviz worker` process with its log in a file."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
-        self.proc = proc
-        self.log = log
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -125,28 +119,9 @@ def child_pids(pid: int) -> list[int]:
 
 
 def start_worker(env: dict[str, str], log: Path, *args: str, timeout: float = 120) -> Worker:
-    """Start `actviz worker ARGS`; return once Celery logs that it is ready."""
+    """Start `actviz worker ARGS`, appending to `log`; return once Celery logs that it is ready."""
     WORKER_LOGS.append(log)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(ACTVIZ), "worker", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    worker = Worker(proc, log)
-    start = log.stat().st_size
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"actviz worker exited {proc.returncode}:\n{worker.log_text()}")
-        with log.open("rb") as fh:
-            fh.seek(start)
-            return b" ready." in fh.read()
-
-    try:
-        wait_for(ready, timeout, "actviz worker ready", interval=0.2)
-    except BaseException:
-        worker.kill()
-        raise
-    return worker
+    return stack.start_worker(env, log, *args, timeout=timeout, append=True, kind=Worker)
 
 
 # ---- a private Redis -------------------------------------------------------
