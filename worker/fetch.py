@@ -147,8 +147,7 @@ def read_image(uri: str, store: Store, settings: Settings, s3: object | None = N
         except ObjectNotFound:
             raise InputNotFound(f"image {uri} does not exist") from None
         except ObjectTooLarge as exc:
-            _check_image_size(uri, exc.size, limit)
-            raise
+            raise _too_large(uri, exc.size, limit) from None
     if uri.startswith("file://"):
         path = local_path(uri).resolve()
         inside_store = isinstance(store, FileStore) and store.root in path.parents
@@ -163,4 +162,8 @@ def read_image(uri: str, store: Store, settings: Settings, s3: object | None = N
 
 def _check_image_size(uri: str, size: int, limit: int) -> None:
     if size > limit:
-        raise ImageTooLarge(f"image {uri} is {size} bytes, above the {limit}-byte limit")
+        raise _too_large(uri, size, limit)
+
+
+def _too_large(uri: str, size: int, limit: int) -> ImageTooLarge:
+    return ImageTooLarge(f"image {uri} is {size} bytes, above the {limit}-byte limit")

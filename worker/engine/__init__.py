@@ -11,7 +11,6 @@ from worker.engine.analysis import (
     ImageRender,
     analyze,
     check_options,
-    render_artifacts,
     warmup,
 )
 from worker.engine.extract import Extractor, LayerOutputs, build_extractor, extract
@@ -42,7 +41,6 @@ __all__ = [
     "manifest_bytes",
     "open_model",
     "preprocess",
-    "render_artifacts",
     "render_grid",
     "select_layers",
     "warmup",

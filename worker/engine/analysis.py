@@ -107,8 +107,12 @@ def analyze(
             del layer
             outputs.release(index)
         for j, i in enumerate(members):
-            info = {"size": len(members), "position": j, "activation_bytes": outputs.nbytes}
-            info["host_peak_bytes"] = outputs.peak_bytes
+            info = {
+                "size": len(members),
+                "position": j,
+                "activation_bytes": outputs.nbytes,
+                "host_peak_bytes": outputs.peak_bytes,
+            }
             results[i] = renders[i].finish(loaded, extractor.refs, batch=info)
     return [r for r in results if r is not None]  # every slot is filled above
 
@@ -125,28 +129,6 @@ def warmup(
     side = min(64, settings.max_side)
     shape = (1, height or side, width or side, channels)
     extractor(np.full(shape, 0.5, dtype=np.float32))
-
-
-def render_artifacts(
-    loaded: LoadedModel,
-    refs: list[LayerRef],
-    activations: list[np.ndarray],
-    image: PreparedImage,
-    options: JobOptions,
-    settings: Settings,
-    timings: dict[str, float],
-    batch: dict[str, Any],
-) -> Artifacts:
-    """One image's Artifacts from activations a caller's own forward pass produced.
-
-    `activations`: one (*layer.output_shape) float32 array per ref, in the
-    order of `refs`. `timings` (ms per stage so far) gains render and stats;
-    `batch` goes to the manifest as is.
-    """
-    render = ImageRender(image, options, settings, timings)
-    for index, (ref, act) in enumerate(zip(refs, activations, strict=True)):
-        render.add_layer(index, ref, act)
-    return render.finish(loaded, refs, batch)
 
 
 class ImageRender:

@@ -120,11 +120,10 @@ def normalize_maps(
         out = (x - mean) * gain
         out += np.float32(128.0 * (LEVELS - 1) / 255.0)
     else:
-        if mode == "channel":
+        if mode in ("channel", "layer"):
             low, high = bounds if bounds is not None else (x.min(axis=0), x.max(axis=0))
-        elif mode == "layer":
-            low, high = bounds if bounds is not None else (x.min(axis=0), x.max(axis=0))
-            low, high = low.min(keepdims=True), high.max(keepdims=True)
+            if mode == "layer":
+                low, high = low.min(keepdims=True), high.max(keepdims=True)
         elif mode == "percentile":
             low, high = np.percentile(x, [100.0 - percentile, percentile], axis=0)
             low, high = low.astype(np.float32), high.astype(np.float32)
