@@ -25,10 +25,8 @@ from producer.broker import create_app
 from producer.contract import (
     FAILED,
     MAX_PRIORITY,
-    NORMALIZATIONS,
     QUEUED,
     QUEUES,
-    SCALES,
     STARTED,
     SUCCEEDED,
     TASK_NAME,
@@ -369,16 +367,20 @@ class Client:
             raise InvalidJob(f"job id {job_id!r} is not one safe path segment")
         if batch_id is not None and not contract.valid_job_id(batch_id):
             raise InvalidJob(f"batch id {batch_id!r} is not one safe path segment")
-        spec = JobSpec(
-            job_id=job_id,
-            model=self.resolve_model(model),
-            image=self.upload_image(image),
-            options=job_options,
-            enqueued_at=time.time(),
-            batch_id=batch_id,
-            batch_index=batch_index,
-            batch_total=batch_total,
-        )
+        model_uri = self.resolve_model(model)
+        try:
+            spec = JobSpec(
+                job_id=job_id,
+                model=model_uri,
+                image=self.upload_image(image),
+                options=job_options,
+                enqueued_at=time.time(),
+                batch_id=batch_id,
+                batch_index=batch_index,
+                batch_total=batch_total,
+            )
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from None
         self.app.send_task(
             TASK_NAME, args=[spec.to_message()], task_id=job_id, queue=queue, priority=priority
         )
@@ -487,16 +489,9 @@ def build_options(layers: str | list[str] | None, options: dict[str, Any]) -> Jo
     if layers is not None:
         options = {**options, "layers": layers}
     try:
-        job_options = JobOptions.from_dict(options)
+        return JobOptions.from_dict(options)
     except (TypeError, ValueError) as exc:
         raise InvalidJob(str(exc)) from None
-    if job_options.scale not in SCALES:
-        raise InvalidJob(f"scale {job_options.scale!r} unknown; use one of {', '.join(SCALES)}")
-    if job_options.normalize not in NORMALIZATIONS:
-        raise InvalidJob(
-            f"normalize {job_options.normalize!r} unknown; use one of {', '.join(NORMALIZATIONS)}"
-        )
-    return job_options
 
 
 def check_routing(queue: str, priority: int | None) -> None:

@@ -18,6 +18,11 @@ MANIFEST_VERSION = 1
 
 # A job message carries URIs and options only; anything bigger is refused.
 MAX_MESSAGE_BYTES = 64 * 1024
+# A whole broker message (Celery's envelope, headers and the encoded job): a worker
+# drops anything larger before parsing it.
+MAX_ENVELOPE_BYTES = 4 * MAX_MESSAGE_BYTES
+MAX_URI_CHARS = 2048
+MAX_BATCH_JOBS = 1_000_000
 
 QUEUE_GPU = "gpu"
 QUEUE_CPU = "cpu"
@@ -40,6 +45,7 @@ class ErrorCode:
 
     INVALID_IMAGE = "invalid_image"
     IMAGE_TOO_LARGE = "image_too_large"
+    ACTIVATIONS_TOO_LARGE = "activations_too_large"
     MODEL_NOT_FOUND = "model_not_found"
     INVALID_MODEL = "invalid_model"
     UNSAFE_MODEL = "unsafe_model"
@@ -61,7 +67,7 @@ ERROR_CODES = tuple(v for k, v in vars(ErrorCode).items() if k.isupper())
 SCALES = ("1/255", "none", "-1..1", "meanstd")
 NORMALIZATIONS = ("channel", "layer", "meanstd", "percentile")
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _KEY_PART = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -71,7 +77,7 @@ def new_job_id() -> str:
 
 def valid_job_id(job_id: str) -> bool:
     """A job id is one safe path segment: no '/', no '..', no control chars."""
-    return bool(_JOB_ID.match(job_id)) and ".." not in job_id
+    return isinstance(job_id, str) and bool(_JOB_ID.fullmatch(job_id)) and ".." not in job_id
 
 
 def safe_key_part(name: str) -> str:
@@ -126,9 +132,89 @@ def batch_member_key(batch_id: str, index: int, job_id: str) -> str:
 # ---- job spec -------------------------------------------------------------
 
 
+# ---- layer-spec grammar ------------------------------------------------------
+
+# Bounds on what a layer spec may hold; a spec names layers, it is not data.
+MAX_LAYER_SPEC_CHARS = 4096
+MAX_LAYER_TOKENS = 256
+MAX_PATTERN_CHARS = 256
+# Memory RE2 may use to compile one pattern; a pattern that needs more is refused.
+_PATTERN_MEMORY = 1 << 20
+PATTERN_PREFIX = "re:"
+
+
+def layer_tokens(spec: str | list[str] | None) -> list[str]:
+    """The tokens of a layer spec: 'a, 3, :8' or ['a', '3'] -> ['a', '3', ':8'].
+
+    Raises ValueError for a spec of the wrong type, over the size bounds, or
+    with a pattern token that `compile_layer_pattern` refuses.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        if len(spec) > MAX_LAYER_SPEC_CHARS:
+            raise ValueError(f"layers is {len(spec)} characters, above {MAX_LAYER_SPEC_CHARS}")
+        items = spec.split(",")
+    elif isinstance(spec, list) and all(isinstance(t, str) for t in spec):
+        if sum(len(t) for t in spec) > MAX_LAYER_SPEC_CHARS:
+            raise ValueError(f"layers names more than {MAX_LAYER_SPEC_CHARS} characters")
+        items = spec
+    else:
+        raise ValueError("layers must be a comma-separated string or a list of strings")
+    tokens = [t.strip() for t in items if t.strip()]
+    if len(tokens) > MAX_LAYER_TOKENS:
+        raise ValueError(f"layers has {len(tokens)} entries, above {MAX_LAYER_TOKENS}")
+    for token in tokens:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
+            raise ValueError(f"layer token {token!r} contains control characters")
+        if token.startswith(PATTERN_PREFIX):
+            compile_layer_pattern(token[len(PATTERN_PREFIX) :])
+    return tokens
+
+
+def compile_layer_pattern(pattern: str) -> Any:
+    """Compile a 're:' token's pattern with RE2, whose matching time is linear.
+
+    Python's own `re` backtracks: a 14-character pattern can hold a worker's
+    interpreter for minutes. RE2 has no backreferences or lookaround, and
+    refuses patterns that would need more than a small, fixed memory.
+    Raises ValueError for a pattern RE2 refuses or one over the size bound.
+    """
+    import re2  # google-re2; imported here so that the contract loads without it for ids
+
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"layer pattern is {len(pattern)} characters, above {MAX_PATTERN_CHARS}")
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = _PATTERN_MEMORY
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else "invalid"
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        raise ValueError(
+            f"layer pattern 're:{pattern}' is not a valid RE2 regex ({reason}); "
+            "backreferences and lookaround are not supported"
+        ) from None
+
+
+# ---- job spec -------------------------------------------------------------
+
+_COLORMAP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_TOP_K = 1024
+
+
 @dataclass(frozen=True)
 class JobOptions:
-    """Per-job knobs. Defaults reproduce the classic recipe: x/255, viridis."""
+    """Per-job knobs. Defaults reproduce the classic recipe: x/255, viridis.
+
+    Every instance is valid: types, names and ranges are checked on
+    construction (`ValueError`), so the producer refuses a bad option before
+    anything is queued and the worker refuses it on receipt, with one message.
+    What needs the model (mean/std length against its channels, colormap
+    names from matplotlib, layer names) is checked by the worker.
+    """
 
     layers: str | list[str] | None = None
     scale: str = "1/255"
@@ -142,16 +228,55 @@ class JobOptions:
     save_npz: bool = False
     overlay: bool = False
 
+    def __post_init__(self) -> None:
+        layer_tokens(self.layers)
+        if self.scale not in SCALES:
+            raise ValueError(f"scale {self.scale!r} unknown; use one of {', '.join(SCALES)}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and not (
+                isinstance(values, list) and 1 <= len(values) <= 4 and all(map(_is_number, values))
+            ):
+                raise ValueError(f"{name} must be a list of 1 to 4 numbers, got {values!r}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError("std values must be positive")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalize {self.normalize!r} unknown; use one of {', '.join(NORMALIZATIONS)}"
+            )
+        if not _is_number(self.percentile):
+            raise ValueError(f"percentile must be a number, got {self.percentile!r}")
+        if self.normalize == "percentile" and not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not isinstance(self.colormap, str) or not _COLORMAP.fullmatch(self.colormap):
+            raise ValueError(f"colormap {self.colormap!r} is not a colormap name")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an integer in 0..{MAX_TOP_K}, got {self.top_k!r}")
+        for name in ("channel_pngs", "save_npz", "overlay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobOptions:
+        """Raises ValueError for unknown or invalid options (see the class doc)."""
+        if not isinstance(data, dict):
+            raise ValueError("job options must be an object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown job options: {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown job options: {', '.join(sorted(map(str, unknown)))}")
         return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 @dataclass(frozen=True)
@@ -168,6 +293,30 @@ class JobSpec:
     batch_index: int = 0
     batch_total: int = 0
 
+    def __post_init__(self) -> None:
+        if not valid_job_id(self.job_id):
+            raise ValueError(f"job id {self.job_id!r} is not one safe path segment")
+        if self.batch_id is not None and not valid_job_id(self.batch_id):
+            raise ValueError(f"batch id {self.batch_id!r} is not one safe path segment")
+        for name in ("model", "image"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or len(value) > MAX_URI_CHARS:
+                raise ValueError(
+                    f"{name} must be a URI string of at most {MAX_URI_CHARS} characters"
+                )
+            if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+                raise ValueError(f"{name} URI contains control characters")
+        if not isinstance(self.options, JobOptions):
+            raise ValueError("options must be JobOptions")
+        if not _is_number(self.enqueued_at):
+            raise ValueError(f"enqueued_at must be a number, got {self.enqueued_at!r}")
+        if not (_is_int(self.batch_index) and _is_int(self.batch_total)):
+            raise ValueError("batch_index and batch_total must be integers")
+        if not 0 <= self.batch_index <= max(self.batch_total, 0) <= MAX_BATCH_JOBS:
+            raise ValueError(
+                f"batch_index {self.batch_index} is outside a batch of {self.batch_total} jobs"
+            )
+
     def to_message(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["options"] = self.options.to_dict()
@@ -176,6 +325,9 @@ class JobSpec:
 
     @classmethod
     def from_message(cls, data: dict[str, Any]) -> JobSpec:
+        """Raises ValueError (or TypeError) for a message that is not a valid job."""
+        if not isinstance(data, dict):
+            raise ValueError("the job message is not an object")
         data = dict(data)
         data.pop("version", None)
         options = JobOptions.from_dict(data.pop("options", None) or {})

@@ -39,6 +39,12 @@ class ImageTooLarge(ActvizError):
     code = ErrorCode.IMAGE_TOO_LARGE
 
 
+class ActivationsTooLarge(ActvizError):
+    """One image's activations (at the model's input size) exceed the worker's bound."""
+
+    code = ErrorCode.ACTIVATIONS_TOO_LARGE
+
+
 class ModelNotFound(ActvizError):
     code = ErrorCode.MODEL_NOT_FOUND
 
@@ -105,6 +111,7 @@ _BY_CODE = {
     for cls in (
         InvalidImage,
         ImageTooLarge,
+        ActivationsTooLarge,
         ModelNotFound,
         InvalidModel,
         UnsafeModel,

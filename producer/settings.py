@@ -13,10 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from producer.contract import QUEUE_GPU
 
 EMBEDDED_BROKER = "memory://"
+# Shorter passwords are not masked in free text: they would blank common words.
+MIN_MASKED_SECRET = 4
 DEFAULT_STORAGE = "file://./actviz-results"
 
 
@@ -46,6 +49,9 @@ class Settings:
     max_pixels: int = 50_000_000
     max_side: int = 1024
     max_grid_side: int = 4096
+    # Most MB of float32 activations one image may produce (its input and every selected
+    # layer, at the size the model is fed); checked before its forward pass.
+    max_image_activation_mb: int = 2048
     max_image_bytes: int = 32 * 1024**2
     queue: str = QUEUE_GPU
     queues: tuple[str, ...] = (QUEUE_GPU,)
@@ -115,6 +121,10 @@ class Settings:
         out["result_backend"] = redact_url(self.backend_url)
         return out
 
+    def secrets(self) -> set[str]:
+        """Passwords in the configured URLs; logs mask them wherever they appear."""
+        return url_secrets(self.broker_url, self.backend_url, self.storage_url)
+
 
 def child_environ(**extra: str) -> dict[str, str]:
     """This process's environment plus `extra`, for a child process (e.g. a pinned worker)."""
@@ -132,9 +142,31 @@ def _parse(type_name: Any, raw: str) -> Any:
     return raw
 
 
-_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^@/]*)@", re.IGNORECASE)
+# Scheme, then the authority up to the first '/', '?' or '#'. A password may hold
+# '@' and ':' unescaped (kombu and redis-py split the authority at its last '@').
+_AUTHORITY = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/?#]*)", re.IGNORECASE | re.DOTALL)
 
 
 def redact_url(url: str) -> str:
-    """'redis://:secret@host:6379/0' -> 'redis://***@host:6379/0'."""
-    return _USERINFO.sub(lambda m: m.group(1) + "***@", url)
+    """'redis://:secret@host:6379/0' -> 'redis://***@host:6379/0'.
+
+    Everything before the authority's last '@' is removed, whatever it holds.
+    """
+    match = _AUTHORITY.match(url)
+    if match is None or "@" not in match.group(2):
+        return url
+    host = match.group(2).rpartition("@")[2]
+    return f"{match.group(1)}***@{host}{url[match.end() :]}"
+
+
+def url_secrets(*urls: str | None) -> set[str]:
+    """The passwords in `urls`, as written and percent-decoded, for masking in logs."""
+    found = set()
+    for url in filter(None, urls):
+        match = _AUTHORITY.match(url)
+        if match is None or "@" not in match.group(2):
+            continue
+        userinfo = match.group(2).rpartition("@")[0]
+        password = userinfo.partition(":")[2] or userinfo
+        found.update({password, unquote(password)})
+    return {secret for secret in found if len(secret) >= MIN_MASKED_SECRET}

@@ -221,6 +221,41 @@ def save_tf_module_savedmodel(out: Path) -> Path:
     return path
 
 
+# ---- models whose Lambda layer runs code: what only a trusted source may load ----
+
+# Kills its own process (as a crashing forward pass would) when a batch holds an
+# all-white image; symbolic tensors (loading, tracing) pass through.
+TRIPWIRE = (
+    "lambda x: (__import__('os').kill(__import__('os').getpid(), 9) "
+    "if hasattr(x, 'numpy') and bool((x.numpy().reshape(x.shape[0], -1).min(axis=1) > 0.999).any()) "
+    "else None, x)[1]"
+)
+
+
+def touch_on_call(marker: Path) -> str:
+    """Lambda source that creates `marker` when the layer runs on data: proof that code ran.
+
+    Building, loading and tracing call it on symbolic tensors; those leave no marker.
+    """
+    touch = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    return f"lambda x: ({touch} if hasattr(x, 'numpy') else None, x)[1]"
+
+
+def code_lambda_model(path: Path, source: str, side: int = 16) -> Path:
+    """Input -> Lambda(eval(source)) named 'code' -> Conv2D 'conv', saved as `.keras`."""
+    keras = _keras()
+    model = keras.Sequential(
+        [
+            keras.Input((side, side, 3)),
+            keras.layers.Lambda(eval(source), name="code"),  # noqa: S307 (test source)
+            keras.layers.Conv2D(4, 3, name="conv"),
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
 # ---- Keras 2 (tf_keras) files, written in a subprocess -----------------------
 
 KERAS2_FILES = ("keras2_cnn.h5", "keras2_lambda.h5", "keras2_savedmodel")

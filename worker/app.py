@@ -28,7 +28,7 @@ from worker.tasks import TRANSIENT_ERRORS
 
 def worker_config(settings: Settings) -> dict:
     """Options only a consuming worker needs."""
-    return {
+    config = {
         "task_acks_late": True,
         # Celery's solo pool, or threads when batching (worker/pool.py); a cold shutdown
         # re-queues the running jobs instead of failing them.
@@ -43,7 +43,13 @@ def worker_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Every message passes the gate before Celery reads it (worker/consumer.py).
+        "worker_consumer": "worker.consumer:Consumer",
     }
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Messages are measured before they are parsed (worker/transport.py).
+        config["broker_transport"] = "worker.transport:Transport"
+    return config
 
 
 # Keyed by task id and thread: two deliveries of one job id may run at once on two threads.

@@ -70,15 +70,14 @@ class Pending:
     future: Future = field(default_factory=Future)
 
 
-def group_key(extractor: object, shape: tuple[int, ...], alone: str | None = None) -> Hashable:
+def group_key(extractor: object, shape: tuple[int, ...]) -> Hashable:
     """Images with equal keys may share a forward pass.
 
     Same extractor object (one per model and resolved layer set) and same
-    preprocessed (H, W, C). `alone` (e.g. the job id) gives the image a
-    group of its own: a job delivered again after its worker died runs by
-    itself, so a job that kills workers cannot take other jobs down with it.
+    preprocessed (H, W, C). A job delivered again after its worker died does
+    not come here: it runs in a process of its own (worker/isolation.py).
     """
-    return (id(extractor), tuple(shape), alone)
+    return (id(extractor), tuple(shape))
 
 
 def take_batch(pending: list[Pending], batch_size: int) -> list[Pending]:
@@ -170,7 +169,6 @@ class Batcher:
         loaded: Any,
         image_bytes: bytes,
         options: JobOptions,
-        alone: str | None = None,
     ) -> Any:
         """Preprocess one image here, forward it in a shared batch, render it; -> Artifacts.
 
@@ -178,19 +176,19 @@ class Batcher:
         InvalidJob, UnknownLayer, InvalidImage, ImageTooLarge; an unexpected
         forward-pass error is raised in every job of that batch.
         """
-        from worker.engine import check_options, preprocess
+        from worker.engine import check_options, prepare_image
 
         try:
             started = time.perf_counter()
             check_options(options, loaded.input_shape[2])
             extractor = loaded.extractor(options.layers)
-            image = preprocess(image_bytes, loaded.input_shape, options, self.settings)
+            image = prepare_image(image_bytes, loaded, extractor, options, self.settings)
             timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
         except BaseException:
             self.cancel()
             raise
         work = _Work(loaded, extractor, image, options, timings)
-        item = Pending(group_key(extractor, image.pixels.shape, alone), time.monotonic(), work)
+        item = Pending(group_key(extractor, image.pixels.shape), time.monotonic(), work)
         with self._cond:
             self._incoming = max(0, self._incoming - 1)
             self._pending.append(item)

@@ -8,12 +8,14 @@ object changes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from producer.errors import ImageTooLarge, InputNotFound, ModelNotAllowed, ModelNotFound
 from producer.settings import Settings, redact_url
@@ -40,34 +42,78 @@ class ModelFile:
     path: Path
     version: str
     downloaded: bool = False
+    # Decided on the canonical URI: the model may hold Lambda layers (code).
+    trusted: bool = False
 
     @property
     def cache_key(self) -> str:
-        return f"{self.uri}#{self.version}"
+        return f"{self.uri}#{self.version}" + ("#trusted" if self.trusted else "")
 
 
 def model_allowed(uri: str, settings: Settings) -> bool:
-    """True when `uri` starts with an allowed prefix (local files too when embedded)."""
+    """True when `uri` starts with an allowed prefix (local files too when embedded).
+
+    Give it the canonical URI (`canonical_model_uri`): prefixes are compared as text.
+    """
     if settings.embedded and uri.startswith("file://"):
         return True
-    return any(uri.startswith(prefix) for prefix in settings.model_allow if prefix)
+    return any(uri.startswith(prefix) for prefix in _prefixes(settings.model_allow))
 
 
 def model_trusted(uri: str, settings: Settings) -> bool:
-    """Trusted models may hold Lambda layers (code); only listed prefixes are."""
-    return any(uri.startswith(prefix) for prefix in settings.model_trusted if prefix)
+    """Trusted models may hold Lambda layers (code); only listed prefixes are.
+
+    Give it the canonical URI (`canonical_model_uri`): prefixes are compared as text.
+    """
+    return any(uri.startswith(prefix) for prefix in _prefixes(settings.model_trusted))
 
 
-def check_model_allowed(uri: str, settings: Settings) -> None:
-    """Raises ModelNotAllowed (model_not_allowed) outside the allow-list."""
-    if ".." in uri.split("/"):
-        raise ModelNotAllowed(f"model URI {uri!r} contains '..'")
-    if not model_allowed(uri, settings):
+def _prefixes(prefixes: tuple[str, ...]) -> list[str]:
+    """The prefixes as canonical URIs: a file:// folder by its real path, as models are."""
+    out = []
+    for prefix in filter(None, prefixes):
+        if prefix.startswith("file://"):
+            real = local_path(prefix).resolve().as_uri()
+            prefix = real + "/" if prefix.endswith("/") and not real.endswith("/") else real
+        out.append(prefix)
+    return out
+
+
+def canonical_model_uri(uri: str) -> str:
+    """The one spelling of `uri` that allow-list and trust decisions compare.
+
+    A file:// URI becomes the URI of the real file (percent-escapes decoded,
+    symlinks and '..' resolved), so '/srv/trusted/%2e%2e/models/m.keras' is
+    judged as '/srv/models/m.keras'. Any URI whose decoded form holds a '..'
+    segment, a backslash or a control character is refused outright.
+    Raises ModelNotAllowed (model_not_allowed).
+    """
+    decoded = uri
+    for _ in range(3):  # '%252e' is '%2e' once decoded: refuse what any depth hides
+        decoded = unquote(decoded)
+        if ".." in decoded.split("/") or "\\" in decoded:
+            raise ModelNotAllowed(f"model URI {redact_url(uri)!r} contains '..' or a backslash")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in decoded):
+            raise ModelNotAllowed("model URI contains control characters")
+    if uri.startswith("file://"):
+        return local_path(uri).resolve().as_uri()
+    return uri
+
+
+def check_model_allowed(uri: str, settings: Settings) -> str:
+    """The canonical URI of an allowed model (see `canonical_model_uri`).
+
+    Raises ModelNotAllowed (model_not_allowed) outside the allow-list.
+    """
+    canonical = canonical_model_uri(uri)
+    if not model_allowed(canonical, settings):
         allowed = ", ".join(settings.model_allow) or "nothing"
+        shown = redact_url(uri) if canonical == uri else f"{redact_url(uri)} resolves to {canonical},"
         raise ModelNotAllowed(
-            f"model {redact_url(uri)} is outside the allowed sources ({allowed}); "
+            f"model {shown} is outside the allowed sources ({allowed}); "
             "add its prefix to ACTVIZ_MODEL_ALLOW on the worker"
         )
+    return canonical
 
 
 def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> ModelFile:
@@ -76,25 +122,24 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
     Raises ModelNotAllowed (model_not_allowed), ModelNotFound (model_not_found),
     StorageUnavailable (transient). `s3`: a boto3 client to reuse.
     """
-    check_model_allowed(uri, settings)
+    canonical = check_model_allowed(uri, settings)
+    trusted = model_trusted(canonical, settings)
     if uri == BUILTIN_DEMO:
         from worker.demo import model_path
 
         path = Path(model_path())
-        return ModelFile(uri, path, _file_version(path))
+        return ModelFile(uri, path, _file_version(path), trusted=trusted)
     if uri.startswith("builtin:"):
         raise ModelNotFound(f"no builtin model {uri!r}; the builtin one is {BUILTIN_DEMO}")
     if uri.startswith("file://"):
-        path = local_path(uri)
+        # The resolved file: a symlink or an escape cannot swap it after the checks.
+        path = local_path(canonical)
         if not path.is_file():
-            raise ModelNotFound(f"model file {path} does not exist on the worker")
-        # A symlink inside an allowed folder must not reach a file outside it.
-        real = path.resolve()
-        if not settings.embedded and not model_allowed(real.as_uri(), settings):
-            raise ModelNotAllowed(f"model {uri} resolves to {real}, outside the allowed sources")
-        return ModelFile(uri, path, _file_version(path))
+            raise ModelNotFound(f"model file {local_path(uri)} does not exist on the worker")
+        return ModelFile(uri, path, _file_version(path), trusted=trusted)
     if uri.startswith("s3://"):
-        return _fetch_s3_model(uri, Path(settings.model_cache_dir), s3)
+        model = _fetch_s3_model(uri, Path(settings.model_cache_dir), s3)
+        return dataclasses.replace(model, trusted=trusted)
     raise ModelNotFound(f"model URI {uri!r} has an unsupported scheme; use s3:// or file://")
 
 

@@ -5,15 +5,26 @@ so the soft limit is a SIGALRM that raises SoftTimeLimitExceeded inside the job,
 and the hard limit is a watchdog that ends the process: the message was not
 acknowledged (acks_late), so the broker hands it out again after the
 visibility timeout, and the orchestrator restarts the worker.
+
+The watchdog is a Python thread, so it needs the interpreter lock; code that
+holds the lock without returning to the interpreter (a C extension, a
+backtracking regex) would keep it from ever running. Behind it stands
+`faulthandler`'s timer, a C thread that needs no lock: `BACKSTOP_GRACE_S`
+after the earliest hard deadline of the jobs running in the process it
+writes every thread's stack to stderr and exits the process (status 1).
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
+import itertools
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +33,37 @@ from celery.exceptions import SoftTimeLimitExceeded
 log = logging.getLogger(__name__)
 
 HARD_LIMIT_EXIT = 70
+BACKSTOP_GRACE_S = 5.0
+
+
+class _Backstop:
+    """One faulthandler timer for the process, armed at the earliest hard deadline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[int, float] = {}
+        self._tokens = itertools.count()
+
+    def add(self, seconds: float) -> int:
+        token = next(self._tokens)
+        with self._lock:
+            self._deadlines[token] = time.monotonic() + seconds + BACKSTOP_GRACE_S
+            self._arm()
+        return token
+
+    def remove(self, token: int) -> None:
+        with self._lock:
+            self._deadlines.pop(token, None)
+            self._arm()
+
+    def _arm(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        if self._deadlines:
+            delay = max(0.1, min(self._deadlines.values()) - time.monotonic())
+            faulthandler.dump_traceback_later(delay, exit=True, file=sys.__stderr__)
+
+
+_backstop = _Backstop()
 
 
 def _raise_soft_limit(signum: int, frame: object) -> None:
@@ -51,11 +93,12 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
     """
     in_main = threading.current_thread() is threading.main_thread()
     use_alarm = in_main and soft > 0 and hasattr(signal, "setitimer")
-    watchdog = None
+    watchdog = backstop = None
     if may_exit and hard > 0:
         watchdog = threading.Timer(hard, _end_process, args=(job_id, hard))
         watchdog.daemon = True
         watchdog.start()
+        backstop = _backstop.add(hard)
     soft_timer = None
     if may_exit and soft > 0 and not in_main:
         # A job on a pool thread (a batching worker): the exception is raised in
@@ -75,5 +118,6 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
             signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
         if watchdog is not None:
             watchdog.cancel()
+            _backstop.remove(backstop)
         if soft_timer is not None:
             soft_timer.cancel()

@@ -31,7 +31,10 @@ _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "asctime",
     "job_id",
 }
-_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^@/\s]+@", re.IGNORECASE)
+# Greedy to the last '@' before the path: a password may hold '@' and ':'.
+_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s]+@", re.IGNORECASE)
+# The passwords of this process's own URLs (Settings.secrets), masked wherever they appear.
+_secrets: tuple[str, ...] = ()
 _PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(job_id)s] %(message)s"
 
 
@@ -51,7 +54,13 @@ def job_context(job_id: str) -> Iterator[None]:
 
 
 def mask_credentials(text: str) -> str:
-    """'connect redis://:pw@h:6379/0' -> 'connect redis://***@h:6379/0'."""
+    """'connect redis://:pw@h:6379/0' -> 'connect redis://***@h:6379/0'.
+
+    Also replaces every known secret (see `configure_logging`) with '***'.
+    """
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
     return _URL_USERINFO.sub(lambda m: m.group(1) + "***@", text)
 
 
@@ -122,6 +131,9 @@ def configure_logging(settings: Settings, stream: Any = None) -> logging.Handler
     Idempotent: calling it again replaces the handler it installed before.
     Returns the handler (tests read what it wrote through `stream`).
     """
+    global _secrets
+    # Longest first, so a password that contains another is masked whole.
+    _secrets = tuple(sorted(settings.secrets(), key=len, reverse=True))
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_actviz", False):

@@ -9,6 +9,11 @@ from prometheus_client import Counter, Gauge, Histogram
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 JOBS = Counter("actviz_jobs_total", "Jobs by final status and error code", ["status", "code"])
+MESSAGES_REFUSED = Counter(
+    "actviz_messages_refused_total",
+    "Queue messages refused before reaching a job, kept on actviz:dead-letters",
+    ["reason"],
+)
 STAGE_SECONDS = Histogram(
     "actviz_stage_seconds",
     "Time spent per job stage",

@@ -16,7 +16,8 @@ from producer.settings import Settings
 from producer.storage import Store, open_store, s3_client
 from worker.batcher import Batcher, run_alone
 from worker.cache import ModelCache
-from worker.fetch import fetch_model, model_trusted
+from worker.fetch import fetch_model
+from worker.isolation import Quarantine
 from worker.metrics import STAGE_SECONDS
 from worker.pool import batching
 from worker.report_pool import ReportPool
@@ -32,6 +33,7 @@ class WorkerRuntime:
         self._s3: object | None = None
         self._batcher: Batcher | None = None
         self._reports: ReportPool | None = None
+        self._quarantine: Quarantine | None = None
         self._lock = threading.Lock()
         # One fetch-and-load per model at a time: the pool's threads of a cold
         # start wait for the first one and then hit the cache.
@@ -72,16 +74,24 @@ class WorkerRuntime:
         if self.batcher is not None:
             self.batcher.cancel()
 
-    def analyze(self, loaded: Any, image: bytes, options: JobOptions, alone: str | None) -> Any:
+    def analyze(self, loaded: Any, image: bytes, options: JobOptions) -> Any:
         """One image's Artifacts, from a shared forward pass when batching.
 
-        `alone`: a group of its own (see batcher.group_key). Raises the
-        image's ActvizError (InvalidImage, ImageTooLarge, UnknownLayer, InvalidJob).
+        Raises the image's ActvizError (InvalidImage, ImageTooLarge,
+        UnknownLayer, InvalidJob).
         """
         batcher = self.batcher
         if batcher is None:
             return run_alone(loaded, image, options, self.settings)
-        return batcher.run(loaded, image, options, alone=alone)
+        return batcher.run(loaded, image, options)
+
+    @property
+    def quarantine(self) -> Quarantine:
+        """The helper process for redelivered jobs (worker/isolation.py), started on demand."""
+        with self._lock:
+            if self._quarantine is None:
+                self._quarantine = Quarantine(self.settings)
+        return self._quarantine
 
     @property
     def store(self) -> Store:
@@ -112,10 +122,9 @@ class WorkerRuntime:
             s3 = self.s3 if uri.startswith("s3://") else None
             model_file = fetch_model(uri, self.settings, s3)
             fetched = time.perf_counter()
-            trusted = model_trusted(uri, self.settings)
             loaded, event = self.cache.get_or_load(
                 model_file.cache_key,
-                lambda: open_model(str(model_file.path), uri=uri, trusted=trusted),
+                lambda: open_model(str(model_file.path), uri=uri, trusted=model_file.trusted),
             )
             done = time.perf_counter()
         STAGE_SECONDS.labels(stage="download_model").observe(fetched - started)

@@ -68,16 +68,9 @@ def parse_spec(message: Any) -> JobSpec:
             "messages carry URIs, not data"
         )
     try:
-        spec = JobSpec.from_message(message)
+        return JobSpec.from_message(message)  # the contract checks every field
     except (TypeError, ValueError) as exc:
         raise InvalidJob(f"malformed job message: {exc}") from None
-    if not isinstance(spec.job_id, str) or not contract.valid_job_id(spec.job_id):
-        raise InvalidJob(f"job id {spec.job_id!r} is not one safe path segment")
-    if spec.batch_id is not None and not contract.valid_job_id(str(spec.batch_id)):
-        raise InvalidJob(f"batch id {spec.batch_id!r} is not one safe path segment")
-    if not isinstance(spec.model, str) or not isinstance(spec.image, str):
-        raise InvalidJob("model and image must be URI strings")
-    return spec
 
 
 def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict[str, Any]:
@@ -89,6 +82,9 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
     settings = runtime.settings
     try:
         spec = parse_spec(message)
+        if task.request.id and task.request.id != spec.job_id:
+            # The state a client follows (task id) and the folder written (job id) are one.
+            raise InvalidJob("the message's task id and its job id differ")
     except ActvizError as exc:
         JOBS.labels(status="failed", code=exc.code).inc()
         raise
@@ -132,24 +128,25 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
 
 
 def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
-    from worker.fetch import read_image
-
-    settings, store = runtime.settings, runtime.store
     report_stage(task, "loading model")
-    runtime.expect_image()
-    try:
-        loaded, cache_event, timings = runtime.load_model(spec.model)
-        image = read_image(
-            spec.image, store, settings, runtime.s3 if spec.image.startswith("s3://") else None
-        )
-    except BaseException:
-        runtime.drop_image()
-        raise
-
-    report_stage(task, "forward")
-    # A job delivered again (its worker died) runs in a forward pass of its own.
-    alone = spec.job_id if redelivered(task, spec.job_id) else None
-    outcome = runtime.analyze(loaded, image, spec.options, alone=alone)
+    if redelivered(task, spec.job_id):
+        # Its worker died holding it: run it in a process of its own, so that a job
+        # that kills its process fails alone and takes no other job with it.
+        image = fetch_image(spec, runtime)
+        report_stage(task, "forward")
+        log.warning("a worker died holding this job before; it runs in the quarantine process")
+        outcome, cache_event, timings = runtime.quarantine.run(spec.model, image, spec.options)
+    else:
+        runtime.expect_image()
+        try:
+            loaded, cache_event, timings = runtime.load_model(spec.model)
+            image = fetch_image(spec, runtime)
+        except BaseException:
+            runtime.drop_image()
+            raise
+        report_stage(task, "forward")
+        outcome = runtime.analyze(loaded, image, spec.options)
+    store = runtime.store
     manifest = dict(outcome.manifest)
     files = dict(outcome.files)
     for stage in ("preprocess", "forward", "render"):
@@ -185,6 +182,14 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
         "cache_stats": runtime.cache.stats(),
         "timings_ms": manifest["timings_ms"],
     }
+
+
+def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
+    """The job's image bytes (see worker.fetch.read_image)."""
+    from worker.fetch import read_image
+
+    s3 = runtime.s3 if spec.image.startswith("s3://") else None
+    return read_image(spec.image, runtime.store, runtime.settings, s3)
 
 
 def redelivered(task: Task, job_id: str) -> bool:

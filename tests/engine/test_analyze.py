@@ -407,3 +407,21 @@ def test_shared_layer_shows_its_first_call(tmp_path, settings):
     (mine_shared, mine_sum) = extract(loaded, x, loaded.select("shared,sum"))
     np.testing.assert_allclose(mine_shared, first_call, atol=ATOL, rtol=0)
     np.testing.assert_allclose(mine_sum, total, atol=ATOL, rtol=0)
+
+
+def test_image_whose_activations_exceed_the_bound_fails_before_its_forward_pass(png, tmp_path):
+    """A fixed input far above ACTVIZ_MAX_SIDE: the image is upscaled, its activations bounded."""
+    from producer.contract import ErrorCode
+    from producer.errors import ActivationsTooLarge
+
+    model = keras.Sequential([keras.Input((1500, 1500, 3)), keras.layers.Conv2D(8, 3, name="c")])
+    model.save(tmp_path / "huge_input.keras")
+    loaded = open_model(tmp_path / "huge_input.keras")
+    small = Settings(max_image_activation_mb=64)
+    (outcome,) = analyze(loaded, [png], JobOptions(), small)
+    assert isinstance(outcome, ActivationsTooLarge)
+    assert outcome.code == ErrorCode.ACTIVATIONS_TOO_LARGE
+    assert "1500x1500" in outcome.message and "ACTVIZ_MAX_IMAGE_ACTIVATION_MB" in outcome.message
+    # 1500 x 1500 x 3 + 1498 x 1498 x 8 float32 = 99 MB: under a larger bound the job runs.
+    (fits,) = analyze(loaded, [png], JobOptions(), Settings(max_image_activation_mb=128))
+    assert fits.manifest["layers"][0]["name"] == "c"

@@ -124,3 +124,49 @@ def test_lambda_nested_inside_a_model_is_found(tmp_path):
     outer.save(path)
     with pytest.raises(UnsafeModel, match="Lambda 'plus'"):
         open_model(path)
+
+
+def test_lambda_spelled_with_a_module_path_is_found(model_files, tmp_path):
+    """'layers.Lambda' or a registered name still names the Lambda class."""
+    import json
+    import zipfile
+
+    source = model_files["lambda_keras"]
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    text = json.dumps(config).replace('"class_name": "Lambda"', '"class_name": "layers.Lambda"')
+    assert text != json.dumps(config)
+    respelled = tmp_path / "respelled.keras"
+    with zipfile.ZipFile(respelled, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, text if name == "config.json" else data)
+    with pytest.raises(UnsafeModel, match="Lambda 'double'"):
+        open_model(respelled)
+
+
+def test_h5_declaring_gigabytes_of_weights_it_does_not_hold_is_refused_unread(tmp_path):
+    import h5py
+
+    path = tmp_path / "bomb.h5"
+    keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3)]).save(path)
+    with h5py.File(path, "a") as fh:  # 3.9 GB declared, no byte of it written
+        fh.create_dataset("model_weights/bomb", shape=(975_000_000,), dtype="f4", chunks=(1 << 20,))
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(InvalidModel, match="decompression bomb") as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+
+
+def test_keras_archive_whose_config_inflates_past_the_bound_is_refused_unread(tmp_path):
+    import zipfile
+
+    from worker.engine.loading import MAX_CONFIG_BYTES
+
+    path = tmp_path / "config-bomb.keras"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("metadata.json", "{}")
+        archive.writestr("config.json", " " * (MAX_CONFIG_BYTES + 1))
+    assert path.stat().st_size < 200_000
+    with pytest.raises(InvalidModel, match="bomb|config.json of"):
+        open_model(path)

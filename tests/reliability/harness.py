@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import stack
 from stack import ACTVIZ, BIN, WorkerProcess, free_port, wait_for  # noqa: F401 (re-exported to the tests)
@@ -139,7 +140,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        # '@' and ':' stay as typed (kombu and redis-py take them so); the rest is escaped.
+        auth = f":{quote(self.password, safe='@:')}@" if self.password else ""
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 

@@ -18,12 +18,6 @@ def test_same_extractor_and_shape_share_a_group_other_models_do_not() -> None:
     assert group_key(model_a, (150, 150, 3)) != group_key(model_a, (64, 64, 3))
 
 
-def test_a_redelivered_job_gets_a_group_of_its_own() -> None:
-    model = object()
-    assert group_key(model, (8, 8, 3), alone="job-1") != group_key(model, (8, 8, 3))
-    assert group_key(model, (8, 8, 3), alone="job-1") != group_key(model, (8, 8, 3), alone="job-2")
-
-
 def test_take_batch_takes_the_oldest_group_up_to_the_batch_size_in_order() -> None:
     queue = [
         pending("a", name="a1"),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -169,3 +173,98 @@ def test_symlink_in_an_allowed_folder_cannot_reach_outside(tmp_path: Path) -> No
     assert fetch_model((allowed / "real.h5").as_uri(), settings).path == allowed / "real.h5"
     with pytest.raises(ModelNotAllowed, match="resolves to"):
         fetch_model((allowed / "link.h5").as_uri(), settings)
+
+
+def test_trust_and_allow_are_decided_on_the_decoded_resolved_path(tmp_path: Path) -> None:
+    from worker.fetch import canonical_model_uri, fetch_model
+
+    trusted, plain = tmp_path / "trusted", tmp_path / "models"
+    trusted.mkdir()
+    plain.mkdir()
+    (plain / "m.keras").write_bytes(b"PK")
+    (trusted / "link.keras").symlink_to(plain / "m.keras")
+    settings = Settings(
+        broker_url="redis://x",
+        model_allow=(trusted.as_uri() + "/", plain.as_uri() + "/"),
+        model_trusted=(trusted.as_uri() + "/",),
+    )
+    for hidden in ("%2e%2e", "%2E%2e", "%252e%252e", "..%2F", ".%2e"):
+        uri = f"{trusted.as_uri()}/{hidden}/models/m.keras"
+        with pytest.raises(ModelNotAllowed):
+            check_model_allowed(uri, settings)
+    with pytest.raises(ModelNotAllowed):
+        check_model_allowed(f"{plain.as_uri()}/m%0a.keras", settings)
+    assert not fetch_model(f"{plain.as_uri()}/m.keras", settings).trusted
+    # A symlink in the trusted folder to an untrusted file is judged by its target.
+    linked = fetch_model(f"{trusted.as_uri()}/link.keras", settings)
+    assert not linked.trusted and linked.path == (plain / "m.keras").resolve()
+    assert canonical_model_uri(f"{plain.as_uri()}/a%20b.keras").endswith("/models/a%20b.keras")
+
+
+def test_job_ids_refuse_a_trailing_newline_and_the_contract_checks_option_types() -> None:
+    from producer.contract import JobOptions, JobSpec, valid_job_id
+
+    assert valid_job_id("abc") and not valid_job_id("abc\n") and not valid_job_id(None)
+    for bad in (
+        {"top_k": "8"},
+        {"top_k": True},
+        {"top_k": 100_000},
+        {"mean": ["a"]},
+        {"std": [0.0]},
+        {"percentile": "99"},
+        {"normalize": "percentile", "percentile": 20},
+        {"colormap": "../x"},
+        {"overlay": "yes"},
+        {"layers": 3},
+        {"layers": "re:(a)\\1"},
+        {"layers": "x" * 5000},
+        {"layers": "conv\n1"},
+    ):
+        with pytest.raises(ValueError):
+            JobOptions.from_dict(bad)
+    with pytest.raises(ValueError):
+        JobSpec.from_message({"job_id": "a", "model": "m", "image": ["not", "a", "uri"]})
+    with pytest.raises(ValueError):
+        JobSpec.from_message({"job_id": "a", "model": "m", "image": "i", "batch_index": "0"})
+    assert JobOptions.from_dict({"layers": "re:^conv", "top_k": 3}).top_k == 3
+
+
+def test_urls_are_redacted_whatever_the_password_holds() -> None:
+    from producer.settings import redact_url
+    from worker.logs import configure_logging, mask_credentials
+
+    password = "p@ss:w/rd?#x y"
+    url = f"redis://:{quote(password, safe='@:')}@127.0.0.1:6379/0"
+    assert redact_url(url) == "redis://***@127.0.0.1:6379/0"
+    assert redact_url("rediss://user:a@b@host/1?x=y") == "rediss://***@host/1?x=y"
+    assert redact_url("s3://bucket/key@v1") == "s3://bucket/key@v1"
+    settings = Settings(broker_url=url)
+    assert password in settings.secrets()
+    configure_logging(settings, stream=io.StringIO())
+    try:
+        line = mask_credentials(f"connect {url}: auth {password} failed for {password!r}")
+    finally:
+        configure_logging(Settings(), stream=io.StringIO())
+    assert "p@ss" not in line and "w/rd" not in line and "rd%3F" not in line, line
+    assert "redis://***@127.0.0.1:6379/0" in line
+
+
+def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> None:
+    """A backtracking regex on a pool thread: no Python watchdog can run, faulthandler's can."""
+    script = (
+        "import re, threading\n"
+        "from worker.limits import time_limits\n"
+        "def job():\n"
+        "    with time_limits('stuck', 1, 2, may_exit=True):\n"
+        "        re.match(r'(.*){30}!', 'a' * 40)\n"
+        "t = threading.Thread(target=job)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print('finished')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "finished" not in done.stdout
+    assert "Timeout" in done.stderr and "in job" in done.stderr  # faulthandler's stack dump

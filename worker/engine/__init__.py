@@ -11,6 +11,7 @@ from worker.engine.analysis import (
     ImageRender,
     analyze,
     check_options,
+    prepare_image,
     warmup,
 )
 from worker.engine.extract import Extractor, LayerOutputs, build_extractor, extract
@@ -40,6 +41,7 @@ __all__ = [
     "load_model",
     "manifest_bytes",
     "open_model",
+    "prepare_image",
     "preprocess",
     "render_grid",
     "select_layers",

@@ -19,8 +19,9 @@ import keras
 import numpy as np
 
 from producer.contract import JobOptions, layer_grid_name
-from producer.errors import ActvizError, InvalidJob
+from producer.errors import ActivationsTooLarge, ActvizError, InvalidJob
 from producer.settings import Settings
+from worker.engine.extract import Extractor
 from worker.engine.layers import LayerRef
 from worker.engine.loading import LoadedModel
 from worker.engine.manifest import build_manifest
@@ -61,6 +62,33 @@ def check_options(options: JobOptions, channels: int) -> None:
         raise InvalidJob(f"top_k must be >= 0, got {options.top_k}")
 
 
+def prepare_image(
+    data: bytes,
+    loaded: LoadedModel,
+    extractor: Extractor,
+    options: JobOptions,
+    settings: Settings,
+) -> PreparedImage:
+    """Preprocess one image for `loaded` and check what its forward pass would hold.
+
+    Raises InvalidImage, ImageTooLarge (see `preprocess`), ActivationsTooLarge
+    (activations_too_large) when the image's input and selected layers, at
+    the size the model is fed, exceed settings.max_image_activation_mb.
+    """
+    image = preprocess(data, loaded.input_shape, options, settings)
+    need = extractor.activation_bytes(image.pixels.shape)
+    limit = settings.max_image_activation_mb * 2**20
+    if need > limit:
+        height, width, _ = image.pixels.shape
+        raise ActivationsTooLarge(
+            f"at the {height}x{width} input this model is fed, one image makes "
+            f"{need / 2**20:.0f} MB of activations in the selected layers, above the "
+            f"{settings.max_image_activation_mb} MB limit (ACTVIZ_MAX_IMAGE_ACTIVATION_MB); "
+            "select fewer or smaller layers, or raise the limit on a worker with the memory"
+        )
+    return image
+
+
 def analyze(
     loaded: LoadedModel,
     images: list[bytes],
@@ -70,7 +98,7 @@ def analyze(
     """Analyze each image with `loaded`; one result per image, in order.
 
     Images of one shape share one forward pass. A slot holds an ActvizError
-    (InvalidImage, ImageTooLarge) when that image is bad.
+    (InvalidImage, ImageTooLarge, ActivationsTooLarge) when that image is bad.
     Raises InvalidJob (bad options) or UnknownLayer (bad layer spec) for all.
     """
     check_options(options, loaded.input_shape[2])
@@ -81,7 +109,7 @@ def analyze(
     for i, data in enumerate(images):
         started = time.perf_counter()
         try:
-            prepared[i] = preprocess(data, loaded.input_shape, options, settings)
+            prepared[i] = prepare_image(data, loaded, extractor, options, settings)
         except ActvizError as exc:
             results[i] = exc
             continue

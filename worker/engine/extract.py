@@ -21,6 +21,12 @@ import numpy as np
 
 from worker.engine.layers import LayerRef, is_graph_model
 
+KNOWN_SHAPES = 256  # input shapes whose activation bytes an extractor remembers
+
+
+def _dims(shape: tuple[int | None, ...]) -> list[int]:
+    return [1 if d is None else int(d) for d in shape]
+
 
 class Extractor:
     """`extractor(batch)` -> one float32 array per selected layer.
@@ -32,6 +38,27 @@ class Extractor:
     def __init__(self, model: keras.Model, refs: list[LayerRef]) -> None:
         self.model = model
         self.refs = refs
+        self._sizes: dict[tuple[int, ...], int] = {}
+        self._sizes_lock = threading.Lock()
+
+    def activation_bytes(self, shape: tuple[int, ...]) -> int:
+        """Float32 bytes one image of preprocessed `shape` (H, W, C) makes: input + outputs.
+
+        Computed symbolically (no forward pass, nothing allocated) and cached per shape.
+        """
+        shape = tuple(int(s) for s in shape)
+        with self._sizes_lock:
+            known = self._sizes.get(shape)
+        if known is not None:
+            return known
+        spec = self.model.compute_output_spec(keras.KerasTensor((1, *shape)))
+        outputs = spec if isinstance(spec, (list, tuple)) else [spec]
+        total = 4 * (math.prod(shape) + sum(math.prod(_dims(o.shape[1:])) for o in outputs))
+        with self._sizes_lock:
+            if len(self._sizes) >= KNOWN_SHAPES:
+                self._sizes.clear()
+            self._sizes[shape] = total
+        return total
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         outputs = self.forward(batch)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import keras
 
+from producer.contract import PATTERN_PREFIX, compile_layer_pattern, layer_tokens
 from producer.errors import UnknownLayer
 
 _INT = re.compile(r"^-?\d+$")
@@ -112,7 +113,7 @@ def select_layers(refs: list[LayerRef], spec: str | list[str] | None) -> list[La
     `spec` is a comma-separated string or a list of tokens; each token is a
     layer name (`conv2d_1`, `outer/inner`), an index (`3`, `-1`), a slice
     (`:8`, `2:6`), a class name (`Conv2D`) or a regex searched in names
-    (`re:block[12]_conv.*`). None or empty selects `default_layers`.
+    (`re:block[12]_conv.*`, RE2 syntax). None or empty selects `default_layers`.
     Raises UnknownLayer for an unknown token or an empty selection.
     """
     tokens = _tokens(spec)
@@ -132,10 +133,10 @@ def select_layers(refs: list[LayerRef], spec: str | list[str] | None) -> list[La
 
 
 def _tokens(spec: str | list[str] | None) -> list[str]:
-    if spec is None:
-        return []
-    items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
-    return [t.strip() for t in items if t.strip()]
+    try:
+        return layer_tokens(spec)
+    except ValueError as exc:  # a job's spec was checked on receipt; this is a library call
+        raise UnknownLayer(str(exc)) from None
 
 
 def _resolve(refs: list[LayerRef], token: str) -> list[LayerRef]:
@@ -157,11 +158,9 @@ def _resolve(refs: list[LayerRef], token: str) -> list[LayerRef]:
             raise UnknownLayer(f"layer slice '{token}' has step 0")
         found = refs[slice(start, stop, step)]
         return _non_empty(found, token, refs)
-    if token.startswith("re:"):
-        try:
-            pattern = re.compile(token[3:])
-        except re.error as exc:
-            raise UnknownLayer(f"layer pattern '{token}' is not a valid regex: {exc}") from exc
+    if token.startswith(PATTERN_PREFIX):
+        # Validated by `layer_tokens` already; RE2 matches in linear time.
+        pattern = compile_layer_pattern(token[len(PATTERN_PREFIX) :])
         return _non_empty([r for r in refs if pattern.search(r.name)], token, refs)
     by_class = [r for r in refs if r.class_name == token]
     if by_class:

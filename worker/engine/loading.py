@@ -32,6 +32,12 @@ from worker.engine.extract import Extractor, build_extractor
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.savedmodel import is_savedmodel, load_savedmodel
 
+# Bounds checked before anything of a model file is parsed: its config, and how many
+# bytes its weights say they hold against how many the file stores (Keras writes
+# weights uncompressed; a file declaring far more than it holds is a memory bomb).
+MAX_CONFIG_BYTES = 32 * 2**20
+MAX_INFLATION = 64
+INFLATION_SLACK = 2**20
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # Layers that carry arbitrary Python code inside the file.
@@ -104,6 +110,7 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
             raise InvalidModel(f"'{path}' is a folder but not a TensorFlow SavedModel")
         return load_savedmodel(path, trusted=trusted)
     kind = _sniff(path)
+    check_model_bounds(path, kind)
     config = _read_config(path, kind)
     if not trusted:
         refuse_code_layers(config)
@@ -163,10 +170,18 @@ def refuse_code_layers(config: Any) -> None:
 
 def _code_layers(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
-        if node.get("class_name") in _CODE_LAYERS:
+        # 'Lambda', 'layers.Lambda', 'keras.layers.Lambda' and 'pkg>Lambda' all name one class.
+        names = {
+            value.rsplit(">", 1)[-1].rsplit(".", 1)[-1]
+            for key in ("class_name", "registered_name")
+            if isinstance(value := node.get(key), str)
+        }
+        found = names & set(_CODE_LAYERS)
+        if found:
             cfg = node.get("config")
             name = cfg.get("name") if isinstance(cfg, dict) else None
-            yield f"{node['class_name']} '{name}'" if name else str(node["class_name"])
+            kind = sorted(found)[0]
+            yield f"{kind} '{name}'" if name else kind
         for value in node.values():
             yield from _code_layers(value)
     elif isinstance(node, list):
@@ -187,12 +202,77 @@ def _sniff(path: Path) -> str:
     )
 
 
+def check_model_bounds(path: Path, kind: str) -> None:
+    """Refuse a model file whose parts would inflate far beyond its size when read.
+
+    A `.keras` archive: members may not expand to more than MAX_INFLATION x the
+    archive, config.json may not exceed MAX_CONFIG_BYTES, and every HDF5 member is
+    checked as an `.h5` file is: its datasets (weights) may not declare more than
+    MAX_INFLATION x the bytes that hold them. Reads metadata only.
+    Raises InvalidModel (invalid_model).
+    """
+    size = path.stat().st_size
+    try:
+        if kind == "keras":
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+                _check_inflation(path.name, "its members", sum(i.file_size for i in infos), size)
+                config = next((i for i in infos if i.filename == "config.json"), None)
+                if config is not None and config.file_size > MAX_CONFIG_BYTES:
+                    raise InvalidModel(
+                        f"'{path.name}' has a config.json of {config.file_size} bytes, "
+                        f"above {MAX_CONFIG_BYTES}"
+                    )
+                for info in infos:
+                    if info.filename.endswith(".h5"):
+                        with archive.open(info) as member, h5py.File(member, "r") as fh:
+                            _check_h5(f"{path.name}:{info.filename}", fh, info.file_size)
+        else:
+            with h5py.File(path, "r") as fh:
+                _check_h5(path.name, fh, size)
+    except InvalidModel:
+        raise
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
+
+
+def _check_h5(name: str, fh: Any, size: int) -> None:
+    declared = 0
+
+    def visit(_: str, obj: Any) -> None:
+        nonlocal declared
+        if isinstance(obj, h5py.Dataset):
+            declared += int(obj.size) * obj.dtype.itemsize
+
+    fh.visititems(visit)
+    _check_inflation(name, "its weights", declared, size)
+    if "model_config" in fh.attrs:
+        config_bytes = fh.attrs.get_id("model_config").get_storage_size()
+        if config_bytes > MAX_CONFIG_BYTES:
+            raise InvalidModel(
+                f"'{name}' has a model config of {config_bytes} bytes, above {MAX_CONFIG_BYTES}"
+            )
+
+
+def _check_inflation(name: str, what: str, declared: int, stored: int) -> None:
+    if declared > stored * MAX_INFLATION + INFLATION_SLACK:
+        raise InvalidModel(
+            f"'{name}' is {stored} bytes but {what} declare {declared} bytes: "
+            "refused as a decompression bomb"
+        )
+
+
 def _read_config(path: Path, kind: str) -> Any:
     """The model config JSON, read without deserializing any layer."""
     try:
         if kind == "keras":
-            with zipfile.ZipFile(path) as archive:
-                return json.loads(archive.read("config.json"))
+            with zipfile.ZipFile(path) as archive, archive.open("config.json") as member:
+                text = member.read(MAX_CONFIG_BYTES + 1)
+            if len(text) > MAX_CONFIG_BYTES:
+                raise InvalidModel(
+                    f"'{path.name}' has a config.json above {MAX_CONFIG_BYTES} bytes"
+                )
+            return json.loads(text)
         with h5py.File(path, "r") as fh:
             raw = fh.attrs.get("model_config")
             if raw is None:

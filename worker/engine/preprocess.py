@@ -91,6 +91,11 @@ def preprocess(
     original = (image.height, image.width)
     image = _to_channels(image, channels, record)
     height, width = target_size(original, input_shape, settings.max_side)
+    if height * width > settings.max_pixels:  # a fixed model input can be huge too
+        raise ImageTooLarge(
+            f"the model's input is {height}x{width} = {height * width} pixels, above "
+            f"the {settings.max_pixels}-pixel limit (ACTVIZ_MAX_PIXELS)"
+        )
     if (height, width) != original:
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     display = np.asarray(image, dtype=np.uint8)

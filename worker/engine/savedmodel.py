@@ -27,6 +27,7 @@ CONVERT_HINT = (
     "(model.save('model.keras')) or as HDF5 (model.save('model.h5'))"
 )
 METADATA = "keras_metadata.pb"
+MAX_METADATA_BYTES = 32 * 2**20
 _TOP_LAYER = re.compile(r"^layer(_with_weights)?-\d+$")
 
 
@@ -80,6 +81,10 @@ def read_keras_metadata(path: Path) -> dict[str, dict[str, Any]]:
     file = path / METADATA
     if not file.is_file():
         return {}
+    if file.stat().st_size > MAX_METADATA_BYTES:
+        raise InvalidModel(
+            f"SavedModel '{path.name}' has a {METADATA} above {MAX_METADATA_BYTES} bytes"
+        )
     data = file.read_bytes()
     nodes: dict[str, dict[str, Any]] = {}
     try:
@@ -131,30 +136,60 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _layer_weights(path: Path, nodes: dict[str, dict[str, Any]]) -> list[tuple[str, list[Any]]]:
-    """[(top-level layer name, [arrays in Keras 2 `layer.weights` order])]."""
-    import tensorflow as tf  # SavedModel variables can only be read by TensorFlow
+    """[(top-level layer name, [arrays in Keras 2 `layer.weights` order])].
+
+    Read from the variables checkpoint and its object graph, never by loading
+    the SavedModel: `tf.saved_model.load` would run the graph's restore and
+    initializer ops, which a crafted SavedModel can make do anything an op can
+    (read or write files). The checkpoint reader only reads tensors.
+    """
+    import tensorflow as tf  # the checkpoint format is TensorFlow's
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
 
     try:
-        restored = tf.saved_model.load(str(path))
+        reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
     except Exception as exc:
-        raise InvalidModel(f"SavedModel '{path.name}' could not be read: {exc}") from exc
+        raise InvalidModel(f"SavedModel '{path.name}' has no readable variables: {exc}") from exc
+    root = _children(graph, 0)
     # The metadata names each top-level layer once, under either of its two
-    # attribute names ("layer-3" or "layer_with_weights-1"); match by identity.
+    # attribute names ("layer-3" or "layer_with_weights-1"); match by object.
     names: dict[int, str] = {}
     for node_path, meta in nodes.items():
         attribute = node_path.removeprefix("root.")
-        if _TOP_LAYER.match(attribute) and hasattr(restored, attribute):
-            names[id(getattr(restored, attribute))] = str(meta.get("name"))
+        if _TOP_LAYER.match(attribute) and attribute in root:
+            names[root[attribute]] = str(meta.get("name"))
     layers = []
     index = 0
-    while hasattr(restored, f"layer-{index}"):
-        obj = getattr(restored, f"layer-{index}")
-        if id(obj) not in names:
+    while f"layer-{index}" in root:
+        node = root[f"layer-{index}"]
+        if node not in names:
             raise InvalidModel(f"SavedModel '{path.name}' has no Keras metadata for layer {index}")
-        variables = list(getattr(obj, "variables", []) or [])
-        layers.append((names[id(obj)], [v.numpy() for v in variables]))
+        layers.append((names[node], _variables(reader, graph, node)))
         index += 1
     return layers
+
+
+def _children(graph: Any, node: int) -> dict[str, int]:
+    return {child.local_name: child.node_id for child in graph.nodes[node].children}
+
+
+def _variables(reader: Any, graph: Any, layer: int) -> list[Any]:
+    """A layer's variables in its `variables` order, read from the checkpoint."""
+    listed = _children(graph, layer).get("variables")
+    if listed is None:
+        return []
+    order = sorted(_children(graph, listed).items(), key=lambda item: int(item[0]))
+    arrays = []
+    for _, node in order:
+        keys = [
+            a.checkpoint_key for a in graph.nodes[node].attributes if a.name == "VARIABLE_VALUE"
+        ]
+        if not keys:
+            raise InvalidModel("a layer variable has no value in the SavedModel's checkpoint")
+        arrays.append(reader.get_tensor(keys[0]))
+    return arrays
 
 
 def _write_legacy_h5(path: Path, config: dict[str, Any], weights: list[tuple[str, list]]) -> None:

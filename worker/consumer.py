@@ -1,0 +1,104 @@
+"""The consumer's gate: only a well-formed actviz job message reaches the task.
+
+Celery's consumer looks a message's task up by its `task` header and builds
+a request from its body. Left alone, a body of the wrong shape (valid JSON
+that is not `[args, kwargs, embed]`) raises inside the consumer and stops the
+worker with the message still on the queue, so every worker that takes it
+dies the same way; and any task Celery registers itself (`celery.chord_unlock`,
+`celery.accumulate`, ...) can be called from the queue.
+
+`Consumer` (Celery's `worker_consumer` setting) checks each message first
+(`refusal`): our task name, a job id that is one safe path segment, JSON
+content, a bounded body of the shape our producer sends, and no canvas
+(callbacks, chains, chords) or ETA. A message that fails is dead-lettered
+(worker/dead_letters.py) and acknowledged; the worker goes on. The job's own
+fields are checked later, by the task, against the contract.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+from vine import promise
+
+from producer.contract import MAX_ENVELOPE_BYTES, TASK_NAME, valid_job_id
+from worker.dead_letters import dead_letter, log, record
+
+JSON = "application/json"
+_KNOWN_TYPES = {
+    "application/x-python-serialize": "pickle",
+    "application/x-yaml": "yaml",
+    "application/x-msgpack": "msgpack",
+}
+# Headers our producer leaves empty; a value in one would schedule, chain or group work.
+_EMPTY_HEADERS = ("eta", "expires", "group", "chord")
+_EMPTY_EMBED = ("callbacks", "errbacks", "chain", "chord")
+
+
+def refusal(headers: Any, content_type: str | None, body: Any) -> tuple[str, str] | None:
+    """(metric label, reason) when a message must not reach the task, else None."""
+    if not isinstance(headers, dict):
+        return "format", "the message has no protocol-2 headers"
+    if headers.get("task") != TASK_NAME:
+        return "task", f"task {str(headers.get('task'))[:80]!r} is not {TASK_NAME}"
+    if not valid_job_id(headers.get("id")):
+        return "id", "the task id is not one safe path segment (letters, digits, _ . -)"
+    if content_type != JSON:
+        name = _KNOWN_TYPES.get(str(content_type), "")
+        return "content", (
+            f"content type {str(content_type)[:80]!r}{f' ({name})' if name else ''} is "
+            f"untrusted content; only {JSON} is accepted"
+        )
+    for name in _EMPTY_HEADERS:
+        if headers.get(name) not in (None, [], {}):
+            return "format", f"header {name!r} is not accepted on a job message"
+    size = len(body) if isinstance(body, (bytes, str)) else 0
+    if size > MAX_ENVELOPE_BYTES:
+        return "size", f"the body is {size} bytes, above {MAX_ENVELOPE_BYTES}"
+    return _body_refusal(body)
+
+
+def _body_refusal(body: Any) -> tuple[str, str] | None:
+    try:
+        decoded = json.loads(body)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return "format", "the body is not JSON"
+    if not (isinstance(decoded, list) and len(decoded) == 3):
+        return "format", "the body is not [args, kwargs, embed]"
+    args, kwargs, embed = decoded
+    if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(embed, dict)):
+        return "format", "the body is not [args, kwargs, embed]"
+    if not ((len(args) == 1 and not kwargs) or (not args and set(kwargs) == {"message"})):
+        return "format", "the task takes exactly one argument, the job message"
+    for name in _EMPTY_EMBED:
+        if embed.get(name) not in (None, [], {}):
+            return "format", f"{name!r} is not accepted on a job message"
+    return None
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer with `refusal` in front of every task message."""
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        handle = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            refused = refusal(message.headers, message.content_type, message.body)
+            if refused is not None:
+                return self._refuse(message, *refused)
+            try:
+                return handle(message)
+            except Exception as exc:  # noqa: BLE001 (a message must never stop the consumer)
+                if getattr(message, "acknowledged", False):
+                    raise
+                return self._refuse(message, "format", f"unreadable: {type(exc).__name__}: {exc}")
+
+        return on_task_received
+
+    def _refuse(self, message: Any, kind: str, reason: str) -> None:
+        queue = (message.delivery_info or {}).get("routing_key", "")
+        entry = record(reason, queue=str(queue), headers=message.headers, body=message.body)
+        dead_letter(getattr(message, "channel", None), kind, entry)
+        message.ack_log_error(log, self.connection_errors)
