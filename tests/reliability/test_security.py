@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_rediss_with_a_password_carries_a_job_and_no_log_holds_a_secret(
         SSL_CERT_FILE=tls["ca"],
         ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "models"),
     )
-    assert env["ACTVIZ_BROKER_URL"].startswith(f"rediss://:{harness.REDIS_PASSWORD}@")
+    assert env["ACTVIZ_BROKER_URL"].startswith("rediss://:rel-redis@pw:3a8e%2F51%20x@")
     worker = harness.start_worker(env, tmp_path / "worker.log")
     try:
         client = Client(settings=Settings.from_env(environ=env))
@@ -94,14 +95,17 @@ def test_rediss_with_a_password_carries_a_job_and_no_log_holds_a_secret(
     assert "rediss://***@127.0.0.1" in log or "rediss://:**@127.0.0.1" in log
     harness.record("Security", "rediss:// with password and verified TLS", "job succeeded")
 
-    # Every worker log of this run (the tests above included) is free of both secrets.
-    leaks = [
-        str(path)
-        for path in harness.WORKER_LOGS
-        if path.exists()
-        and (harness.AWS_SECRET in path.read_text(errors="replace"))
-        | (harness.REDIS_PASSWORD in path.read_text(errors="replace"))
-    ]
+    config = subprocess.run(
+        [str(harness.ACTVIZ), "config"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert config.returncode == 0, config.stderr
+    assert "rediss://***@127.0.0.1" in config.stdout
+
+    # Every worker log of this run (the tests above included), and `actviz config`, are
+    # free of every secret, as typed and as escaped in the URL.
+    texts = {str(p): p.read_text(errors="replace") for p in harness.WORKER_LOGS if p.exists()}
+    texts["actviz config"] = config.stdout + config.stderr
+    leaks = [name for name, text in texts.items() if any(s in text for s in harness.SECRETS)]
     assert leaks == []
     harness.record(
         "Security", "worker logs checked for secrets / leaks", f"{len(harness.WORKER_LOGS)} / 0"
