@@ -108,7 +108,9 @@ def check_model_allowed(uri: str, settings: Settings) -> str:
     canonical = canonical_model_uri(uri)
     if not model_allowed(canonical, settings):
         allowed = ", ".join(settings.model_allow) or "nothing"
-        shown = redact_url(uri) if canonical == uri else f"{redact_url(uri)} resolves to {canonical},"
+        shown = (
+            redact_url(uri) if canonical == uri else f"{redact_url(uri)} resolves to {canonical},"
+        )
         raise ModelNotAllowed(
             f"model {shown} is outside the allowed sources ({allowed}); "
             "add its prefix to ACTVIZ_MODEL_ALLOW on the worker"
