@@ -10,7 +10,7 @@ dies the same way; and any task Celery registers itself (`celery.chord_unlock`,
 `Consumer` (Celery's `worker_consumer` setting) checks each message first
 (`refusal`): our task name, a job id that is one safe path segment, JSON
 content, a bounded body of the shape our producer sends, and no canvas
-(callbacks, chains, chords) or ETA. A message that fails is dead-lettered
+(callbacks, chains, chords), and no ETA beyond the retries' backoff. A message that fails is dead-lettered
 (worker/dead_letters.py) and acknowledged; the worker goes on. The job's own
 fields are checked later, by the task, against the contract.
 """
@@ -18,6 +18,7 @@ fields are checked later, by the task, against the contract.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -32,8 +33,11 @@ _KNOWN_TYPES = {
     "application/x-yaml": "yaml",
     "application/x-msgpack": "msgpack",
 }
-# Headers our producer leaves empty; a value in one would schedule, chain or group work.
-_EMPTY_HEADERS = ("eta", "expires", "group", "chord")
+# Headers our producer leaves empty; a value in one would chain or group work.
+_EMPTY_HEADERS = ("group", "chord")
+# A retry of a transient fault comes back with an ETA (backoff of at most 60 s); a worker
+# holds ETA messages in memory until they are due, so a far one is refused.
+MAX_ETA_S = 900
 _EMPTY_EMBED = ("callbacks", "errbacks", "chain", "chord")
 
 
@@ -54,10 +58,25 @@ def refusal(headers: Any, content_type: str | None, body: Any) -> tuple[str, str
     for name in _EMPTY_HEADERS:
         if headers.get(name) not in (None, [], {}):
             return "format", f"header {name!r} is not accepted on a job message"
+    if not _near(headers.get("eta")):
+        return "format", f"an ETA more than {MAX_ETA_S} s ahead is not accepted"
     size = len(body) if isinstance(body, (bytes, str)) else 0
     if size > MAX_ENVELOPE_BYTES:
         return "size", f"the body is {size} bytes, above {MAX_ENVELOPE_BYTES}"
     return _body_refusal(body)
+
+
+def _near(eta: Any) -> bool:
+    """True for no ETA, or an ISO-8601 time at most MAX_ETA_S from now."""
+    if eta is None:
+        return True
+    try:
+        when = datetime.fromisoformat(str(eta))
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (when - datetime.now(timezone.utc)).total_seconds() <= MAX_ETA_S
 
 
 def _body_refusal(body: Any) -> tuple[str, str] | None:

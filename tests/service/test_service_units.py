@@ -268,3 +268,30 @@ def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> 
     assert done.returncode == 1, done.stderr[-2000:]
     assert "finished" not in done.stdout
     assert "Timeout" in done.stderr and "in job" in done.stderr  # faulthandler's stack dump
+
+
+def test_the_consumer_gate_passes_job_messages_and_their_retries_only() -> None:
+    import datetime
+
+    from worker.consumer import refusal
+
+    job = {"task": TASK_NAME, "id": "job-1"}
+    body = json.dumps([[{"job_id": "job-1"}], {}, {"callbacks": None, "chain": None}])
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60)
+    assert refusal(job, "application/json", body) is None
+    assert refusal({**job, "eta": soon.isoformat()}, "application/json", body) is None  # retry
+    refused = {
+        "builtin task": ({**job, "task": "celery.accumulate"}, "application/json", body),
+        "no headers": (None, "application/json", body),
+        "newline id": ({**job, "id": "job-1\n"}, "application/json", body),
+        "pickle": (job, "application/x-python-serialize", b"\x80\x04."),
+        "far eta": ({**job, "eta": "2099-01-01T00:00:00+00:00"}, "application/json", body),
+        "group": ({**job, "group": "g"}, "application/json", body),
+        "dict body": (job, "application/json", '{"not": "a list"}'),
+        "two args": (job, "application/json", json.dumps([[1, 2], {}, {}])),
+        "callback": (job, "application/json", json.dumps([[{}], {}, {"callbacks": [{}]}])),
+        "not json": (job, "application/json", b"\xff\xfe"),
+        "huge": (job, "application/json", "[" * 300_000),
+    }
+    for name, args in refused.items():
+        assert refusal(*args) is not None, name
