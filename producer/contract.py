@@ -20,7 +20,7 @@ MANIFEST_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 # A whole broker message (Celery's envelope, headers and the encoded job): a worker
 # drops anything larger before parsing it.
-MAX_ENVELOPE_BYTES = 4 * MAX_MESSAGE_BYTES
+MAX_ENVELOPE_BYTES = 2**20
 MAX_URI_CHARS = 2048
 MAX_BATCH_JOBS = 1_000_000
 
@@ -209,11 +209,12 @@ MAX_TOP_K = 1024
 class JobOptions:
     """Per-job knobs. Defaults reproduce the classic recipe: x/255, viridis.
 
-    Every instance is valid: types, names and ranges are checked on
-    construction (`ValueError`), so the producer refuses a bad option before
-    anything is queued and the worker refuses it on receipt, with one message.
-    What needs the model (mean/std length against its channels, colormap
-    names from matplotlib, layer names) is checked by the worker.
+    `from_dict` (what both sides build options with: the producer in
+    `submit`, the worker on receipt) checks types, names and ranges with
+    `validate`, so a bad option is refused before anything is queued, and by
+    the worker with the same message. What needs the model (mean/std length
+    against its channels, colormap names from matplotlib, layer names) is
+    checked by the worker's engine, which also guards direct construction.
     """
 
     layers: str | list[str] | None = None
@@ -228,7 +229,8 @@ class JobOptions:
     save_npz: bool = False
     overlay: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> JobOptions:
+        """Returns self; raises ValueError for an option of the wrong type, name or range."""
         layer_tokens(self.layers)
         if self.scale not in SCALES:
             raise ValueError(f"scale {self.scale!r} unknown; use one of {', '.join(SCALES)}")
@@ -255,6 +257,7 @@ class JobOptions:
         for name in ("channel_pngs", "save_npz", "overlay"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,7 +271,7 @@ class JobOptions:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown job options: {', '.join(sorted(map(str, unknown)))}")
-        return cls(**data)
+        return cls(**data).validate()
 
 
 def _is_int(value: Any) -> bool:
@@ -308,6 +311,7 @@ class JobSpec:
                 raise ValueError(f"{name} URI contains control characters")
         if not isinstance(self.options, JobOptions):
             raise ValueError("options must be JobOptions")
+        self.options.validate()
         if not _is_number(self.enqueued_at):
             raise ValueError(f"enqueued_at must be a number, got {self.enqueued_at!r}")
         if not (_is_int(self.batch_index) and _is_int(self.batch_total)):

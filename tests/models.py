@@ -224,10 +224,12 @@ def save_tf_module_savedmodel(out: Path) -> Path:
 # ---- models whose Lambda layer runs code: what only a trusted source may load ----
 
 # Kills its own process (as a crashing forward pass would) when a batch holds an
-# all-white image; symbolic tensors (loading, tracing) pass through.
+# all-white image; symbolic tensors (loading, tracing) pass through. Concrete tensors
+# are TensorFlow's EagerTensor or JAX's ArrayImpl.
 TRIPWIRE = (
     "lambda x: (__import__('os').kill(__import__('os').getpid(), 9) "
-    "if hasattr(x, 'numpy') and bool((x.numpy().reshape(x.shape[0], -1).min(axis=1) > 0.999).any()) "
+    "if type(x).__name__ in ('EagerTensor', 'ArrayImpl') and bool("
+    "(__import__('numpy').asarray(x).reshape(x.shape[0], -1).min(axis=1) > 0.999).any()) "
     "else None, x)[1]"
 )
 

@@ -19,7 +19,7 @@ from producer.broker import create_app as create_producer_app
 from producer.contract import TASK_NAME
 from producer.errors import ActvizError
 from producer.settings import Settings
-from worker import tasks
+from worker import tasks, transport
 from worker.logs import job_context
 from worker.pool import pool_for
 from worker.runtime import WorkerRuntime
@@ -28,7 +28,7 @@ from worker.tasks import TRANSIENT_ERRORS
 
 def worker_config(settings: Settings) -> dict:
     """Options only a consuming worker needs."""
-    config = {
+    return {
         "task_acks_late": True,
         # Celery's solo pool, or threads when batching (worker/pool.py); a cold shutdown
         # re-queues the running jobs instead of failing them.
@@ -46,10 +46,6 @@ def worker_config(settings: Settings) -> dict:
         # Every message passes the gate before Celery reads it (worker/consumer.py).
         "worker_consumer": "worker.consumer:Consumer",
     }
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Messages are measured before they are parsed (worker/transport.py).
-        config["broker_transport"] = "worker.transport:Transport"
-    return config
 
 
 # Keyed by task id and thread: two deliveries of one job id may run at once on two threads.
@@ -77,6 +73,8 @@ task_postrun.connect(_leave_job_log, weak=False, dispatch_uid="actviz-job-log-le
 
 def create_app(settings: Settings) -> Celery:
     """A worker app: shared config, worker options, the task, and a WorkerRuntime."""
+    # Messages are measured before they are parsed (worker/transport.py).
+    transport.install()
     app = create_producer_app(settings, name="actviz-worker")
     app.conf.update(worker_config(settings))
     runtime = WorkerRuntime(settings)

@@ -82,8 +82,8 @@ def _near(eta: Any) -> bool:
 def _body_refusal(body: Any) -> tuple[str, str] | None:
     try:
         decoded = json.loads(body)
-    except (TypeError, ValueError, UnicodeDecodeError):
-        return "format", "the body is not JSON"
+    except (TypeError, ValueError, RecursionError):
+        return "format", "the body is not JSON (or nests too deeply)"
     if not (isinstance(decoded, list) and len(decoded) == 3):
         return "format", "the body is not [args, kwargs, embed]"
     args, kwargs, embed = decoded

@@ -2,12 +2,16 @@
 
 The Redis transport pops a message and parses its JSON envelope at once:
 a 60 MB message becomes gigabytes of Python objects before any check of ours
-runs. Here every message the transport reads is measured first; one above
-`MAX_ENVELOPE_BYTES` is never parsed: it is dead-lettered (its head kept,
-see worker/dead_letters.py) and the channel reports "no message".
+runs, and an envelope nested too deeply raises inside the consumer. Here
+every message the transport reads is measured first; one above
+`MAX_ENVELOPE_BYTES` is never parsed, and one that does not parse is not
+delivered: either is dead-lettered (its head kept, see
+worker/dead_letters.py) and the channel reports "no message".
 
-Used by the worker only (`broker_transport` in worker/app.py, for redis://
-and rediss:// brokers); producers publish through the stock transport.
+`install()` makes this the transport of redis:// and rediss:// URLs in the
+calling process (kombu's transport aliases); the worker calls it when it
+builds its app, so log lines still name the broker by its URL. Producers
+publish through the stock transport.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from worker.dead_letters import dead_letter, record
 _HEAD = 1024
 
 
-class MessageTooLarge(ValueError):
-    def __init__(self, size: int, head: str) -> None:
-        super().__init__(f"message of {size} characters")
-        self.size = size
+class RefusedMessage(ValueError):
+    """A message read from a queue that is not parsed (too large) or does not parse."""
+
+    def __init__(self, reason: str, kind: str, head: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
         self.head = head
 
 
@@ -38,9 +45,16 @@ _reading = threading.local()
 
 
 def _bounded_loads(text: Any, *args: Any, **kwargs: Any) -> Any:
-    if getattr(_reading, "active", False) and len(text) > MAX_ENVELOPE_BYTES:
-        raise MessageTooLarge(len(text), str(text[:_HEAD]))
-    return _parse(text, *args, **kwargs)
+    if not getattr(_reading, "active", False):
+        return _parse(text, *args, **kwargs)
+    if len(text) > MAX_ENVELOPE_BYTES:
+        reason = f"the message is {len(text)} characters, above {MAX_ENVELOPE_BYTES}; not parsed"
+        raise RefusedMessage(reason, "size", str(text[:_HEAD]))
+    try:
+        return _parse(text, *args, **kwargs)
+    except (ValueError, RecursionError) as exc:
+        reason = f"the message envelope is not readable JSON: {type(exc).__name__}"
+        raise RefusedMessage(reason, "format", str(text[:_HEAD])) from None
 
 
 # kombu's Redis module parses every message through this one name.
@@ -58,16 +72,21 @@ class Channel(redis.Channel):
         _reading.active = True
         try:
             return read()
-        except MessageTooLarge as exc:
-            self._refuse(exc, queue)
+        except RefusedMessage as exc:
+            dead_letter(self, exc.kind, record(exc.reason, queue=queue, body=exc.head))
             raise Empty() from None
         finally:
             _reading.active = False
 
-    def _refuse(self, exc: MessageTooLarge, queue: str) -> None:
-        reason = f"the message is {exc.size} characters, above {MAX_ENVELOPE_BYTES}; not parsed"
-        dead_letter(self, "size", record(reason, queue=queue, body=exc.head))
-
 
 class Transport(redis.Transport):
     Channel = Channel
+
+
+def install() -> None:
+    """Serve redis:// and rediss:// URLs with `Transport` in this process."""
+    from kombu import transport
+
+    for scheme in ("redis", "rediss"):
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        transport._transport_cache.pop(scheme, None)

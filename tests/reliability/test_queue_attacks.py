@@ -208,6 +208,24 @@ def test_oversized_message_is_dropped_before_it_is_parsed(
     harness.record("Security", "30 MB message: worker RSS growth (MiB)", round(grown_mib))
 
 
+def test_envelope_that_does_not_parse_is_dropped_and_the_worker_goes_on(
+    worker, client: Client, redis_url: str, models: dict
+) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    try:  # straight onto the queue's list, as kombu's own envelope would be
+        conn.lpush("gpu", "[" * 200_000)
+        conn.lpush("gpu", b"\xff not json")
+    finally:
+        conn.close()
+    harness.wait_for(
+        lambda: sum("not readable JSON" in d["reason"] for d in dead_letters(redis_url)) >= 2,
+        30,
+        "both envelopes dead-lettered",
+        0.2,
+    )
+    still_serves(worker, client, models, 11)
+
+
 def test_pickle_body_is_refused_unread(
     worker, client: Client, redis_url: str, models: dict
 ) -> None:

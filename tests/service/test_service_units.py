@@ -295,3 +295,10 @@ def test_the_consumer_gate_passes_job_messages_and_their_retries_only() -> None:
     }
     for name, args in refused.items():
         assert refusal(*args) is not None, name
+
+
+def test_the_consumer_gate_refuses_a_body_nested_too_deeply_to_parse() -> None:
+    from worker.consumer import refusal
+
+    deep = "[" * 100_000 + "]" * 100_000  # 200 KB: under the size bound, over the parser's
+    assert refusal({"task": TASK_NAME, "id": "j"}, "application/json", deep) is not None
