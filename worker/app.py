@@ -20,6 +20,7 @@ from producer.contract import TASK_NAME
 from producer.errors import ActvizError
 from producer.settings import Settings
 from worker import tasks, transport
+from worker.isolation import Quarantine
 from worker.logs import job_context
 from worker.pool import pool_for
 from worker.runtime import WorkerRuntime
@@ -77,7 +78,8 @@ def create_app(settings: Settings) -> Celery:
     transport.install()
     app = create_producer_app(settings, name="actviz-worker")
     app.conf.update(worker_config(settings))
-    runtime = WorkerRuntime(settings)
+    # Its helper process starts with the first redelivered job, not before.
+    runtime = WorkerRuntime(settings, quarantine=Quarantine(settings))
     app.actviz = runtime
 
     def extract(task: Task, message: dict[str, Any]) -> dict[str, Any]:

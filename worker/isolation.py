@@ -135,7 +135,6 @@ def serve(conn: Any, settings: Settings) -> None:
     from worker.accelerator import configure_accelerator
     from worker.logs import configure_logging
     from worker.runtime import WorkerRuntime
-    from worker.tasks import TRANSIENT_ERRORS
 
     configure_logging(settings)
     configure_accelerator()
@@ -151,7 +150,7 @@ def serve(conn: Any, settings: Settings) -> None:
             reply: tuple[str, Any] = ("ok", (outcome, event, timings))
         except ActvizError as exc:
             reply = ("error", exc.to_dict())
-        except TRANSIENT_ERRORS as exc:
+        except TransientError as exc:  # storage faults arrive classified (producer/storage.py)
             reply = ("transient", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 (the parent fails the job as internal)
             log.exception("job failed unexpectedly in the quarantine process")

@@ -17,7 +17,6 @@ from producer.storage import Store, open_store, s3_client
 from worker.batcher import Batcher, run_alone
 from worker.cache import ModelCache
 from worker.fetch import fetch_model
-from worker.isolation import Quarantine
 from worker.metrics import STAGE_SECONDS
 from worker.pool import batching
 from worker.report_pool import ReportPool
@@ -26,14 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings) -> None:
+    """`quarantine`: where redelivered jobs run (worker/isolation.py); the worker's app
+    gives one, a quarantine process itself has none."""
+
+    def __init__(self, settings: Settings, quarantine: Any = None) -> None:
         self.settings = settings
+        self.quarantine = quarantine
         self.cache = ModelCache(settings.cache_models, settings.cache_bytes)
         self._store: Store | None = None
         self._s3: object | None = None
         self._batcher: Batcher | None = None
         self._reports: ReportPool | None = None
-        self._quarantine: Quarantine | None = None
         self._lock = threading.Lock()
         # One fetch-and-load per model at a time: the pool's threads of a cold
         # start wait for the first one and then hit the cache.
@@ -84,14 +86,6 @@ class WorkerRuntime:
         if batcher is None:
             return run_alone(loaded, image, options, self.settings)
         return batcher.run(loaded, image, options)
-
-    @property
-    def quarantine(self) -> Quarantine:
-        """The helper process for redelivered jobs (worker/isolation.py), started on demand."""
-        with self._lock:
-            if self._quarantine is None:
-                self._quarantine = Quarantine(self.settings)
-        return self._quarantine
 
     @property
     def store(self) -> Store:

@@ -129,7 +129,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
 
 def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
     report_stage(task, "loading model")
-    if redelivered(task, spec.job_id):
+    if runtime.quarantine is not None and redelivered(task, spec.job_id):
         # Its worker died holding it: run it in a process of its own, so that a job
         # that kills its process fails alone and takes no other job with it.
         image = fetch_image(spec, runtime)
