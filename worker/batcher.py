@@ -173,7 +173,7 @@ class Batcher:
         """Preprocess one image here, forward it in a shared batch, render it; -> Artifacts.
 
         Call `expect()` first. Raises what `analyze` raises for one image:
-        InvalidJob, UnknownLayer, InvalidImage, ImageTooLarge; an unexpected
+        InvalidJob, UnknownLayer, InvalidImage, ImageTooLarge, ActivationsTooLarge; an unexpected
         forward-pass error is raised in every job of that batch.
         """
         from worker.engine import check_options, prepare_image

@@ -80,7 +80,7 @@ class WorkerRuntime:
         """One image's Artifacts, from a shared forward pass when batching.
 
         Raises the image's ActvizError (InvalidImage, ImageTooLarge,
-        UnknownLayer, InvalidJob).
+        ActivationsTooLarge, UnknownLayer, InvalidJob).
         """
         batcher = self.batcher
         if batcher is None:
