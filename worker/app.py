@@ -19,19 +19,20 @@ from producer.broker import create_app as create_producer_app
 from producer.contract import TASK_NAME
 from producer.errors import ActvizError
 from producer.settings import Settings
-from worker import tasks, transport
-from worker.isolation import Quarantine
+from worker import transport
+from worker.jobs import lifecycle
+from worker.jobs.lifecycle import TRANSIENT_ERRORS
 from worker.logs import job_context
-from worker.pool import pool_for
 from worker.runtime import WorkerRuntime
-from worker.tasks import TRANSIENT_ERRORS
+from worker.runtime.pool import pool_for
+from worker.runtime.quarantine import Quarantine
 
 
 def worker_config(settings: Settings) -> dict:
     """Options only a consuming worker needs."""
     return {
         "task_acks_late": True,
-        # Celery's solo pool, or threads when batching (worker/pool.py); a cold shutdown
+        # Celery's solo pool, or threads when batching (worker/runtime/pool.py); a cold shutdown
         # re-queues the running jobs instead of failing them.
         "worker_pool": pool_for(settings)[0],
         "task_reject_on_worker_lost": True,
@@ -83,7 +84,7 @@ def create_app(settings: Settings) -> Celery:
     app.actviz = runtime
 
     def extract(task: Task, message: dict[str, Any]) -> dict[str, Any]:
-        return tasks.extract(task, message, runtime)
+        return lifecycle.extract(task, message, runtime)
 
     app.task(
         name=TASK_NAME,

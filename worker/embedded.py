@@ -54,8 +54,8 @@ def start_embedded_worker(settings: Settings, timeout: float = 60.0) -> Celery:
     with _lock:
         if key in _running:
             return _running[key]
-        from worker.accelerator import configure_accelerator
         from worker.app import create_app
+        from worker.runtime.accelerator import configure_accelerator
 
         configure_accelerator()
         app = create_app(settings)

@@ -53,10 +53,10 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
 def run_one(settings: Settings, node_name: str | None) -> int:
     from celery.signals import worker_ready, worker_shutting_down
 
-    from worker.accelerator import configure_accelerator
     from worker.app import create_app
     from worker.logs import configure_logging
-    from worker.pool import pool_for
+    from worker.runtime.accelerator import configure_accelerator
+    from worker.runtime.pool import pool_for
 
     configure_logging(settings)
     # botocore narrates every client it builds at INFO; keep job logs readable.

@@ -10,8 +10,8 @@ from sample_images import image_bytes
 
 from producer.contract import JobOptions
 from producer.settings import Settings
-from worker.batcher import Batcher
 from worker.engine import Artifacts, LayerOutputs, analyze
+from worker.runtime.batcher import Batcher
 
 
 def measured_batcher(loaded, settings: Settings, render_threads: int) -> Batcher:  # noqa: ANN001
@@ -131,7 +131,7 @@ def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, 
     # one slot (taken before it waits for images) and every other one is free.
     import time
 
-    from worker.batcher import PIPELINE_DEPTH
+    from worker.runtime.batcher import PIPELINE_DEPTH
 
     deadline = time.monotonic() + 10
     while batcher._slots._value != PIPELINE_DEPTH - 1 and time.monotonic() < deadline:

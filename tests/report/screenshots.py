@@ -31,7 +31,7 @@ def make_screenshots(out: Path) -> list[Path]:
     from producer.storage import FileStore
     from worker.demo import image_path, model_path
     from worker.engine import open_model
-    from worker.gallery import render_gallery
+    from worker.report.gallery import render_gallery
 
     out.mkdir(parents=True, exist_ok=True)
     demo = open_model(str(model_path()), uri="builtin:demo", trusted=False)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from worker import depth_chart
-from worker.depth_chart import render_depth_chart, value_range
+from worker.report import depth_chart
+from worker.report.depth_chart import render_depth_chart, value_range
 
 
 def layers(sparsity: list[float], means: list[float], prefix: str = "conv") -> list[dict]:
@@ -35,7 +35,7 @@ def test_the_same_values_give_the_same_png_and_other_values_another() -> None:
 def test_a_blitted_chart_matches_a_full_draw_of_the_same_figure() -> None:
     job = layers([0.2, 0.4, 0.7, 0.8], [3.0, 1.5, 0.4, 0.1], prefix="full_draw")
     blitted = pixels(render_depth_chart(job))
-    chart = next(c for key, c in depth_chart._charts.items() if key[0] == "full_draw_0")
+    chart = next(c for key, c in depth_chart._charts.items() if key[:1] == ("full_draw_0",))
     for artist in chart.dynamic:
         artist.set_animated(False)
     chart.canvas.draw()  # everything, the job's lines and axis included, the classic way

@@ -10,7 +10,7 @@ from jobs import analyze_images, photo_crops, publish_job
 
 from producer.contract import batch_key
 from producer.storage import FileStore
-from worker.gallery import render_gallery
+from worker.report.gallery import render_gallery
 
 JOB_IDS = ("job-a", "job-b", "job-c")
 

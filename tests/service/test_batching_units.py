@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from producer.settings import Settings
-from worker.batcher import Pending, batch_ready, group_key, images_per_pass, take_batch
-from worker.pool import THREAD_POOL, pool_for
+from worker.runtime.batcher import Pending, batch_ready, group_key, images_per_pass, take_batch
+from worker.runtime.pool import THREAD_POOL, pool_for
 
 
 def pending(key: object, arrived: float = 0.0, name: str = "") -> Pending:
@@ -55,7 +55,7 @@ def test_a_pass_is_bounded_in_bytes_as_well_as_in_images() -> None:
 
 def test_batch_size_one_keeps_the_solo_pool_and_larger_sizes_reserve_two_batches() -> None:
     redis = "redis://127.0.0.1:6379/0"
-    assert pool_for(Settings(broker_url=redis, batch_size=1)) == ("worker.pool:SoloPool", 1)
+    assert pool_for(Settings(broker_url=redis, batch_size=1)) == ("worker.runtime.pool:SoloPool", 1)
     assert pool_for(Settings(broker_url=redis, batch_size=8)) == (THREAD_POOL, 16)
     assert pool_for(Settings(batch_size=8))[1] == 1  # the embedded worker never batches
 
@@ -66,7 +66,7 @@ def test_soft_time_limit_interrupts_a_job_on_a_pool_thread() -> None:
 
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from worker.limits import time_limits
+    from worker.jobs.limits import time_limits
 
     outcome: list[str] = []
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.report_pool import ReportPool
+from worker.runtime.report_pool import ReportPool
 
 
 def _manifest() -> dict:

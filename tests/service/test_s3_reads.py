@@ -8,7 +8,7 @@ from producer.contract import ErrorCode
 from producer.errors import ImageTooLarge, InputNotFound
 from producer.settings import Settings
 from producer.storage import ObjectNotFound, ObjectTooLarge, S3Store
-from worker.fetch import read_image
+from worker.runtime.fetch import read_image
 
 
 def test_get_at_most_returns_the_bytes_up_to_the_limit(s3, bucket: str) -> None:  # noqa: ANN001

@@ -24,8 +24,8 @@ from producer.errors import (
     StorageUnavailable,
 )
 from producer.registry import load_registry, resolve_model
-from worker.cache import ModelCache
-from worker.fetch import check_model_allowed
+from worker.runtime.cache import ModelCache
+from worker.runtime.fetch import check_model_allowed
 
 
 class FakeLoaded:
@@ -161,7 +161,7 @@ def test_worker_task_retries_only_transient_errors() -> None:
 
 
 def test_symlink_in_an_allowed_folder_cannot_reach_outside(tmp_path: Path) -> None:
-    from worker.fetch import fetch_model
+    from worker.runtime.fetch import fetch_model
 
     allowed, outside = tmp_path / "models", tmp_path / "private"
     allowed.mkdir()
@@ -176,7 +176,7 @@ def test_symlink_in_an_allowed_folder_cannot_reach_outside(tmp_path: Path) -> No
 
 
 def test_trust_and_allow_are_decided_on_the_decoded_resolved_path(tmp_path: Path) -> None:
-    from worker.fetch import canonical_model_uri, fetch_model
+    from worker.runtime.fetch import canonical_model_uri, fetch_model
 
     trusted, plain = tmp_path / "trusted", tmp_path / "models"
     trusted.mkdir()
@@ -253,7 +253,7 @@ def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> 
     """A backtracking regex on a pool thread: no Python watchdog can run, faulthandler's can."""
     script = (
         "import re, threading\n"
-        "from worker.limits import time_limits\n"
+        "from worker.jobs.limits import time_limits\n"
         "def job():\n"
         "    with time_limits('stuck', 1, 2, may_exit=True):\n"
         "        re.match(r'(.*){30}!', 'a' * 40)\n"

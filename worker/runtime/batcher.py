@@ -1,7 +1,7 @@
 """Micro-batching: images of different jobs that share a model and layer set share one forward pass.
 
 With ACTVIZ_BATCH_SIZE > 1 a worker runs its jobs on a pool of threads
-(worker/pool.py). Each job's thread fetches and preprocesses its own image,
+(worker/runtime/pool.py). Each job's thread fetches and preprocesses its own image,
 then calls `Batcher.run(...)`. The batcher's one forward thread takes the
 oldest waiting image and every waiting image of its group (same extractor,
 i.e. same model and layer set; same preprocessed shape), up to
@@ -75,7 +75,7 @@ def group_key(extractor: object, shape: tuple[int, ...]) -> Hashable:
 
     Same extractor object (one per model and resolved layer set) and same
     preprocessed (H, W, C). A job delivered again after its worker died does
-    not come here: it runs in a process of its own (worker/isolation.py).
+    not come here: it runs in a process of its own (worker/runtime/quarantine.py).
     """
     return (id(extractor), tuple(shape))
 

@@ -13,7 +13,7 @@ Every string that comes from the model or the manifest is escaped: layer names
 are chosen by whoever built the model. Keys are only linked when they are
 plain relative paths (see `safe_href`).
 
-Page pieces shared with the batch gallery (`worker.gallery`): `page_html`,
+Page pieces shared with the batch gallery (`worker.report.gallery`): `page_html`,
 `safe_href`, `grid_data`, `format_shape`.
 """
 
@@ -26,7 +26,7 @@ import re
 from typing import Any
 
 from producer.storage import content_type_for
-from worker.depth_chart import render_depth_chart
+from worker.report.depth_chart import render_depth_chart
 
 DEPTH_CHART = "depth.png"
 INDEX = "index.html"

@@ -14,18 +14,18 @@ from typing import Any
 from producer.contract import JobOptions
 from producer.settings import Settings
 from producer.storage import Store, open_store, s3_client
-from worker.batcher import Batcher, run_alone
-from worker.cache import ModelCache
-from worker.fetch import fetch_model
 from worker.metrics import STAGE_SECONDS
-from worker.pool import batching
-from worker.report_pool import ReportPool
+from worker.runtime.batcher import Batcher, run_alone
+from worker.runtime.cache import ModelCache
+from worker.runtime.fetch import fetch_model
+from worker.runtime.pool import batching
+from worker.runtime.report_pool import ReportPool
 
 log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
-    """`quarantine`: where redelivered jobs run (worker/isolation.py); the worker's app
+    """`quarantine`: where redelivered jobs run (worker/runtime/quarantine.py); the worker's app
     gives one, a quarantine process itself has none."""
 
     def __init__(self, settings: Settings, quarantine: Any = None) -> None:

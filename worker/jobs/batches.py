@@ -43,7 +43,7 @@ def publish_batch(spec: JobSpec, store: Store, status: str) -> bool:
 
 def write_gallery(batch_id: str, job_ids: list[str], store: Store) -> None:
     """Render batches/<id>/index.html from the jobs' manifests (None for a failed job)."""
-    from worker.gallery import render_gallery
+    from worker.report.gallery import render_gallery
 
     jobs: list[tuple[str, dict[str, Any] | None]] = []
     for job_id in job_ids:

@@ -13,7 +13,7 @@ import html
 from typing import Any
 
 from producer.contract import batch_key, job_prefix
-from worker.report import format_shape, grid_data, page_html, safe_href
+from worker.report.job import format_shape, grid_data, page_html, safe_href
 
 
 def render_gallery(batch_id: str, jobs: list[tuple[str, dict[str, Any] | None]]) -> bytes:

@@ -32,13 +32,13 @@ from producer import contract
 from producer.contract import ErrorCode, JobSpec
 from producer.errors import ActvizError, InvalidJob, PayloadTooLarge, TransientError
 from producer.storage import put_many
-from worker.batch import publish_batch
-from worker.deliveries import admit_delivery, delivery_key, redis_client
-from worker.limits import time_limits
+from worker.jobs.batches import publish_batch
+from worker.jobs.deliveries import admit_delivery, delivery_key, redis_client
+from worker.jobs.limits import time_limits
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_SECONDS
-from worker.report_pool import ReportPool
 from worker.runtime import WorkerRuntime
+from worker.runtime.report_pool import ReportPool
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,15 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
 
 
 def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
-    """The job's image bytes (see worker.fetch.read_image)."""
-    from worker.fetch import read_image
+    """The job's image bytes (see worker.runtime.fetch.read_image)."""
+    from worker.runtime.fetch import read_image
 
     s3 = runtime.s3 if spec.image.startswith("s3://") else None
     return read_image(spec.image, runtime.store, runtime.settings, s3)
 
 
 def redelivered(task: Task, job_id: str) -> bool:
-    """Whether this attempt of the job was delivered before (see worker/deliveries.py)."""
+    """Whether this attempt of the job was delivered before (see worker/jobs/deliveries.py)."""
     client = redis_client(task)
     if client is None:
         return False

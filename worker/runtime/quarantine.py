@@ -132,9 +132,9 @@ def serve(conn: Any, settings: Settings) -> None:
     _die_with_parent()
     # The helper shares its worker's accelerator: JAX must not claim most of it at start.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from worker.accelerator import configure_accelerator
     from worker.logs import configure_logging
     from worker.runtime import WorkerRuntime
+    from worker.runtime.accelerator import configure_accelerator
 
     configure_logging(settings)
     configure_accelerator()

@@ -1,6 +1,6 @@
 """Job reports rendered in separate processes, off the batching worker's GIL.
 
-A job's report (worker/report.py: the HTML page and its matplotlib depth
+A job's report (worker/report/job.py: the HTML page and its matplotlib depth
 chart) is about 0.2 s of pure-Python work per job on one core. In the worker
 process it holds the interpreter lock, so it serializes with everything else
 that needs Python (Celery, boto3, the forward thread) and caps a batching
@@ -25,7 +25,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from worker.batcher import wait_result
+from worker.runtime.batcher import wait_result
 
 log = logging.getLogger(__name__)
 

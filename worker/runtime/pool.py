@@ -23,9 +23,9 @@ from celery.platforms import EX_FAILURE
 from producer.settings import Settings
 
 # Celery resolves ACTVIZ's pool by this name (`worker_pool` in worker/app.py).
-POOL = "worker.pool:SoloPool"
-# With micro-batching (ACTVIZ_BATCH_SIZE > 1): jobs run on threads, see worker/batcher.py.
-THREAD_POOL = "worker.pool:ThreadPool"
+POOL = "worker.runtime.pool:SoloPool"
+# With micro-batching (ACTVIZ_BATCH_SIZE > 1): jobs run on threads, see worker/runtime/batcher.py.
+THREAD_POOL = "worker.runtime.pool:ThreadPool"
 
 
 class SoloPool(solo.TaskPool):

@@ -1,0 +1,1 @@
+"""Jobs: the lifecycle every job shares (deliveries, limits, errors, manifest last)."""

@@ -1,0 +1,8 @@
+"""What a person opens in a browser: a job's report, a batch's gallery, the depth chart.
+
+files = render_report(manifest, artifacts.files)   # {"index.html": ..., "depth.png": ...}
+"""
+
+from worker.report.job import render_report
+
+__all__ = ["render_report"]
