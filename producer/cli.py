@@ -1,4 +1,4 @@
-"""The `actviz` command: a thin layer over `Client`, plus `worker` and `demo`.
+"""The `actviz` command: a thin layer over `Client`; the worker adds `worker` and `demo`.
 
 Results go to stdout (one JSON object with --json); everything else (which
 broker and storage, progress) goes to stderr, and progress only on a terminal.
@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ from producer.errors import ActvizError, JobFailed, JobNotFound
 from producer.settings import Settings, redact_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 124
+COMMANDS_GROUP = "actviz.commands"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def _err(message: str) -> None:
+def err(message: str) -> None:
+    """A line on stderr: everything but results goes there."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -40,7 +43,7 @@ def _client(args: argparse.Namespace, **overrides: Any) -> Client:
         broker_url=args.broker, storage_url=args.storage, model_registry=args.registry, **overrides
     )
     client = Client(settings=settings)
-    _err(f"actviz: {client.describe()}")
+    err(f"actviz: {client.describe()}")
     return client
 
 
@@ -74,7 +77,9 @@ def _outcome(job: Job, result: Result | None, error: ActvizError | None) -> dict
     return out
 
 
-def _wait(job: Job, timeout: float | None, progress: bool) -> tuple[Result | None, ActvizError]:
+def wait_for_result(
+    job: Job, timeout: float | None, progress: bool
+) -> tuple[Result | None, ActvizError]:
     """(Result, None) or (None, error); TimeoutError propagates."""
     try:
         if not progress:
@@ -119,14 +124,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     wait = args.wait or client.settings.embedded
     if not args.wait and client.settings.embedded:
-        _err("actviz: embedded mode runs the job in this process; waiting for it")
+        err("actviz: embedded mode runs the job in this process; waiting for it")
     if not wait:
         print(json.dumps({"job_id": job.id, "status": "queued"}) if args.json else job.id)
         return EXIT_OK
     try:
-        result, error = _wait(job, args.timeout, _show_progress(args))
+        result, error = wait_for_result(job, args.timeout, _show_progress(args))
     except TimeoutError as exc:
-        _err(f"actviz: {exc}")
+        err(f"actviz: {exc}")
         if args.json:
             print(json.dumps({"job_id": job.id, "status": job.status(), "error": None}))
         return EXIT_TIMEOUT
@@ -152,7 +157,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     client = _client(args)
     images = collect_images(args.images)
     if not images:
-        _err("actviz: no images found")
+        err("actviz: no images found")
         return EXIT_USAGE
     jobs = client.submit_many(
         args.model, images, queue=args.queue, priority=args.priority, **_job_options(args)
@@ -190,7 +195,7 @@ def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> l
             for job_id, job in list(pending.items()):
                 state = job.state().state
                 if state in FINAL_STATES:
-                    result, error = _wait(job, 5, False)
+                    result, error = wait_for_result(job, 5, False)
                     done[job_id] = _outcome(job, result, error)
                     del pending[job_id]
                     progress.advance(bar)
@@ -272,43 +277,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(
-        broker_url=args.broker,
-        storage_url=args.storage,
-        model_registry=args.registry,
-        queues=tuple(q for q in args.queues.split(",") if q) if args.queues else None,
-        preload=tuple(args.preload) if args.preload else None,
-        concurrency=args.concurrency,
-        processes_per_device=args.per_device,
-    )
-    unknown = [q for q in settings.queues if q not in QUEUES]
-    if unknown:
-        _err(f"actviz worker: unknown queues {', '.join(unknown)}; use {', '.join(QUEUES)}")
-        return EXIT_USAGE
-    from worker.main import run_worker
-
-    return run_worker(settings, node_name=args.name)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import image_path
-
-    settings = Settings.from_env(broker_url="memory://", storage_url=args.storage)
-    client = Client(settings=settings)
-    _err(f"actviz demo: {client.describe()}; model builtin:demo")
-    job = client.submit("builtin:demo", Path(image_path()))
-    result, error = _wait(job, args.timeout, sys.stderr.isatty())
-    if result is None:
-        _err(f"actviz demo: the job failed: {error}")
-        return EXIT_FAILED
-    print(f"job {job.id} succeeded: {len(result.layers)} layers")
-    for name in result.layers:
-        print(f"  {name}: {result.url(name)}")
-    print(f"report: {result.url()}")
-    return EXIT_OK
-
-
 # ---- parser -----------------------------------------------------------------
 
 
@@ -327,11 +295,29 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds to wait at most")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actviz", description=__doc__.splitlines()[0])
+def plugin_commands() -> dict[str, metadata.EntryPoint]:
+    """Commands other packages add (the worker's `worker` and `demo`), by name."""
+    return {entry.name: entry for entry in metadata.entry_points(group=COMMANDS_GROUP)}
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="overrides ACTVIZ_BROKER_URL")
     parser.add_argument("--storage", help="overrides ACTVIZ_STORAGE_URL")
     parser.add_argument("--registry", help="overrides ACTVIZ_MODEL_REGISTRY")
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    _global_options(pre)
+    pre.add_argument("command", nargs="?")
+    known, _ = pre.parse_known_args(argv)
+    return known.command
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser. A plugin command is imported only when it is `command`."""
+    parser = argparse.ArgumentParser(prog="actviz", description=__doc__.splitlines()[0])
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit one (model, image) job")
@@ -359,19 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", type=int, default=3600)
     p.set_defaults(func=cmd_open)
 
-    p = sub.add_parser("worker", help="run a worker (needs a redis:// broker)")
-    p.add_argument("--queues", help="comma-separated: gpu,cpu")
-    p.add_argument("--preload", action="append", help="model to load and warm first; repeatable")
-    p.add_argument("--concurrency", type=int, help="devices (GPUs) to run workers on")
-    p.add_argument(
-        "--per-device", type=int, help="worker processes sharing each device (default 1)"
-    )
-    p.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
-    p.set_defaults(func=cmd_worker)
-
-    p = sub.add_parser("demo", help="run the builtin demo model on a photo, in-process")
-    p.add_argument("--timeout", type=float, default=300)
-    p.set_defaults(func=cmd_demo)
+    for name, entry in plugin_commands().items():
+        if name == command:
+            entry.load()(sub)  # the full parser of the command that runs
+        else:
+            sub.add_parser(name, help=f"from the worker package; see 'actviz {name} --help'")
 
     p = sub.add_parser("config", help="print the effective settings (redacted)")
     p.add_argument("--json", action="store_true")
@@ -380,25 +358,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = _command_of(argv)
+    try:
+        parser = build_parser(command)
+    except ModuleNotFoundError as exc:
+        err(f"actviz {command}: {exc.name} is missing; it needs pip install 'actviz[worker]'")
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except JobNotFound as exc:
-        _err(f"actviz: {exc}")
+        err(f"actviz: {exc}")
         return EXIT_FAILED
     except JobFailed as exc:
-        _err(f"actviz: job {exc.job_id} failed: {exc}")
+        err(f"actviz: job {exc.job_id} failed: {exc}")
         return EXIT_FAILED
     except ActvizError as exc:
         if getattr(args, "json", False):
             print(json.dumps({"status": "rejected", "error": exc.to_dict()}))
-        _err(f"actviz: {exc}")
+        err(f"actviz: {exc}")
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
-        _err(f"actviz: {exc.name} is missing; workers need pip install 'actviz[worker]'")
+        err(f"actviz: {exc.name} is missing; workers need pip install 'actviz[worker]'")
         return EXIT_USAGE
     except (ValueError, OSError) as exc:
-        _err(f"actviz: {redact_url(str(exc))}")
+        err(f"actviz: {redact_url(str(exc))}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -36,6 +36,7 @@ from producer.contract import (
 )
 from producer.errors import (
     ActvizError,
+    ConfigurationError,
     InputNotFound,
     InvalidJob,
     JobFailed,
@@ -313,10 +314,7 @@ class Client:
         """The Celery app; in embedded mode, the one the in-process worker consumes."""
         if self._app is None:
             if self.settings.embedded:
-                # The one sanctioned import of `worker` from the producer side.
-                from worker.embedded import start_embedded_worker
-
-                self._app = start_embedded_worker(self.settings)
+                self._app = start_embedded(self.settings)
             else:
                 self._app = create_app(self.settings)
         return self._app
@@ -482,6 +480,30 @@ class Client:
         if error is not None:
             return JobState(job_id, FAILED, error=error)
         return None
+
+
+EMBEDDED_GROUP = "actviz.embedded"
+
+
+def start_embedded(settings: Settings) -> Celery:
+    """Start the in-process worker the worker package provides (`actviz.embedded`).
+
+    Raises ConfigurationError (invalid_config) when that package or one of its
+    dependencies is not installed.
+    """
+    from importlib import metadata
+
+    entries = list(metadata.entry_points(group=EMBEDDED_GROUP))
+    try:
+        if not entries:
+            raise ModuleNotFoundError("worker", name="worker")
+        return entries[0].load()(settings)
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"the embedded mode runs jobs in this process and needs the worker package "
+            f"({exc.name} is missing): pip install 'actviz[worker]', or point "
+            "ACTVIZ_BROKER_URL at a Redis that workers consume"
+        ) from None
 
 
 def build_options(layers: str | list[str] | None, options: dict[str, Any]) -> JobOptions:

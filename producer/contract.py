@@ -52,6 +52,7 @@ class ErrorCode:
     MODEL_NOT_ALLOWED = "model_not_allowed"
     UNKNOWN_LAYER = "unknown_layer"
     INVALID_JOB = "invalid_job"
+    INVALID_CONFIG = "invalid_config"
     INPUT_NOT_FOUND = "input_not_found"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     WORKER_LOST = "worker_lost"

@@ -69,6 +69,12 @@ class InvalidJob(ActvizError):
     code = ErrorCode.INVALID_JOB
 
 
+class ConfigurationError(ActvizError):
+    """The settings cannot work as given (a missing package, a bad URL); nothing was queued."""
+
+    code = ErrorCode.INVALID_CONFIG
+
+
 class InputNotFound(ActvizError):
     code = ErrorCode.INPUT_NOT_FOUND
 
@@ -118,6 +124,7 @@ _BY_CODE = {
         ModelNotAllowed,
         UnknownLayer,
         InvalidJob,
+        ConfigurationError,
         InputNotFound,
         PayloadTooLarge,
         WorkerLost,

@@ -161,7 +161,7 @@ def test_h5_declaring_gigabytes_of_weights_it_does_not_hold_is_refused_unread(tm
 def test_keras_archive_whose_config_inflates_past_the_bound_is_refused_unread(tmp_path):
     import zipfile
 
-    from worker.engine.loading import MAX_CONFIG_BYTES
+    from worker.engine.safety import MAX_CONFIG_BYTES
 
     path = tmp_path / "config-bomb.keras"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:

@@ -260,24 +260,57 @@ def test_cli_submit_wait_json_prints_one_object_and_exits_zero(
     assert out["status"] == "failed" and out["error"]["code"] == ErrorCode.UNKNOWN_LAYER
 
 
-def test_producer_submits_without_importing_tensorflow(
+def test_producer_never_imports_the_worker_through_submit_wait_fetch_and_the_cli(
     worker, env: dict, s3_model: str, png_bytes: bytes, tmp_path: Path
 ) -> None:
     image = tmp_path / "light.png"
     image.write_bytes(png_bytes)
+    out = tmp_path / "fetched"
     script = f"""
 import sys
 import producer
-job = producer.Client.from_env().submit({s3_model!r}, {str(image)!r}, layers="conv2d_1")
-job.wait(timeout=60)
+from producer import cli
+client = producer.Client.from_env()
+job = client.submit({s3_model!r}, {str(image)!r}, layers="conv2d_1")
+result = job.wait(timeout=60)
+result.download({str(out / "api")!r})
+assert cli.main(["status", job.id, "--json"]) == 0
+assert cli.main(["fetch", job.id, "--out", {str(out / "cli")!r}]) == 0
+assert cli.main(["config"]) == 0
 assert "tensorflow" not in sys.modules, "tensorflow imported"
 assert "keras" not in sys.modules, "keras imported"
-assert not any(m == "worker" or m.startswith("worker.") for m in sys.modules)
+loaded = sorted(m for m in sys.modules if m == "worker" or m.startswith("worker."))
+assert not loaded, loaded
 print("ok", job.id)
 """
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=90)
     assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout.decode().startswith("ok ")
+    assert done.stdout.decode().splitlines()[-1].startswith("ok ")
+    assert (out / "api" / "manifest.json").is_file() and (out / "cli" / "manifest.json").is_file()
+
+
+def test_worker_commands_without_the_worker_packages_say_which_extra_to_install(
+    env: dict,
+) -> None:
+    """Simulates the light install: prometheus_client (a worker extra) cannot be imported."""
+    script = """
+import sys
+sys.modules["prometheus_client"] = None  # what `pip install actviz` without [worker] lacks
+from producer import Client, cli
+from producer.errors import ConfigurationError
+code = cli.main(["worker"])
+try:
+    Client(broker_url="memory://").app  # the embedded worker starts here
+except ConfigurationError as exc:
+    print("embedded:", exc.code, exc.message)
+print("worker exit", code)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert "worker exit 2" in done.stdout, done.stderr
+    assert "pip install 'actviz[worker]'" in done.stderr
+    assert "embedded: invalid_config" in done.stdout and "actviz[worker]" in done.stdout
 
 
 def test_replaced_model_object_is_downloaded_and_loaded_again(

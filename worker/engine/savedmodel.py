@@ -21,6 +21,7 @@ import h5py
 import keras
 
 from producer.errors import ActvizError, InvalidModel, UnsafeModel
+from worker.engine.safety import refuse_code_layers
 
 CONVERT_HINT = (
     "load it with the Keras version that wrote it and save it as a .keras file "
@@ -41,8 +42,6 @@ def load_savedmodel(path: Path, *, trusted: bool = False) -> keras.Model:
     Raises InvalidModel (no Keras layers in it, or unreadable), UnsafeModel
     (Lambda layers and not trusted).
     """
-    from worker.engine.loading import refuse_code_layers  # loading imports this module
-
     nodes = read_keras_metadata(path)
     root = nodes.get("root")
     if root is None or "config" not in root:
