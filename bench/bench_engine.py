@@ -177,9 +177,7 @@ def main() -> None:
         ("b  classic: predict + display_grid/imshow/savefig", b),
         ("c  engine: analyze() + manifest bytes", c),
     ]
-    print(
-        f"actviz engine benchmark  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
+    print(f"actviz engine benchmark  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {machine()}; keras {keras.__version__} ({keras.backend.backend()})")
     print(f"model: {model.name}, 150x150x3, layers '{SPEC}'; image 320x240 JPEG")
     print("classic grids: book approach (display_grid array + plt.imshow + plt.savefig per layer)")

@@ -625,7 +625,7 @@ def main() -> None:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     images = photos(IMAGES)
     service_batch = max(args.batch_sizes)
     batches = SWEEP if args.in_process_only else tuple(sorted({1, service_batch}))

@@ -19,6 +19,7 @@ from typing import Any
 from producer.client import Client, Job, Result
 from producer.contract import (
     FINAL_STATES,
+    JOB_KINDS,
     NORMALIZATIONS,
     QUEUES,
     SCALES,
@@ -59,6 +60,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "scale": args.scale,
         "colormap": args.colormap,
         "top_k": args.top_k,
+        "kind": args.kind,
     }
     if args.overlay:
         options["overlay"] = True
@@ -282,6 +284,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="s3:// URI, file path, or registry name")
+    p.add_argument("--kind", choices=JOB_KINDS, default=JOB_KINDS[0], help="what the job computes")
     p.add_argument("--layers", help="layer spec, e.g. 'conv' or 'block1_conv1,block2_conv1'")
     p.add_argument("--normalize", choices=NORMALIZATIONS)
     p.add_argument("--scale", choices=SCALES)

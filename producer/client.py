@@ -31,6 +31,7 @@ from producer.contract import (
     SUCCEEDED,
     TASK_NAME,
     ErrorCode,
+    JobKind,
     JobOptions,
     JobSpec,
 )
@@ -347,6 +348,7 @@ class Client:
         batch_id: str | None = None,
         batch_index: int = 0,
         batch_total: int = 0,
+        kind: str = JobKind.ACTIVATIONS.value,
         **options: Any,
     ) -> Job:
         """Enqueue one job and return at once.
@@ -354,9 +356,14 @@ class Client:
         model: s3:// URI, file:// URI or path the worker can see, registry name,
         or 'builtin:demo'. image: local path, bytes, or s3:// URI.
         options: JobOptions fields (scale, normalize, colormap, top_k, ...).
+        kind: what the job computes (`producer.contract.JOB_KINDS`), 'activations' by default.
         Raises InvalidJob (invalid_job), PayloadTooLarge (payload_too_large),
         InputNotFound (input_not_found), ModelNotFound (model_not_found).
         """
+        try:
+            contract.check_kind(kind)
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from None
         job_options = build_options(layers, options)
         queue = queue or self.settings.queue
         check_routing(queue, priority)
@@ -369,6 +376,7 @@ class Client:
         try:
             spec = JobSpec(
                 job_id=job_id,
+                kind=kind,
                 model=model_uri,
                 image=self.upload_image(image),
                 options=job_options,

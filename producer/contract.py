@@ -11,9 +11,28 @@ import dataclasses
 import re
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 TASK_NAME = "actviz.extract"
+
+
+class JobKind(StrEnum):
+    """What a job computes; each kind is one module under worker/jobs/."""
+
+    ACTIVATIONS = "activations"
+
+
+JOB_KINDS = tuple(kind.value for kind in JobKind)
+
+
+def check_kind(kind: Any) -> str:
+    """`kind` if it names a job kind; raises ValueError otherwise."""
+    if kind not in JOB_KINDS:
+        raise ValueError(f"kind {kind!r} unknown; use one of {', '.join(JOB_KINDS)}")
+    return kind
+
+
 MANIFEST_VERSION = 1
 
 # A job message carries URIs and options only; anything bigger is refused.
@@ -291,6 +310,8 @@ class JobSpec:
     model: str
     image: str
     options: JobOptions = field(default_factory=JobOptions)
+    # Messages without one (older producers) are activations jobs.
+    kind: str = JobKind.ACTIVATIONS.value
     enqueued_at: float = 0.0
     batch_id: str | None = None
     # Position in the batch and its size; the job that completes the batch renders its gallery.
@@ -310,6 +331,7 @@ class JobSpec:
                 )
             if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
                 raise ValueError(f"{name} URI contains control characters")
+        check_kind(self.kind)
         if not isinstance(self.options, JobOptions):
             raise ValueError("options must be JobOptions")
         self.options.validate()

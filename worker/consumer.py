@@ -18,7 +18,7 @@ fields are checked later, by the task, against the contract.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -75,8 +75,8 @@ def _near(eta: Any) -> bool:
     except ValueError:
         return False
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return (when - datetime.now(timezone.utc)).total_seconds() <= MAX_ETA_S
+        when = when.replace(tzinfo=UTC)
+    return (when - datetime.now(UTC)).total_seconds() <= MAX_ETA_S
 
 
 def _body_refusal(body: Any) -> tuple[str, str] | None:

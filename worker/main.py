@@ -16,7 +16,6 @@ GPU with concurrency 1.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -95,7 +94,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
 
 def start_service(port: int) -> Any:
     """Start the health/metrics server when configured; returns its module or None."""
-    if port <= 0 or importlib.util.find_spec("worker.service") is None:
+    if port <= 0:
         return None
     from worker import service
 

@@ -37,6 +37,7 @@ def test_submit_with_no_configuration_runs_in_process_and_writes_local_files(
     job_dir = tmp_path / "actviz-results" / "jobs" / out["job_id"]
     manifest = json.loads((job_dir / "manifest.json").read_text())
     assert manifest["model"]["uri"] == model.as_uri()
+    assert manifest["kind"] == "activations"
     assert [layer["name"] for layer in manifest["layers"]][:2] == ["conv2d_1", "max_pooling2d_1"]
     assert (job_dir / manifest["layers"][0]["grid"]["png"]).is_file()
     assert (job_dir / "index.html").is_file()

@@ -277,7 +277,7 @@ def test_the_consumer_gate_passes_job_messages_and_their_retries_only() -> None:
 
     job = {"task": TASK_NAME, "id": "job-1"}
     body = json.dumps([[{"job_id": "job-1"}], {}, {"callbacks": None, "chain": None}])
-    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60)
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60)
     assert refusal(job, "application/json", body) is None
     assert refusal({**job, "eta": soon.isoformat()}, "application/json", body) is None  # retry
     refused = {
@@ -302,3 +302,67 @@ def test_the_consumer_gate_refuses_a_body_nested_too_deeply_to_parse() -> None:
 
     deep = "[" * 100_000 + "]" * 100_000  # 200 KB: under the size bound, over the parser's
     assert refusal({"task": TASK_NAME, "id": "j"}, "application/json", deep) is not None
+
+
+def test_a_cold_load_does_not_hold_up_a_warm_model() -> None:
+    """The cold load finishes only after the warm hit returned: no lock may join them."""
+    import threading
+
+    cache = ModelCache(max_models=4, max_bytes=10_000)
+    cache.get_or_load("warm#1", lambda: FakeLoaded(10))
+    warm_served = threading.Event()
+
+    def slow_load() -> FakeLoaded:
+        assert warm_served.wait(30), "the warm hit waited for the cold load"
+        return FakeLoaded(20)
+
+    cold = threading.Thread(target=cache.get_or_load, args=("cold#1", slow_load))
+    cold.start()
+    hit = threading.Thread(
+        target=lambda: cache.get_or_load("warm#1", lambda: FakeLoaded(99)) and warm_served.set()
+    )
+    hit.start()
+    hit.join(20)
+    assert warm_served.is_set()
+    cold.join(20)
+    assert "cold#1" in cache and cache.stats()["hits"] == 1 and cache.stats()["misses"] == 2
+
+
+def test_callers_of_one_key_share_its_single_load() -> None:
+    import threading
+
+    cache = ModelCache(max_models=4, max_bytes=10_000)
+    loads = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def load() -> FakeLoaded:
+        loads.append(1)
+        started.set()
+        release.wait(20)
+        return FakeLoaded(10)
+
+    first = threading.Thread(target=cache.get_or_load, args=("m#1", load))
+    first.start()
+    started.wait(20)
+    results = []
+    second = threading.Thread(target=lambda: results.append(cache.get_or_load("m#1", load)))
+    second.start()
+    release.set()
+    first.join(20)
+    second.join(20)
+    assert len(loads) == 1 and results[0][1] == "hit"
+
+
+def test_a_job_has_a_kind_and_messages_without_one_are_activations(tmp_path: Path) -> None:
+    from producer.contract import JOB_KINDS, JobSpec
+
+    old = {"job_id": "j1", "model": "builtin:demo", "image": "s3://b/i.png"}
+    assert JobSpec.from_message(old).kind == "activations" == JOB_KINDS[0]
+    assert JobSpec.from_message(JobSpec.from_message(old).to_message()).kind == "activations"
+    with pytest.raises(ValueError, match="kind 'census' unknown"):
+        JobSpec.from_message({**old, "kind": "census"})
+    client = Client(settings=Settings(storage_url=(tmp_path / "store").as_uri()))
+    with pytest.raises(InvalidJob, match="kind"):
+        client.submit("builtin:demo", tmp_path / "unused.png", kind="census")
+    assert client._app is None  # refused before anything was queued

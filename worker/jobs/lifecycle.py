@@ -1,4 +1,11 @@
-"""The one task: fetch inputs -> engine -> store. Maps exceptions to error codes.
+"""What every job shares, whatever its kind: admission, limits, errors, the manifest last.
+
+    extract(task, message, runtime)   # Celery's task body: parse, admit, run the kind, store
+
+A job's kind (`JobSpec.kind`) names the module under worker/jobs/ that runs
+it (`activations.py`, ...): its `run(task, spec, runtime)` returns an
+`Output` (worker/jobs/steps.py), and this module uploads its files and then
+its manifest, which is written last.
 
 Failure representation: a permanent error (an `ActvizError`) is written to
 `jobs/<id>/error.json` as {job_id, code, message} and then raised, so Celery
@@ -9,7 +16,7 @@ Transient errors propagate to Celery's autoretry (see worker/app.py).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging
 import socket
@@ -29,16 +36,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import contract
-from producer.contract import ErrorCode, JobSpec
+from producer.contract import ErrorCode, JobKind, JobSpec
 from producer.errors import ActvizError, InvalidJob, PayloadTooLarge, TransientError
 from producer.storage import put_many
 from worker.jobs.batches import publish_batch
-from worker.jobs.deliveries import admit_delivery, delivery_key, redis_client
+from worker.jobs.deliveries import admit_delivery
 from worker.jobs.limits import time_limits
+from worker.jobs.steps import report_stage
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_SECONDS
 from worker.runtime import WorkerRuntime
-from worker.runtime.report_pool import ReportPool
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,6 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     ConnectTimeoutError,
     ReadTimeoutError,
 )
-
-HAS_REPORT = importlib.util.find_spec("worker.report") is not None
 
 
 def parse_spec(message: Any) -> JobSpec:
@@ -128,114 +133,47 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
 
 
 def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
-    report_stage(task, "loading model")
-    if runtime.quarantine is not None and redelivered(task, spec.job_id):
-        # Its worker died holding it: run it in a process of its own, so that a job
-        # that kills its process fails alone and takes no other job with it.
-        image = fetch_image(spec, runtime)
-        report_stage(task, "forward")
-        log.warning("a worker died holding this job before; it runs in the quarantine process")
-        outcome, cache_event, timings = runtime.quarantine.run(spec.model, image, spec.options)
-    else:
-        runtime.expect_image()
-        try:
-            loaded, cache_event, timings = runtime.load_model(spec.model)
-            image = fetch_image(spec, runtime)
-        except BaseException:
-            runtime.drop_image()
-            raise
-        report_stage(task, "forward")
-        outcome = runtime.analyze(loaded, image, spec.options)
-    store = runtime.store
-    manifest = dict(outcome.manifest)
-    files = dict(outcome.files)
-    for stage in ("preprocess", "forward", "render"):
-        ms = (manifest.get("timings_ms") or {}).get(stage)
-        if ms is not None:
-            STAGE_SECONDS.labels(stage=stage).observe(ms / 1000)
-    fill_manifest(manifest, spec, cache_event, timings)
-
-    report_stage(task, "rendering")
-    started = time.perf_counter()
-    files.update(render_report(manifest, files, runtime.reports))
-    report_s = time.perf_counter() - started
-    STAGE_SECONDS.labels(stage="report").observe(report_s)
-    manifest["timings_ms"]["report"] = round(report_s * 1000, 3)
+    """Run the job's kind, then store what it made: its files first, the manifest last."""
+    output = kind_module(spec.kind).run(task, spec, runtime)
+    manifest, store = output.manifest, runtime.store
+    fill_manifest(manifest, spec, output.cache_event)
 
     report_stage(task, "uploading")
     started = time.perf_counter()
     prefix = contract.job_prefix(spec.job_id)
-    objects = [(prefix + name, data) for name, data in files.items()]
+    objects = [(prefix + name, data) for name, data in output.files.items()]
     put_many(store, objects, workers=runtime.upload_threads)
     upload_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="upload").observe(upload_s)
     manifest["timings_ms"]["upload"] = round(upload_s * 1000, 3)
     # Written last: a manifest's presence means every object it names is there.
     store.put(contract.manifest_key(spec.job_id), json.dumps(manifest, indent=2).encode())
-    log.info("job done: %d layers, model cache %s", len(manifest.get("layers", [])), cache_event)
+    log.info("job done: %s, model cache %s", output.summary, output.cache_event)
     publish_batch(spec, store, contract.SUCCEEDED)
     return {
         "job_id": spec.job_id,
         "status": contract.SUCCEEDED,
         "manifest": store.uri(contract.manifest_key(spec.job_id)),
-        "cache": cache_event,
+        "cache": output.cache_event,
         "cache_stats": runtime.cache.stats(),
         "timings_ms": manifest["timings_ms"],
     }
 
 
-def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
-    """The job's image bytes (see worker.runtime.fetch.read_image)."""
-    from worker.runtime.fetch import read_image
-
-    s3 = runtime.s3 if spec.image.startswith("s3://") else None
-    return read_image(spec.image, runtime.store, runtime.settings, s3)
+def kind_module(kind: str) -> Any:
+    """The module `worker.jobs.<kind>` that runs jobs of `kind` (its `run` function)."""
+    return importlib.import_module(f"{__package__}.{JobKind(kind).value}")
 
 
-def redelivered(task: Task, job_id: str) -> bool:
-    """Whether this attempt of the job was delivered before (see worker/jobs/deliveries.py)."""
-    client = redis_client(task)
-    if client is None:
-        return False
-    count = client.get(delivery_key(job_id, int(task.request.retries or 0)))
-    return int(count or 0) > 1
-
-
-def fill_manifest(
-    manifest: dict[str, Any], spec: JobSpec, cache_event: str, timings: dict[str, float]
-) -> None:
-    """Add what only the task knows: job id, image URI, worker and load timings."""
+def fill_manifest(manifest: dict[str, Any], spec: JobSpec, cache_event: str) -> None:
+    """Add what only the lifecycle knows: kind, job and batch ids, inputs, worker."""
+    manifest["kind"] = spec.kind
     manifest["job_id"] = spec.job_id
     manifest.setdefault("image", {})["uri"] = spec.image
     manifest.setdefault("model", {})["uri"] = spec.model
     if spec.batch_id:
         manifest["batch_id"] = spec.batch_id
     manifest["worker"] = {"host": socket.gethostname(), "model_cache": cache_event}
-    stage_ms = manifest.setdefault("timings_ms", {})
-    for stage, ms in timings.items():
-        stage_ms[stage] = round(ms, 3)
-
-
-def render_report(
-    manifest: dict[str, Any], files: dict[str, bytes], pool: ReportPool | None = None
-) -> dict[str, bytes]:
-    """The HTML report files of a job (index.html and its images), when available.
-
-    Rendered by `pool`'s helper processes when given (batching workers).
-    """
-    if not HAS_REPORT:
-        return {}
-    if pool is not None:
-        return pool.render(manifest, files)
-    from worker import report
-
-    return report.render_report(manifest, files)
-
-
-def report_stage(task: Task, stage: str) -> None:
-    """Let `Job.state()` show progress; a no-op when run outside a worker."""
-    if task.request.id:
-        task.update_state(state="STARTED", meta={"stage": stage})
 
 
 def fail_job(spec: JobSpec, error: ActvizError, runtime: WorkerRuntime) -> None:

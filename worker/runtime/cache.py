@@ -33,6 +33,8 @@ class ModelCache:
         self.max_bytes = max_bytes
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.RLock()
+        # One lock per key being loaded: a cold load holds its key, never the cache.
+        self._loading: dict[str, threading.Lock] = {}
         self.counts = {HIT: 0, MISS: 0, EVICTION: 0}
 
     def __len__(self) -> int:
@@ -49,20 +51,38 @@ class ModelCache:
         """The cached model for `key`, else `load()` it and keep it.
 
         Returns (model, 'hit' | 'miss'). Errors from `load` propagate and
-        nothing is cached.
+        nothing is cached. `load` runs without the cache's lock: hits on other
+        models go on while a cold one loads; callers of the same key wait for
+        that one load and then hit.
         """
         with self._lock:
-            model = self._models.get(key)
+            model = self._hit(key)
             if model is not None:
-                self._models.move_to_end(key)
-                self._count(HIT)
                 return model, HIT
-            model = load()
-            self._count(MISS)
-            self._models[key] = model
-            self._evict(keep=key)
-            self._publish()
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                model = self._hit(key)  # loaded by the thread this one waited for
+                if model is not None:
+                    return model, HIT
+            try:
+                model = load()
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            with self._lock:
+                self._count(MISS)
+                self._models[key] = model
+                self._evict(keep=key)
+                self._publish()
             return model, MISS
+
+    def _hit(self, key: str) -> Any:
+        model = self._models.get(key)
+        if model is not None:
+            self._models.move_to_end(key)
+            self._count(HIT)
+        return model
 
     def stats(self) -> dict[str, int]:
         """hits, misses, evictions so far, and what the cache holds now."""

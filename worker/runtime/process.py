@@ -5,7 +5,6 @@ One `WorkerRuntime` per process, attached to the Celery app as `app.actviz`.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
@@ -131,7 +130,7 @@ class WorkerRuntime:
         """Download, load and warm each model before the first job arrives."""
         from worker.engine import warmup
 
-        if self.reports is not None and importlib.util.find_spec("worker.report") is not None:
+        if self.reports is not None:
             self.reports.start()
         for uri in uris:
             loaded, _, timings = self.load_model(uri)

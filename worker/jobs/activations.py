@@ -1,0 +1,71 @@
+"""Activations: what each layer of a CNN sees, for one image.
+
+The default kind. Loads the model warm, runs the engine (one shared forward
+pass when batching), renders the report, and returns the grids, statistics
+and manifest. A job delivered again after its worker died runs in the
+quarantine process instead (worker/runtime/quarantine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task
+
+from producer.contract import JobSpec
+from worker.jobs.steps import Output, fetch_image, redelivered, report_stage
+from worker.metrics import STAGE_SECONDS
+from worker.report import render_report
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
+    """The job's Output. Raises the engine's ActvizError or a transient error."""
+    report_stage(task, "loading model")
+    if runtime.quarantine is not None and redelivered(task, spec.job_id):
+        # Its worker died holding it: run it in a process of its own, so that a job
+        # that kills its process fails alone and takes no other job with it.
+        image = fetch_image(spec, runtime)
+        report_stage(task, "forward")
+        log.warning("a worker died holding this job before; it runs in the quarantine process")
+        outcome, cache_event, timings = runtime.quarantine.run(spec.model, image, spec.options)
+    else:
+        runtime.expect_image()
+        try:
+            loaded, cache_event, timings = runtime.load_model(spec.model)
+            image = fetch_image(spec, runtime)
+        except BaseException:
+            runtime.drop_image()
+            raise
+        report_stage(task, "forward")
+        outcome = runtime.analyze(loaded, image, spec.options)
+    manifest = dict(outcome.manifest)
+    files = dict(outcome.files)
+    stage_ms = manifest.setdefault("timings_ms", {})
+    for stage in ("preprocess", "forward", "render"):
+        if stage_ms.get(stage) is not None:
+            STAGE_SECONDS.labels(stage=stage).observe(stage_ms[stage] / 1000)
+    for stage, ms in timings.items():
+        stage_ms[stage] = round(ms, 3)
+
+    report_stage(task, "rendering")
+    started = time.perf_counter()
+    files.update(report_files(manifest, files, runtime))
+    report_s = time.perf_counter() - started
+    STAGE_SECONDS.labels(stage="report").observe(report_s)
+    stage_ms["report"] = round(report_s * 1000, 3)
+    summary = f"{len(manifest.get('layers', []))} layers"
+    return Output(manifest, files, cache_event=cache_event, summary=summary)
+
+
+def report_files(
+    manifest: dict[str, Any], files: dict[str, bytes], runtime: WorkerRuntime
+) -> dict[str, bytes]:
+    """index.html and its images; by the report helper processes when batching."""
+    if runtime.reports is not None:
+        return runtime.reports.render(manifest, files)
+    return render_report(manifest, files)

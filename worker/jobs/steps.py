@@ -1,0 +1,50 @@
+"""Steps every kind of job uses: its output, progress, inputs, and whether it was redelivered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Task
+
+from producer.contract import JobSpec
+from worker.jobs.deliveries import delivery_key, redis_client
+from worker.runtime import WorkerRuntime
+
+
+@dataclass
+class Output:
+    """What a kind's `run` hands back: the manifest and the files it names.
+
+    `files` keys are relative to the job folder; `manifest["timings_ms"]` holds
+    the kind's stages; `cache_event` is the model cache's 'hit' or 'miss';
+    `summary` is a few words for the log line.
+    """
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+    cache_event: str = ""
+    summary: str = ""
+
+
+def report_stage(task: Task, stage: str) -> None:
+    """Let `Job.state()` show progress; a no-op when run outside a worker."""
+    if task.request.id:
+        task.update_state(state="STARTED", meta={"stage": stage})
+
+
+def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
+    """The job's image bytes (see worker.runtime.fetch.read_image)."""
+    from worker.runtime.fetch import read_image
+
+    s3 = runtime.s3 if spec.image.startswith("s3://") else None
+    return read_image(spec.image, runtime.store, runtime.settings, s3)
+
+
+def redelivered(task: Task, job_id: str) -> bool:
+    """Whether this attempt of the job was delivered before (see worker/jobs/deliveries.py)."""
+    client = redis_client(task)
+    if client is None:
+        return False
+    count = client.get(delivery_key(job_id, int(task.request.retries or 0)))
+    return int(count or 0) > 1
