@@ -37,13 +37,18 @@ from producer.contract import (
 )
 from producer.errors import (
     ActvizError,
+    Cancelled,
     ConfigurationError,
     InputNotFound,
+    Internal,
     InvalidJob,
     JobFailed,
     JobNotFound,
     PayloadTooLarge,
+    StorageError,
+    TimeLimit,
     TransientError,
+    WorkerLost,
     error_from_dict,
 )
 from producer.registry import load_registry, resolve_model
@@ -245,7 +250,7 @@ class Job:
         if stored is not None:
             return stored
         if celery_state == "REVOKED":
-            return {"code": ErrorCode.CANCELLED, "message": "the job was cancelled"}
+            return Cancelled("the job was cancelled").to_dict()
         return error_of(info)
 
     def wait(self, timeout: float | None = None, poll: float = 0.1) -> Result:
@@ -277,17 +282,23 @@ class Job:
 
 
 def error_of(info: Any) -> dict[str, str]:
-    """{code, message} from what Celery stored for a failed task."""
+    """{code, message} from what Celery stored for a failed task.
+
+    The worker raises only ActvizErrors; Celery's own limits and a lost
+    process are mapped by class; anything else is `internal`, named.
+    """
+    from billiard.exceptions import WorkerLostError
+    from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
     if isinstance(info, ActvizError):
         return info.to_dict()
-    name = type(info).__name__
-    if name in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
-        return {"code": ErrorCode.TIME_LIMIT, "message": "the job ran past its time limit"}
-    if name == "WorkerLostError":
-        return {"code": ErrorCode.WORKER_LOST, "message": str(info)}
-    if name in ("StorageUnavailable", "EndpointConnectionError", "ConnectionError"):
-        return {"code": ErrorCode.STORAGE_ERROR, "message": str(info)}
-    return {"code": ErrorCode.INTERNAL, "message": f"{name}: {info}"}
+    if isinstance(info, SoftTimeLimitExceeded | TimeLimitExceeded):
+        return TimeLimit("the job ran past its time limit").to_dict()
+    if isinstance(info, WorkerLostError):
+        return WorkerLost(str(info)).to_dict()
+    if isinstance(info, TransientError):
+        return StorageError(str(info)).to_dict()
+    return Internal(f"{type(info).__name__}: {info}").to_dict()
 
 
 class Client:

@@ -48,19 +48,29 @@ QUEUE_CPU = "cpu"
 QUEUES = (QUEUE_GPU, QUEUE_CPU)
 MAX_PRIORITY = 9
 
+
 # Job states as `Job.status()` reports them.
-QUEUED = "queued"
-STARTED = "started"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
+class JobStatus(StrEnum):
+    """A job's state as `Job.status()` reports it."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+QUEUED, STARTED, SUCCEEDED, FAILED = JobStatus
 FINAL_STATES = (SUCCEEDED, FAILED)
 
 # Stages a started job reports, in order.
 STAGES = ("download_model", "load", "preprocess", "forward", "render", "upload")
 
 
-class ErrorCode:
-    """Every error code a job can fail with. The values are the wire format."""
+class ErrorCode(StrEnum):
+    """Every error code a job can fail with. The values are the wire format.
+
+    Each has its class in producer/errors.py.
+    """
 
     INVALID_IMAGE = "invalid_image"
     IMAGE_TOO_LARGE = "image_too_large"
@@ -81,7 +91,7 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-ERROR_CODES = tuple(v for k, v in vars(ErrorCode).items() if k.isupper())
+ERROR_CODES = tuple(code.value for code in ErrorCode)
 
 # Preprocessing scale modes and grid normalization modes.
 SCALES = ("1/255", "none", "-1..1", "meanstd")

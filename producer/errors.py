@@ -89,6 +89,30 @@ class WorkerLost(ActvizError):
     code = ErrorCode.WORKER_LOST
 
 
+class TimeLimit(ActvizError):
+    """The job ran past the soft time limit."""
+
+    code = ErrorCode.TIME_LIMIT
+
+
+class StorageError(ActvizError):
+    """Storage stayed unreachable through every retry."""
+
+    code = ErrorCode.STORAGE_ERROR
+
+
+class Cancelled(ActvizError):
+    """The job was revoked before it finished."""
+
+    code = ErrorCode.CANCELLED
+
+
+class Internal(ActvizError):
+    """A fault of actviz itself; the message names the exception."""
+
+    code = ErrorCode.INTERNAL
+
+
 class JobFailed(ActvizError):
     """Raised by `Job.wait()` when the job ended `failed`."""
 
@@ -112,28 +136,53 @@ class StorageUnavailable(TransientError):
     pass
 
 
-_BY_CODE = {
-    cls.code: cls
-    for cls in (
-        InvalidImage,
-        ImageTooLarge,
-        ActivationsTooLarge,
-        ModelNotFound,
-        InvalidModel,
-        UnsafeModel,
-        ModelNotAllowed,
-        UnknownLayer,
-        InvalidJob,
-        ConfigurationError,
-        InputNotFound,
-        PayloadTooLarge,
-        WorkerLost,
-    )
-}
+# Storage's own outcomes, which callers map to job errors (input_not_found, ...).
+class ObjectNotFound(LookupError):
+    """The key (or URI) does not exist in storage."""
+
+
+class ObjectTooLarge(ValueError):
+    """An object is larger than the caller's limit; `size` is its size in bytes (or more)."""
+
+    def __init__(self, uri: str, size: int) -> None:
+        super().__init__(f"{uri} is {size} bytes")
+        self.uri, self.size = uri, size
+
+
+def _error_classes() -> dict[str, type[ActvizError]]:
+    found: dict[str, type[ActvizError]] = {}
+    pending = [ActvizError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls not in (ActvizError, JobFailed):
+            found[cls.code] = cls
+    return found
+
+
+_BY_CODE = _error_classes()
+
+
+def error_class(code: str) -> type[ActvizError]:
+    """The class of an error code (ActvizError itself for a code this version lacks)."""
+    return _BY_CODE.get(code, ActvizError)
 
 
 def error_from_dict(data: dict[str, Any]) -> ActvizError:
     """Rebuild a typed error from its wire form {code, message}."""
     code = str(data.get("code", ErrorCode.INTERNAL))
-    cls = _BY_CODE.get(code, ActvizError)
-    return cls(str(data.get("message", "")), code=code)
+    return error_class(code)(str(data.get("message", "")), code=code)
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """The faults of the world, not of the input, that a job retries with backoff.
+
+    The one classification: storage wraps its own (5xx, throttling, connection
+    faults) as StorageUnavailable; the broker's and Redis's connection errors
+    arrive as their own classes.
+    """
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (TransientError, RedisConnectionError, RedisTimeoutError, OperationalError)

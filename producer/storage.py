@@ -15,10 +15,10 @@ import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from producer.errors import StorageUnavailable
+from producer.errors import ObjectNotFound, ObjectTooLarge, StorageUnavailable
 
 CONTENT_TYPES = {
     ".json": "application/json",
@@ -39,18 +39,6 @@ CONTENT_TYPES = {
 
 def content_type_for(key: str) -> str:
     return CONTENT_TYPES.get(Path(key).suffix.lower(), "application/octet-stream")
-
-
-class ObjectNotFound(LookupError):
-    """The key (or URI) does not exist in storage."""
-
-
-class ObjectTooLarge(ValueError):
-    """An object is larger than the caller's limit; `size` is its size in bytes (or more)."""
-
-    def __init__(self, uri: str, size: int) -> None:
-        super().__init__(f"{uri} is {size} bytes")
-        self.uri, self.size = uri, size
 
 
 class Store(Protocol):
@@ -151,17 +139,30 @@ def s3_client():  # noqa: ANN201 - botocore client type is generated at runtime
 
 
 def _transient(exc: Exception) -> bool:
+    """Whether a storage fault is the world's (retry it), not the request's.
+
+    The one place that classifies them: Store methods raise StorageUnavailable
+    for these and nothing else transient.
+    """
     from botocore.exceptions import (
         ClientError,
         ConnectionClosedError,
         ConnectTimeoutError,
         EndpointConnectionError,
         ReadTimeoutError,
+        ResponseStreamingError,
     )
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
     if isinstance(
         exc,
-        EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError,
+        EndpointConnectionError
+        | ConnectionClosedError
+        | ConnectTimeoutError
+        | ReadTimeoutError
+        | ResponseStreamingError
+        | Urllib3Error
+        | ConnectionError,
     ):
         return True
     if isinstance(exc, ClientError):
@@ -169,6 +170,16 @@ def _transient(exc: Exception) -> bool:
         code = exc.response.get("Error", {}).get("Code", "")
         return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
     return False
+
+
+def _read(body: Any, uri: str, amount: int | None = None) -> bytes:
+    """Read a response body; a connection cut mid-body is StorageUnavailable."""
+    try:
+        return body.read() if amount is None else body.read(amount)
+    except Exception as exc:
+        if _transient(exc):
+            raise StorageUnavailable(f"storage unavailable for {uri}: {exc}") from exc
+        raise
 
 
 def _not_found(exc: Exception) -> bool:
@@ -219,10 +230,9 @@ class S3Store:
         )
 
     def get(self, key: str) -> bytes:
-        resp = self._call(
-            self.client.get_object, self.uri(key), Bucket=self.bucket, Key=self._key(key)
-        )
-        return resp["Body"].read()
+        uri = self.uri(key)
+        resp = self._call(self.client.get_object, uri, Bucket=self.bucket, Key=self._key(key))
+        return _read(resp["Body"], uri)
 
     def get_at_most(self, key: str, limit: int) -> bytes:
         """The object's bytes, in one GET; raises ObjectTooLarge past `limit` bytes.
@@ -237,7 +247,7 @@ class S3Store:
             size = int(resp.get("ContentLength") or 0)
             if size > limit:
                 raise ObjectTooLarge(uri, size)
-            data = body.read(limit + 1)
+            data = _read(body, uri, limit + 1)
             if len(data) > limit:
                 raise ObjectTooLarge(uri, len(data))
             return data

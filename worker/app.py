@@ -21,7 +21,6 @@ from producer.errors import ActvizError
 from producer.settings import Settings
 from worker import transport
 from worker.jobs import lifecycle
-from worker.jobs.lifecycle import TRANSIENT_ERRORS
 from worker.logs import job_context
 from worker.runtime import WorkerRuntime
 from worker.runtime.pool import pool_for
@@ -89,7 +88,7 @@ def create_app(settings: Settings) -> Celery:
     app.task(
         name=TASK_NAME,
         bind=True,
-        autoretry_for=TRANSIENT_ERRORS,
+        autoretry_for=lifecycle.TRANSIENT_ERRORS,
         retry_backoff=True,
         retry_backoff_max=60,
         retry_jitter=True,

@@ -366,3 +366,27 @@ def test_a_job_has_a_kind_and_messages_without_one_are_activations(tmp_path: Pat
     with pytest.raises(InvalidJob, match="kind"):
         client.submit("builtin:demo", tmp_path / "unused.png", kind="census")
     assert client._app is None  # refused before anything was queued
+
+
+def test_every_error_code_has_its_class_and_survives_the_wire() -> None:
+    from producer.contract import ERROR_CODES, ErrorCode
+    from producer.errors import error_class, error_from_dict
+
+    for code in ERROR_CODES:
+        cls = error_class(code)
+        assert cls.code == code and cls.__name__ != "ActvizError", code
+        error = cls("what to do")
+        back = error_from_dict(json.loads(json.dumps(error.to_dict())))
+        assert type(back) is cls and back.code == ErrorCode(code) and back.message == "what to do"
+
+
+def test_celery_failures_map_to_codes_by_class() -> None:
+    from billiard.exceptions import WorkerLostError
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from producer.client import error_of
+
+    assert error_of(SoftTimeLimitExceeded())["code"] == "time_limit"
+    assert error_of(WorkerLostError("gone"))["code"] == "worker_lost"
+    assert error_of(StorageUnavailable("down"))["code"] == "storage_error"
+    assert error_of(KeyError("x"))["code"] == "internal"

@@ -23,21 +23,20 @@ import socket
 import time
 from typing import Any
 
-from botocore.exceptions import (
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from kombu.exceptions import OperationalError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import contract
-from producer.contract import ErrorCode, JobKind, JobSpec
-from producer.errors import ActvizError, InvalidJob, PayloadTooLarge, TransientError
+from producer.contract import JobKind, JobSpec
+from producer.errors import (
+    ActvizError,
+    Internal,
+    InvalidJob,
+    PayloadTooLarge,
+    StorageError,
+    TimeLimit,
+    transient_errors,
+)
 from producer.storage import put_many
 from worker.jobs.batches import publish_batch
 from worker.jobs.deliveries import admit_delivery
@@ -50,16 +49,7 @@ from worker.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 # Faults of the world, not of the input: Celery retries these with backoff and jitter.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    TransientError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    OperationalError,
-    EndpointConnectionError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-)
+TRANSIENT_ERRORS = transient_errors()
 
 
 def parse_spec(message: Any) -> JobSpec:
@@ -111,21 +101,21 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
             fail_job(spec, exc, runtime)
             raise
         except SoftTimeLimitExceeded:
-            error = ActvizError(
-                f"the job ran past the soft time limit ({settings.soft_time_limit} s)",
-                code=ErrorCode.TIME_LIMIT,
+            error: ActvizError = TimeLimit(
+                f"the job ran past the soft time limit ({settings.soft_time_limit} s)"
             )
             fail_job(spec, error, runtime)
             raise error from None
-        except TransientError:
-            if task.request.retries >= task.max_retries:
-                JOBS.labels(status="failed", code=ErrorCode.STORAGE_ERROR).inc()
-            raise
         except Exception as exc:
             if isinstance(exc, TRANSIENT_ERRORS):
-                raise
-            log.exception("job failed unexpectedly")
-            error = ActvizError(f"{type(exc).__name__}: {exc}", code=ErrorCode.INTERNAL)
+                if task.request.retries < task.max_retries:
+                    raise  # Celery retries it (autoretry_for, worker/app.py)
+                error = StorageError(
+                    f"storage or broker unreachable through {task.max_retries} retries: {exc}"
+                )
+            else:
+                log.exception("job failed unexpectedly")
+                error = Internal(f"{type(exc).__name__}: {exc}")
             fail_job(spec, error, runtime)
             raise error from None
         JOBS.labels(status="succeeded", code="").inc()

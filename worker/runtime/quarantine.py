@@ -24,8 +24,8 @@ import signal
 import threading
 from typing import Any
 
-from producer.contract import ErrorCode, JobOptions
-from producer.errors import ActvizError, TransientError, WorkerLost, error_from_dict
+from producer.contract import JobOptions
+from producer.errors import ActvizError, Internal, TransientError, WorkerLost, error_from_dict
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,7 @@ def serve(conn: Any, settings: Settings) -> None:
             reply = ("transient", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 (the parent fails the job as internal)
             log.exception("job failed unexpectedly in the quarantine process")
-            reply = (
-                "error",
-                {"code": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}: {exc}"},
-            )
+            reply = ("error", Internal(f"{type(exc).__name__}: {exc}").to_dict())
         conn.send(reply)
 
 
