@@ -20,14 +20,17 @@ from producer.client import Client, Job, Result
 from producer.contract import (
     FINAL_STATES,
     JOB_KINDS,
+    MANIFEST_FILE,
     NORMALIZATIONS,
     QUEUES,
+    REPORT_FILE,
     SCALES,
     STARTED,
     SUCCEEDED,
 )
 from producer.errors import ActvizError, JobFailed, JobNotFound
 from producer.settings import Settings, redact_url
+from producer.storage import is_s3_uri
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 124
 COMMANDS_GROUP = "actviz.commands"
@@ -71,7 +74,7 @@ def _outcome(job: Job, result: Result | None, error: ActvizError | None) -> dict
     out: dict[str, Any] = {"job_id": job.id}
     if result is not None:
         out["status"] = SUCCEEDED
-        out["manifest"] = result.store.uri(result.prefix + "manifest.json")
+        out["manifest"] = result.store.uri(result.prefix + MANIFEST_FILE)
         out["report"] = result.url()
     else:
         out["status"] = "failed"
@@ -146,7 +149,7 @@ def collect_images(paths: list[str]) -> list[str]:
     images: list[str] = []
     for raw in paths:
         path = Path(raw)
-        if raw.startswith("s3://") or not path.is_dir():
+        if is_s3_uri(raw) or not path.is_dir():
             images.append(raw)
             continue
         images += sorted(
@@ -254,7 +257,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     client = _client(args)
     result = client.result(args.job_id)
     out = result.download(Path(args.out))
-    print(out / "index.html" if (out / "index.html").exists() else out)
+    print(out / REPORT_FILE if (out / REPORT_FILE).exists() else out)
     return EXIT_OK
 
 

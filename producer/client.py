@@ -53,7 +53,7 @@ from producer.errors import (
 )
 from producer.registry import load_registry, resolve_model
 from producer.settings import Settings, redact_url
-from producer.storage import ObjectNotFound, Store, local_path, open_store
+from producer.storage import ObjectNotFound, Store, is_file_uri, is_s3_uri, local_path, open_store
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -444,13 +444,13 @@ class Client:
         Raises PayloadTooLarge above settings.max_image_bytes, InputNotFound for
         a missing file.
         """
-        if isinstance(image, str) and image.startswith("s3://"):
+        if isinstance(image, str) and is_s3_uri(image):
             return image
         name = None
         if isinstance(image, bytes):
             data = image
         else:
-            path = local_path(str(image)) if str(image).startswith("file://") else Path(image)
+            path = local_path(str(image)) if is_file_uri(str(image)) else Path(image)
             name = path.name
             data = read_local_image(path, self.settings.max_image_bytes)
         check_size(len(data), self.settings.max_image_bytes)

@@ -129,27 +129,55 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
+# Names inside a job folder.
+MANIFEST_FILE = "manifest.json"  # written last: its presence means the job is complete
+ERROR_FILE = "error.json"
+REPORT_FILE = "index.html"
+DEPTH_CHART_FILE = "depth.png"
+INPUT_FILE = "input.png"  # the image as the model saw it, before scaling
+ACTIVATIONS_FILE = "activations.npz"
+
+
 def manifest_key(job_id: str) -> str:
-    return job_prefix(job_id) + "manifest.json"
+    return job_prefix(job_id) + MANIFEST_FILE
 
 
 def error_key(job_id: str) -> str:
-    return job_prefix(job_id) + "error.json"
+    return job_prefix(job_id) + ERROR_FILE
 
 
 def report_key(job_id: str) -> str:
-    return job_prefix(job_id) + "index.html"
+    return job_prefix(job_id) + REPORT_FILE
+
+
+def layer_stem(position: int, layer_name: str) -> str:
+    """'03-conv2d_1': names a layer's files in a job folder (and its arrays in the npz)."""
+    return f"{position:02d}-{safe_key_part(layer_name)}"
 
 
 def layer_grid_name(position: int, layer_name: str) -> str:
     """Grid key relative to the job folder: 'layers/03-conv2d_1.png'."""
-    return f"layers/{position:02d}-{safe_key_part(layer_name)}.png"
+    return f"layers/{layer_stem(position, layer_name)}.png"
+
+
+def overlay_name(position: int, layer_name: str) -> str:
+    """'overlays/03-conv2d_1.png': the layer's mean activation over the input."""
+    return f"overlays/{layer_stem(position, layer_name)}.png"
+
+
+def channels_dir(position: int, layer_name: str) -> str:
+    """'channels/03-conv2d_1/': one PNG per channel, '000.png', '001.png', ..."""
+    return f"channels/{layer_stem(position, layer_name)}/"
+
+
+def channel_name(position: int, layer_name: str, channel: int) -> str:
+    return f"{channels_dir(position, layer_name)}{channel:03d}.png"
 
 
 def batch_key(batch_id: str) -> str:
     if not valid_job_id(batch_id):
         raise ValueError(f"invalid batch id {batch_id!r}")
-    return f"batches/{batch_id}/index.html"
+    return f"batches/{batch_id}/{REPORT_FILE}"
 
 
 def batch_member_key(batch_id: str, index: int, job_id: str) -> str:

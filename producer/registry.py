@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 
 from producer.errors import ModelNotFound
+from producer.storage import FILE_SCHEME, S3_SCHEME, is_file_uri
 
-URI_SCHEMES = ("s3://", "file://", "builtin:")
+URI_SCHEMES = (S3_SCHEME, FILE_SCHEME, "builtin:")
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
@@ -59,8 +60,8 @@ def resolve_model(model: str | Path, registry: dict[str, str] | None = None) -> 
     registry = registry or {}
     if text in registry:
         return resolve_model(registry[text])
-    if text.startswith("file://"):
-        return _file_uri(text[len("file://") :])
+    if is_file_uri(text):
+        return _file_uri(text[len(FILE_SCHEME) :])
     if text.startswith(URI_SCHEMES):
         return text
     if "://" in text:

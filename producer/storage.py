@@ -41,16 +41,53 @@ def content_type_for(key: str) -> str:
     return CONTENT_TYPES.get(Path(key).suffix.lower(), "application/octet-stream")
 
 
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def is_file_uri(uri: str) -> bool:
+    return uri.startswith(FILE_SCHEME)
+
+
 class Store(Protocol):
+    """One interface for results and inputs, whatever holds them.
+
+    Keys are relative to the store's URL. `get`, `get_at_most`, `head` and
+    `download` raise ObjectNotFound; `get_at_most` raises ObjectTooLarge;
+    any of them raises StorageUnavailable for a fault of the world.
+    """
+
     url: str
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def get_at_most(self, key: str, limit: int) -> bytes: ...
+    def head(self, key: str) -> dict: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def uri(self, key: str) -> str: ...
     def presign(self, key: str, expires: int = 3600) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
+    def holds(self, uri: str) -> bool: ...
+    def local_file(self, key: str) -> Path | None: ...
+
+
+def source_for(uri: str, s3: object | None = None) -> tuple[Store, str]:
+    """(store, key) that read the object at an `s3://` or `file://` URI.
+
+    `s3`: a boto3 client to reuse. Raises ValueError for another scheme.
+    """
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
+        return S3Store(bucket, client=s3), key
+    if is_file_uri(uri):
+        path = local_path(uri).resolve()
+        return FileStore(path.parent), path.name
+    raise ValueError(f"unsupported URI {uri!r}: use s3:// or file://")
 
 
 def put_many(store: Store, objects: Iterable[tuple[str, bytes]], workers: int = 8) -> None:
@@ -97,8 +134,39 @@ class FileStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(self.uri(key)) from None
 
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """The file's bytes; raises ObjectTooLarge past `limit` bytes, before reading."""
+        path = self._path(key)
+        size = self.head(key)["ContentLength"]
+        if size > limit:
+            raise ObjectTooLarge(self.uri(key), size)
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:  # it grew since
+            raise ObjectTooLarge(self.uri(key), len(data))
+        return data
+
+    def head(self, key: str) -> dict:
+        """{'ContentLength', 'ETag'} as S3 names them; the ETag from size and mtime."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(self.uri(key))
+        stat = path.stat()
+        return {"ContentLength": stat.st_size, "ETag": f"{stat.st_size}-{stat.st_mtime_ns}"}
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def local_file(self, key: str) -> Path | None:
+        """The object's path: it can be read in place."""
+        return self._path(key)
+
+    def holds(self, uri: str) -> bool:
+        """Whether a file:// URI names a file under this store's root (symlinks resolved)."""
+        if not is_file_uri(uri):
+            return False
+        path = local_path(uri).resolve()
+        return self.root in path.parents
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -283,7 +351,18 @@ class S3Store:
             raise
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
+        return f"{S3_SCHEME}{self.bucket}/{self._key(key)}"
+
+    def local_file(self, key: str) -> Path | None:
+        """None: an S3 object must be downloaded to be read as a file."""
+        return None
+
+    def holds(self, uri: str) -> bool:
+        """Whether an s3:// URI names an object under this store's bucket and prefix."""
+        if not is_s3_uri(uri):
+            return False
+        bucket, key = split_s3_uri(uri)
+        return bucket == self.bucket and (not self.prefix or key.startswith(self.prefix + "/"))
 
     def presign(self, key: str, expires: int = 3600) -> str:
         return self.client.generate_presigned_url(

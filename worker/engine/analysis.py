@@ -18,7 +18,16 @@ from typing import Any
 import keras
 import numpy as np
 
-from producer.contract import JobOptions, layer_grid_name
+from producer.contract import (
+    ACTIVATIONS_FILE,
+    INPUT_FILE,
+    JobOptions,
+    channel_name,
+    channels_dir,
+    layer_grid_name,
+    layer_stem,
+    overlay_name,
+)
 from producer.errors import ActivationsTooLarge, ActvizError, InvalidJob
 from producer.settings import Settings
 from worker.engine.extract import Extractor
@@ -214,11 +223,11 @@ class ImageRender:
         """The Artifacts, once `add_layer` has run for every ref."""
         layers = [self._entries[index] for index in range(len(refs))]
         # Files in model order, whatever order the layers were rendered in.
-        files = {"input.png": encode_png(self.image.display)}
+        files = {INPUT_FILE: encode_png(self.image.display)}
         for index in range(len(refs)):
             files.update(self._files[index])
         if self.options.save_npz:
-            files["activations.npz"] = _npz(refs, [self._npz[i] for i in range(len(refs))])
+            files[ACTIVATIONS_FILE] = _npz(refs, [self._npz[i] for i in range(len(refs))])
         self.timings.update(render=self._render_ms, stats=self._stats_ms)
         image = self.image
         record = dict(image.record)
@@ -257,7 +266,6 @@ def _render_layer(
     bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     key = layer_grid_name(ref.index, ref.name)
-    stem = key[len("layers/") : -len(".png")]
     entry: dict[str, Any] = {
         "name": ref.name,
         "index": ref.index,
@@ -278,14 +286,15 @@ def _render_layer(
         files[key] = png
         entry["grid"] = {"png": key, **grid.to_dict()}
         if options.channel_pngs:
-            entry["channels_dir"] = f"channels/{stem}/"
+            entry["channels_dir"] = channels_dir(ref.index, ref.name)
             for c in range(indices.shape[-1]):
-                files[f"channels/{stem}/{c:03d}.png"] = render_channel(
+                files[channel_name(ref.index, ref.name, c)] = render_channel(
                     indices[:, :, c], options.colormap
                 )
         if options.overlay:
-            files[f"overlays/{stem}.png"] = render_overlay(image.display, act, options.colormap)
-            entry["overlay"] = f"overlays/{stem}.png"
+            overlay = overlay_name(ref.index, ref.name)
+            files[overlay] = render_overlay(image.display, act, options.colormap)
+            entry["overlay"] = overlay
     elif 0 < act.size <= STRIP_MAX_VALUES:
         png, grid = render_strip(act, options.colormap)
         files[key] = png
@@ -296,9 +305,7 @@ def _render_layer(
 def _npz(refs: list[LayerRef], activations: list[np.ndarray]) -> bytes:
     """float16 activations keyed 'NN-name' (the grid file stem)."""
     arrays = {
-        layer_grid_name(ref.index, ref.name)[len("layers/") : -len(".png")]: act.astype(
-            np.float16, copy=False
-        )
+        layer_stem(ref.index, ref.name): act.astype(np.float16, copy=False)
         for ref, act in zip(refs, activations, strict=True)
     }
     buffer = io.BytesIO()

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.contract import MANIFEST_VERSION, JobOptions
+from producer.contract import INPUT_FILE, MANIFEST_VERSION, JobOptions
 
 
 def build_manifest(
@@ -61,7 +61,7 @@ def build_manifest(
         "job_id": None,
         "model": model,
         "image": {"uri": None, **image},
-        "input": "input.png",
+        "input": INPUT_FILE,
         "preprocessing": preprocessing,
         "normalization": normalization,
         "colormap": options.colormap,

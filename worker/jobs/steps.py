@@ -8,6 +8,7 @@ from typing import Any
 from celery import Task
 
 from producer.contract import JobSpec
+from producer.storage import is_s3_uri
 from worker.jobs.deliveries import delivery_key, redis_client
 from worker.runtime import WorkerRuntime
 
@@ -37,7 +38,7 @@ def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
     """The job's image bytes (see worker.runtime.fetch.read_image)."""
     from worker.runtime.fetch import read_image
 
-    s3 = runtime.s3 if spec.image.startswith("s3://") else None
+    s3 = runtime.s3 if is_s3_uri(spec.image) else None
     return read_image(spec.image, runtime.store, runtime.settings, s3)
 
 

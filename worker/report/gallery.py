@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from producer.contract import batch_key, job_prefix
+from producer.contract import ERROR_FILE, INPUT_FILE, REPORT_FILE, batch_key, job_prefix
 from worker.report.job import format_shape, grid_data, page_html, safe_href
 
 
@@ -75,15 +75,15 @@ def _input_row(jobs: list[tuple[str, dict[str, Any] | None]], prefixes: list[str
     for (job_id, manifest), prefix in zip(jobs, prefixes, strict=True):
         label = html.escape(_label(job_id, manifest))
         if manifest and manifest.get("layers") is not None:
-            image = safe_href(manifest.get("input") or "input.png", prefix)
-            report = html.escape(prefix + "index.html", quote=True)
+            image = safe_href(manifest.get("input") or INPUT_FILE, prefix)
+            report = html.escape(prefix + REPORT_FILE, quote=True)
             cells.append(
                 f'<th scope="col"><figure class="input"><a href="{report}">'
                 f'<img src="{image}" alt="input {label}"></a>'
                 f'<figcaption><a href="{report}">{label}</a></figcaption></figure></th>'
             )
         else:
-            error = html.escape(prefix + "error.json", quote=True)
+            error = html.escape(prefix + ERROR_FILE, quote=True)
             cells.append(
                 f'<th scope="col" class="failed">{label}<br>'
                 f'<a href="{error}">failed: see error.json</a></th>'

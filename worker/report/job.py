@@ -25,11 +25,12 @@ import json
 import re
 from typing import Any
 
+from producer.contract import DEPTH_CHART_FILE, REPORT_FILE
 from producer.storage import content_type_for
 from worker.report.depth_chart import render_depth_chart
 
-DEPTH_CHART = "depth.png"
-INDEX = "index.html"
+DEPTH_CHART = DEPTH_CHART_FILE
+INDEX = REPORT_FILE
 INLINE_MAX_BYTES = 6 * 1024 * 1024  # embed the images while they total at most this
 TOP_TILE_PX = 96  # top-k tiles are drawn this many CSS pixels on their long side
 STRIP_PX = 32  # height of a non-spatial layer's strip of values

@@ -8,7 +8,6 @@ object changes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -20,13 +19,12 @@ from urllib.parse import unquote
 from producer.errors import ImageTooLarge, InputNotFound, ModelNotAllowed, ModelNotFound
 from producer.settings import Settings, redact_url
 from producer.storage import (
-    FileStore,
     ObjectNotFound,
     ObjectTooLarge,
-    S3Store,
     Store,
+    is_file_uri,
     local_path,
-    split_s3_uri,
+    source_for,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ def model_allowed(uri: str, settings: Settings) -> bool:
 
     Give it the canonical URI (`canonical_model_uri`): prefixes are compared as text.
     """
-    if settings.embedded and uri.startswith("file://"):
+    if settings.embedded and is_file_uri(uri):
         return True
     return any(uri.startswith(prefix) for prefix in _prefixes(settings.model_allow))
 
@@ -72,7 +70,7 @@ def _prefixes(prefixes: tuple[str, ...]) -> list[str]:
     """The prefixes as canonical URIs: a file:// folder by its real path, as models are."""
     out = []
     for prefix in filter(None, prefixes):
-        if prefix.startswith("file://"):
+        if is_file_uri(prefix):
             real = local_path(prefix).resolve().as_uri()
             prefix = real + "/" if prefix.endswith("/") and not real.endswith("/") else real
         out.append(prefix)
@@ -95,7 +93,7 @@ def canonical_model_uri(uri: str) -> str:
             raise ModelNotAllowed(f"model URI {redact_url(uri)!r} contains '..' or a backslash")
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in decoded):
             raise ModelNotAllowed("model URI contains control characters")
-    if uri.startswith("file://"):
+    if is_file_uri(uri):
         return local_path(uri).resolve().as_uri()
     return uri
 
@@ -133,16 +131,21 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
         return ModelFile(uri, path, _file_version(path), trusted=trusted)
     if uri.startswith("builtin:"):
         raise ModelNotFound(f"no builtin model {uri!r}; the builtin one is {BUILTIN_DEMO}")
-    if uri.startswith("file://"):
-        # The resolved file: a symlink or an escape cannot swap it after the checks.
-        path = local_path(canonical)
-        if not path.is_file():
-            raise ModelNotFound(f"model file {local_path(uri)} does not exist on the worker")
-        return ModelFile(uri, path, _file_version(path), trusted=trusted)
-    if uri.startswith("s3://"):
-        model = _fetch_s3_model(uri, Path(settings.model_cache_dir), s3)
-        return dataclasses.replace(model, trusted=trusted)
-    raise ModelNotFound(f"model URI {uri!r} has an unsupported scheme; use s3:// or file://")
+    try:
+        # A local file by its resolved path: a symlink cannot be swapped in after the checks.
+        store, key = source_for(canonical, s3)
+    except ValueError:
+        raise ModelNotFound(
+            f"model URI {uri!r} has an unsupported scheme; use s3:// or file://"
+        ) from None
+    try:
+        version = str(store.head(key).get("ETag", "")).strip('"')
+    except ObjectNotFound:
+        raise ModelNotFound(f"model {redact_url(uri)} does not exist") from None
+    path = store.local_file(key)
+    if path is not None:
+        return ModelFile(uri, path, version, trusted=trusted)
+    return _download(uri, store, key, version, Path(settings.model_cache_dir), trusted)
 
 
 def _file_version(path: Path) -> str:
@@ -150,25 +153,22 @@ def _file_version(path: Path) -> str:
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
-def _fetch_s3_model(uri: str, cache_dir: Path, s3: object | None) -> ModelFile:
-    bucket, key = split_s3_uri(uri)
-    store = S3Store(bucket, client=s3)
-    try:
-        etag = str(store.head(key).get("ETag", "")).strip('"')
-    except ObjectNotFound:
-        raise ModelNotFound(f"model {uri} does not exist") from None
+def _download(
+    uri: str, store: Store, key: str, version: str, cache_dir: Path, trusted: bool
+) -> ModelFile:
+    """The model in the local cache, downloaded again only when its version changed."""
     folder = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
     path = folder / Path(key).name
     etag_file = folder / "etag"
-    if path.is_file() and etag_file.is_file() and etag_file.read_text() == etag:
-        return ModelFile(uri, path, etag)
-    log.info("downloading model %s (etag %s)", uri, etag)
+    if path.is_file() and etag_file.is_file() and etag_file.read_text() == version:
+        return ModelFile(uri, path, version, trusted=trusted)
+    log.info("downloading model %s (etag %s)", uri, version)
     try:
         store.download(key, path)
     except ObjectNotFound:
         raise ModelNotFound(f"model {uri} does not exist") from None
-    _write_atomic(etag_file, etag)
-    return ModelFile(uri, path, etag, downloaded=True)
+    _write_atomic(etag_file, version)
+    return ModelFile(uri, path, version, downloaded=True, trusted=trusted)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -186,30 +186,21 @@ def read_image(uri: str, store: Store, settings: Settings, s3: object | None = N
     (image_too_large), StorageUnavailable (transient).
     """
     limit = settings.max_image_bytes
-    if uri.startswith("s3://"):
-        bucket, key = split_s3_uri(uri)
-        source = S3Store(bucket, client=s3)
-        try:
-            return source.get_at_most(key, limit)
-        except ObjectNotFound:
-            raise InputNotFound(f"image {uri} does not exist") from None
-        except ObjectTooLarge as exc:
-            raise _too_large(uri, exc.size, limit) from None
-    if uri.startswith("file://"):
-        path = local_path(uri).resolve()
-        inside_store = isinstance(store, FileStore) and store.root in path.parents
-        if not (inside_store or settings.embedded):
-            raise InputNotFound(f"image {uri} is outside the result store")
-        if not path.is_file():
-            raise InputNotFound(f"image {uri} does not exist")
-        _check_image_size(uri, path.stat().st_size, limit)
-        return path.read_bytes()
-    raise InputNotFound(f"image URI {uri!r} has an unsupported scheme; use s3:// or file://")
-
-
-def _check_image_size(uri: str, size: int, limit: int) -> None:
-    if size > limit:
-        raise _too_large(uri, size, limit)
+    try:
+        source, key = source_for(uri, s3)
+    except ValueError:
+        raise InputNotFound(
+            f"image URI {uri!r} has an unsupported scheme; use s3:// or file://"
+        ) from None
+    # Local files are read from the result store only (the embedded mode: from anywhere).
+    if source.local_file(key) is not None and not (store.holds(uri) or settings.embedded):
+        raise InputNotFound(f"image {uri} is outside the result store")
+    try:
+        return source.get_at_most(key, limit)
+    except ObjectNotFound:
+        raise InputNotFound(f"image {uri} does not exist") from None
+    except ObjectTooLarge as exc:
+        raise _too_large(uri, exc.size, limit) from None
 
 
 def _too_large(uri: str, size: int, limit: int) -> ImageTooLarge:

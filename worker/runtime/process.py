@@ -12,7 +12,7 @@ from typing import Any
 
 from producer.contract import JobOptions
 from producer.settings import Settings
-from producer.storage import Store, open_store, s3_client
+from producer.storage import Store, is_s3_uri, open_store, s3_client
 from worker.metrics import STAGE_SECONDS
 from worker.runtime.batcher import Batcher, run_alone
 from worker.runtime.cache import ModelCache
@@ -112,7 +112,7 @@ class WorkerRuntime:
             model_lock = self._model_locks.setdefault(uri, threading.Lock())
         with model_lock:
             started = time.perf_counter()
-            s3 = self.s3 if uri.startswith("s3://") else None
+            s3 = self.s3 if is_s3_uri(uri) else None
             model_file = fetch_model(uri, self.settings, s3)
             fetched = time.perf_counter()
             loaded, event = self.cache.get_or_load(
