@@ -6,15 +6,10 @@
 Imports Keras (and so the configured backend); only workers import this package.
 """
 
-from worker.engine.analysis import (
-    Artifacts,
-    ImageRender,
-    analyze,
-    check_options,
-    prepare_image,
-    warmup,
-)
+from worker.engine.analysis import analyze, check_options, prepare_image, warmup
+from worker.engine.artifacts import Artifacts, ImageRender
 from worker.engine.extract import Extractor, LayerOutputs, build_extractor, extract
+from worker.engine.forward_pass import ForwardPass, PassImage
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.loading import LoadedModel, load_model, open_model
 from worker.engine.manifest import manifest_bytes
@@ -25,10 +20,12 @@ from worker.engine.stats import channel_stats, layer_summary
 __all__ = [
     "Artifacts",
     "Extractor",
+    "ForwardPass",
     "ImageRender",
     "LayerOutputs",
     "LayerRef",
     "LoadedModel",
+    "PassImage",
     "PreparedImage",
     "analyze",
     "build_extractor",

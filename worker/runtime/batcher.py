@@ -43,8 +43,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from producer.contract import JobOptions
 from producer.errors import ActvizError
 from producer.settings import Settings
@@ -231,16 +229,35 @@ class Batcher:
         return images_per_pass(self.batch_size, self.max_bytes, known)
 
     def _forward(self, batch: list[Pending]) -> None:
-        from worker.engine import ImageRender
+        from worker.engine import ForwardPass, PassImage
 
         first: _Work = batch[0].payload
-        number = next(self._batches)
-        waited_ms = {id(i): (time.monotonic() - i.arrived) * 1000.0 for i in batch}
-        pixels = np.stack([item.payload.image.pixels for item in batch])
-        started = time.perf_counter()
-        outputs = first.extractor.forward(pixels)
-        forward_s = time.perf_counter() - started
-        del pixels
+        now = time.monotonic()
+        images = []
+        for item in batch:
+            work: _Work = item.payload
+            work.timings["batch_wait"] = (now - item.arrived) * 1000.0
+            images.append(PassImage(work.image, work.options, work.timings))
+        forward = ForwardPass(
+            first.loaded,
+            first.extractor,
+            images,
+            self.settings,
+            number=next(self._batches),
+            on_finished=self._pass_finished,
+        )
+        # Render tasks run on the pool in a copy of their job's context (its job id for
+        # log lines); a context is entered by one thread at a time.
+        contexts = [item.context for item in batch]
+
+        def submit(fn: Any, index: int, position: int) -> None:
+            self._render.submit(contexts[position].copy().run, fn, index, position)
+
+        # Each job's thread waits on its own future; a pass's futures are forward's.
+        for item, future in zip(batch, forward.futures, strict=True):
+            future.add_done_callback(_relay(item.future))
+        forward.run(submit)
+        outputs = forward.outputs
         BATCH_IMAGES.observe(len(batch))
         ACTIVATION_BYTES.observe(outputs.nbytes)
         with self._cond:
@@ -249,96 +266,26 @@ class Batcher:
             sizes[batch[0].key] = outputs.nbytes // len(batch)
             while len(sizes) > KNOWN_GROUPS:  # the least recently measured go first
                 del sizes[next(iter(sizes))]
-        renders = []
-        for item in batch:
-            work: _Work = item.payload
-            work.timings["batch_wait"] = waited_ms[id(item)]
-            work.timings["forward"] = forward_s * 1000.0
-            renders.append(ImageRender(work.image, work.options, self.settings, work.timings))
-        state = _PassState(self._slots, batch, outputs, renders, number)
-        if not len(outputs):  # no layer to render: the images are done already
-            for position in range(len(batch)):
-                state.finish(position)
+
+    def _pass_finished(self, forward: Any) -> None:
+        """Every image of a pass has its result: free its pipeline slot."""
+        HOST_PEAK_BYTES.observe(forward.outputs.peak_bytes)
+        self._slots.release()
+
+
+def _relay(target: Future) -> Any:
+    """Copy a finished future's outcome onto `target` (a job thread's future)."""
+
+    def copy(source: Future) -> None:
+        if target.done():
             return
-        # Layer-major: the pool renders layer 0 of every image first, so each layer's
-        # host copy is dropped early instead of every layer living to the pass's end.
-        for index in range(len(outputs)):
-            for position, item in enumerate(batch):
-                # A context is entered by one thread at a time: each task runs in a copy.
-                self._render.submit(item.context.copy().run, state.layer, index, position)
+        error = source.exception()
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(source.result())
 
-
-class _PassState:
-    """One forward pass being rendered: the layers and images still to do.
-
-    Each (layer, image) is one render task. A layer's host copy is released
-    when every image has taken it; an image's job gets its Artifacts (or its
-    first error) after its last layer; the pipeline slot is freed after the
-    last image.
-    """
-
-    def __init__(
-        self,
-        slots: threading.BoundedSemaphore,
-        batch: list[Pending],
-        outputs: Any,  # worker.engine.LayerOutputs
-        renders: list[Any],  # worker.engine.ImageRender, one per item
-        number: int,
-    ) -> None:
-        self.slots = slots
-        self.batch = batch
-        self.outputs = outputs
-        self.renders = renders
-        self.number = number
-        self.refs = batch[0].payload.extractor.refs
-        self.lock = threading.Lock()
-        self.layers_left = [len(batch)] * len(outputs)  # images still to take each layer
-        self.images_left = [len(outputs)] * len(batch)  # layers still to render per image
-        self.errors: list[BaseException | None] = [None] * len(batch)
-        self.unfinished = len(batch)
-
-    def layer(self, index: int, position: int) -> None:
-        """Render layer `index` of image `position`; finish the image after its last layer."""
-        try:
-            if self.errors[position] is None:
-                act = self.outputs.host(index)[position]
-                self.renders[position].add_layer(index, self.refs[index], act)
-        except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
-            self.errors[position] = self.errors[position] or exc
-        with self.lock:
-            self.layers_left[index] -= 1
-            release = self.layers_left[index] == 0
-            self.images_left[position] -= 1
-            done = self.images_left[position] == 0
-        if release:
-            self.outputs.release(index)
-        if done:
-            self.finish(position)
-
-    def finish(self, position: int) -> None:
-        item, error = self.batch[position], self.errors[position]
-        try:
-            if error is not None:
-                raise error
-            info = {
-                "size": len(self.batch),
-                "position": position,
-                "number": self.number,
-                "activation_bytes": self.outputs.nbytes,
-                "host_peak_bytes": self.outputs.peak_bytes,
-            }
-            loaded = item.payload.loaded
-            item.future.set_result(self.renders[position].finish(loaded, self.refs, info))
-        except BaseException as exc:  # noqa: BLE001
-            if not item.future.done():
-                item.future.set_exception(exc)
-        finally:
-            with self.lock:
-                self.unfinished -= 1
-                last = self.unfinished == 0
-            if last:
-                HOST_PEAK_BYTES.observe(self.outputs.peak_bytes)
-                self.slots.release()
+    return copy
 
 
 def wait_result(future: Future) -> Any:

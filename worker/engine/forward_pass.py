@@ -1,0 +1,145 @@
+"""One forward pass over images of one group, rendered layer by layer: the one pipeline.
+
+`analyze` (images in process) and the micro-batcher (jobs of a worker) both
+run their images through `ForwardPass`: preprocessed images of one model,
+layer set and shape go through one forward pass, then every (layer, image)
+is rendered and measured, layer-major, so a layer's float32 host copy is
+dropped as soon as every image has taken it. In process the render tasks
+run inline (a pass of the caller's own); the batcher hands them to its
+render threads.
+
+Each image's result arrives on its own Future: its Artifacts, or the first
+error of its own rendering, which fails that image only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from producer.contract import JobOptions
+from producer.settings import Settings
+from worker.engine.artifacts import ImageRender
+from worker.engine.extract import Extractor, LayerOutputs
+from worker.engine.loading import LoadedModel
+from worker.engine.preprocess import PreparedImage
+
+Submit = Callable[..., Any]
+
+
+def run_inline(fn: Callable[..., Any], *args: Any) -> None:
+    fn(*args)
+
+
+@dataclass
+class PassImage:
+    """One image of a pass: its pixels, its job's options and its stage timings (ms)."""
+
+    image: PreparedImage
+    options: JobOptions
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ForwardPass:
+    """Forward `images` through `extractor`, then render each (layer, image) via `submit`.
+
+    `number` (the worker's pass counter) goes into each manifest's `batch`
+    when given; `on_finished` runs once every image has its result.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        extractor: Extractor,
+        images: list[PassImage],
+        settings: Settings,
+        number: int | None = None,
+        on_finished: Callable[[ForwardPass], None] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.extractor = extractor
+        self.images = images
+        self.settings = settings
+        self.number = number
+        self.on_finished = on_finished
+        self.futures: list[Future] = [Future() for _ in images]
+        self.outputs: LayerOutputs | None = None
+        self._lock = threading.Lock()
+
+    def run(self, submit: Submit = run_inline) -> list[Future]:
+        """The forward pass here; renders through `submit(fn, *args)`. Returns the futures.
+
+        A forward-pass error propagates to the caller (it concerns every image).
+        """
+        pixels = np.stack([item.image.pixels for item in self.images])
+        started = time.perf_counter()
+        self.outputs = outputs = self.extractor.forward(pixels)
+        forward_ms = (time.perf_counter() - started) * 1000.0
+        del pixels
+        self.renders = []
+        for item in self.images:
+            item.timings["forward"] = forward_ms
+            self.renders.append(ImageRender(item.image, item.options, self.settings, item.timings))
+        count = len(self.images)
+        self._layers_left = [count] * len(outputs)  # images still to take each layer
+        self._images_left = [len(outputs)] * count  # layers still to render per image
+        self._errors: list[BaseException | None] = [None] * count
+        self._unfinished = count
+        if not len(outputs):  # no layer to render: the images are done already
+            for position in range(count):
+                self._finish(position)
+            return self.futures
+        # Layer-major: layer 0 of every image first, so each layer's host copy is dropped
+        # early instead of every layer living to the pass's end.
+        for index in range(len(outputs)):
+            for position in range(count):
+                submit(self._layer, index, position)
+        return self.futures
+
+    def _layer(self, index: int, position: int) -> None:
+        """Render layer `index` of image `position`; finish the image after its last layer."""
+        assert self.outputs is not None
+        try:
+            if self._errors[position] is None:
+                act = self.outputs.host(index)[position]
+                self.renders[position].add_layer(index, self.extractor.refs[index], act)
+        except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
+            self._errors[position] = self._errors[position] or exc
+        with self._lock:
+            self._layers_left[index] -= 1
+            release = self._layers_left[index] == 0
+            self._images_left[position] -= 1
+            done = self._images_left[position] == 0
+        if release:
+            self.outputs.release(index)
+        if done:
+            self._finish(position)
+
+    def _finish(self, position: int) -> None:
+        assert self.outputs is not None
+        future, error = self.futures[position], self._errors[position]
+        try:
+            if error is not None:
+                raise error
+            info = {"size": len(self.images), "position": position}
+            if self.number is not None:
+                info["number"] = self.number
+            info["activation_bytes"] = self.outputs.nbytes
+            info["host_peak_bytes"] = self.outputs.peak_bytes
+            artifacts = self.renders[position].finish(self.loaded, self.extractor.refs, info)
+            future.set_result(artifacts)
+        except BaseException as exc:  # noqa: BLE001
+            if not future.done():
+                future.set_exception(exc)
+        finally:
+            with self._lock:
+                self._unfinished -= 1
+                last = self._unfinished == 0
+            if last and self.on_finished is not None:
+                self.on_finished(self)
