@@ -14,23 +14,25 @@ from collections import defaultdict
 import numpy as np
 
 from producer.contract import JobOptions
-from producer.errors import ActivationsTooLarge, ActvizError, InvalidJob
+from producer.errors import ActivationsTooLarge, ActvizError
 from producer.settings import Settings
 from worker.engine.artifacts import Artifacts
 from worker.engine.extract import Extractor
 from worker.engine.forward_pass import ForwardPass, PassImage
 from worker.engine.loading import LoadedModel
 from worker.engine.preprocess import PreparedImage, check_scale, preprocess
-from worker.engine.render import check_normalize, colormap_lut
+from worker.engine.render import colormap_lut
 
 
 def check_options(options: JobOptions, channels: int) -> None:
-    """Raise InvalidJob for options no image could satisfy."""
+    """Raise InvalidJob for options no image could satisfy.
+
+    The contract's checks (`JobOptions.validate`, the ones `submit` ran), then
+    what needs the model or the worker: mean/std against the model's channels,
+    and a colormap name matplotlib knows.
+    """
     check_scale(options, channels)
-    check_normalize(options.normalize, options.percentile)
     colormap_lut(options.colormap)
-    if options.top_k < 0:
-        raise InvalidJob(f"top_k must be >= 0, got {options.top_k}")
 
 
 def prepare_image(

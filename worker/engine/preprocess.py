@@ -31,7 +31,7 @@ from PIL import (
     WebPImagePlugin,
 )
 
-from producer.contract import SCALES, JobOptions
+from producer.contract import JobOptions
 from producer.errors import ImageTooLarge, InvalidImage, InvalidJob
 from producer.settings import Settings
 
@@ -206,17 +206,21 @@ def target_size(
 
 
 def check_scale(options: JobOptions, channels: int) -> None:
-    """Raise InvalidJob unless options.scale (and mean/std for meanstd) are usable."""
-    if options.scale not in SCALES:
-        raise InvalidJob(f"unknown scale '{options.scale}'; use one of {', '.join(SCALES)}")
+    """Raise InvalidJob unless `options` are valid and their mean/std fit `channels`.
+
+    The options' own checks are the contract's (`JobOptions.validate`); only
+    what depends on the model is checked here.
+    """
+    try:
+        options.validate()
+    except ValueError as exc:
+        raise InvalidJob(str(exc)) from None
     if options.scale != "meanstd":
         return
     for name in ("mean", "std"):
         values = getattr(options, name)
         if not values or len(values) not in (1, channels):
             raise InvalidJob(f"scale 'meanstd' needs options.{name} with 1 or {channels} values")
-    if any(float(s) <= 0 for s in options.std or ()):
-        raise InvalidJob("options.std values must be positive")
 
 
 def scale_pixels(display: np.ndarray, options: JobOptions) -> np.ndarray:

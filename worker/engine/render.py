@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from producer.contract import NORMALIZATIONS
 from producer.errors import InvalidJob
 
 LEVELS = 255  # colour levels; palette index 255 is the separator
@@ -86,14 +85,6 @@ def colormap_lut(name: str) -> np.ndarray:
     lut[SEPARATOR] = SEPARATOR_RGB
     lut.setflags(write=False)
     return lut
-
-
-def check_normalize(mode: str, percentile: float) -> None:
-    """Raise InvalidJob for an unknown normalization mode or percentile."""
-    if mode not in NORMALIZATIONS:
-        raise InvalidJob(f"unknown normalize '{mode}'; use one of {', '.join(NORMALIZATIONS)}")
-    if mode == "percentile" and not 50.0 < float(percentile) <= 100.0:
-        raise InvalidJob(f"percentile must be in (50, 100], got {percentile}")
 
 
 def normalize_maps(
