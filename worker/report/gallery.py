@@ -9,11 +9,10 @@ sit next to it, like the per-job report it links.
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 from producer.contract import ERROR_FILE, INPUT_FILE, REPORT_FILE, batch_key, job_prefix
-from worker.report.job import format_shape, grid_data, page_html, safe_href
+from worker.report.page import format_shape, grid_data, render_page, safe_href
 
 
 def render_gallery(batch_id: str, jobs: list[tuple[str, dict[str, Any] | None]]) -> bytes:
@@ -25,29 +24,54 @@ def render_gallery(batch_id: str, jobs: list[tuple[str, dict[str, Any] | None]])
     batch_key(batch_id)  # validates the id
     prefixes = ["../../" + job_prefix(job_id) for job_id, _ in jobs]
     names = _layer_names([manifest for _, manifest in jobs])
-    rows: list[list[dict[str, Any] | None]] = []
-    for name in names:
-        row = []
+    data_rows: list[list[dict[str, Any] | None]] = []
+    rows = []
+    for position, name in enumerate(names):
+        items = []
         for (job_id, manifest), prefix in zip(jobs, prefixes, strict=True):
             layer = _find_layer(manifest, name)
             item = grid_data(layer, prefix) if layer else None
             if item:
                 item["label"] = _label(job_id, manifest)
-            row.append(item)
-        rows.append(row)
-    body = [
-        f"<header><h1>batch {html.escape(batch_id)}</h1>"
-        f'<p class="job">{len(jobs)} images · {len(names)} layers · click a tile to '
-        "compare that channel across every image</p></header>",
-        '<section class="gallerywrap"><table class="gallery">',
-        _input_row(jobs, prefixes),
-        *(
-            _layer_row(position, name, row, jobs)
-            for position, (name, row) in enumerate(zip(names, rows, strict=True))
-        ),
-        "</table></section>",
-    ]
-    return page_html(f"actviz · batch {batch_id}", "\n".join(body), {"rows": rows})
+            items.append(item)
+        data_rows.append(items)
+        first = next((layer for _, m in jobs if (layer := _find_layer(m, name))), {})
+        rows.append(
+            {
+                "position": position,
+                "name": name,
+                "class_name": str(first.get("class_name", "")),
+                "shape": format_shape(first.get("output_shape")),
+                "cells": [
+                    {"src": item["grid"], "label": item["label"]} if item and item["grid"] else None
+                    for item in items
+                ],
+            }
+        )
+    return render_page(
+        "gallery.html.j2",
+        f"actviz · batch {batch_id}",
+        {"rows": data_rows},
+        batch_id=batch_id,
+        columns=[
+            _column(job_id, manifest, prefix)
+            for (job_id, manifest), prefix in zip(jobs, prefixes, strict=True)
+        ],
+        rows=rows,
+    )
+
+
+def _column(job_id: str, manifest: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
+    """The head of one job's column: its input and report, or its error."""
+    label = _label(job_id, manifest)
+    if manifest and manifest.get("layers") is not None:
+        return {
+            "failed": False,
+            "label": label,
+            "image": safe_href(manifest.get("input") or INPUT_FILE, prefix),
+            "report": prefix + REPORT_FILE,
+        }
+    return {"failed": True, "label": label, "error": prefix + ERROR_FILE}
 
 
 def _layer_names(manifests: list[dict[str, Any] | None]) -> list[str]:
@@ -68,52 +92,3 @@ def _find_layer(manifest: dict[str, Any] | None, name: str) -> dict[str, Any] | 
 def _label(job_id: str, manifest: dict[str, Any] | None) -> str:
     uri = str(((manifest or {}).get("image") or {}).get("uri") or "")
     return uri.rstrip("/").rsplit("/", 1)[-1] or job_id
-
-
-def _input_row(jobs: list[tuple[str, dict[str, Any] | None]], prefixes: list[str]) -> str:
-    cells = ['<th scope="col">layer</th>']
-    for (job_id, manifest), prefix in zip(jobs, prefixes, strict=True):
-        label = html.escape(_label(job_id, manifest))
-        if manifest and manifest.get("layers") is not None:
-            image = safe_href(manifest.get("input") or INPUT_FILE, prefix)
-            report = html.escape(prefix + REPORT_FILE, quote=True)
-            cells.append(
-                f'<th scope="col"><figure class="input"><a href="{report}">'
-                f'<img src="{image}" alt="input {label}"></a>'
-                f'<figcaption><a href="{report}">{label}</a></figcaption></figure></th>'
-            )
-        else:
-            error = html.escape(prefix + ERROR_FILE, quote=True)
-            cells.append(
-                f'<th scope="col" class="failed">{label}<br>'
-                f'<a href="{error}">failed: see error.json</a></th>'
-            )
-    return f"<tr>{''.join(cells)}</tr>"
-
-
-def _layer_row(
-    position: int,
-    name: str,
-    row: list[dict[str, Any] | None],
-    jobs: list[tuple[str, dict[str, Any] | None]],
-) -> str:
-    first = next(
-        (_find_layer(manifest, name) for _, manifest in jobs if _find_layer(manifest, name)), {}
-    )
-    head = (
-        f'<th scope="row" class="lname">{html.escape(name)}<br>'
-        f'<span class="cls">{html.escape(str(first.get("class_name", "")))}</span><br>'
-        f'<span class="shape">{format_shape(first.get("output_shape"))}</span></th>'
-    )
-    cells = []
-    for column, item in enumerate(row):
-        if item and item["grid"]:
-            alt = html.escape(f"{name} of {item['label']}", quote=True)
-            src = html.escape(item["grid"], quote=True)
-            cells.append(
-                f'<td><img class="grid" data-layer="{position}" data-item="{column}" '
-                f'src="{src}" alt="{alt}" title="click a tile to compare"></td>'
-            )
-        else:
-            cells.append('<td class="note">–</td>')
-    return f"<tr>{head}{''.join(cells)}</tr>"

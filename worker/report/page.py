@@ -1,0 +1,140 @@
+"""What the job page and the batch gallery share: templates, styles, script, small formats.
+
+Pages are Jinja2 templates (worker/report/templates/) rendered with
+autoescape on: every value the model or the manifest supplies (layer names
+are chosen by whoever built the model) is escaped by the template engine,
+never by hand. The CSS and the script (worker/report/static/) are inlined, so
+a page is one file. Keys are linked only when they are plain relative paths
+(`safe_href`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+STAT_COLUMNS = ("mean", "std", "min", "max", "sparsity")
+
+
+@cache
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("worker.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+@cache
+def _static(name: str) -> Markup:
+    # Our own files, not data: safe to put in the page as they are.
+    return Markup(resources.files("worker.report").joinpath("static", name).read_text())
+
+
+def render_page(template: str, title: str, data: dict[str, Any], **context: Any) -> bytes:
+    """A whole page, UTF-8: `template` with `context`, `data` for the page script."""
+    # JSON inside <script> must not contain '</script>' or '<!--'.
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    page = (
+        environment()
+        .get_template(template)
+        .render(
+            title=title,
+            css=_static("report.css"),
+            script=_static("report.js"),
+            data_json=Markup(payload),
+            **context,
+        )
+    )
+    return page.encode()
+
+
+def safe_href(key: Any, prefix: str = "") -> str | None:
+    """A relative key such as 'layers/03-conv.png' as an href (unescaped), or None.
+
+    Only plain relative keys pass: no scheme, no leading '/', no '..', no
+    quotes or spaces; `prefix` (e.g. '../../jobs/<id>/') is trusted.
+    """
+    if not isinstance(key, str) or not _SAFE_KEY.match(key) or ".." in key.split("/"):
+        return None
+    return prefix + key
+
+
+def grid_data(layer: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """What the page script needs about one layer: name, grid href + geometry, stats."""
+    grid = layer.get("grid") or None
+    href = safe_href(grid.get("png"), prefix) if grid else None
+    stats = layer.get("stats") or {}
+    return {
+        "name": str(layer.get("name", "")),
+        "grid": href,
+        "geometry": geometry(grid) if href else None,
+        "stats": {key: [_round(v) for v in stats.get(key) or []] for key in STAT_COLUMNS},
+        "dead": stats.get("dead") or [],
+    }
+
+
+def _round(value: Any) -> Any:
+    # Five significant digits keep the embedded stats small; the manifest has them all.
+    return float(f"{value:.5g}") if isinstance(value, float) else value
+
+
+def format_number(value: Any) -> str:
+    """A stat as short text: 4 significant digits, '–' for missing."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def format_shape(shape: Any) -> str:
+    """[None, 74, 74, 32] -> '(None, 74, 74, 32)'."""
+    if isinstance(shape, (list, tuple)):
+        return "(" + ", ".join(str(d) for d in shape) + ")"
+    return str(shape)
+
+
+def tile_style(grid: dict[str, Any], channel: int, long_side: int) -> str:
+    """Inline CSS that sizes and positions a sprite of one channel's tile.
+
+    The grid is scaled so the tile's long side is `long_side` CSS pixels and
+    positioned so only that tile shows; the page script sets the grid image
+    itself (from the layer's <img>, so an embedded grid is not repeated).
+    """
+    tile_h, tile_w = int(grid["tile_h"]), int(grid["tile_w"])
+    step_h, step_w = tile_h + int(grid["separator"]), tile_w + int(grid["separator"])
+    row, col = divmod(channel, int(grid["cols"]))
+    scale = long_side / max(tile_h, tile_w)
+    return (
+        f"width:{tile_w * scale:.1f}px;height:{tile_h * scale:.1f}px;"
+        f"background-size:{int(grid['width']) * scale:.1f}px {int(grid['height']) * scale:.1f}px;"
+        f"background-position:-{col * step_w * scale:.1f}px -{row * step_h * scale:.1f}px"
+    )
+
+
+def geometry(grid: dict[str, Any] | None) -> dict[str, int] | None:
+    """The grid geometry as ints, or None when the manifest lacks it."""
+    keys = ("rows", "cols", "tile_h", "tile_w", "channels")
+    if not grid or any(not isinstance(grid.get(k), int) for k in keys):
+        return None
+    shape = {k: int(grid[k]) for k in keys}
+    shape["separator"] = int(grid.get("separator") or 0)
+    shape["downsample"] = int(grid.get("downsample") or 1)
+    shape["width"] = int(
+        grid.get("width")
+        or shape["cols"] * shape["tile_w"] + (shape["cols"] - 1) * shape["separator"]
+    )
+    shape["height"] = int(
+        grid.get("height")
+        or shape["rows"] * shape["tile_h"] + (shape["rows"] - 1) * shape["separator"]
+    )
+    return shape
