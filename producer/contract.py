@@ -62,8 +62,18 @@ class JobStatus(StrEnum):
 QUEUED, STARTED, SUCCEEDED, FAILED = JobStatus
 FINAL_STATES = (SUCCEEDED, FAILED)
 
-# Stages a started job reports, in order.
-STAGES = ("download_model", "load", "preprocess", "forward", "render", "upload")
+
+class Progress(StrEnum):
+    """The stages a started job reports (`Job.state().stage`), in order."""
+
+    LOADING_MODEL = "loading model"
+    FORWARD = "forward"
+    RENDERING = "rendering"
+    UPLOADING = "uploading"
+
+
+# Stages each job times (manifest["timings_ms"], actviz_stage_seconds{stage}).
+TIMED_STAGES = ("download_model", "load", "preprocess", "forward", "render", "report", "upload")
 
 
 class ErrorCode(StrEnum):

@@ -28,10 +28,6 @@ def set_ready(ready: bool) -> None:
         _ready.clear()
 
 
-def is_ready() -> bool:
-    return _ready.is_set()
-
-
 class _Handler(BaseHTTPRequestHandler):
     server_version = "actviz"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Task
 
-from producer.contract import JobSpec
+from producer.contract import JobSpec, Progress
 from worker.jobs.steps import Output, fetch_image, redelivered, report_stage
 from worker.metrics import STAGE_SECONDS
 from worker.report import render_report
@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     """The job's Output. Raises the engine's ActvizError or a transient error."""
-    report_stage(task, "loading model")
+    report_stage(task, Progress.LOADING_MODEL)
     if runtime.quarantine is not None and redelivered(task, spec.job_id):
         # Its worker died holding it: run it in a process of its own, so that a job
         # that kills its process fails alone and takes no other job with it.
         image = fetch_image(spec, runtime)
-        report_stage(task, "forward")
+        report_stage(task, Progress.FORWARD)
         log.warning("a worker died holding this job before; it runs in the quarantine process")
         outcome, cache_event, timings = runtime.quarantine.run(spec.model, image, spec.options)
     else:
@@ -41,7 +41,7 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
         except BaseException:
             runtime.drop_image()
             raise
-        report_stage(task, "forward")
+        report_stage(task, Progress.FORWARD)
         outcome = runtime.analyze(loaded, image, spec.options)
     manifest = dict(outcome.manifest)
     files = dict(outcome.files)
@@ -52,7 +52,7 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     for stage, ms in timings.items():
         stage_ms[stage] = round(ms, 3)
 
-    report_stage(task, "rendering")
+    report_stage(task, Progress.RENDERING)
     started = time.perf_counter()
     files.update(report_files(manifest, files, runtime))
     report_s = time.perf_counter() - started

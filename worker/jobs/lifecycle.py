@@ -27,7 +27,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from producer import contract
-from producer.contract import JobKind, JobSpec
+from producer.contract import JobKind, JobSpec, Progress
 from producer.errors import (
     ActvizError,
     Internal,
@@ -128,7 +128,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     manifest, store = output.manifest, runtime.store
     fill_manifest(manifest, spec, output.cache_event)
 
-    report_stage(task, "uploading")
+    report_stage(task, Progress.UPLOADING)
     started = time.perf_counter()
     prefix = contract.job_prefix(spec.job_id)
     objects = [(prefix + name, data) for name, data in output.files.items()]

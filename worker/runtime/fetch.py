@@ -39,7 +39,6 @@ class ModelFile:
     uri: str
     path: Path
     version: str
-    downloaded: bool = False
     # Decided on the canonical URI: the model may hold Lambda layers (code).
     trusted: bool = False
 
@@ -168,7 +167,7 @@ def _download(
     except ObjectNotFound:
         raise ModelNotFound(f"model {uri} does not exist") from None
     _write_atomic(etag_file, version)
-    return ModelFile(uri, path, version, downloaded=True, trusted=trusted)
+    return ModelFile(uri, path, version, trusted=trusted)
 
 
 def _write_atomic(path: Path, text: str) -> None:
