@@ -66,3 +66,26 @@ def test_charts_kept_per_process_are_bounded() -> None:
     for n in range(depth_chart.CACHED_CHARTS + 5):
         render_depth_chart(layers([0.5], [1.0], prefix=f"bounded{n}"))
     assert len(depth_chart._charts) == depth_chart.CACHED_CHARTS
+
+
+def test_each_layers_points_are_drawn_at_its_manifest_values() -> None:
+    """The PNG holds each layer's sparsity and mean markers where its summary puts them."""
+    from matplotlib.colors import to_rgb
+
+    sparsity, means = [0.1, 0.9, 0.3, 0.7, 0.5], [5.0, 1.0, 3.0, 0.5, 4.0]
+    png = pixels(render_depth_chart(layers(sparsity, means, prefix="points")))
+    chart = next(c for key, c in depth_chart._charts.items() if key[:1] == ("points_0",))
+    height = png.shape[0]
+    series = (
+        (chart.sparsity.axes, sparsity, depth_chart.SPARSITY_COLOR),
+        (chart.right, means, depth_chart.MEAN_COLOR),
+    )
+    for axes, values, color in series:
+        expected = np.array(to_rgb(color)) * 255
+        for position, value in enumerate(values):
+            x, y = axes.transData.transform((position, value))
+            row, col = int(round(height - y)), int(round(x))
+            patch = png[row - 1 : row + 2, col - 1 : col + 2].reshape(-1, 3)
+            # The marker's centre carries the line's colour (the palette rounds it a little).
+            assert np.abs(patch - expected).max(axis=1).min() < 40, (color, position, value)
+    depth_chart._charts.clear()

@@ -127,18 +127,29 @@ def test_result_reads_from_storage_alone_after_redis_is_flushed(
     assert (out / "index.html").is_file() and (out / "layers" / "00-conv2d_1.png").is_file()
 
 
-def test_same_image_twice_is_uploaded_once(
-    client: Client, s3, bucket: str, png_bytes: bytes, tmp_path: Path
-) -> None:
+def test_same_image_twice_is_uploaded_once(client: Client, s3, bucket: str, tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    # Content no earlier test stored: the first upload must PUT it, the second must not.
+    pixels = np.random.default_rng(time.time_ns() % 2**32).integers(0, 255, (20, 24, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype("uint8")).save(buf, format="PNG")
     path = tmp_path / "photo.png"
-    path.write_bytes(png_bytes + b"")
+    path.write_bytes(buf.getvalue())
+    puts: list[str] = []
+    client.store.client.meta.events.register(
+        "before-parameter-build.s3.PutObject", lambda params, **_: puts.append(params["Key"])
+    )
     before = keys_of(s3, bucket, "results/inputs/")
     first = client.upload_image(path)
-    second = client.upload_image(png_bytes)
+    second = client.upload_image(buf.getvalue())
     after = keys_of(s3, bucket, "results/inputs/")
     assert first == second and first.endswith(".png")
-    assert len(set(after) - set(before)) <= 1
-    assert sum(1 for k in after if first.endswith(k)) == 1
+    assert len(puts) == 1 and first.endswith(puts[0])
+    assert set(after) - set(before) == {puts[0]}
 
 
 def test_second_job_of_a_model_uses_the_warm_model(
@@ -230,10 +241,12 @@ def test_pickle_message_is_refused_and_logged(worker, redis_url: str, s3, bucket
             headers={"task": TASK_NAME, "id": job_id},
         )
     worker.wait_for_log("pickle", timeout=30)
-    log = worker.log_text()
-    assert "Refusing to deserialize" in log or "untrusted content" in log
+    assert (
+        "Refusing to deserialize" in worker.log_text() or "untrusted content" in worker.log_text()
+    )
     time.sleep(1)
-    assert f"actviz.extract[{job_id}] received" not in log  # never handed to the task
+    # Read again: a task that had received it would have logged by now.
+    assert f"actviz.extract[{job_id}] received" not in worker.log_text()
     assert not keys_of(s3, bucket, f"results/jobs/{job_id}/")
 
 
