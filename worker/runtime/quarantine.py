@@ -54,18 +54,13 @@ class Quarantine:
             self._start()
             try:
                 self._conn.send((model_uri, image, options))
-                reply = self._wait()
+                status, value = self._wait()
             except BaseException:
-                # A time limit or a shutdown interrupted the wait: the helper may be mid-job.
+                # The helper died, or a time limit or a shutdown interrupted the wait:
+                # the helper may be mid-job.
                 self._stop()
                 raise
-        if reply is None:
-            raise WorkerLost(
-                "the job ended the process it ran in, alone, after its worker had died "
-                f"with it ({self._ending}); it needs more memory or time than a worker has, "
-                "or its model crashes on this input"
-            )
-        status, value = reply
+
         if status == "ok":
             return value
         if status == "transient":
@@ -89,8 +84,8 @@ class Quarantine:
         self._process, self._conn = process, parent
         log.info("started a quarantine process (pid %d) for redelivered jobs", process.pid)
 
-    def _wait(self) -> tuple[str, Any] | None:
-        """The helper's reply, or None when it died first."""
+    def _wait(self) -> tuple[str, Any]:
+        """The helper's reply; raises WorkerLost (worker_lost) when it died first."""
         while not self._conn.poll(POLL_S):
             if not self._process.is_alive():
                 break
@@ -100,10 +95,13 @@ class Quarantine:
         except (EOFError, OSError):
             pass
         self._process.join(5)
-        self._ending = _describe_exit(self._process.exitcode)
-        log.warning("the quarantine process ended (%s) while running a job", self._ending)
-        self._stop()
-        return None
+        ending = _describe_exit(self._process.exitcode)
+        log.warning("the quarantine process ended (%s) while running a job", ending)
+        raise WorkerLost(
+            "the job ended the process it ran in, alone, after its worker had died "
+            f"with it ({ending}); it needs more memory or time than a worker has, "
+            "or its model crashes on this input"
+        )
 
     def _stop(self) -> None:
         if self._process is not None:
@@ -112,8 +110,6 @@ class Quarantine:
             self._process.join(5)
             self._conn.close()
         self._process = self._conn = None
-
-    _ending = "unknown"
 
 
 def _describe_exit(code: int | None) -> str:
