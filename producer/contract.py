@@ -211,6 +211,11 @@ _PATTERN_MEMORY = 1 << 20
 PATTERN_PREFIX = "re:"
 
 
+def has_control_chars(text: str) -> bool:
+    """Whether `text` holds an ASCII control character (newline, NUL, DEL, ...)."""
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
 def layer_tokens(spec: str | list[str] | None) -> list[str]:
     """The tokens of a layer spec: 'a, 3, :8' or ['a', '3'] -> ['a', '3', ':8'].
 
@@ -233,7 +238,7 @@ def layer_tokens(spec: str | list[str] | None) -> list[str]:
     if len(tokens) > MAX_LAYER_TOKENS:
         raise ValueError(f"layers has {len(tokens)} entries, above {MAX_LAYER_TOKENS}")
     for token in tokens:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
+        if has_control_chars(token):
             raise ValueError(f"layer token {token!r} contains control characters")
         if token.startswith(PATTERN_PREFIX):
             compile_layer_pattern(token[len(PATTERN_PREFIX) :])
@@ -377,7 +382,7 @@ class JobSpec:
                 raise ValueError(
                     f"{name} must be a URI string of at most {MAX_URI_CHARS} characters"
                 )
-            if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            if has_control_chars(value):
                 raise ValueError(f"{name} URI contains control characters")
         check_kind(self.kind)
         if not isinstance(self.options, JobOptions):

@@ -147,26 +147,35 @@ def _parse(type_name: Any, raw: str) -> Any:
 _AUTHORITY = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/?#]*)", re.IGNORECASE | re.DOTALL)
 
 
+def _userinfo(url: str) -> tuple[str, str, str, str] | None:
+    """(scheme://, userinfo, host, rest) of a URL with credentials, else None."""
+    match = _AUTHORITY.match(url)
+    if match is None or "@" not in match.group(2):
+        return None
+    userinfo, _, host = match.group(2).rpartition("@")
+    return match.group(1), userinfo, host, url[match.end() :]
+
+
 def redact_url(url: str) -> str:
     """'redis://:secret@host:6379/0' -> 'redis://***@host:6379/0'.
 
     Everything before the authority's last '@' is removed, whatever it holds.
     """
-    match = _AUTHORITY.match(url)
-    if match is None or "@" not in match.group(2):
+    parts = _userinfo(url)
+    if parts is None:
         return url
-    host = match.group(2).rpartition("@")[2]
-    return f"{match.group(1)}***@{host}{url[match.end() :]}"
+    scheme, _, host, rest = parts
+    return f"{scheme}***@{host}{rest}"
 
 
 def url_secrets(*urls: str | None) -> set[str]:
     """The passwords in `urls`, as written and percent-decoded, for masking in logs."""
     found = set()
     for url in filter(None, urls):
-        match = _AUTHORITY.match(url)
-        if match is None or "@" not in match.group(2):
+        parts = _userinfo(url)
+        if parts is None:
             continue
-        userinfo = match.group(2).rpartition("@")[0]
+        userinfo = parts[1]
         password = userinfo.partition(":")[2] or userinfo
         found.update({password, unquote(password)})
     return {secret for secret in found if len(secret) >= MIN_MASKED_SECRET}

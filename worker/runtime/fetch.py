@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from producer.contract import has_control_chars
 from producer.errors import ImageTooLarge, InputNotFound, ModelNotAllowed, ModelNotFound
 from producer.settings import Settings, redact_url
 from producer.storage import (
@@ -90,7 +91,7 @@ def canonical_model_uri(uri: str) -> str:
         decoded = unquote(decoded)
         if ".." in decoded.split("/") or "\\" in decoded:
             raise ModelNotAllowed(f"model URI {redact_url(uri)!r} contains '..' or a backslash")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in decoded):
+        if has_control_chars(decoded):
             raise ModelNotAllowed("model URI contains control characters")
     if is_file_uri(uri):
         return local_path(uri).resolve().as_uri()
@@ -126,9 +127,8 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
     if uri == BUILTIN_DEMO:
         from worker.demo import model_path
 
-        path = Path(model_path())
-        return ModelFile(uri, path, _file_version(path), trusted=trusted)
-    if uri.startswith("builtin:"):
+        canonical = Path(model_path()).resolve().as_uri()  # then read like any local file
+    elif uri.startswith("builtin:"):
         raise ModelNotFound(f"no builtin model {uri!r}; the builtin one is {BUILTIN_DEMO}")
     try:
         # A local file by its resolved path: a symlink cannot be swapped in after the checks.
@@ -145,11 +145,6 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
     if path is not None:
         return ModelFile(uri, path, version, trusted=trusted)
     return _download(uri, store, key, version, Path(settings.model_cache_dir), trusted)
-
-
-def _file_version(path: Path) -> str:
-    stat = path.stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def _download(
