@@ -50,7 +50,8 @@ class ForwardPass:
     """Forward `images` through `extractor`, then render each (layer, image) via `submit`.
 
     `number` (the worker's pass counter) goes into each manifest's `batch`
-    when given; `on_finished` runs once every image has its result.
+    when given; `on_finished` runs once every image has its result; `futures`,
+    one per image, receive the results when given.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ForwardPass:
         settings: Settings,
         number: int | None = None,
         on_finished: Callable[[ForwardPass], None] | None = None,
+        futures: list[Future] | None = None,
     ) -> None:
         self.loaded = loaded
         self.extractor = extractor
@@ -68,7 +70,9 @@ class ForwardPass:
         self.settings = settings
         self.number = number
         self.on_finished = on_finished
-        self.futures: list[Future] = [Future() for _ in images]
+        # Where each image's result goes: the caller's futures (a job thread waits on
+        # its own), or new ones.
+        self.futures: list[Future] = futures or [Future() for _ in images]
         self.outputs: LayerOutputs | None = None
         self._lock = threading.Lock()
 

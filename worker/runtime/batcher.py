@@ -245,6 +245,7 @@ class Batcher:
             self.settings,
             number=next(self._batches),
             on_finished=self._pass_finished,
+            futures=[item.future for item in batch],
         )
         # Render tasks run on the pool in a copy of their job's context (its job id for
         # log lines); a context is entered by one thread at a time.
@@ -253,9 +254,6 @@ class Batcher:
         def submit(fn: Any, index: int, position: int) -> None:
             self._render.submit(contexts[position].copy().run, fn, index, position)
 
-        # Each job's thread waits on its own future; a pass's futures are forward's.
-        for item, future in zip(batch, forward.futures, strict=True):
-            future.add_done_callback(_relay(item.future))
         forward.run(submit)
         outputs = forward.outputs
         BATCH_IMAGES.observe(len(batch))
@@ -271,21 +269,6 @@ class Batcher:
         """Every image of a pass has its result: free its pipeline slot."""
         HOST_PEAK_BYTES.observe(forward.outputs.peak_bytes)
         self._slots.release()
-
-
-def _relay(target: Future) -> Any:
-    """Copy a finished future's outcome onto `target` (a job thread's future)."""
-
-    def copy(source: Future) -> None:
-        if target.done():
-            return
-        error = source.exception()
-        if error is not None:
-            target.set_exception(error)
-        else:
-            target.set_result(source.result())
-
-    return copy
 
 
 def wait_result(future: Future) -> Any:
