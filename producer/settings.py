@@ -58,8 +58,9 @@ class Settings:
     preload: tuple[str, ...] = ()
     concurrency: int = 1
     # Worker processes sharing each device: more than one when the host side of a job
-    # (grids, stats, report, uploads) keeps one process from filling its accelerator.
-    processes_per_device: int = 1
+    # (encoding, report, uploads) keeps one process from filling its accelerator.
+    # 0: as many as the host's cores per GPU can feed (worker/main.py), 1 without a GPU.
+    processes_per_device: int = 0
     soft_time_limit: int = 300
     time_limit: int = 360
     result_expires: int = 7 * 24 * 3600

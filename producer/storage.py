@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -90,21 +90,38 @@ def source_for(uri: str, s3: object | None = None) -> tuple[Store, str]:
     raise ValueError(f"unsupported URI {uri!r}: use s3:// or file://")
 
 
-def put_many(store: Store, objects: Iterable[tuple[str, bytes]], workers: int = 8) -> None:
-    """Upload objects concurrently; raises the first failure after all finish."""
+def put_many(
+    store: Store,
+    objects: Iterable[tuple[str, bytes]],
+    workers: int = 8,
+    pool: Executor | None = None,
+) -> None:
+    """Upload objects concurrently; raises the first failure after all finish.
+
+    `pool`: a long-lived executor to run the uploads on (a worker keeps one
+    for all its jobs); without one, a pool of `workers` threads is made for
+    this call.
+    """
     items = list(objects)
-    if len(items) <= 1 or workers <= 1:
+    if len(items) <= 1 or (workers <= 1 and pool is None):
         for key, data in items:
             store.put(key, data)
         return
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        # Uploads run in copies of the caller's context: context variables such as
-        # the job id that log lines carry follow them into the pool threads.
-        futures = [
-            pool.submit(contextvars.copy_context().run, store.put, key, data) for key, data in items
-        ]
-        for fut in futures:
-            fut.result()
+    if pool is not None:
+        _put_all(pool, store, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as own:
+        _put_all(own, store, items)
+
+
+def _put_all(pool: Executor, store: Store, items: list[tuple[str, bytes]]) -> None:
+    # Uploads run in copies of the caller's context: context variables such as
+    # the job id that log lines carry follow them into the pool threads.
+    futures = [
+        pool.submit(contextvars.copy_context().run, store.put, key, data) for key, data in items
+    ]
+    for fut in futures:
+        fut.result()
 
 
 class FileStore:

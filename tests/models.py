@@ -224,23 +224,33 @@ def save_tf_module_savedmodel(out: Path) -> Path:
 # ---- models whose Lambda layer runs code: what only a trusted source may load ----
 
 # Kills its own process (as a crashing forward pass would) when a batch holds an
-# all-white image; symbolic tensors (loading, tracing) pass through. Concrete tensors
-# are TensorFlow's EagerTensor or JAX's ArrayImpl.
+# all-white image. The worker runs the forward pass compiled (tf.function, jax.jit),
+# where a Lambda's Python sees no values: the check runs on the host through the
+# backend's callback (tf.numpy_function, jax.debug.callback), once per batch.
+# Building and loading call the Lambda on KerasTensors, which pass through.
+_KILL_IF_WHITE = (
+    "lambda a: (__import__('os').kill(__import__('os').getpid(), 9) "
+    "if (__import__('numpy').asarray(a).reshape(a.shape[0], -1).min(axis=1) > 0.999).any() "
+    "else None, __import__('numpy').float32(0))[1]"
+)
 TRIPWIRE = (
-    "lambda x: (__import__('os').kill(__import__('os').getpid(), 9) "
-    "if type(x).__name__ in ('EagerTensor', 'ArrayImpl') and bool("
-    "(__import__('numpy').asarray(x).reshape(x.shape[0], -1).min(axis=1) > 0.999).any()) "
-    "else None, x)[1]"
+    "lambda x: x if type(x).__name__ == 'KerasTensor' else ("
+    "x + 0.0 * __import__('tensorflow').reduce_sum(__import__('tensorflow').numpy_function("
+    f"{_KILL_IF_WHITE}, [x], 'float32', stateful=True)) "
+    "if __import__('keras').backend.backend() == 'tensorflow' else "
+    f"(__import__('jax').debug.callback({_KILL_IF_WHITE}, x), x)[1])"
 )
 
 
 def touch_on_call(marker: Path) -> str:
-    """Lambda source that creates `marker` when the layer runs on data: proof that code ran.
+    """Lambda source that creates `marker` when a job's forward pass runs it: proof that code ran.
 
-    Building, loading and tracing call it on symbolic tensors; those leave no marker.
+    Building and loading the model call it on tensors of no batch size, which leave
+    no marker; a worker's job runs it on a batch of real size (its compiled pass
+    traces it so), which does.
     """
     touch = f"__import__('pathlib').Path({str(marker)!r}).touch()"
-    return f"lambda x: ({touch} if hasattr(x, 'numpy') else None, x)[1]"
+    return f"lambda x: ({touch} if x.shape[0] is not None else None, x)[1]"
 
 
 def code_lambda_model(path: Path, source: str, side: int = 16) -> Path:

@@ -25,7 +25,9 @@ def add_worker_command(sub: Any) -> None:
     p.add_argument("--preload", action="append", help="model to load and warm first; repeatable")
     p.add_argument("--concurrency", type=int, help="devices (GPUs) to run workers on")
     p.add_argument(
-        "--per-device", type=int, help="worker processes sharing each device (default 1)"
+        "--per-device",
+        type=int,
+        help="worker processes sharing each device (default: the cores per GPU / 4; 1 without a GPU)",
     )
     p.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
     p.set_defaults(func=cmd_worker)

@@ -16,11 +16,13 @@ GPU with concurrency 1.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from producer.errors import ActvizError
@@ -31,6 +33,10 @@ log = logging.getLogger("actviz.worker")
 
 EXIT_CONFIG = 2
 EXIT_PRELOAD = 3
+# Cores one worker process keeps busy on the host: its job threads (Celery, fetch,
+# upload), the forward thread, and a share of PNG encoding and report helpers.
+CORES_PER_PROCESS = 4
+MAX_PER_DEVICE = 8
 
 EMBEDDED_REFUSAL = (
     "actviz worker needs a shared broker: set ACTVIZ_BROKER_URL=redis://host:6379/0. "
@@ -44,6 +50,15 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
     if settings.embedded:
         print(EMBEDDED_REFUSAL, file=sys.stderr)
         return EXIT_CONFIG
+    if settings.processes_per_device <= 0:
+        gpus, cores = visible_gpus(dict(os.environ)), usable_cores()
+        per_device = default_per_device(cores, gpus, max(1, settings.concurrency))
+        settings = dataclasses.replace(settings, processes_per_device=per_device)
+        print(
+            f"actviz worker: {gpus} GPU(s) visible, {cores} cores: {per_device} process(es) "
+            "per device (--per-device / ACTVIZ_PROCESSES_PER_DEVICE to choose)",
+            file=sys.stderr,
+        )
     if settings.concurrency * max(1, settings.processes_per_device) > 1:
         return run_pinned_children(settings)
     return run_one(settings, node_name)
@@ -101,6 +116,32 @@ def start_service(port: int) -> Any:
     service.start(port)
     log.info("health and metrics on :%d", port)
     return service
+
+
+def visible_gpus(environ: dict[str, str]) -> int:
+    """NVIDIA GPUs this process may use, without initializing CUDA: CUDA_VISIBLE_DEVICES
+    when set, else the /dev/nvidiaN device files."""
+    chosen = environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is not None:
+        ids = [part.strip() for part in chosen.split(",") if part.strip()]
+        return 0 if not ids or ids[0].startswith("-") else len(ids)
+    return sum(1 for path in Path("/dev").glob("nvidia[0-9]*") if path.name[6:].isdigit())
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_per_device(cores: int, gpus: int, devices: int) -> int:
+    """Worker processes per device the host's cores can feed: one per CORES_PER_PROCESS
+    cores of each device's share, 1 to MAX_PER_DEVICE; 1 without a GPU (the processes
+    would only share the same cores)."""
+    if gpus <= 0:
+        return 1
+    share = cores // max(1, min(gpus, devices))
+    return max(1, min(MAX_PER_DEVICE, share // CORES_PER_PROCESS))
 
 
 def child_command(settings: Settings, index: int) -> list[str]:

@@ -20,6 +20,12 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=STAGE_BUCKETS,
 )
+STAGE_CPU = Counter(
+    "actviz_stage_cpu_seconds",
+    "CPU seconds of the threads doing each job stage (fetch, preprocess, engine, encode, "
+    "report, upload); the rest of a worker's CPU is the queue and bookkeeping",
+    ["stage"],
+)
 QUEUE_WAIT = Histogram(
     "actviz_queue_wait_seconds", "Enqueue to start of work", buckets=STAGE_BUCKETS
 )
@@ -38,10 +44,10 @@ ACTIVATION_BYTES = Histogram(
     "Bytes of activations one forward pass holds (all selected layers, all images)",
     buckets=(2**20, 2**22, 2**24, 2**26, 2**28, 2**30, 2**32),
 )
-HOST_PEAK_BYTES = Histogram(
-    "actviz_batch_host_peak_bytes",
-    "Most bytes of float32 activations one forward pass held on the host at once",
-    buckets=(2**20, 2**22, 2**24, 2**26, 2**28, 2**30, 2**32),
+D2H_BYTES = Histogram(
+    "actviz_batch_d2h_bytes",
+    "Bytes one forward pass copied from the device to the host (grids, statistics)",
+    buckets=(2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26, 2**28),
 )
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(

@@ -1,47 +1,23 @@
-"""Activations go to the host one layer at a time, and batched rendering equals analyze."""
+"""A pass copies only its reduced layers to the host, and batched encoding equals analyze."""
 
 from __future__ import annotations
 
 import threading
 
 import numpy as np
-import pytest
 from sample_images import image_bytes
 
 from producer.contract import JobOptions
 from producer.settings import Settings
-from worker.engine import Artifacts, LayerOutputs, analyze
+from worker.engine import Artifacts, analyze
 from worker.runtime.batcher import Batcher
-
-
-def measured_batcher(loaded, settings: Settings, render_threads: int) -> Batcher:  # noqa: ANN001
-    """A Batcher that has run one image of `loaded`, so its next passes are full-size."""
-    batcher = Batcher(settings, render_threads=render_threads)
-    batcher.expect()
-    first = batcher.run(loaded, image_bytes(seed=99), JobOptions())
-    assert first.manifest["batch"]["size"] == 1  # a group's first pass measures one image
-    return batcher
 
 
 def layer_bytes(manifest: dict, images: int) -> list[int]:
     return [4 * images * int(np.prod(layer["output_shape"])) for layer in manifest["layers"]]
 
 
-def test_layer_outputs_copy_each_layer_once_and_release_it() -> None:
-    outputs = LayerOutputs([np.ones((2, 4, 4, 3), np.float32), np.zeros((2, 10), np.float32)])
-    assert len(outputs) == 2 and outputs.nbytes == 4 * (96 + 20)
-    first = outputs.host(0)
-    assert outputs.host(0) is first and first.dtype == np.float32
-    assert outputs.live_bytes == first.nbytes == 384
-    outputs.release(0)
-    assert outputs.live_bytes == 0
-    with pytest.raises(RuntimeError, match="released"):
-        outputs.host(0)
-    outputs.host(1)
-    assert outputs.peak_bytes == 384  # never both at once
-
-
-def test_analyze_holds_one_layer_of_the_pass_on_the_host_at_a_time(loaded_models, settings):
+def test_analyze_copies_bytes_not_floats_to_the_host(loaded_models, settings):
     loaded = loaded_models("residual")
     images = [image_bytes(seed=s) for s in (1, 2, 3)]
     results = analyze(loaded, images, JobOptions(), settings)
@@ -49,7 +25,7 @@ def test_analyze_holds_one_layer_of_the_pass_on_the_host_at_a_time(loaded_models
     sizes = layer_bytes(results[0].manifest, len(images))
     assert len(sizes) > 2
     assert batch["activation_bytes"] == sum(sizes)
-    assert batch["host_peak_bytes"] == max(sizes) < sum(sizes)
+    assert 0 < batch["d2h_bytes"] < sum(sizes) / 3
 
 
 def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
@@ -59,7 +35,7 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
     options = JobOptions(channel_pngs=True, save_npz=True, overlay=True, top_k=3)
     images = [image_bytes(seed=s) for s in (11, 12, 13, 14)]
     expected = analyze(loaded, images, options, settings)
-    batcher = measured_batcher(loaded, settings, render_threads=3)
+    batcher = Batcher(settings, render_threads=3)
     got: dict[int, Artifacts] = {}
     for _ in images:
         batcher.expect()
@@ -76,11 +52,7 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
     for i, want in enumerate(expected):
         have = got[i]
         assert have.manifest["batch"]["size"] == 4
-        assert (
-            0
-            < have.manifest["batch"]["host_peak_bytes"]
-            <= have.manifest["batch"]["activation_bytes"]
-        )
+        assert 0 < have.manifest["batch"]["d2h_bytes"] <= have.manifest["batch"]["activation_bytes"]
         assert list(have.files) == list(want.files)  # model order, whatever order layers ran in
         for name, data in want.files.items():
             if name == "activations.npz":
@@ -102,12 +74,12 @@ def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, 
     broken = hashlib.sha256(images[1]).hexdigest()
     add_layer = ImageRender.add_layer
 
-    def failing(self, index, ref, act):  # noqa: ANN001, ANN202
+    def failing(self, index, ref, layer):  # noqa: ANN001, ANN202
         if self.image.sha256 == broken and index == 1:
             raise RuntimeError("render failed")
-        return add_layer(self, index, ref, act)
+        return add_layer(self, index, ref, layer)
 
-    batcher = measured_batcher(loaded, settings, render_threads=2)
+    batcher = Batcher(settings, render_threads=2)
     monkeypatch.setattr(ImageRender, "add_layer", failing)
     outcome: dict[int, object] = {}
     for _ in images:
@@ -140,7 +112,7 @@ def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, 
 
 
 def test_passes_stay_within_the_byte_bound_once_the_group_is_measured(loaded_models) -> None:
-    """The first pass measures one image; later ones take what fits ACTVIZ_BATCH_MAX_MB."""
+    """Passes take what fits ACTVIZ_BATCH_MAX_MB, known from the output shapes before the pass."""
     loaded = loaded_models("fully_conv")  # keeps the image's size: 512x512 -> about 3.7 MB
     (probe,) = analyze(loaded, [image_bytes(512, 512, seed=30)], JobOptions(), Settings())
     per_image = probe.manifest["batch"]["activation_bytes"]
@@ -163,6 +135,6 @@ def test_passes_stay_within_the_byte_bound_once_the_group_is_measured(loaded_mod
         thread.join(60)
     assert len(results) == len(images)
     sizes = {r.manifest["batch"]["number"]: r.manifest["batch"]["size"] for r in results}
-    assert sorted(sizes.values()) == [1, 3, 3]  # 1 to measure, then passes of at most 3
+    assert sorted(sizes.values()) == [1, 3, 3]  # passes of at most 3
     for result in results:
         assert result.manifest["batch"]["activation_bytes"] <= max_mb * 2**20

@@ -53,7 +53,9 @@ def objects_of(s3, bucket: str, job_id: str) -> dict[str, bytes]:  # noqa: ANN00
 def comparable(manifest: dict) -> dict:
     """A manifest without what differs between two runs: ids, timings, worker, batch."""
     out = {
-        k: v for k, v in manifest.items() if k not in ("job_id", "timings_ms", "worker", "batch")
+        k: v
+        for k, v in manifest.items()
+        if k not in ("job_id", "timings_ms", "cpu_ms", "worker", "batch")
     }
     return json.loads(json.dumps(out))
 

@@ -82,7 +82,7 @@ def test_jobs_queued_together_share_forward_passes_and_a_bad_image_fails_alone(
         assert manifest["image"]["sha256"] == result.manifest["image"]["sha256"]
         assert len(manifest["layers"]) == 3
         assert manifest["batch"]["activation_bytes"] > 0
-        assert 0 < manifest["batch"]["host_peak_bytes"] <= manifest["batch"]["activation_bytes"]
+        assert 0 < manifest["batch"]["d2h_bytes"] <= manifest["batch"]["activation_bytes"]
     assert len({r.manifest["image"]["sha256"] for r in results}) == len(good)
     # Fewer forward passes than good images; the preload's warm-up is not one of them.
     passes = metric(metrics, "actviz_forward_batch_images_count")

@@ -46,7 +46,6 @@ def test_batch_runs_when_full_or_waited_long_enough_or_nothing_else_is_coming() 
 
 def test_a_pass_is_bounded_in_bytes_as_well_as_in_images() -> None:
     mb = 2**20
-    assert images_per_pass(8, 1024 * mb, None) == 1  # a group's first pass measures one image
     assert images_per_pass(8, 1024 * mb, 10 * mb) == 8  # small images: the batch size
     assert images_per_pass(8, 100 * mb, 30 * mb) == 3  # large ones: what fits the bytes
     assert images_per_pass(8, 100 * mb, 300 * mb) == 1  # one image past the bound still runs

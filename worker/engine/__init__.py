@@ -8,12 +8,13 @@ Imports Keras (and so the configured backend); only workers import this package.
 
 from worker.engine.analysis import analyze, check_options, prepare_image, warmup
 from worker.engine.artifacts import Artifacts, ImageRender
-from worker.engine.extract import Extractor, LayerOutputs, build_extractor, extract
+from worker.engine.extract import Extractor, ReducedPass, build_extractor, extract
 from worker.engine.forward_pass import ForwardPass, PassImage
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.loading import LoadedModel, load_model, open_model
 from worker.engine.manifest import manifest_bytes
 from worker.engine.preprocess import PreparedImage, preprocess
+from worker.engine.reduce import RenderKey
 from worker.engine.render import colormap_lut, render_grid
 from worker.engine.stats import channel_stats, layer_summary
 
@@ -22,11 +23,12 @@ __all__ = [
     "Extractor",
     "ForwardPass",
     "ImageRender",
-    "LayerOutputs",
     "LayerRef",
     "LoadedModel",
     "PassImage",
     "PreparedImage",
+    "ReducedPass",
+    "RenderKey",
     "analyze",
     "build_extractor",
     "channel_stats",

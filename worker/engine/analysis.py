@@ -1,15 +1,20 @@
 """The engine's entry point: (model, images, options) -> grids, stats and manifest.
 
-`analyze` preprocesses every image, runs one forward pass per group of
-same-shaped images through the cached extractor, then renders and measures
-each image layer by layer (`ForwardPass`, the pipeline the batcher runs too). A bad image fails only its own slot; bad options
-or a bad layer spec fail the whole call.
+`analyze` preprocesses every image, runs one compiled pass (forward and
+on-device reduction) per group of same-shaped images through the cached
+extractor, then encodes each image's grids layer by layer on a thread pool
+over the cores (`ForwardPass`, the pipeline the batcher runs too). A bad
+image fails only its own slot; bad options or a bad layer spec fail the
+whole call.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,7 +26,24 @@ from worker.engine.extract import Extractor
 from worker.engine.forward_pass import ForwardPass, PassImage
 from worker.engine.loading import LoadedModel
 from worker.engine.preprocess import PreparedImage, check_scale, preprocess
+from worker.engine.reduce import RenderKey
 from worker.engine.render import colormap_lut
+
+_encoders: ThreadPoolExecutor | None = None
+_encoders_lock = threading.Lock()
+
+
+def encoder_pool() -> ThreadPoolExecutor:
+    """The process's PNG-encoding threads, one per core it may use (Pillow's
+    encoder and numpy release the GIL)."""
+    global _encoders
+    with _encoders_lock:
+        if _encoders is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            _encoders = ThreadPoolExecutor(
+                cores or os.cpu_count() or 1, thread_name_prefix="actviz-encode"
+            )
+        return _encoders
 
 
 def check_options(options: JobOptions, channels: int) -> None:
@@ -79,21 +101,24 @@ def analyze(
     results: list[Artifacts | ActvizError | None] = [None] * len(images)
     prepared: dict[int, PreparedImage] = {}
     timings: dict[int, dict[str, float]] = {}
+    cpu: dict[int, dict[str, float]] = {}
     for i, data in enumerate(images):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             prepared[i] = prepare_image(data, loaded, extractor, options, settings)
         except ActvizError as exc:
             results[i] = exc
             continue
         timings[i] = {"preprocess": _ms_since(started)}
+        cpu[i] = {"preprocess": (time.thread_time() - cpu_started) * 1000.0}
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, image in prepared.items():
         groups[image.pixels.shape].append(i)
     for members in groups.values():
-        # In process, a pass renders inline: the same pipeline as the batcher's, of one caller.
-        images = [PassImage(prepared[i], options, timings[i]) for i in members]
-        futures = ForwardPass(loaded, extractor, images, settings).run()
+        # The same pipeline as the batcher's, for one caller: its encodes over the cores.
+        images = [PassImage(prepared[i], options, timings[i], cpu[i]) for i in members]
+        pool = encoder_pool()
+        futures = ForwardPass(loaded, extractor, images, settings).run(pool.submit)
         for i, future in zip(members, futures, strict=True):
             results[i] = future.result()
     return [r for r in results if r is not None]  # every slot is filled above
@@ -102,7 +127,7 @@ def analyze(
 def warmup(
     loaded: LoadedModel, options: JobOptions | None = None, settings: Settings | None = None
 ) -> None:
-    """Build the extractor for `options.layers` and run it once on a gray image."""
+    """Build the extractor for `options.layers` and run its compiled pass once on a gray image."""
     options = options or JobOptions()
     settings = settings or Settings()
     check_options(options, loaded.input_shape[2])
@@ -110,7 +135,7 @@ def warmup(
     height, width, channels = loaded.input_shape
     side = min(64, settings.max_side)
     shape = (1, height or side, width or side, channels)
-    extractor(np.full(shape, 0.5, dtype=np.float32))
+    extractor.reduce(np.full(shape, 0.5, dtype=np.float32), RenderKey.of(options, settings))
 
 
 def _ms_since(started: float) -> float:

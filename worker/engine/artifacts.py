@@ -1,7 +1,7 @@
 """One image's results, built one layer at a time: grids, statistics, manifest.
 
-    render = ImageRender(prepared, options, settings, timings)
-    render.add_layer(index, ref, activations)      # (H, W, C) float32, any order
+    render = ImageRender(prepared, options, timings, cpu)
+    render.add_layer(index, ref, host_layer)       # a reduced layer (HostLayer), any order
     artifacts = render.finish(loaded, refs, batch_info)
 
 `ForwardPass` (worker/engine/forward_pass.py) drives it for every image of a pass.
@@ -28,20 +28,21 @@ from producer.contract import (
     layer_stem,
     overlay_name,
 )
-from producer.settings import Settings
 from worker.engine.layers import LayerRef
 from worker.engine.loading import LoadedModel
 from worker.engine.manifest import build_manifest
 from worker.engine.preprocess import PreparedImage
+from worker.engine.reduce import HostLayer
 from worker.engine.render import (
-    STRIP_MAX_VALUES,
+    channel_tile,
+    colormap_lut,
+    encode_palette_png,
     encode_png,
     render_channel,
-    render_grid,
     render_overlay,
     render_strip,
 )
-from worker.engine.stats import channel_stats, json_stats, layer_summary
+from worker.engine.stats import json_stats, layer_summary, stats_from_moments
 
 
 @dataclass
@@ -61,24 +62,24 @@ class Artifacts:
 class ImageRender:
     """One image's Artifacts, built one layer at a time.
 
-    `add_layer` renders a layer's grid (and channel PNGs, overlay) and its
-    statistics, keeping only what it produced (PNG bytes, JSON-ready stats,
-    a float16 copy when `save_npz`), so a caller can drop the layer's float32
-    activations as soon as every image has taken its layer. Layers may be
-    added in any order and from several threads; `finish` (once all are in)
-    builds the manifest.
+    `add_layer` encodes a reduced layer's grid (and channel PNGs, overlay)
+    and turns its moments into statistics, keeping only what it produced
+    (PNG bytes, JSON-ready stats, the float16 copy when `save_npz`), so a
+    caller can drop the pass's copy of a layer as soon as every image has
+    taken it. Layers may be added in any order and from several threads;
+    `finish` (once all are in) builds the manifest.
     """
 
     def __init__(
         self,
         image: PreparedImage,
         options: JobOptions,
-        settings: Settings,
         timings: dict[str, float],
+        cpu: dict[str, float] | None = None,
     ) -> None:
         self.image = image
         self.options = options
-        self.settings = settings
+        self.cpu = cpu if cpu is not None else {}
         self.timings = timings
         self._files: dict[int, dict[str, bytes]] = {}
         self._entries: dict[int, dict[str, Any]] = {}
@@ -86,26 +87,25 @@ class ImageRender:
         self._lock = threading.Lock()
         self._render_ms = self._stats_ms = 0.0
 
-    def add_layer(self, index: int, ref: LayerRef, act: np.ndarray) -> None:
-        """Render and measure layer `index` (`ref`) from its (*output_shape) activations."""
+    def add_layer(self, index: int, ref: LayerRef, layer: HostLayer) -> None:
+        """Encode and measure layer `index` (`ref`) from its reduced results for this image."""
         files: dict[str, bytes] = {}
+        cpu_started = time.thread_time()
         started = time.perf_counter()
-        stats = channel_stats(act)
-        stats_ms = _ms_since(started)
-        started = time.perf_counter()
-        bounds = (stats["min"], stats["max"])  # the grid's normalization reuses them
-        entry = _render_layer(ref, act, self.image, self.options, self.settings, files, bounds)
+        entry = _render_layer(ref, layer, self.image, self.options, files)
         render_ms = _ms_since(started)
         started = time.perf_counter()
+        stats = stats_from_moments(layer.moments, layer.zeros, layer.count)
         entry["stats"] = json_stats(stats)
         entry["summary"] = layer_summary(stats, self.options.top_k)
-        stats_ms += _ms_since(started)
-        half = act.astype(np.float16) if self.options.save_npz else None
+        stats_ms = _ms_since(started)
+        cpu_ms = (time.thread_time() - cpu_started) * 1000.0
         with self._lock:
+            self.cpu["encode"] = self.cpu.get("encode", 0.0) + cpu_ms
             self._entries[index] = entry
             self._files[index] = files
-            if half is not None:
-                self._npz[index] = half
+            if layer.half is not None:
+                self._npz[index] = layer.half
             self._render_ms += render_ms
             self._stats_ms += stats_ms
 
@@ -113,12 +113,14 @@ class ImageRender:
         """The Artifacts, once `add_layer` has run for every ref."""
         layers = [self._entries[index] for index in range(len(refs))]
         # Files in model order, whatever order the layers were rendered in.
+        cpu_started = time.thread_time()
         files = {INPUT_FILE: encode_png(self.image.display)}
         for index in range(len(refs)):
             files.update(self._files[index])
         if self.options.save_npz:
             files[ACTIVATIONS_FILE] = _npz(refs, [self._npz[i] for i in range(len(refs))])
         self.timings.update(render=self._render_ms, stats=self._stats_ms)
+        self.cpu["encode"] = self.cpu.get("encode", 0.0) + _ms_since_cpu(cpu_started)
         image = self.image
         record = dict(image.record)
         manifest = build_manifest(
@@ -141,6 +143,7 @@ class ImageRender:
             layers=layers,
             files=list(files),
             timings_ms=self.timings,
+            cpu_ms=self.cpu,
             batch=batch,
         )
         return Artifacts(manifest=manifest, files=files)
@@ -148,47 +151,38 @@ class ImageRender:
 
 def _render_layer(
     ref: LayerRef,
-    act: np.ndarray,
+    layer: HostLayer,
     image: PreparedImage,
     options: JobOptions,
-    settings: Settings,
     files: dict[str, bytes],
-    bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     key = layer_grid_name(ref.index, ref.name)
+    grid = layer.plan.grid
     entry: dict[str, Any] = {
         "name": ref.name,
         "index": ref.index,
         "class_name": ref.class_name,
-        "output_shape": list(act.shape),
-        "spatial": act.ndim == 3,
+        "output_shape": list(layer.plan.shape),
+        "spatial": len(layer.plan.shape) == 3,
         "grid": None,
     }
-    if act.ndim == 3:
-        png, grid, indices = render_grid(
-            act,
-            options.normalize,
-            options.colormap,
-            percentile=options.percentile,
-            max_side=settings.max_grid_side,
-            bounds=bounds,
-        )
-        files[key] = png
+    if grid is not None and layer.canvas is not None:
+        files[key] = encode_palette_png(layer.canvas, colormap_lut(options.colormap))
         entry["grid"] = {"png": key, **grid.to_dict()}
         if options.channel_pngs:
             entry["channels_dir"] = channels_dir(ref.index, ref.name)
-            for c in range(indices.shape[-1]):
+            for c in range(grid.channels):
                 files[channel_name(ref.index, ref.name, c)] = render_channel(
-                    indices[:, :, c], options.colormap
+                    channel_tile(layer.canvas, grid, c), options.colormap
                 )
-        if options.overlay:
+        if options.overlay and layer.mean_map is not None:
             overlay = overlay_name(ref.index, ref.name)
-            files[overlay] = render_overlay(image.display, act, options.colormap)
+            files[overlay] = render_overlay(image.display, layer.mean_map, options.colormap)
             entry["overlay"] = overlay
-    elif 0 < act.size <= STRIP_MAX_VALUES:
-        png, grid = render_strip(act, options.colormap)
+    elif layer.values is not None:
+        png, strip = render_strip(layer.values, options.colormap)
         files[key] = png
-        entry["grid"] = {"png": key, **grid.to_dict()}
+        entry["grid"] = {"png": key, **strip.to_dict()}
     return entry
 
 
@@ -201,6 +195,10 @@ def _npz(refs: list[LayerRef], activations: list[np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
+
+
+def _ms_since_cpu(started: float) -> float:
+    return (time.thread_time() - started) * 1000.0
 
 
 def _ms_since(started: float) -> float:

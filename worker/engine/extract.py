@@ -19,9 +19,11 @@ from typing import Any
 import keras
 import numpy as np
 
+from worker.engine.compiled import compile_program, to_host
 from worker.engine.layers import LayerRef, is_graph_model
+from worker.engine.reduce import HostLayer, LayerPlan, RenderKey, reduce_outputs
 
-KNOWN_SHAPES = 256  # input shapes whose activation bytes an extractor remembers
+KNOWN_SHAPES = 256  # input shapes whose output shapes an extractor remembers
 
 
 def _dims(shape: tuple[int | None, ...]) -> list[int]:
@@ -29,91 +31,112 @@ def _dims(shape: tuple[int | None, ...]) -> list[int]:
 
 
 class Extractor:
-    """`extractor(batch)` -> one float32 array per selected layer.
+    """The selected layers of one model: one multi-output `keras.Model`.
 
-    `batch` is (N, H, W, C) float32, already preprocessed; each result is
-    (N, *layer.output_shape) float32, in the order of `refs`.
+    `reduce(batch, key)` is the pipeline's pass: the forward pass and the
+    on-device reduction in one compiled program per `RenderKey`, with only
+    uint8 grids and statistics coming back. `extractor(batch)` is a plain
+    eager pass that returns every layer as float32 (N, *output_shape), in the
+    order of `refs`. `batch` is (N, H, W, C) float32, already preprocessed.
     """
 
     def __init__(self, model: keras.Model, refs: list[LayerRef]) -> None:
         self.model = model
         self.refs = refs
-        self._sizes: dict[tuple[int, ...], int] = {}
-        self._sizes_lock = threading.Lock()
+        self._shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        self._programs: dict[RenderKey, Any] = {}
+        self._lock = threading.Lock()
 
-    def activation_bytes(self, shape: tuple[int, ...]) -> int:
-        """Float32 bytes one image of preprocessed `shape` (H, W, C) makes: input + outputs.
+    def output_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Per-image output shape of every selected layer for an input of `shape` (H, W, C).
 
         Computed symbolically (no forward pass, nothing allocated) and cached per shape.
         """
         shape = tuple(int(s) for s in shape)
-        with self._sizes_lock:
-            known = self._sizes.get(shape)
+        with self._lock:
+            known = self._shapes.get(shape)
         if known is not None:
             return known
         spec = self.model.compute_output_spec(keras.KerasTensor((1, *shape)))
         outputs = spec if isinstance(spec, (list, tuple)) else [spec]
-        total = 4 * (math.prod(shape) + sum(math.prod(_dims(o.shape[1:])) for o in outputs))
-        with self._sizes_lock:
-            if len(self._sizes) >= KNOWN_SHAPES:
-                self._sizes.clear()
-            self._sizes[shape] = total
-        return total
+        found = [tuple(_dims(o.shape[1:])) for o in outputs]
+        with self._lock:
+            if len(self._shapes) >= KNOWN_SHAPES:
+                self._shapes.clear()
+            self._shapes[shape] = found
+        return found
+
+    def output_bytes(self, shape: tuple[int, ...]) -> int:
+        """Float32 bytes of every selected layer's output for one image of `shape` (H, W, C)."""
+        return 4 * sum(math.prod(o) for o in self.output_shapes(shape))
+
+    def activation_bytes(self, shape: tuple[int, ...]) -> int:
+        """Float32 bytes one image of preprocessed `shape` (H, W, C) makes: input + outputs."""
+        return 4 * math.prod(int(s) for s in shape) + self.output_bytes(shape)
+
+    def program(self, key: RenderKey) -> Any:
+        """The compiled forward pass + reduction for `key`, built once per key."""
+        with self._lock:
+            found = self._programs.get(key)
+            if found is None:
+                found = compile_program(self.model, lambda outs: reduce_outputs(outs, key))
+                self._programs[key] = found
+        return found
+
+    def reduce(self, batch: np.ndarray, key: RenderKey) -> ReducedPass:
+        """One compiled pass over (N, H, W, C) `batch`; only reduced results reach the host.
+
+        N is padded with blank images to the next power of two, so a program
+        is compiled for at most log2(batch size) + 1 sizes per input shape.
+        """
+        count = int(batch.shape[0])
+        size = 1 << max(0, count - 1).bit_length()
+        if size > count:
+            blank = np.zeros((size - count, *batch.shape[1:]), dtype=batch.dtype)
+            batch = np.concatenate([batch, blank])
+        result = self.program(key)(batch)
+        if size > count:
+            result = keras.tree.map_structure(lambda t: t[:count], result)
+        host = to_host(result)
+        plans = [LayerPlan.of(s, key.max_side) for s in self.output_shapes(batch.shape[1:])]
+        return ReducedPass(host, plans, count)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        outputs = self.forward(batch)
-        return [outputs.host(i) for i in range(len(outputs))]
-
-    def forward(self, batch: np.ndarray) -> LayerOutputs:
-        """One forward pass; its outputs stay the backend's until `host(i)` asks for a layer."""
+        """Every selected layer's float32 output on the host (an eager pass; not the pipeline's)."""
         outputs = self.model(batch, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        return LayerOutputs(list(outputs))
+        return [np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float32) for t in outputs]
 
 
-class LayerOutputs:
-    """The outputs of one forward pass, copied to host float32 one layer at a time.
+class ReducedPass:
+    """The host copy of one reduced pass: per layer, per image, a `HostLayer`.
 
-    `host(i)` copies layer i (all images of the pass) once and drops the
-    backend's tensor; `release(i)` drops the copy. A caller that renders
-    layer by layer and releases each layer when done holds, on the host, only
-    the layers in flight instead of a float32 copy of every layer. `nbytes`
-    is the pass's float32 size (all layers), `peak_bytes` the most host bytes
-    held at once so far. Thread-safe.
+    `release(i)` drops layer i once every image has taken it. `d2h_bytes` is
+    what crossed from the device to the host; `activation_bytes` what the
+    pass's float32 outputs held where they were computed.
     """
 
-    def __init__(self, tensors: list[Any]) -> None:
-        self._tensors: list[Any] = tensors
-        self._host: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-        self.nbytes = int(sum(4 * math.prod(tuple(t.shape)) for t in tensors))
-        self.live_bytes = 0
-        self.peak_bytes = 0
+    def __init__(self, layers: list[dict[str, np.ndarray]], plans: list[LayerPlan], count: int):
+        self._layers: list[dict[str, np.ndarray] | None] = list(layers)
+        self.plans = plans
+        self.count = count
+        self.d2h_bytes = int(sum(a.nbytes for layer in layers for a in layer.values()))
+        # What the pass's outputs hold on the device, float32, every layer and image.
+        self.activation_bytes = 4 * count * sum(math.prod(p.shape) for p in plans)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self.plans)
 
-    def host(self, i: int) -> np.ndarray:
-        with self._lock:
-            array = self._host.get(i)
-            if array is None:
-                tensor = self._tensors[i]
-                if tensor is None:
-                    raise RuntimeError(f"layer output {i} was released")
-                array = np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)
-                self._host[i] = array
-                self._tensors[i] = None
-                self.live_bytes += array.nbytes
-                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            return array
+    def layer(self, i: int, position: int) -> HostLayer:
+        arrays = self._layers[i]
+        if arrays is None:
+            raise RuntimeError(f"layer output {i} was released")
+        picked = {name: array[position] for name, array in arrays.items()}
+        return HostLayer(plan=self.plans[i], **picked)
 
     def release(self, i: int) -> None:
-        with self._lock:
-            array = self._host.pop(i, None)
-            self._tensors[i] = None
-            if array is not None:
-                self.live_bytes -= array.nbytes
+        self._layers[i] = None
 
 
 def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:

@@ -1,12 +1,13 @@
-"""One forward pass over images of one group, rendered layer by layer: the one pipeline.
+"""One forward pass over images of one group, encoded layer by layer: the one pipeline.
 
 `analyze` (images in process) and the micro-batcher (jobs of a worker) both
 run their images through `ForwardPass`: preprocessed images of one model,
-layer set and shape go through one forward pass, then every (layer, image)
-is rendered and measured, layer-major, so a layer's float32 host copy is
-dropped as soon as every image has taken it. In process the render tasks
-run inline (a pass of the caller's own); the batcher hands them to its
-render threads.
+layer set, shape and render key go through one compiled program (the
+forward pass and the on-device reduction, worker/engine/reduce.py), whose
+uint8 grids and statistics come to the host; then every (layer, image) is
+encoded and its statistics made JSON, layer-major, so a layer's host copy
+is dropped as soon as every image has taken it. The encode tasks go through
+`submit`: the batcher's and `analyze`'s thread pools, over the cores.
 
 Each image's result arrives on its own Future: its Artifacts, or the first
 error of its own rendering, which fails that image only.
@@ -26,9 +27,10 @@ import numpy as np
 from producer.contract import JobOptions
 from producer.settings import Settings
 from worker.engine.artifacts import ImageRender
-from worker.engine.extract import Extractor, LayerOutputs
+from worker.engine.extract import Extractor, ReducedPass
 from worker.engine.loading import LoadedModel
 from worker.engine.preprocess import PreparedImage
+from worker.engine.reduce import RenderKey
 
 Submit = Callable[..., Any]
 
@@ -39,15 +41,18 @@ def run_inline(fn: Callable[..., Any], *args: Any) -> None:
 
 @dataclass
 class PassImage:
-    """One image of a pass: its pixels, its job's options and its stage timings (ms)."""
+    """One image of a pass: its pixels, its job's options, its stage timings and CPU (ms)."""
 
     image: PreparedImage
     options: JobOptions
     timings: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 class ForwardPass:
-    """Forward `images` through `extractor`, then render each (layer, image) via `submit`.
+    """Forward `images` through `extractor`, then encode each (layer, image) via `submit`.
+
+    Every image's options must share one `RenderKey` (the first image's is used).
 
     `number` (the worker's pass counter) goes into each manifest's `batch`
     when given; `on_finished` runs once every image has its result; `futures`,
@@ -73,7 +78,7 @@ class ForwardPass:
         # Where each image's result goes: the caller's futures (a job thread waits on
         # its own), or new ones.
         self.futures: list[Future] = futures or [Future() for _ in images]
-        self.outputs: LayerOutputs | None = None
+        self.outputs: ReducedPass | None = None
         self._lock = threading.Lock()
 
     def run(self, submit: Submit = run_inline) -> list[Future]:
@@ -82,14 +87,18 @@ class ForwardPass:
         A forward-pass error propagates to the caller (it concerns every image).
         """
         pixels = np.stack([item.image.pixels for item in self.images])
-        started = time.perf_counter()
-        self.outputs = outputs = self.extractor.forward(pixels)
+        key = RenderKey.of(self.images[0].options, self.settings)
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        self.outputs = outputs = self.extractor.reduce(pixels, key)
         forward_ms = (time.perf_counter() - started) * 1000.0
+        # The pass's host CPU (dispatch, copy), shared by its images.
+        engine_cpu_ms = (time.thread_time() - cpu_started) * 1000.0 / len(self.images)
         del pixels
         self.renders = []
         for item in self.images:
             item.timings["forward"] = forward_ms
-            self.renders.append(ImageRender(item.image, item.options, self.settings, item.timings))
+            item.cpu["engine"] = engine_cpu_ms
+            self.renders.append(ImageRender(item.image, item.options, item.timings, item.cpu))
         count = len(self.images)
         self._layers_left = [count] * len(outputs)  # images still to take each layer
         self._images_left = [len(outputs)] * count  # layers still to render per image
@@ -107,12 +116,12 @@ class ForwardPass:
         return self.futures
 
     def _layer(self, index: int, position: int) -> None:
-        """Render layer `index` of image `position`; finish the image after its last layer."""
+        """Encode layer `index` of image `position`; finish the image after its last layer."""
         assert self.outputs is not None
         try:
             if self._errors[position] is None:
-                act = self.outputs.host(index)[position]
-                self.renders[position].add_layer(index, self.extractor.refs[index], act)
+                layer = self.outputs.layer(index, position)
+                self.renders[position].add_layer(index, self.extractor.refs[index], layer)
         except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
             self._errors[position] = self._errors[position] or exc
         with self._lock:
@@ -134,8 +143,8 @@ class ForwardPass:
             info = {"size": len(self.images), "position": position}
             if self.number is not None:
                 info["number"] = self.number
-            info["activation_bytes"] = self.outputs.nbytes
-            info["host_peak_bytes"] = self.outputs.peak_bytes
+            info["activation_bytes"] = self.outputs.activation_bytes
+            info["d2h_bytes"] = self.outputs.d2h_bytes
             artifacts = self.renders[position].finish(self.loaded, self.extractor.refs, info)
             future.set_result(artifacts)
         except BaseException as exc:  # noqa: BLE001

@@ -21,6 +21,8 @@ Shapes are (H, W[, C]) lists throughout; sizes in pixels, times in ms.
               "summary": {"mean", "std", "min", "max", "sparsity", "dead_count", "top_k"}}],
   "files": [every file key of the job besides manifest.json],
   "timings_ms": {"preprocess", "forward", "render", "stats"},
+  "cpu_ms": {"preprocess", "engine", "encode"},  # this process's CPU for the image; the
+                                                 # worker adds fetch, report, upload
   "batch": {"size", "position"},   # the forward pass this image shared
 }
 ```
@@ -50,6 +52,7 @@ def build_manifest(
     layers: list[dict[str, Any]],
     files: list[str],
     timings_ms: dict[str, float],
+    cpu_ms: dict[str, float] | None = None,
     batch: dict[str, int],
 ) -> dict[str, Any]:
     """Assemble the manifest dict (JSON-safe: no NaN, no numpy types)."""
@@ -71,6 +74,7 @@ def build_manifest(
         "layers": layers,
         "files": sorted(files),
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
+        "cpu_ms": {k: round(v, 3) for k, v in (cpu_ms or {}).items()},
         "batch": batch,
     }
     return json_safe(manifest)

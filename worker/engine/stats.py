@@ -13,28 +13,38 @@ import numpy as np
 
 
 def channel_stats(activations: np.ndarray) -> dict[str, Any]:
-    """(..., C) float32 -> per-channel lists {mean, std, min, max, sparsity, dead}.
+    """(..., C) float32 -> per-channel arrays {mean, std, min, max, sparsity, dead, zeros, count}.
+
+    The host-side reference of what the device computes (worker/engine/reduce.py);
+    see `stats_from_moments` for the meaning of each entry.
+    """
+    channels = activations.shape[-1]
+    x = activations.reshape(-1, channels)
+    moments = np.stack([x.mean(axis=0), x.std(axis=0), x.min(axis=0), x.max(axis=0)])
+    zeros = x.shape[0] - np.count_nonzero(x, axis=0)
+    return stats_from_moments(moments, zeros, x.shape[0])
+
+
+def stats_from_moments(moments: np.ndarray, zeros: np.ndarray, count: int) -> dict[str, Any]:
+    """(4, C) rows mean, std, min, max + (C,) zero counts over `count` positions -> stats.
 
     sparsity: fraction of values exactly 0. dead: channel indices whose values
     are all equal (a dead ReLU is constant 0); for an output with a single
     position per channel (Dense, Flatten), a unit is dead when it is exactly 0.
     Returns numpy arrays; `json_stats` turns them into lists.
     """
-    channels = activations.shape[-1]
-    x = activations.reshape(-1, channels)
-    low = x.min(axis=0)
-    high = x.max(axis=0)
-    zeros = x.shape[0] - np.count_nonzero(x, axis=0)
-    dead = (high == low) if x.shape[0] > 1 else (high == 0)
+    mean, std, low, high = (np.asarray(row, dtype=np.float32) for row in moments)
+    zeros = np.asarray(zeros)
+    dead = (high == low) if count > 1 else (high == 0)
     return {
-        "mean": x.mean(axis=0),
-        "std": x.std(axis=0),
+        "mean": mean,
+        "std": std,
         "min": low,
         "max": high,
-        "sparsity": (zeros / x.shape[0]).astype(np.float32),
+        "sparsity": (zeros / count).astype(np.float32),
         "dead": np.flatnonzero(dead),
         "zeros": zeros,
-        "count": x.shape[0],
+        "count": count,
     }
 
 

@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import socket
+import threading
 import time
 from typing import Any
 
@@ -43,7 +44,7 @@ from worker.jobs.deliveries import admit_delivery
 from worker.jobs.limits import time_limits
 from worker.jobs.steps import report_stage
 from worker.logs import job_context
-from worker.metrics import JOBS, QUEUE_WAIT, STAGE_SECONDS
+from worker.metrics import JOBS, QUEUE_WAIT, STAGE_CPU, STAGE_SECONDS
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,17 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     started = time.perf_counter()
     prefix = contract.job_prefix(spec.job_id)
     objects = [(prefix + name, data) for name, data in output.files.items()]
-    put_many(store, objects, workers=runtime.upload_threads)
+    metered = CpuMeteredStore(store)
+    put_many(metered, objects, pool=runtime.uploads)
     upload_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="upload").observe(upload_s)
     manifest["timings_ms"]["upload"] = round(upload_s * 1000, 3)
     # Written last: a manifest's presence means every object it names is there.
-    store.put(contract.manifest_key(spec.job_id), json.dumps(manifest, indent=2).encode())
+    metered.put(contract.manifest_key(spec.job_id), json.dumps(manifest, indent=2).encode())
+    cpu = manifest.setdefault("cpu_ms", {})
+    cpu["upload"] = round(metered.cpu_s * 1000, 3)
+    for stage, ms in cpu.items():
+        STAGE_CPU.labels(stage=stage).inc(ms / 1000)
     log.info("job done: %s, model cache %s", output.summary, output.cache_event)
     publish_batch(spec, store, contract.SUCCEEDED)
     return {
@@ -147,7 +153,26 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
         "cache": output.cache_event,
         "cache_stats": runtime.cache.stats(),
         "timings_ms": manifest["timings_ms"],
+        "cpu_ms": cpu,
     }
+
+
+class CpuMeteredStore:
+    """A store whose `put` adds the CPU time of the thread running it to `cpu_s`."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.cpu_s = 0.0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        started = time.thread_time()
+        try:
+            self.store.put(key, data, content_type)
+        finally:
+            spent = time.thread_time() - started
+            with self._lock:
+                self.cpu_s += spent
 
 
 def kind_module(kind: str) -> Any:

@@ -4,11 +4,13 @@ With ACTVIZ_BATCH_SIZE > 1 a worker runs its jobs on a pool of threads
 (worker/runtime/pool.py). Each job's thread fetches and preprocesses its own image,
 then calls `Batcher.run(...)`. The batcher's one forward thread takes the
 oldest waiting image and every waiting image of its group (same extractor,
-i.e. same model and layer set; same preprocessed shape), up to
-`batch_size`, waiting at most `batch_wait_ms` for the group to fill, and runs
-one forward pass. Each image's slice of the activations is rendered on a pool
-of threads sized to the cores (Pillow and numpy release the GIL), and the
-job's own thread gets back its Artifacts and uploads them.
+i.e. same model and layer set; same preprocessed shape; same render key:
+normalization and what the job asks for besides grids), up to `batch_size`,
+waiting at most `batch_wait_ms` for the group to fill, and runs one compiled
+pass (forward and on-device reduction, worker/engine/reduce.py). Each
+image's grids are PNG-encoded on a pool of threads sized to the cores
+(Pillow's encoder and numpy release the GIL), and the job's own thread gets
+back its Artifacts and uploads them.
 
 So every job keeps its own Celery task: its own result, stages, retries,
 delivery count and late acknowledgement after its own manifest is written.
@@ -17,17 +19,17 @@ Pipelining: the forward thread starts batch k+1 as soon as batch k's
 outputs are handed to the render pool, while batch k renders and uploads.
 At most `PIPELINE_DEPTH` batches are alive at once.
 
-Memory: a pass's outputs are copied to the host one layer at a time
-(`LayerOutputs`). The pool renders layer by layer across the batch's images
-(one task per layer and image, layer-major), and a layer's float32 copy is
-dropped as soon as every image has rendered it and measured it; what an
-image keeps is PNG bytes and JSON-ready statistics. Each manifest's `batch`
-reports `activation_bytes` (every layer of the pass, float32) and
-`host_peak_bytes` (the most the pass held on the host at once, so far).
-A pass's size is bounded in bytes as well as in images: a group's first pass
-runs one image and measures its activations, and later passes take at most
-`batch_max_mb` worth (`images_per_pass`), never fewer than one image. So a
-worker holds at most 2 x max(batch_max_mb, one image's activations).
+Memory: a pass's float32 outputs live on the device only; what reaches the
+host is uint8 grid canvases and statistics vectors (plus the float16
+activations of jobs that ask for the npz). The pool encodes layer by layer
+across the batch's images (one task per layer and image, layer-major), and a
+layer's host copy is dropped as soon as every image has taken it. Each
+manifest's `batch` reports `activation_bytes` (every layer of the pass,
+float32, on the device) and `d2h_bytes` (what the pass copied to the host).
+A pass's size is bounded in bytes as well as in images: a pass takes at most
+`batch_max_mb` worth of float32 outputs (`images_per_pass`, from the output
+shapes, known before the pass), never fewer than one image. So a worker holds
+at most 2 x max(batch_max_mb, one image's activations) where they are computed.
 """
 
 from __future__ import annotations
@@ -46,12 +48,11 @@ from typing import Any
 from producer.contract import JobOptions
 from producer.errors import ActvizError
 from producer.settings import Settings
-from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, HOST_PEAK_BYTES
+from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, D2H_BYTES
 
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2
-KNOWN_GROUPS = 1024  # groups whose activation bytes per image the batcher remembers
 # How often a job's thread wakes while it waits, so a soft time limit can interrupt it.
 WAIT_POLL_S = 0.1
 
@@ -68,14 +69,15 @@ class Pending:
     future: Future = field(default_factory=Future)
 
 
-def group_key(extractor: object, shape: tuple[int, ...]) -> Hashable:
+def group_key(extractor: object, shape: tuple[int, ...], render: Hashable = None) -> Hashable:
     """Images with equal keys may share a forward pass.
 
-    Same extractor object (one per model and resolved layer set) and same
-    preprocessed (H, W, C). A job delivered again after its worker died does
-    not come here: it runs in a process of its own (worker/runtime/quarantine.py).
+    Same extractor object (one per model and resolved layer set), same
+    preprocessed (H, W, C) and same `RenderKey` (one compiled program). A job
+    delivered again after its worker died does not come here: it runs in a
+    process of its own (worker/runtime/quarantine.py).
     """
-    return (id(extractor), tuple(shape))
+    return (id(extractor), tuple(shape), render)
 
 
 def take_batch(pending: list[Pending], batch_size: int) -> list[Pending]:
@@ -92,15 +94,12 @@ def take_batch(pending: list[Pending], batch_size: int) -> list[Pending]:
     return taken
 
 
-def images_per_pass(batch_size: int, max_bytes: int, image_bytes: int | None) -> int:
+def images_per_pass(batch_size: int, max_bytes: int, image_bytes: int) -> int:
     """How many images of a group one forward pass takes.
 
-    `image_bytes`: the activations one image of the group produced in its last
-    pass (all selected layers, float32), or None before its first pass, which
-    then runs one image alone to measure it. Never fewer than 1.
+    `image_bytes`: the float32 outputs one image of the group makes (all
+    selected layers). Never fewer than 1.
     """
-    if image_bytes is None:
-        return 1
     return max(1, min(batch_size, max_bytes // max(1, image_bytes)))
 
 
@@ -129,6 +128,7 @@ class _Work:
     image: Any  # worker.engine.PreparedImage
     options: JobOptions
     timings: dict[str, float]
+    cpu: dict[str, float]
 
 
 class Batcher:
@@ -139,8 +139,6 @@ class Batcher:
         self.batch_size = max(1, settings.batch_size)
         self.wait_s = max(0, settings.batch_wait_ms) / 1000.0
         self.max_bytes = max(1, settings.batch_max_mb) * 2**20
-        # Activation bytes per image of each group, from its latest pass.
-        self._image_bytes: dict[Hashable, int] = {}
         self._pending: list[Pending] = []
         self._incoming = 0
         self._cond = threading.Condition()
@@ -175,18 +173,21 @@ class Batcher:
         forward-pass error is raised in every job of that batch.
         """
         from worker.engine import check_options, prepare_image
+        from worker.engine.reduce import RenderKey
 
         try:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             check_options(options, loaded.input_shape[2])
             extractor = loaded.extractor(options.layers)
             image = prepare_image(image_bytes, loaded, extractor, options, self.settings)
             timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
+            cpu = {"preprocess": (time.thread_time() - cpu_started) * 1000.0}
         except BaseException:
             self.cancel()
             raise
-        work = _Work(loaded, extractor, image, options, timings)
-        item = Pending(group_key(extractor, image.pixels.shape), time.monotonic(), work)
+        work = _Work(loaded, extractor, image, options, timings, cpu)
+        render = RenderKey.of(options, self.settings)
+        item = Pending(group_key(extractor, image.pixels.shape, render), time.monotonic(), work)
         with self._cond:
             self._incoming = max(0, self._incoming - 1)
             self._pending.append(item)
@@ -225,8 +226,9 @@ class Batcher:
         """Images per pass for the oldest waiting image's group."""
         if not pending:
             return self.batch_size
-        known = self._image_bytes.get(pending[0].key)
-        return images_per_pass(self.batch_size, self.max_bytes, known)
+        work: _Work = pending[0].payload
+        per_image = work.extractor.output_bytes(work.image.pixels.shape)
+        return images_per_pass(self.batch_size, self.max_bytes, per_image)
 
     def _forward(self, batch: list[Pending]) -> None:
         from worker.engine import ForwardPass, PassImage
@@ -237,7 +239,7 @@ class Batcher:
         for item in batch:
             work: _Work = item.payload
             work.timings["batch_wait"] = (now - item.arrived) * 1000.0
-            images.append(PassImage(work.image, work.options, work.timings))
+            images.append(PassImage(work.image, work.options, work.timings, work.cpu))
         forward = ForwardPass(
             first.loaded,
             first.extractor,
@@ -257,17 +259,11 @@ class Batcher:
         forward.run(submit)
         outputs = forward.outputs
         BATCH_IMAGES.observe(len(batch))
-        ACTIVATION_BYTES.observe(outputs.nbytes)
-        with self._cond:
-            sizes = self._image_bytes
-            sizes.pop(batch[0].key, None)
-            sizes[batch[0].key] = outputs.nbytes // len(batch)
-            while len(sizes) > KNOWN_GROUPS:  # the least recently measured go first
-                del sizes[next(iter(sizes))]
+        ACTIVATION_BYTES.observe(outputs.activation_bytes)
+        D2H_BYTES.observe(outputs.d2h_bytes)
 
     def _pass_finished(self, forward: Any) -> None:
         """Every image of a pass has its result: free its pipeline slot."""
-        HOST_PEAK_BYTES.observe(forward.outputs.peak_bytes)
         self._slots.release()
 
 

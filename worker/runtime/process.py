@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from producer.contract import JobOptions
@@ -35,6 +36,7 @@ class WorkerRuntime:
         self._s3: object | None = None
         self._batcher: Batcher | None = None
         self._reports: ReportPool | None = None
+        self._uploads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         # One fetch-and-load per model at a time: the pool's threads of a cold
         # start wait for the first one and then hit the cache.
@@ -54,6 +56,15 @@ class WorkerRuntime:
     def upload_threads(self) -> int:
         """Concurrent uploads per job: fewer when many jobs upload at once (batching)."""
         return 2 if batching(self.settings) else 8
+
+    @property
+    def uploads(self) -> ThreadPoolExecutor:
+        """The process's upload threads, kept for every job (no pool built per job)."""
+        with self._lock:
+            if self._uploads is None:
+                threads = max(8, 2 * max(1, self.settings.batch_size))
+                self._uploads = ThreadPoolExecutor(threads, thread_name_prefix="actviz-upload")
+        return self._uploads
 
     @property
     def reports(self) -> ReportPool | None:

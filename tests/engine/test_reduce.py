@@ -1,0 +1,182 @@
+"""The on-device reduction equals the host reference, on every model kind the engine serves.
+
+The device program (worker/engine/reduce.py) computes statistics, normalizes,
+quantizes and tiles where the activations are; the reference is numpy on the
+float32 activations of an eager pass, statistics in float64. Palette indices
+may differ by one (float32 rounding in another order); separators and
+geometry must be equal; statistics agree within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sample_images import image_bytes
+
+from producer.contract import JobOptions
+from producer.settings import Settings
+from worker.engine import RenderKey, preprocess
+from worker.engine.render import (
+    SEPARATOR,
+    channel_tile,
+    downsample_factor,
+    normalize_maps,
+    tile_indices,
+)
+
+MODELS = ["sequential_h5", "gray", "residual", "nested", "fully_conv", "wide", "wide_dense"]
+MODES = ["channel", "layer", "meanstd", "percentile"]
+
+
+def pixels_for(loaded, count: int = 2, side: int = 80) -> np.ndarray:  # noqa: ANN001
+    settings = Settings()
+    return np.stack(
+        [
+            preprocess(
+                image_bytes(side, side, seed=40 + s), loaded.input_shape, JobOptions(), settings
+            ).pixels
+            for s in range(count)
+        ]
+    )
+
+
+def reference_stats(act: np.ndarray) -> dict[str, np.ndarray]:
+    x = act.reshape(-1, act.shape[-1]).astype(np.float64)
+    return {
+        "mean": x.mean(axis=0),
+        "std": x.std(axis=0),
+        "min": x.min(axis=0),
+        "max": x.max(axis=0),
+        "zeros": (x == 0).sum(axis=0),
+    }
+
+
+def assert_close(have: np.ndarray, want: np.ndarray, scale: float, what: str) -> None:
+    # 1e-4 relative; values far below the layer's own scale compare against that scale.
+    tolerance = 1e-4 * np.maximum(np.abs(want), 1e-3 * scale) + 1e-7
+    worst = np.max(np.abs(have.astype(np.float64) - want) - tolerance, initial=-1.0)
+    assert worst <= 0, f"{what}: off by {worst} beyond tolerance"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_device_statistics_match_float64_numpy(loaded_models, name: str) -> None:
+    loaded = loaded_models(name)
+    extractor = loaded.extractor(None)
+    batch = pixels_for(loaded)
+    floats = extractor(batch)
+    reduced = extractor.reduce(batch, RenderKey.of(JobOptions(), Settings()))
+    assert len(reduced) == len(floats) > 0
+    for index, act in enumerate(floats):
+        for position in range(batch.shape[0]):
+            layer = reduced.layer(index, position)
+            want = reference_stats(act[position])
+            scale = float(np.max(np.abs(act[position]), initial=0.0))
+            for row, key in enumerate(("mean", "std", "min", "max")):
+                assert_close(layer.moments[row], want[key], scale, f"{name} layer {index} {key}")
+            np.testing.assert_array_equal(layer.zeros, want["zeros"])
+            assert layer.count == act[position].size // act.shape[-1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_device_grids_match_the_numpy_reference(loaded_models, name: str, mode: str) -> None:
+    loaded = loaded_models(name)
+    extractor = loaded.extractor(None)
+    batch = pixels_for(loaded)
+    floats = extractor(batch)
+    settings = Settings(max_grid_side=256)  # downsampling on the larger maps too
+    options = JobOptions(normalize=mode, percentile=97.5)
+    reduced = extractor.reduce(batch, RenderKey.of(options, settings))
+    grids = 0
+    for index, act in enumerate(floats):
+        for position in range(batch.shape[0]):
+            layer = reduced.layer(index, position)
+            maps = act[position]
+            if maps.ndim != 3:
+                assert layer.canvas is None
+                continue
+            grids += 1
+            factor = downsample_factor(*maps.shape, settings.max_grid_side)
+            assert layer.plan.grid.downsample == factor
+            strided = maps[::factor, ::factor]
+            want, grid = tile_indices(normalize_maps(strided, mode, options.percentile))
+            have = layer.canvas
+            assert have.dtype == np.uint8 and have.shape == want.shape
+            assert (grid.rows, grid.cols) == (layer.plan.grid.rows, layer.plan.grid.cols)
+            separators = want == SEPARATOR
+            np.testing.assert_array_equal(have[separators], want[separators])
+            diff = np.abs(have.astype(np.int16) - want.astype(np.int16))
+            assert diff.max(initial=0) <= 1, f"{name} layer {index} {mode}: off by {diff.max()}"
+            # Off by one is float32 rounding at a level's edge: rare, not systematic.
+            assert (diff == 0).mean() >= 0.99, f"{name} layer {index} {mode}: {diff.mean()}"
+            # A channel's tile, cut from the canvas, is that channel's indices.
+            last = maps.shape[-1] - 1
+            tile = channel_tile(have, layer.plan.grid, last)
+            assert tile.shape == strided.shape[:2]
+    assert grids > 0 or name == "wide_dense"
+
+
+def test_only_uint8_grids_and_statistics_cross_unless_a_job_asks(loaded_models) -> None:
+    loaded = loaded_models("residual")
+    extractor = loaded.extractor(None)
+    batch = pixels_for(loaded, count=3)
+    settings = Settings()
+    plain = extractor.reduce(batch, RenderKey.of(JobOptions(), settings))
+    floats_bytes = sum(a.nbytes for a in extractor(batch))
+    assert plain.activation_bytes == floats_bytes
+    expected = 0
+    for index in range(len(plain)):
+        layer = plain.layer(index, 0)
+        assert layer.half is None and layer.mean_map is None
+        channels = layer.moments.shape[-1]
+        expected += 16 * channels + 4 * channels  # moments (4 x float32) + zero counts
+        if layer.canvas is not None:
+            assert layer.canvas.dtype == np.uint8
+            expected += layer.canvas.nbytes
+        if layer.values is not None:
+            expected += layer.values.nbytes
+    assert plain.d2h_bytes == 3 * expected
+    assert plain.d2h_bytes < floats_bytes / 3  # bytes, not floats
+    full = extractor.reduce(batch, RenderKey.of(JobOptions(save_npz=True, overlay=True), settings))
+    half = full.layer(0, 1).half
+    assert half is not None and half.dtype == np.float16
+    np.testing.assert_allclose(half, extractor(batch)[0][1], rtol=1e-3, atol=1e-3)
+    assert full.layer(0, 1).mean_map is not None or full.layer(0, 1).canvas is None
+    full.release(0)
+    with pytest.raises(RuntimeError, match="released"):
+        full.layer(0, 0)
+
+
+def test_a_pass_of_three_compiles_for_four_and_returns_three(loaded_models) -> None:
+    loaded = loaded_models("sequential_h5")
+    extractor = loaded.extractor(None)
+    batch = pixels_for(loaded, count=3)
+    key = RenderKey.of(JobOptions(), Settings())
+    three = extractor.reduce(batch, key)
+    one = extractor.reduce(batch[2:], key)
+    assert three.count == 3
+    for index in range(len(three)):
+        a, b = three.layer(index, 2), one.layer(index, 0)
+        np.testing.assert_allclose(a.moments, b.moments, rtol=1e-5, atol=1e-6)
+        if a.canvas is not None:
+            assert np.abs(a.canvas.astype(int) - b.canvas.astype(int)).max() <= 1
+
+
+def test_grid_pngs_decode_to_the_canvas_and_its_palette() -> None:
+    """The PNG writer (zlib-ng deflate) gives files any reader decodes to the same indices."""
+    import io
+
+    from PIL import Image
+
+    from worker.engine import render
+
+    assert render._zlib.__name__.endswith("zlib_ng")  # the worker extra installs zlib-ng
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (3, 700), (257, 31)]:
+        indices = rng.integers(0, 256, shape).astype(np.uint8)
+        lut = render.colormap_lut("magma")
+        with Image.open(io.BytesIO(render.encode_palette_png(indices, lut))) as image:
+            image.load()
+            assert image.mode == "P" and image.size == shape[::-1]
+            np.testing.assert_array_equal(np.asarray(image), indices)
+            assert bytes(image.getpalette()[:768]) == lut.tobytes()
