@@ -70,6 +70,9 @@ class Settings:
     # Seconds before Redis hands an unacknowledged job to another worker; 0 derives it
     # from the hard time limit. Shorter than the time limit, a slow job may run twice.
     redeliver_after: int = 0
+    # A job reports its stages (Job.state().stage) once it has run this long: a fast job
+    # skips them (each is a result-backend read and write), a slow one shows its progress.
+    progress_after_ms: int = 250
     batch_size: int = 8
     batch_wait_ms: int = 15
     # Most MB of float32 activations (all selected layers) one forward pass may produce;

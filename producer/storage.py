@@ -132,10 +132,12 @@ class FileStore:
         self.url = url or self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
+        # Lexical: the keys are relative, '/'-separated, without '..' (a per-object
+        # resolve() walked every path component on every write).
+        parts = key.split("/")
+        if not key or key.startswith("/") or "\\" in key or "\x00" in key or ".." in parts:
             raise ValueError(f"key {key!r} escapes the storage root")
-        return path
+        return self.root.joinpath(*[part for part in parts if part not in ("", ".")])
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)

@@ -31,6 +31,7 @@ def env(redis_url: str, bucket: str, saved_models: dict[str, Path], tmp_path_fac
         ACTVIZ_MODEL_ALLOW=f"s3://{bucket}/models/,{saved_models['seq'].parent.as_uri()}/",
         ACTVIZ_MODEL_CACHE_DIR=str(cache),
         ACTVIZ_QUEUES="gpu,cpu",
+        ACTVIZ_PROGRESS_AFTER_MS="0",  # every stage, however fast the job
     )
 
 

@@ -38,15 +38,20 @@ def compile_program(model: keras.Model, tail: Tail) -> Callable[[np.ndarray], An
     if backend == "jax":
         import jax
 
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-
         def step(trainable: Any, non_trainable: Any, batch: Any) -> Any:
             result, _ = model.stateless_call(trainable, non_trainable, batch, training=False)
             return tail(_outputs(result))
 
         jitted = jax.jit(step)
-        return lambda batch: jitted(trainable, non_trainable, batch)
+
+        def run(batch: Any) -> Any:
+            # The variables' current arrays, read per call: Keras may replace them
+            # (a `predict` on the same model frees and restores its state).
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            return jitted(trainable, non_trainable, batch)
+
+        return run
     if backend == "tensorflow":
         import tensorflow as tf
 

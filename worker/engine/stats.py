@@ -72,9 +72,14 @@ def layer_summary(stats: dict[str, Any], top_k: int) -> dict[str, Any]:
 
 
 def json_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    """Per-channel arrays -> JSON-ready lists (floats as Python floats)."""
-    out: dict[str, Any] = {
-        key: [float(v) for v in stats[key]] for key in ("mean", "std", "min", "max", "sparsity")
-    }
-    out["dead"] = [int(i) for i in stats["dead"]]
+    """Per-channel arrays -> JSON-safe lists: Python floats, None for NaN or infinity."""
+    out: dict[str, Any] = {}
+    for key in ("mean", "std", "min", "max", "sparsity"):
+        values = np.asarray(stats[key], dtype=np.float64)
+        finite = np.isfinite(values)
+        listed = values.tolist()
+        if not finite.all():
+            listed = [v if ok else None for v, ok in zip(listed, finite.tolist(), strict=True)]
+        out[key] = listed
+    out["dead"] = np.asarray(stats["dead"]).astype(int).tolist()
     return out

@@ -42,7 +42,7 @@ from producer.storage import put_many
 from worker.jobs.batches import publish_batch
 from worker.jobs.deliveries import admit_delivery
 from worker.jobs.limits import time_limits
-from worker.jobs.steps import report_stage
+from worker.jobs.steps import report_stage, start_progress
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_CPU, STAGE_SECONDS
 from worker.runtime import WorkerRuntime
@@ -85,6 +85,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
         JOBS.labels(status="failed", code=exc.code).inc()
         raise
     with job_context(spec.job_id):
+        start_progress(task, settings.progress_after_ms)
         if spec.enqueued_at:
             QUEUE_WAIT.observe(max(0.0, time.time() - spec.enqueued_at))
         try:
@@ -139,7 +140,10 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     STAGE_SECONDS.labels(stage="upload").observe(upload_s)
     manifest["timings_ms"]["upload"] = round(upload_s * 1000, 3)
     # Written last: a manifest's presence means every object it names is there.
-    metered.put(contract.manifest_key(spec.job_id), json.dumps(manifest, indent=2).encode())
+    # Compact: json's C encoder runs only without indent (the manifest holds every
+    # channel's statistics, about 2 ms a job with indent=2 against 1 without).
+    body = json.dumps(manifest, separators=(",", ":")).encode()
+    metered.put(contract.manifest_key(spec.job_id), body)
     cpu = manifest.setdefault("cpu_ms", {})
     cpu["upload"] = round(metered.cpu_s * 1000, 3)
     for stage, ms in cpu.items():

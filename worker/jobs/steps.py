@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,27 @@ class Output:
 
 
 def report_stage(task: Task, stage: str) -> None:
-    """Let `Job.state()` show progress; a no-op when run outside a worker."""
-    if task.request.id:
+    """Let `Job.state()` show progress; a no-op when run outside a worker.
+
+    Only once the job has run `settings.progress_after_ms` (see `start_progress`):
+    each report is a result-backend read and write, which a job that ends sooner
+    would spend on stages nobody has time to see.
+    """
+    if not task.request.id:
+        return
+    started, after = getattr(task.request, "actviz_progress", (None, 0.0))
+    if stage_due(started, after, time.monotonic()):
         task.update_state(state="STARTED", meta={"stage": stage})
+
+
+def start_progress(task: Task, after_ms: int) -> None:
+    """The job starts now: its stages are reported from `after_ms` on."""
+    task.request.actviz_progress = (time.monotonic(), max(0, after_ms) / 1000.0)
+
+
+def stage_due(started: float | None, after_s: float, now: float) -> bool:
+    """Whether a stage reached at `now` is reported for a job started at `started`."""
+    return started is None or now - started >= after_s
 
 
 def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:

@@ -119,7 +119,7 @@ class Chart:
             # A 64-colour palette holds the chart's few colours and their anti-aliasing:
             # a third of the bytes of RGB, and faster to encode.
             palette = image.convert("RGB").quantize(
-                PALETTE_COLORS, method=Image.Quantize.MAXCOVERAGE
+                PALETTE_COLORS, method=Image.Quantize.FASTOCTREE
             )
         out = io.BytesIO()
         palette.save(out, format="PNG")
