@@ -587,9 +587,13 @@ def measure_service(
             try:
                 cold[f"ready_s_b{batch_size}"] = worker.ready_s
                 run_load(settings, warm * 2, 4)  # build the ':8' extractors too
-                # Compile every pass size the load will make (one program per size).
+                # Compile every pass size the load will make: each (model, spec) group's
+                # programs, one per pass size, at the highest concurrency.
                 top = max(args.concurrency)
-                run_load(settings, workload[: 4 * top], top)
+                groups: dict[tuple, list] = {}
+                for item in workload:
+                    groups.setdefault((item[0], item[2]), []).append(item)
+                run_load(settings, [i for g in groups.values() for i in g[: 2 * top]], top)
                 for concurrency in args.concurrency:
                     procs = {**pids, "producers": os.getpid()}
                     cpu_before = {n: cpu_seconds(pid) for n, pid in procs.items()}

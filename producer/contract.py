@@ -143,7 +143,7 @@ def job_prefix(job_id: str) -> str:
 MANIFEST_FILE = "manifest.json"  # written last: its presence means the job is complete
 ERROR_FILE = "error.json"
 REPORT_FILE = "index.html"
-DEPTH_CHART_FILE = "depth.png"
+DEPTH_CHART_FILE = "depth.svg"
 INPUT_FILE = "input.png"  # the image as the model saw it, before scaling
 ACTIVATIONS_FILE = "activations.npz"
 

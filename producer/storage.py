@@ -23,6 +23,7 @@ from producer.errors import ObjectNotFound, ObjectTooLarge, StorageUnavailable
 CONTENT_TYPES = {
     ".json": "application/json",
     ".png": "image/png",
+    ".svg": "image/svg+xml",
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
     ".webp": "image/webp",

@@ -76,7 +76,7 @@ def fetched(env, worker, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fetched_demo_report_opens_with_every_image_and_no_errors(browser, fetched) -> None:
     manifest = json.loads((fetched / "manifest.json").read_text())
-    assert (fetched / "depth.png").is_file()
+    assert (fetched / "depth.svg").is_file()
     page = browser.open(fetched / "index.html")
     images = page.evaluate(
         "Array.from(document.images).map(i => [i.id, i.complete, i.naturalWidth])"

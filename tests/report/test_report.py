@@ -47,7 +47,11 @@ def test_report_loads_every_image_without_console_errors(page, job) -> None:
     assert overlays, "the job asked for overlays"
     # input + depth chart + one grid and one overlay per layer, all embedded
     assert len(images) == 2 + len(grids) + len(overlays)
-    assert all(src.startswith("data:image/png;base64,") for src, _, _ in images)
+    assert all(
+        src.startswith(("data:image/png;base64,", "data:image/svg+xml;base64,"))
+        for src, _, _ in images
+    )
+    assert sum(src.startswith("data:image/svg+xml;") for src, _, _ in images) == 1  # the chart
     assert page.evaluate("document.getElementById('linknote').hidden") is True
 
 
@@ -70,7 +74,7 @@ def test_large_report_links_its_images_and_explains_when_they_are_missing(
     images = images_of(page)
     srcs = {src for src, _, _ in images}
     grids = {layer["grid"]["png"] for layer in artifacts.manifest["layers"] if layer["grid"]}
-    assert {"input.png", "depth.png"} | grids <= srcs
+    assert {"input.png", "depth.svg"} | grids <= srcs
     assert all(complete and width > 0 for _, complete, width in images)
     assert page.errors == []
     assert page.evaluate("document.getElementById('linknote').hidden") is True
@@ -82,11 +86,14 @@ def test_large_report_links_its_images_and_explains_when_they_are_missing(
     assert page.evaluate("document.getElementById('linknote').hidden") is False
 
 
-def test_depth_chart_is_a_png_shown_on_the_page(page, job) -> None:
-    chart = Image.open(job[0].parent / "depth.png")
-    assert chart.format == "PNG" and chart.width >= 600
-    assert page.evaluate("document.getElementById('depth-chart').naturalWidth") == chart.width
-    assert page.evaluate("document.getElementById('depth-chart').naturalHeight") == chart.height
+def test_depth_chart_is_an_svg_shown_on_the_page(page, job) -> None:
+    import xml.etree.ElementTree as ElementTree
+
+    chart = ElementTree.fromstring((job[0].parent / "depth.svg").read_bytes())
+    width, height = int(chart.get("width")), int(chart.get("height"))
+    assert chart.tag.endswith("svg") and width >= 500
+    assert page.evaluate("document.getElementById('depth-chart').naturalWidth") == width
+    assert page.evaluate("document.getElementById('depth-chart').naturalHeight") == height
 
 
 def test_every_layer_is_shown_in_model_order_with_its_summary(page, job) -> None:
@@ -227,4 +234,4 @@ def test_report_without_grid_geometry_or_layers_still_renders() -> None:
     }
     out = render_report(manifest, {})
     assert b"no spatial output" in out["index.html"]
-    assert Image.open(io.BytesIO(out["depth.png"])).format == "PNG"
+    assert out["depth.svg"].startswith(b"<svg")

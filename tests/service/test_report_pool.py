@@ -18,4 +18,4 @@ def test_helpers_that_do_not_start_in_time_fall_back_to_rendering_in_the_worker(
     pool.start(timeout=0.001)  # far too short for a spawned process to import matplotlib
     files = pool.render(_manifest(), {})
     assert b"<html" in files["index.html"].lower()
-    assert files["depth.png"].startswith(b"\x89PNG")
+    assert files["depth.svg"].startswith(b"<svg")

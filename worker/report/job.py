@@ -1,6 +1,6 @@
 """The per-job HTML report: one self-contained index.html next to the grids.
 
-`render_report(manifest, files)` returns {"index.html", "depth.png"}, keyed
+`render_report(manifest, files)` returns {"index.html", "depth.svg"}, keyed
 relative to the job folder like the engine's files. The page
 (templates/job.html.j2) has inline CSS and script only. Its images (input,
 grids, overlays, depth chart) are embedded as data: URIs while they total at
@@ -46,7 +46,7 @@ def render_report(
     *,
     inline_max_bytes: int = INLINE_MAX_BYTES,
 ) -> dict[str, bytes]:
-    """One job's manifest (+ its files) -> {"index.html": UTF-8, "depth.png": PNG}.
+    """One job's manifest (+ its files) -> {"index.html": UTF-8, "depth.svg": SVG}.
 
     `files` are the job's artifacts keyed relative to the job folder. The page
     embeds the images it shows when they are all in `files` and total at most

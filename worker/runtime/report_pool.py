@@ -1,13 +1,13 @@
 """Job reports rendered in separate processes, off the batching worker's GIL.
 
-A job's report (worker/report/job.py: the HTML page and its matplotlib depth
-chart) is about 0.2 s of pure-Python work per job on one core. In the worker
+A job's report (worker/report/job.py: the HTML page and its depth
+chart) is pure-Python work (mostly the template) on every job. In the worker
 process it holds the interpreter lock, so it serializes with everything else
 that needs Python (Celery, boto3, the forward thread) and caps a batching
 worker long before its cores or its accelerator are busy. A few spawned
 processes (never forked from a process that holds TensorFlow or CUDA state)
 render reports instead: the job sends its manifest and files (a few MB,
-pickled through a pipe) and gets index.html and depth.png back.
+pickled through a pipe) and gets index.html and depth.svg back.
 
 Only batching workers use it; with batch size 1 the job would wait for its
 report anyway.
@@ -29,7 +29,7 @@ from worker.runtime.batcher import wait_result
 
 log = logging.getLogger(__name__)
 
-# Spawning a helper and importing matplotlib takes a second or two; far longer means stuck.
+# Spawning a helper and importing the report takes a second or two; far longer means stuck.
 START_TIMEOUT_S = 60.0
 
 MAX_PROCESSES = 4
@@ -54,17 +54,17 @@ def _watch_parent(parent: int) -> None:
 
 
 def _ready() -> bool:
-    from worker import report  # noqa: F401 (import matplotlib and the report once, now)
+    from worker import report  # noqa: F401 (import the report and Jinja once, now)
 
     return True
 
 
 class ReportPool:
-    """`render(manifest, files)` -> {"index.html": ..., "depth.png": ...} in a helper process."""
+    """`render(manifest, files)` -> {"index.html": ..., "depth.svg": ...} in a helper process."""
 
     def __init__(self, processes: int | None = None) -> None:
         # Half the cores this process may run on, at most MAX_PROCESSES: a node's
-        # core count is not a container's CPU limit, and each helper holds matplotlib.
+        # core count is not a container's CPU limit, and each helper is an interpreter.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.processes = processes or min(MAX_PROCESSES, max(1, (cores or 1) // 2))
         self._executor: ProcessPoolExecutor | None = None
