@@ -688,9 +688,16 @@ def main() -> None:
     parser.add_argument("--models", default="classic,deep", help="models of the workload")
     parser.add_argument("--specs", default=":8,default", help="layer specs of the workload")
     parser.add_argument(
-        "--per-device", type=int, default=1, help="worker processes sharing the device"
+        "--per-device",
+        type=int,
+        default=0,
+        help="worker processes sharing the device (0: the worker's default for this host)",
     )
     args = parser.parse_args()
+    if args.per_device <= 0:
+        from worker.main import default_per_device, usable_cores, visible_gpus
+
+        args.per_device = default_per_device(usable_cores(), visible_gpus(dict(os.environ)), 1)
     args.models = [m for m in args.models.split(",") if m]
     args.specs = tuple(None if s == "default" else s for s in args.specs.split(","))
     # SIGTERM unwinds like Ctrl-C, so the worker, Redis and S3 server it started are stopped.

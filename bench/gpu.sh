@@ -2,7 +2,7 @@
 # The GPU measurements in one script: `make bench` and `make bench-service` on a
 # GPU node with the JAX backend (docs/benchmarks.md, "On a GPU").
 #
-#   bash bench/gpu.sh [OUT_DIR]        # PYTHON, JOBS, PER_DEVICE ("4" or "4,8"), BATCH override
+#   bash bench/gpu.sh [OUT_DIR]        # PYTHON, JOBS, PER_DEVICE ("8" or "4,8"), BATCH override
 #
 # Needs the package installed (`pip install -e '.[worker]'` plus jax[cuda]) and
 # redis-server on the PATH; results and models go to a local folder (no S3 server).
@@ -11,7 +11,7 @@ export KERAS_BACKEND="${KERAS_BACKEND:-jax}"
 # Several processes share the card: none may take 75% of it at start-up.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
-PER_DEVICE="${PER_DEVICE:-4}"
+PER_DEVICE="${PER_DEVICE:-0}"  # 0: the worker's default (the cores per GPU / 2)
 out="${1:-bench-gpu}"
 mkdir -p "$out"
 nvidia-smi -L | tee "$out/device.txt" || true

@@ -33,9 +33,11 @@ log = logging.getLogger("actviz.worker")
 
 EXIT_CONFIG = 2
 EXIT_PRELOAD = 3
-# Cores one worker process keeps busy on the host: its job threads (Celery, fetch,
-# upload), the forward thread, and a share of PNG encoding and report helpers.
-CORES_PER_PROCESS = 4
+# Host cores per worker process sharing a GPU. A process's Python (Celery, the job
+# threads, manifests) holds one interpreter lock; its PNG encoding and report helpers
+# use a second core. Measured on an H200 with 16 cores (docs/benchmarks.md): 8
+# processes served the classic CNN at 98 jobs/s, 4 processes at 52.
+CORES_PER_PROCESS = 2
 MAX_PER_DEVICE = 8
 
 EMBEDDED_REFUSAL = (
