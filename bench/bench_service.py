@@ -17,7 +17,9 @@ One run measures, on the same images:
 
 Workload: --jobs per model (classic 150x150 CNN of bench_engine, and a deeper
 VGG-style CNN on the same input), half with layers ':8', half with the
-default (every spatial layer), in that order; 16 distinct 320x240 JPEGs.
+default (every spatial layer), in that order; every service job has an image of
+its own (320x240 JPEG), which its producer uploads (--reuse-images cycles the 16
+images of the in-process floor instead, and the client skips their uploads).
 
     python bench/bench_service.py [--jobs 200] [--batch-sizes 1,8] [--concurrency 1,4,16]
     KERAS_BACKEND=jax python bench/bench_service.py --in-process-only
@@ -89,11 +91,11 @@ def deep_cnn() -> keras.Model:
     return keras.Sequential(stack, name="deep_vgg_style")
 
 
-def photos(count: int, width: int = 320, height: int = 240) -> list[bytes]:
-    """`count` distinct photo-like JPEGs: gradients, waves and noise, seeded."""
+def photos(count: int, width: int = 320, height: int = 240, first: int = 0) -> list[bytes]:
+    """`count` distinct photo-like JPEGs: gradients, waves and noise, seeded `first`, ..."""
     out = []
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    for seed in range(count):
+    for seed in range(first, first + count):
         rng = np.random.default_rng(seed)
         fx, fy = rng.uniform(8, 30, 2)
         base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / fx + yy / fy)], axis=-1)
@@ -522,14 +524,32 @@ def run_load(
     return seconds, latencies, failed[0], means, cpu_means
 
 
-def workload_of(uris: dict[str, str], images: list[bytes], jobs: int, specs: tuple = SPECS) -> list:
-    """Per model `jobs` jobs in equal blocks of `specs` (':8' first, then the default);
-    images cycle."""
+class ImageSource:
+    """Images for the service's jobs: a new one per job (the producer uploads each, as a
+    user's would be), or, with `reuse`, the IMAGES of the in-process floor again (the
+    client then finds each stored and skips its upload)."""
+
+    def __init__(self, fixed: list[bytes], reuse: bool) -> None:
+        self.fixed, self.reuse, self.next_seed = fixed, reuse, len(fixed)
+
+    def take(self, count: int) -> list[bytes]:
+        if self.reuse:
+            return [self.fixed[i % len(self.fixed)] for i in range(count)]
+        out = photos(count, first=self.next_seed)
+        self.next_seed += count
+        return out
+
+
+def workload_of(uris: dict[str, str], images: ImageSource, jobs: int, specs: tuple = SPECS) -> list:
+    """Per model `jobs` jobs in equal blocks of `specs` (':8' first, then the default),
+    each with an image from `images`. Made before a load starts: generating images
+    is not the producers' cost."""
+    pictures = images.take(len(uris) * jobs)
     out = []
-    for name in uris:
+    for m, name in enumerate(uris):
         for i in range(jobs):
             spec = specs[i * len(specs) // max(1, jobs)]
-            out.append((uris[name], images[i % len(images)], spec))
+            out.append((uris[name], pictures[m * jobs + i], spec))
     return out
 
 
@@ -574,8 +594,8 @@ def measure_service(
             "ACTVIZ_MODEL_ALLOW": models_uri,
             "ACTVIZ_LOG_LEVEL": "WARNING",
         }
-        workload = workload_of(uris, images, args.jobs)
-        warm = [(uris[m], images[0], spec) for m in uris for spec in SPECS]
+        source = ImageSource(images, args.reuse_images)
+        warm = [(uris[m], images[0], spec) for m in uris for spec in args.specs]
         for batch_size in args.batch_sizes:
             env_b = {
                 **worker_env,
@@ -591,10 +611,11 @@ def measure_service(
                 # programs, one per pass size, at the highest concurrency.
                 top = max(args.concurrency)
                 groups: dict[tuple, list] = {}
-                for item in workload:
+                for item in workload_of(uris, source, 2 * top * len(args.specs), args.specs):
                     groups.setdefault((item[0], item[2]), []).append(item)
                 run_load(settings, [i for g in groups.values() for i in g[: 2 * top]], top)
                 for concurrency in args.concurrency:
+                    workload = workload_of(uris, source, args.jobs, args.specs)
                     procs = {**pids, "producers": os.getpid()}
                     cpu_before = {n: cpu_seconds(pid) for n, pid in procs.items()}
                     tree_before = cpu_tree(worker.proc.pid)
@@ -688,6 +709,11 @@ def main() -> None:
     parser.add_argument("--models", default="classic,deep", help="models of the workload")
     parser.add_argument("--specs", default=":8,default", help="layer specs of the workload")
     parser.add_argument(
+        "--reuse-images",
+        action="store_true",
+        help=f"cycle the {IMAGES} floor images instead of a new image per job (uploads skipped)",
+    )
+    parser.add_argument(
         "--per-device",
         type=int,
         default=0,
@@ -729,7 +755,13 @@ def main() -> None:
     print(f"machine: {bench_engine.machine()}")
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, device {device_name()}")
     print(
-        f"images: {IMAGES} distinct 320x240 JPEGs; models: {', '.join(args.models)} "
+        "images: 320x240 JPEGs, "
+        + (
+            f"the {IMAGES} floor images reused (uploads skipped)"
+            if args.reuse_images
+            else "a new one per service job (each uploaded)"
+        )
+        + f"; models: {', '.join(args.models)} "
         f"(150x150x3); layer specs: {', '.join(spec_name(s) for s in args.specs)}"
     )
     print()
