@@ -85,6 +85,7 @@ def test_exif_orientation_is_applied():
     decoded, record = decode_image(encode(image, "JPEG", exif=exif, quality=95), 10**8)
     assert decoded.size == (10, 20)
     assert record["exif_orientation"] == 6
+    assert record["original_size"] == [20, 10]  # (H, W) as displayed
     pixels = np.asarray(decoded.convert("L"), dtype=np.float32)
     assert pixels[:10].mean() > 200 and pixels[10:].mean() < 50  # left half is now on top
 
@@ -201,3 +202,41 @@ def test_bad_scale_options_are_invalid_job(options):
     with pytest.raises(InvalidJob) as err:
         run(image_bytes(), **options)
     assert err.value.code == ErrorCode.INVALID_JOB
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients with mild noise: what a downscaled photo looks like."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / 97 + yy / 131)], axis=-1)
+    pixels = np.clip(base * 220 + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_a_large_jpeg_is_decoded_at_the_scale_the_model_needs():
+    """24 MP for a 150x150 model: decoded at 1/8 by DCT scaling, close to a full decode."""
+    big = photo(6000, 4000)
+    data = encode(big, "JPEG", quality=92)
+    prepared = run(data, shape=(150, 150, 3))
+    assert prepared.record["draft_scale"] == "1/8"
+    assert prepared.original_size == (4000, 6000)
+    assert prepared.display.shape == (150, 150, 3)
+    # The same photo decoded whole and resized the same way.
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((150, 150), Image.BILINEAR)
+    diff = np.abs(prepared.display.astype(int) - np.asarray(full, dtype=int))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8
+
+
+def test_draft_decoding_keeps_exif_orientation_and_never_goes_below_the_target():
+    big = photo(1600, 800, seed=2)  # stored landscape, shown portrait (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(big, "JPEG", exif=exif, quality=92)
+    prepared = run(data, shape=(300, 150, 3))  # H 300, W 150: needs 300 of the stored 1600
+    assert prepared.original_size == (1600, 800)
+    assert prepared.record["exif_orientation"] == 6
+    assert prepared.record["draft_scale"] == "1/4"  # 400x200 covers 300x150; 1/8 would not
+    assert prepared.display.shape == (300, 150, 3)
+    # A model as large as the image decodes it whole; so does PNG, which has no DCT scaling.
+    assert "draft_scale" not in run(data, shape=(1600, 800, 3)).record
+    assert "draft_scale" not in run(encode(big, "PNG"), shape=(150, 150, 3)).record

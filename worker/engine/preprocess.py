@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,12 @@ def preprocess(
     """
     channels = input_shape[2]
     check_scale(options, channels)
-    image, record = decode_image(data, settings.max_pixels)
-    original = (image.height, image.width)
+    image, record = decode_image(
+        data,
+        settings.max_pixels,
+        fit=lambda size: target_size(size, input_shape, settings.max_side),
+    )
+    original = tuple(record.pop("original_size"))
     image = _to_channels(image, channels, record)
     height, width = target_size(original, input_shape, settings.max_side)
     if height * width > settings.max_pixels:  # a fixed model input can be huge too
@@ -96,7 +101,7 @@ def preprocess(
             f"the model's input is {height}x{width} = {height * width} pixels, above "
             f"the {settings.max_pixels}-pixel limit (ACTVIZ_MAX_PIXELS)"
         )
-    if (height, width) != original:
+    if (height, width) != (image.height, image.width):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     display = np.asarray(image, dtype=np.uint8)
     if display.ndim == 2:
@@ -119,10 +124,19 @@ def preprocess(
     )
 
 
-def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, Any]]:
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    fit: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> tuple[Image.Image, dict[str, Any]]:
     """Decode the first frame with EXIF orientation applied.
 
-    The pixel count from the header is checked before decoding.
+    The pixel count from the header is checked before decoding. `fit`, given
+    the image's (H, W) as displayed, returns the size it will be resized to: a
+    JPEG much larger than that is decoded at 1/2, 1/4 or 1/8 scale (the
+    decoder's DCT scaling, `Image.draft`), never below that size, so a 24 MP
+    photo for a 150x150 model decodes about 1/64 of its pixels. The record
+    says so (`draft_scale`) and holds the full `original_size` (H, W).
     Raises InvalidImage or ImageTooLarge.
     """
     if not data:
@@ -151,13 +165,38 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, A
         "mode": image.mode,
         "decoder": f"Pillow {PIL.__version__}",
     }
+    if fit is not None and image.format in ("JPEG", "MPO"):
+        _draft(image, fit, record)
     try:
         image.load()
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image refused while decoding: {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"image data is truncated or corrupt: {exc}") from exc
-    return _orient(image, record), record
+    oriented = _orient(image, record)
+    turned = record.get("exif_orientation") in (5, 6, 7, 8)
+    record["original_size"] = [width, height] if turned else [height, width]
+    return oriented, record
+
+
+def _draft(
+    image: Image.Image, fit: Callable[[tuple[int, int]], tuple[int, int]], record: dict[str, Any]
+) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale that still covers `fit`'s size."""
+    width, height = image.size
+    try:
+        turned = int(image.getexif().get(0x0112, 1)) in (5, 6, 7, 8)
+    except _DECODE_ERRORS + (KeyError, TypeError):
+        turned = False
+    shown = (width, height) if turned else (height, width)  # (H, W) as displayed
+    out_h, out_w = fit(shown)
+    want = (out_h, out_w) if turned else (out_w, out_h)  # (W, H) as stored
+    if want[0] * 2 > width or want[1] * 2 > height:
+        return  # not even half the size: decode whole
+    image.draft(image.mode, want)
+    scale = width // max(1, image.size[0])
+    if scale > 1:
+        record["draft_scale"] = f"1/{scale}"
 
 
 def _orient(image: Image.Image, record: dict[str, Any]) -> Image.Image:
