@@ -42,6 +42,14 @@ def content_type_for(key: str) -> str:
     return CONTENT_TYPES.get(Path(key).suffix.lower(), "application/octet-stream")
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()  # read once, at import: os.umask is process-wide
+
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
 
@@ -145,6 +153,9 @@ class FileStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as fh:
+            # mkstemp makes 0600; a stored file gets the mode a plain open() would
+            # (0644 under umask 022), so a web server or another user can read reports.
+            os.fchmod(fh.fileno(), FILE_MODE)
             fh.write(data)
         os.replace(tmp, path)
 

@@ -411,3 +411,18 @@ def test_file_store_keys_stay_inside_the_root(tmp_path) -> None:  # noqa: ANN001
         with pytest.raises(ValueError, match="escapes"):
             store.put(key, b"x")
     assert not (tmp_path / "out").exists()
+
+
+def test_file_store_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None:  # noqa: ANN001
+    import os
+    import stat
+
+    from producer import storage
+
+    mask = os.umask(0)
+    os.umask(mask)
+    store = storage.FileStore(tmp_path / "store")
+    store.put("jobs/a/index.html", b"<html>")
+    mode = stat.S_IMODE(os.stat(tmp_path / "store" / "jobs" / "a" / "index.html").st_mode)
+    assert mode == 0o666 & ~mask  # 0644 under the usual umask 022, not mkstemp's 0600
+    assert mode != 0o600 or mask == 0o177
