@@ -33,8 +33,11 @@ def test_truncated_jpeg_is_invalid_image():
 
 
 def test_html_saved_as_jpg_is_invalid_image():
-    with pytest.raises(InvalidImage, match="not a readable image"):
+    with pytest.raises(InvalidImage, match="not a readable image") as refused:
         run(b"<!doctype html><html><body>404 Not Found</body></html>")
+    # It says what the bytes are, not where Python kept them.
+    assert "b'<!doctype html><'" in str(refused.value)
+    assert "object at 0x" not in str(refused.value)
 
 
 def test_zero_byte_file_is_invalid_image():

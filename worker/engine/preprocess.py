@@ -148,6 +148,11 @@ def decode_image(
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image refused before decoding: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(
+            f"not a readable image: its first bytes are {data[:16]!r}, which no accepted "
+            "format starts with (JPEG, PNG, WebP, BMP, TIFF or GIF expected)"
+        ) from exc
     except _DECODE_ERRORS as exc:
         raise InvalidImage(
             f"not a readable image (JPEG, PNG, WebP, BMP, TIFF or GIF expected): {exc}"

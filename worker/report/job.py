@@ -116,9 +116,9 @@ def _meta(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("model", _text(model.get("uri"))),
         ("sha256", _text((model.get("sha256") or "")[:16])),
-        ("input shape", format_shape(model.get("input_shape"))),
+        ("input shape (H, W, C)", format_shape(model.get("input_shape"))),
         ("image", _text(image.get("uri") or image.get("sha256"))),
-        ("original size", format_shape(image.get("original_size"))),
+        ("original size (H, W)", format_shape(image.get("original_size"))),
         ("preprocessing", _describe(pre, ("size", "channels", "scale", "resample", "formula"))),
         ("normalization", _describe(norm, ("mode", "percentile"))),
         ("colormap", _text(manifest.get("colormap"))),
