@@ -426,3 +426,26 @@ def test_file_store_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None
     mode = stat.S_IMODE(os.stat(tmp_path / "store" / "jobs" / "a" / "index.html").st_mode)
     assert mode == 0o666 & ~mask  # 0644 under the usual umask 022, not mkstemp's 0600
     assert mode != 0o600 or mask == 0o177
+
+
+def test_a_model_folder_is_read_in_place_and_a_plain_folder_is_not_called_missing(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    from producer.errors import InvalidModel, ModelNotFound
+    from producer.settings import Settings
+    from worker.engine import open_model
+    from worker.runtime.fetch import fetch_model
+
+    folder = tmp_path / "models" / "not-a-savedmodel"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("weights elsewhere")
+    settings = Settings(model_allow=((tmp_path / "models").as_uri() + "/",))
+    found = fetch_model(folder.as_uri(), settings)
+    assert found.path == folder.resolve() and found.version.startswith("dir-")
+    with pytest.raises(InvalidModel, match="not a TensorFlow SavedModel"):
+        open_model(found.path, uri=found.uri)
+    before = found.version
+    (folder / "notes.txt").write_text("weights elsewhere, changed")
+    assert fetch_model(folder.as_uri(), settings).version != before
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        fetch_model((tmp_path / "models" / "nothing-here").as_uri(), settings)

@@ -140,6 +140,10 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
     try:
         version = str(store.head(key).get("ETag", "")).strip('"')
     except ObjectNotFound:
+        folder = store.local_file(key)
+        if folder is not None and folder.is_dir():
+            # A local folder: a TensorFlow SavedModel (the loader says if it is not one).
+            return ModelFile(uri, folder, folder_version(folder), trusted=trusted)
         raise ModelNotFound(f"model {redact_url(uri)} does not exist") from None
     path = store.local_file(key)
     if path is not None:
@@ -163,6 +167,23 @@ def _download(
         raise ModelNotFound(f"model {uri} does not exist") from None
     _write_atomic(etag_file, version)
     return ModelFile(uri, path, version, trusted=trusted)
+
+
+def folder_version(folder: Path, most: int = 10_000) -> str:
+    """A version for a model folder: its files' count, total size and latest mtime.
+
+    Changes whenever a file in it is replaced; reads at most `most` entries.
+    """
+    count = size = latest = 0
+    for path in folder.rglob("*"):
+        count += 1
+        if count > most:
+            break
+        if path.is_file():
+            stat = path.stat()
+            size += stat.st_size
+            latest = max(latest, stat.st_mtime_ns)
+    return f"dir-{count}-{size}-{latest}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
