@@ -73,6 +73,9 @@ class Settings:
     # A job reports its stages (Job.state().stage) once it has run this long: a fast job
     # skips them (each is a result-backend read and write), a slow one shows its progress.
     progress_after_ms: int = 250
+    # Measure each job stage's CPU (manifest cpu_ms, actviz_stage_cpu_seconds_total). Off by
+    # default: a thread-CPU clock read is a system call made holding the interpreter lock.
+    stage_cpu: bool = False
     batch_size: int = 8
     batch_wait_ms: int = 15
     # Most MB of float32 activations (all selected layers) one forward pass may produce;

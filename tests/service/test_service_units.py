@@ -449,3 +449,26 @@ def test_a_model_folder_is_read_in_place_and_a_plain_folder_is_not_called_missin
     assert fetch_model(folder.as_uri(), settings).version != before
     with pytest.raises(ModelNotFound, match="does not exist"):
         fetch_model((tmp_path / "models" / "nothing-here").as_uri(), settings)
+
+
+def test_the_backstop_timer_moves_only_when_the_earliest_deadline_does(monkeypatch) -> None:  # noqa: ANN001
+    from worker.jobs import limits
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        limits.faulthandler, "dump_traceback_later", lambda delay, **_: calls.append("arm")
+    )
+    monkeypatch.setattr(
+        limits.faulthandler, "cancel_dump_traceback_later", lambda: calls.append("cancel")
+    )
+    backstop = limits._Backstop()
+    tokens = [backstop.add(300) for _ in range(20)]  # one step: one timer
+    assert calls.count("arm") <= 2
+    backstop.remove(tokens[0])
+    sooner = backstop.add(30)  # an earlier deadline moves it
+    arms = calls.count("arm")
+    backstop.remove(sooner)  # and back
+    assert calls.count("arm") == arms + 1
+    for token in tokens[1:]:
+        backstop.remove(token)
+    assert calls[-1] == "cancel" and backstop._armed is None

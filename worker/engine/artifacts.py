@@ -79,7 +79,8 @@ class ImageRender:
     ) -> None:
         self.image = image
         self.options = options
-        self.cpu = cpu if cpu is not None else {}
+        # Where the encode CPU goes when it is measured (settings.stage_cpu), else None.
+        self.cpu = cpu
         self.timings = timings
         self._files: dict[int, dict[str, bytes]] = {}
         self._entries: dict[int, dict[str, Any]] = {}
@@ -90,7 +91,7 @@ class ImageRender:
     def add_layer(self, index: int, ref: LayerRef, layer: HostLayer) -> None:
         """Encode and measure layer `index` (`ref`) from its reduced results for this image."""
         files: dict[str, bytes] = {}
-        cpu_started = time.thread_time()
+        cpu_started = _cpu_now(self.cpu)
         started = time.perf_counter()
         entry = _render_layer(ref, layer, self.image, self.options, files)
         render_ms = _ms_since(started)
@@ -99,9 +100,10 @@ class ImageRender:
         entry["stats"] = json_stats(stats)
         entry["summary"] = layer_summary(stats, self.options.top_k)
         stats_ms = _ms_since(started)
-        cpu_ms = (time.thread_time() - cpu_started) * 1000.0
+        cpu_ms = (_cpu_now(self.cpu) - cpu_started) * 1000.0
         with self._lock:
-            self.cpu["encode"] = self.cpu.get("encode", 0.0) + cpu_ms
+            if self.cpu is not None:
+                self.cpu["encode"] = self.cpu.get("encode", 0.0) + cpu_ms
             self._entries[index] = entry
             self._files[index] = files
             if layer.half is not None:
@@ -113,14 +115,15 @@ class ImageRender:
         """The Artifacts, once `add_layer` has run for every ref."""
         layers = [self._entries[index] for index in range(len(refs))]
         # Files in model order, whatever order the layers were rendered in.
-        cpu_started = time.thread_time()
+        cpu_started = _cpu_now(self.cpu)
         files = {INPUT_FILE: encode_png(self.image.display)}
         for index in range(len(refs)):
             files.update(self._files[index])
         if self.options.save_npz:
             files[ACTIVATIONS_FILE] = _npz(refs, [self._npz[i] for i in range(len(refs))])
         self.timings.update(render=self._render_ms, stats=self._stats_ms)
-        self.cpu["encode"] = self.cpu.get("encode", 0.0) + _ms_since_cpu(cpu_started)
+        if self.cpu is not None:
+            self.cpu["encode"] = self.cpu.get("encode", 0.0) + _ms_since_cpu(cpu_started)
         image = self.image
         record = dict(image.record)
         manifest = build_manifest(
@@ -195,6 +198,10 @@ def _npz(refs: list[LayerRef], activations: list[np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
+
+
+def _cpu_now(cpu: dict[str, float] | None) -> float:
+    return time.thread_time() if cpu is not None else 0.0
 
 
 def _ms_since_cpu(started: float) -> float:

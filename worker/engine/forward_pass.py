@@ -88,17 +88,20 @@ class ForwardPass:
         """
         pixels = np.stack([item.image.pixels for item in self.images])
         key = RenderKey.of(self.images[0].options, self.settings)
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        measure = self.settings.stage_cpu
+        started, cpu_started = time.perf_counter(), time.thread_time() if measure else 0.0
         self.outputs = outputs = self.extractor.reduce(pixels, key)
         forward_ms = (time.perf_counter() - started) * 1000.0
-        # The pass's host CPU (dispatch, copy), shared by its images.
-        engine_cpu_ms = (time.thread_time() - cpu_started) * 1000.0 / len(self.images)
+        if measure:  # the pass's host CPU (dispatch, copy), shared by its images
+            engine_cpu_ms = (time.thread_time() - cpu_started) * 1000.0 / len(self.images)
         del pixels
         self.renders = []
         for item in self.images:
             item.timings["forward"] = forward_ms
-            item.cpu["engine"] = engine_cpu_ms
-            self.renders.append(ImageRender(item.image, item.options, item.timings, item.cpu))
+            if measure:
+                item.cpu["engine"] = engine_cpu_ms
+            cpu = item.cpu if measure else None
+            self.renders.append(ImageRender(item.image, item.options, item.timings, cpu))
         count = len(self.images)
         self._layers_left = [count] * len(outputs)  # images still to take each layer
         self._images_left = [len(outputs)] * count  # layers still to render per image

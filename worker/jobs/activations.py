@@ -36,14 +36,15 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
         outcome, cache_event, timings = runtime.quarantine.run(spec.model, image, spec.options)
     else:
         runtime.expect_image()
-        cpu_started = time.thread_time()
+        measure = runtime.settings.stage_cpu
+        cpu_started = time.thread_time() if measure else 0.0
         try:
             loaded, cache_event, timings = runtime.load_model(spec.model)
             image = fetch_image(spec, runtime)
         except BaseException:
             runtime.drop_image()
             raise
-        fetch_cpu_ms = (time.thread_time() - cpu_started) * 1000.0
+        fetch_cpu_ms = (time.thread_time() - cpu_started) * 1000.0 if measure else None
         report_stage(task, Progress.FORWARD)
         outcome = runtime.analyze(loaded, image, spec.options)
     manifest = dict(outcome.manifest)
@@ -56,15 +57,17 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
         stage_ms[stage] = round(ms, 3)
 
     report_stage(task, Progress.RENDERING)
-    started, cpu_started = time.perf_counter(), time.thread_time()
+    measure = runtime.settings.stage_cpu
+    started, cpu_started = time.perf_counter(), time.thread_time() if measure else 0.0
     files.update(report_files(manifest, files, runtime))
     report_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="report").observe(report_s)
     stage_ms["report"] = round(report_s * 1000, 3)
-    cpu = manifest.setdefault("cpu_ms", {})
-    cpu["report"] = round((time.thread_time() - cpu_started) * 1000.0, 3)
-    if fetch_cpu_ms is not None:
-        cpu["fetch"] = round(fetch_cpu_ms, 3)
+    if measure:
+        cpu = manifest.setdefault("cpu_ms", {})
+        cpu["report"] = round((time.thread_time() - cpu_started) * 1000.0, 3)
+        if fetch_cpu_ms is not None:
+            cpu["fetch"] = round(fetch_cpu_ms, 3)
     summary = f"{len(manifest.get('layers', []))} layers"
     return Output(manifest, files, cache_event=cache_event, summary=summary)
 

@@ -134,7 +134,8 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     started = time.perf_counter()
     prefix = contract.job_prefix(spec.job_id)
     objects = [(prefix + name, data) for name, data in output.files.items()]
-    metered = CpuMeteredStore(store)
+    measure = runtime.settings.stage_cpu
+    metered = CpuMeteredStore(store) if measure else store
     put_many(metered, objects, pool=runtime.uploads)
     upload_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="upload").observe(upload_s)
@@ -145,9 +146,10 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     body = json.dumps(manifest, separators=(",", ":")).encode()
     metered.put(contract.manifest_key(spec.job_id), body)
     cpu = manifest.setdefault("cpu_ms", {})
-    cpu["upload"] = round(metered.cpu_s * 1000, 3)
-    for stage, ms in cpu.items():
-        STAGE_CPU.labels(stage=stage).inc(ms / 1000)
+    if measure:
+        cpu["upload"] = round(metered.cpu_s * 1000, 3)
+        for stage, ms in cpu.items():
+            STAGE_CPU.labels(stage=stage).inc(ms / 1000)
     log.info("job done: %s, model cache %s", output.summary, output.cache_event)
     publish_batch(spec, store, contract.SUCCEEDED)
     return {

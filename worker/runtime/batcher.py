@@ -173,15 +173,16 @@ class Batcher:
         forward-pass error is raised in every job of that batch.
         """
         from worker.engine import check_options, prepare_image
+        from worker.engine.analysis import cpu_clock
         from worker.engine.reduce import RenderKey
 
         try:
-            started, cpu_started = time.perf_counter(), time.thread_time()
+            started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
             check_options(options, loaded.input_shape[2])
             extractor = loaded.extractor(options.layers)
             image = prepare_image(image_bytes, loaded, extractor, options, self.settings)
             timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
-            cpu = {"preprocess": (time.thread_time() - cpu_started) * 1000.0}
+            cpu = {"preprocess": (cpu_clock(self.settings) - cpu_started) * 1000.0}
         except BaseException:
             self.cancel()
             raise
