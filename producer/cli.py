@@ -64,6 +64,8 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         "colormap": args.colormap,
         "top_k": args.top_k,
         "kind": args.kind,
+        "mean": args.mean,
+        "std": args.std,
     }
     if args.overlay:
         options["overlay"] = True
@@ -288,11 +290,33 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="s3:// URI, file path, or registry name")
     p.add_argument("--kind", choices=JOB_KINDS, default=JOB_KINDS[0], help="what the job computes")
-    p.add_argument("--layers", help="layer spec, e.g. 'conv' or 'block1_conv1,block2_conv1'")
-    p.add_argument("--normalize", choices=NORMALIZATIONS)
-    p.add_argument("--scale", choices=SCALES)
-    p.add_argument("--colormap")
-    p.add_argument("--top-k", type=int, dest="top_k")
+    p.add_argument(
+        "--layers",
+        help="layer spec: names, indices, slices, classes or re: patterns, comma-separated; "
+        "e.g. ':8', 'Conv2D', 're:conv' or 'block1_conv1,block2_conv1'",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        help="how a grid maps values to colours: per channel min..max (default), one "
+        "min..max for the layer, mean/std x 64 + 128, or percentile clipping",
+    )
+    p.add_argument(
+        "--scale",
+        choices=SCALES,
+        help="pixel scaling before the model: x/255 (default), raw 0..255, -1..1, or "
+        "(x/255 - mean) / std with --mean and --std",
+    )
+    p.add_argument(
+        "--mean", type=_floats, help="per-channel means for --scale meanstd, e.g. 0.485,0.456,0.406"
+    )
+    p.add_argument(
+        "--std", type=_floats, help="per-channel stds for --scale meanstd, e.g. 0.229,0.224,0.225"
+    )
+    p.add_argument("--colormap", help="a matplotlib colormap name (default viridis)")
+    p.add_argument(
+        "--top-k", type=int, dest="top_k", help="channels per layer listed by mean (default 8)"
+    )
     p.add_argument("--overlay", action="store_true", help="also render overlays on the input")
     p.add_argument("--queue", choices=QUEUES, help="gpu (default) or cpu")
     p.add_argument("--priority", type=int, help="0..9 on Redis; lower is served first")
@@ -320,9 +344,29 @@ def _command_of(argv: list[str] | None) -> str | None:
     return known.command
 
 
+def _floats(text: str) -> list[float]:
+    """'0.485,0.456,0.406' -> [0.485, 0.456, 0.406]."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("actviz")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser. A plugin command is imported only when it is `command`."""
     parser = argparse.ArgumentParser(prog="actviz", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"actviz {_version()}")
     _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 

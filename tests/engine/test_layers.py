@@ -106,9 +106,29 @@ def test_unknown_name_lists_nearest_valid_names(seq):
         select_layers(seq, "conv2d_9")
     assert err.value.code == ErrorCode.UNKNOWN_LAYER
     message = err.value.message
-    assert message.startswith("layer 'conv2d_9' not found; nearest: ")
-    nearest = message.split("nearest: ")[1].split(", ")
+    assert message.startswith("layer 'conv2d_9' not found. nearest: ")
+    nearest = message.split("nearest: ")[1].split(". ")[0].split(", ")
     assert {"conv2d_1", "conv2d_2"} <= set(nearest[:2])
+
+
+def test_a_part_of_names_says_how_to_select_them(seq):
+    """'conv' is no layer's name, but part of several: the message gives the re: token."""
+    with pytest.raises(UnknownLayer) as err:
+        select_layers(seq, "conv")
+    message = err.value.message
+    assert "'re:conv' selects every layer whose name contains it" in message
+    assert "conv2d_1" in message
+    assert [r.name for r in select_layers(seq, "re:conv")] == [
+        r.name for r in seq if "conv" in r.name
+    ]
+
+
+def test_a_name_like_nothing_lists_the_models_layers_and_classes(seq):
+    with pytest.raises(UnknownLayer) as err:
+        select_layers(seq, "nosuchlayer")
+    message = err.value.message
+    assert "Layers: " in message and "Classes: " in message and "Conv2D" in message
+    assert all(r.name in message for r in seq[:5])
 
 
 @pytest.mark.parametrize("spec", ["re:^nothing$", "5:2", "12", "re:(unclosed"])

@@ -91,3 +91,39 @@ def test_demo_runs_the_builtin_model_on_the_photo(tmp_path: Path) -> None:
     assert manifest["model"]["uri"] == "builtin:demo"
     assert manifest["model"]["input_shape"] == [150, 150, 3]
     assert len(manifest["layers"]) == len(lines) - 2  # one grid line per layer
+
+
+def test_scale_meanstd_takes_its_mean_and_std_on_the_command_line(
+    tmp_path: Path, saved_models: dict[str, Path], png_bytes: bytes
+) -> None:
+    (tmp_path / "cat.png").write_bytes(png_bytes)
+    model = tmp_path / "model.keras"
+    model.write_bytes(saved_models["seq"].read_bytes())
+    base = [str(ACTVIZ), "submit", "--model", "model.keras", "--image", "cat.png"]
+    meanstd = ["--scale", "meanstd", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
+    done = subprocess.run(
+        [*base, *meanstd, "--layers", "re:conv", "--wait", "--json"],
+        cwd=tmp_path,
+        env=clean_env(tmp_path / "home"),
+        capture_output=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip())
+    manifest = json.loads(
+        (tmp_path / "actviz-results" / "jobs" / out["job_id"] / "manifest.json").read_text()
+    )
+    assert manifest["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert manifest["preprocessing"]["std"] == [0.229, 0.224, 0.225]
+    assert all("conv" in layer["name"] for layer in manifest["layers"])
+    # A malformed list is refused by the parser, before anything runs.
+    bad = subprocess.run(
+        [*base, "--scale", "meanstd", "--mean", "a,b", "--std", "1,1,1"],
+        cwd=tmp_path,
+        env=clean_env(tmp_path / "home"),
+        capture_output=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and b"comma-separated list of numbers" in bad.stderr
+    version = subprocess.run([str(ACTVIZ), "--version"], capture_output=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith(b"actviz ")

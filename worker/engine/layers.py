@@ -165,7 +165,7 @@ def _resolve(refs: list[LayerRef], token: str) -> list[LayerRef]:
     by_class = [r for r in refs if r.class_name == token]
     if by_class:
         return by_class
-    raise UnknownLayer(f"layer '{token}' not found; nearest: {_nearest(token, refs)}")
+    raise UnknownLayer(_not_found(token, refs))
 
 
 def _non_empty(found: list[LayerRef], token: str, refs: list[LayerRef]) -> list[LayerRef]:
@@ -177,7 +177,23 @@ def _non_empty(found: list[LayerRef], token: str, refs: list[LayerRef]) -> list[
     return found
 
 
-def _nearest(token: str, refs: list[LayerRef]) -> str:
-    candidates = [r.name for r in refs] + sorted({r.class_name for r in refs})
-    close = difflib.get_close_matches(token, candidates, n=5, cutoff=0.4)
-    return ", ".join(close) if close else ", ".join(r.name for r in refs[:5])
+def _not_found(token: str, refs: list[LayerRef]) -> str:
+    """What to write instead of an unknown token: the names it is part of, the nearest
+    names and classes, and what the model has."""
+    names = [r.name for r in refs]
+    classes = sorted({r.class_name for r in refs})
+    lowered = token.lower()
+    partial = [name for name in names if lowered in name.lower()]
+    if partial:
+        shown = ", ".join(partial[:8]) + (" ..." if len(partial) > 8 else "")
+        return (
+            f"layer '{token}' not found: no layer has that exact name. It is part of "
+            f"{shown}: 're:{token}' selects every layer whose name contains it"
+        )
+    close = difflib.get_close_matches(token, names + classes, n=5, cutoff=0.5)
+    hint = f"nearest: {', '.join(close)}. " if close else ""
+    listed = ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+    return (
+        f"layer '{token}' not found. {hint}Layers: {listed}. Classes: {', '.join(classes)}. "
+        "A token is a name, an index (3, -1), a slice (:8), a class (Conv2D) or 're:<pattern>'"
+    )
