@@ -8,11 +8,14 @@ schema version. Both sides import this module; nothing else defines these.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from producer.colormaps import COLORMAPS
 
 TASK_NAME = "actviz.extract"
 
@@ -325,6 +328,13 @@ class JobOptions:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if not isinstance(self.colormap, str) or not _COLORMAP.fullmatch(self.colormap):
             raise ValueError(f"colormap {self.colormap!r} is not a colormap name")
+        if self.colormap not in COLORMAPS:
+            close = difflib.get_close_matches(self.colormap, sorted(COLORMAPS), n=4, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"colormap {self.colormap!r} is not a matplotlib colormap{hint} "
+                "(e.g. viridis, magma, inferno, plasma, gray; '_r' reverses one)"
+            )
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be an integer in 0..{MAX_TOP_K}, got {self.top_k!r}")
         for name in ("channel_pngs", "save_npz", "overlay"):

@@ -472,3 +472,18 @@ def test_the_backstop_timer_moves_only_when_the_earliest_deadline_does(monkeypat
     for token in tokens[1:]:
         backstop.remove(token)
     assert calls[-1] == "cancel" and backstop._armed is None
+
+
+def test_a_colormap_matplotlib_does_not_know_is_refused_before_the_job_is_queued() -> None:
+    import matplotlib
+
+    from producer.colormaps import COLORMAPS
+    from producer.contract import JobOptions
+
+    assert COLORMAPS.issubset(matplotlib.colormaps)  # the worker knows every name we accept
+    assert {"viridis", "magma", "gray", "viridis_r"} <= COLORMAPS
+    with pytest.raises(ValueError, match="did you mean viridis"):
+        JobOptions(colormap="viridiss").validate()
+    with pytest.raises(ValueError, match="not a matplotlib colormap"):
+        JobOptions(colormap="nosuchcmap").validate()
+    JobOptions(colormap="magma_r").validate()
