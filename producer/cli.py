@@ -187,28 +187,59 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return EXIT_OK if all(o["status"] == SUCCEEDED for o in outcomes) else EXIT_FAILED
 
 
+# Without a recorded end (a job revoked, or refused before it ran) a job is found by a
+# sweep that asks every pending job, this often; otherwise a refresh costs O(1).
+SWEEP_EVERY_S = 10.0
+
+
 def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> list[dict]:
+    """Wait for every job of a batch, showing done/failed/running/queued on stderr.
+
+    With Redis a refresh reads the batch's progress (producer/batches.py): a few
+    requests, plus one result per job that finished since the last refresh;
+    pending jobs are asked one by one only every SWEEP_EVERY_S. Without Redis
+    (embedded) each refresh asks every pending job.
+    """
     from rich.console import Console
     from rich.progress import Progress
 
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     pending = dict(zip([j.id for j in jobs], jobs, strict=True))
     done: dict[str, dict[str, Any]] = {}
+    batch_id = jobs[0].batch_id if jobs else None
+    cursor, swept = 0, time.monotonic()
     progress_console = Console(stderr=True)
+
+    def finish(job: Job) -> None:
+        result, error = wait_for_result(job, 5, False)
+        done[job.id] = _outcome(job, result, error)
+        del pending[job.id]
+        progress.advance(bar)
+
     with Progress(console=progress_console, disable=not _show_progress(args)) as progress:
         bar = progress.add_task("jobs", total=len(jobs))
         while pending:
+            look = jobs[0].client.batch_progress(batch_id, cursor) if batch_id else None
             running = 0
-            for job_id, job in list(pending.items()):
-                state = job.state().state
-                if state in FINAL_STATES:
-                    result, error = wait_for_result(job, 5, False)
-                    done[job_id] = _outcome(job, result, error)
-                    del pending[job_id]
-                    progress.advance(bar)
-                elif state == STARTED:
-                    running += 1
+            if look is not None:
+                cursor = look.cursor
+                for job_id in look.finished_ids:
+                    if job_id in pending:
+                        finish(pending[job_id])
+                running = look.running
+            sweep = look is None or time.monotonic() - swept >= SWEEP_EVERY_S
+            if sweep:
+                swept = time.monotonic()
+                counted = 0
+                for job in list(pending.values()):
+                    state = job.state(check_storage=look is None).state
+                    if state in FINAL_STATES:
+                        finish(job)
+                    elif state == STARTED:
+                        counted += 1
+                running = running if look is not None else counted
             failed = sum(1 for o in done.values() if o["status"] != SUCCEEDED)
+            running = min(running, len(pending))
             progress.update(
                 bar,
                 description=f"done {len(done) - failed} · failed {failed} · "
@@ -218,7 +249,8 @@ def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> l
                 for job_id in pending:
                     done[job_id] = {"job_id": job_id, "status": "timeout", "error": None}
                 break
-            time.sleep(0.2)
+            if pending:
+                time.sleep(0.2)
     out = []
     for job, image in zip(jobs, images, strict=True):
         done[job.id]["image"] = image

@@ -193,6 +193,16 @@ def batch_key(batch_id: str) -> str:
     return f"batches/{batch_id}/{REPORT_FILE}"
 
 
+def batch_progress_keys(batch_id: str) -> tuple[str, str, str]:
+    """Redis keys of a batch's progress, kept by its workers (producer/batches.py):
+    a hash {total, succeeded, failed}, the set of started job ids, and the list of
+    finished job ids in the order they finished."""
+    if not valid_job_id(batch_id):
+        raise ValueError(f"invalid batch id {batch_id!r}")
+    base = f"actviz:batch:{batch_id}"
+    return base, f"{base}:started", f"{base}:done"
+
+
 def batch_member_key(batch_id: str, index: int, job_id: str) -> str:
     """Marker a finished job of a batch leaves: 'batches/<id>/jobs/0003-<job_id>.json'."""
     if not valid_job_id(batch_id) or not valid_job_id(job_id):

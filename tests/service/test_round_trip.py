@@ -368,6 +368,12 @@ def test_cli_batch_status_fetch_and_open(
     assert gallery["ContentType"].startswith("text/html")
     page = gallery["Body"].read().decode()
     assert all(f"jobs/{o['job_id']}/" in page for o in outcomes)
+    # The worker kept the batch's progress in Redis: what `batch --wait` read, in O(1).
+    progress = Client(settings=Settings.from_env(environ=env)).batch_progress(batch_id)
+    assert (progress.total, progress.started, progress.succeeded, progress.failed) == (2, 2, 2, 0)
+    assert sorted(progress.finished_ids) == sorted(o["job_id"] for o in outcomes)
+    # No storage markers: the bookkeeping is O(1) per job.
+    assert keys_of(s3, bucket, f"results/batches/{batch_id}/jobs/") == []
 
     job_id = outcomes[0]["job_id"]
     status = actviz("status", job_id, "--json")

@@ -1,10 +1,15 @@
-"""The batch gallery: written by whichever worker finishes the last job of a batch.
+"""A batch's bookkeeping: its progress, and its gallery once its last job has ended.
 
-Each finished job of a batch (succeeded or failed) leaves a marker
-`batches/<id>/jobs/NNNN-<job_id>.json`, then lists the markers. The marker is
-written before the listing, so the job that ends last always sees all of them
-and renders `batches/<id>/index.html`; two jobs ending together may both
-render it, with the same content.
+With Redis (a real broker and result backend) each job of a batch records its
+start and its end in the batch's progress (producer/batches.py): O(1) per job,
+and the job whose end is the batch's last one renders the gallery. Producers
+read that progress in O(1) per refresh.
+
+Without Redis (the embedded mode) each finished job leaves a marker
+`batches/<id>/jobs/NNNN-<job_id>.json` in storage and lists the markers; the
+marker is written before the listing, so the job that ends last always sees
+all of them. Two jobs ending together may both render the gallery, with the
+same content.
 """
 
 from __future__ import annotations
@@ -14,13 +19,31 @@ import logging
 from typing import Any
 
 from producer import contract
+from producer.batches import finished_jobs, record_end, record_start
 from producer.contract import JobSpec
+from producer.settings import Settings
 from producer.storage import ObjectNotFound, Store
 
 log = logging.getLogger(__name__)
 
 
-def publish_batch(spec: JobSpec, store: Store, status: str) -> bool:
+def start_batch_job(spec: JobSpec, redis: Any, settings: Settings) -> None:
+    """Count this job as started in its batch's progress (Redis only); never raises."""
+    if not spec.batch_id or spec.batch_total <= 0 or redis is None:
+        return
+    try:
+        record_start(redis, spec.batch_id, spec.job_id, settings.result_expires)
+    except Exception:
+        log.warning("could not record the start of batch %s's job", spec.batch_id)
+
+
+def publish_batch(
+    spec: JobSpec,
+    store: Store,
+    status: str,
+    redis: Any = None,
+    settings: Settings | None = None,
+) -> bool:
     """Record this job's end; render the gallery when the batch is complete.
 
     Returns True when this call wrote the gallery. Never raises: a gallery
@@ -29,12 +52,23 @@ def publish_batch(spec: JobSpec, store: Store, status: str) -> bool:
     if not spec.batch_id or spec.batch_total <= 0:
         return False
     try:
-        marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
-        store.put(marker, json.dumps({"job_id": spec.job_id, "status": status}).encode())
-        members = store.list(f"batches/{spec.batch_id}/jobs/")
-        if len(members) < spec.batch_total:
-            return False
-        write_gallery(spec.batch_id, [_job_id_of(key) for key in members], store)
+        if redis is not None:
+            ttl = (settings or Settings()).result_expires
+            succeeded = status == contract.SUCCEEDED
+            finished = record_end(
+                redis, spec.batch_id, spec.batch_index, spec.job_id, succeeded, ttl
+            )
+            if finished != spec.batch_total:
+                return False
+            job_ids = [job_id for _, job_id in sorted(finished_jobs(redis, spec.batch_id))]
+        else:
+            marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
+            store.put(marker, json.dumps({"job_id": spec.job_id, "status": status}).encode())
+            members = store.list(f"batches/{spec.batch_id}/jobs/")
+            if len(members) < spec.batch_total:
+                return False
+            job_ids = [_job_id_of(key) for key in members]
+        write_gallery(spec.batch_id, job_ids, store)
         return True
     except Exception:
         log.exception("could not publish the gallery of batch %s", spec.batch_id)

@@ -39,8 +39,8 @@ from producer.errors import (
     transient_errors,
 )
 from producer.storage import put_many
-from worker.jobs.batches import publish_batch
-from worker.jobs.deliveries import admit_delivery
+from worker.jobs.batches import publish_batch, start_batch_job
+from worker.jobs.deliveries import admit_delivery, redis_client
 from worker.jobs.limits import time_limits
 from worker.jobs.steps import report_stage, start_progress
 from worker.logs import job_context
@@ -100,13 +100,13 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                     task, spec, runtime
                 )
         except ActvizError as exc:
-            fail_job(spec, exc, runtime)
+            fail_job(spec, exc, runtime, task)
             raise
         except SoftTimeLimitExceeded:
             error: ActvizError = TimeLimit(
                 f"the job ran past the soft time limit ({settings.soft_time_limit} s)"
             )
-            fail_job(spec, error, runtime)
+            fail_job(spec, error, runtime, task)
             raise error from None
         except Exception as exc:
             if isinstance(exc, TRANSIENT_ERRORS):
@@ -118,7 +118,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
             else:
                 log.exception("job failed unexpectedly")
                 error = Internal(f"{type(exc).__name__}: {exc}")
-            fail_job(spec, error, runtime)
+            fail_job(spec, error, runtime, task)
             raise error from None
         JOBS.labels(status="succeeded", code="").inc()
         return result
@@ -126,6 +126,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
 
 def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
     """Run the job's kind, then store what it made: its files first, the manifest last."""
+    start_batch_job(spec, redis_client(task), runtime.settings)
     output = kind_module(spec.kind).run(task, spec, runtime)
     manifest, store = output.manifest, runtime.store
     fill_manifest(manifest, spec, output.cache_event)
@@ -151,7 +152,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
         for stage, ms in cpu.items():
             STAGE_CPU.labels(stage=stage).inc(ms / 1000)
     log.info("job done: %s, model cache %s", output.summary, output.cache_event)
-    publish_batch(spec, store, contract.SUCCEEDED)
+    publish_batch(spec, store, contract.SUCCEEDED, redis_client(task), runtime.settings)
     return {
         "job_id": spec.job_id,
         "status": contract.SUCCEEDED,
@@ -197,7 +198,9 @@ def fill_manifest(manifest: dict[str, Any], spec: JobSpec, cache_event: str) -> 
     manifest["worker"] = {"host": socket.gethostname(), "model_cache": cache_event}
 
 
-def fail_job(spec: JobSpec, error: ActvizError, runtime: WorkerRuntime) -> None:
+def fail_job(
+    spec: JobSpec, error: ActvizError, runtime: WorkerRuntime, task: Task | None = None
+) -> None:
     """Record a permanent failure: metrics, log line, and jobs/<id>/error.json."""
     JOBS.labels(status="failed", code=error.code).inc()
     log.warning("job failed: %s", error)
@@ -206,4 +209,5 @@ def fail_job(spec: JobSpec, error: ActvizError, runtime: WorkerRuntime) -> None:
         runtime.store.put(contract.error_key(spec.job_id), json.dumps(body, indent=2).encode())
     except Exception:
         log.exception("could not write error.json")
-    publish_batch(spec, runtime.store, contract.FAILED)
+    redis = redis_client(task) if task is not None else None
+    publish_batch(spec, runtime.store, contract.FAILED, redis, runtime.settings)

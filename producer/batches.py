@@ -1,0 +1,120 @@
+"""A batch's progress in Redis: what workers record and what a waiting producer reads.
+
+Workers record each job of a batch once when it starts and once when it ends
+(`record_start`, `record_end`); the producer that submitted the batch wrote its
+total (`record_total`). A producer waiting on the batch then asks Redis a fixed
+number of questions per refresh, whatever the batch's size (`read_progress`):
+the counts, and the ids of the jobs that finished since its last look. Its
+cost per refresh is O(1) plus O(jobs newly finished), never O(jobs pending),
+and storage is read once per finished job, never polled.
+
+Without Redis (the embedded mode) nothing is recorded; callers fall back to
+asking each job (and workers to storage markers, worker/jobs/batches.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.contract import batch_progress_keys
+
+
+@dataclass
+class BatchProgress:
+    """One look at a batch: counts, and the ids finished since `cursor` (in order)."""
+
+    total: int
+    started: int
+    succeeded: int
+    failed: int
+    finished_ids: list[str] = field(default_factory=list)
+    cursor: int = 0  # pass back to read_progress to get only newer ids
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def running(self) -> int:
+        return max(0, self.started - self.finished)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - max(self.started, self.finished))
+
+
+def record_total(client: Any, batch_id: str, total: int, ttl: int) -> None:
+    counts, started, done = batch_progress_keys(batch_id)
+    pipe = client.pipeline()
+    pipe.hset(counts, "total", total)
+    for key in (counts, started, done):
+        pipe.expire(key, ttl)
+    pipe.execute()
+
+
+def record_start(client: Any, batch_id: str, job_id: str, ttl: int) -> None:
+    _, started, _ = batch_progress_keys(batch_id)
+    pipe = client.pipeline()
+    pipe.sadd(started, job_id)
+    pipe.expire(started, ttl)
+    pipe.execute()
+
+
+def record_end(
+    client: Any, batch_id: str, index: int, job_id: str, succeeded: bool, ttl: int
+) -> int:
+    """Count job `index` of the batch as finished; returns how many have finished.
+
+    A job is counted once (a set of finished ids guards the count), and each
+    count is returned to exactly one caller (the list's length after RPUSH is
+    atomic), so exactly one caller sees the last.
+    """
+    counts, _, done = batch_progress_keys(batch_id)
+    finished = f"{counts}:finished"
+    if not client.sadd(finished, job_id):
+        return -1  # already recorded
+    pipe = client.pipeline()
+    pipe.rpush(done, f"{index}:{job_id}")
+    pipe.hincrby(counts, "succeeded" if succeeded else "failed", 1)
+    for key in (counts, done, finished):
+        pipe.expire(key, ttl)
+    length, *_ = pipe.execute()
+    return int(length)
+
+
+def finished_jobs(client: Any, batch_id: str, cursor: int = 0) -> list[tuple[int, str]]:
+    """(index, job id) of the jobs finished after position `cursor`, in the order they did."""
+    _, _, done = batch_progress_keys(batch_id)
+    return [_entry(item) for item in client.lrange(done, cursor, -1)]
+
+
+def _entry(item: Any) -> tuple[int, str]:
+    index, _, job_id = _text(item).partition(":")
+    return int(index), job_id
+
+
+def read_progress(client: Any, batch_id: str, cursor: int = 0) -> BatchProgress | None:
+    """The batch's counts and the ids finished after position `cursor`; None if unknown."""
+    counts, started, done = batch_progress_keys(batch_id)
+    pipe = client.pipeline()
+    pipe.hgetall(counts)
+    pipe.scard(started)
+    pipe.lrange(done, cursor, -1)
+    values, started_count, new_ids = pipe.execute()
+    if not values:
+        return None
+    values = {_text(k): int(v) for k, v in values.items()}
+    ids = [_entry(item)[1] for item in new_ids]
+    return BatchProgress(
+        total=values.get("total", 0),
+        started=int(started_count),
+        succeeded=values.get("succeeded", 0),
+        failed=values.get("failed", 0),
+        finished_ids=ids,
+        cursor=cursor + len(ids),
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,136 @@
+"""A batch's progress in Redis: O(1) requests per look, whatever the batch's size."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis as redis_lib
+from redis.client import Pipeline
+
+from producer.batches import finished_jobs, read_progress, record_end, record_start, record_total
+
+TTL = 600
+
+
+@pytest.fixture
+def client(redis_url: str):  # noqa: ANN201
+    connection = redis_lib.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+def count_requests(monkeypatch) -> list[str]:  # noqa: ANN001
+    """Every round trip to Redis: single commands and pipeline executions."""
+    calls: list[str] = []
+    single = redis_lib.Redis.execute_command
+    pipelined = Pipeline.execute
+
+    def command(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(str(args[0]))
+        return single(self, *args, **kwargs)
+
+    def execute(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(f"pipeline of {len(self.command_stack)}")
+        return pipelined(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis_lib.Redis, "execute_command", command)
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    return calls
+
+
+def test_a_look_costs_one_round_trip_whatever_the_batch_size(client, monkeypatch) -> None:  # noqa: ANN001
+    batch = uuid.uuid4().hex
+    total = 2_000
+    ids = [uuid.uuid4().hex for _ in range(total)]
+    record_total(client, batch, total, TTL)
+    pipe = client.pipeline(transaction=False)
+    started, done = f"actviz:batch:{batch}:started", f"actviz:batch:{batch}:done"
+    pipe.sadd(started, *ids[:1500])
+    pipe.rpush(done, *[f"{i}:{job}" for i, job in enumerate(ids[:1200])])
+    pipe.hset(f"actviz:batch:{batch}", mapping={"succeeded": 1150, "failed": 50})
+    pipe.execute()
+    calls = count_requests(monkeypatch)
+    first = read_progress(client, batch)
+    assert calls == ["pipeline of 3"]  # counts, started, finished ids: one round trip
+    assert (first.total, first.started, first.succeeded, first.failed) == (total, 1500, 1150, 50)
+    assert (first.running, first.queued) == (300, 500)
+    assert first.finished_ids == ids[:1200] and first.cursor == 1200
+    again = read_progress(client, batch, first.cursor)  # nothing new: nothing re-read
+    assert again.finished_ids == [] and again.cursor == 1200
+    assert calls == ["pipeline of 3", "pipeline of 3"]
+    assert read_progress(client, uuid.uuid4().hex) is None  # a batch nobody recorded
+
+
+def test_each_end_is_counted_once_and_one_caller_sees_the_last(client) -> None:  # noqa: ANN001
+    batch = uuid.uuid4().hex
+    ids = [uuid.uuid4().hex for _ in range(4)]
+    record_total(client, batch, 4, TTL)
+    for job in ids:
+        record_start(client, batch, job, TTL)
+        record_start(client, batch, job, TTL)  # a redelivery starts it again
+    counts = [record_end(client, batch, i, job, i != 2, TTL) for i, job in enumerate(ids)]
+    assert counts == [1, 2, 3, 4]
+    assert record_end(client, batch, 3, ids[3], True, TTL) == -1  # recorded already
+    look = read_progress(client, batch)
+    assert (look.started, look.succeeded, look.failed, look.running) == (4, 3, 1, 0)
+    assert sorted(finished_jobs(client, batch)) == list(enumerate(ids))
+    assert 0 < client.ttl(f"actviz:batch:{batch}") <= TTL
+
+
+@pytest.mark.parametrize("with_redis", [True, False])
+def test_the_last_job_to_end_writes_the_gallery_once(client, tmp_path, with_redis) -> None:  # noqa: ANN001
+    from producer.contract import FAILED, JobSpec, batch_key
+    from producer.settings import Settings
+    from producer.storage import FileStore
+    from worker.jobs.batches import publish_batch
+
+    store = FileStore(tmp_path / "store")
+    batch = uuid.uuid4().hex
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    specs = [
+        JobSpec(
+            job_id=job,
+            model="builtin:demo",
+            image="file://x.png",
+            batch_id=batch,
+            batch_index=i,
+            batch_total=3,
+        )
+        for i, job in enumerate(ids)
+    ]
+    redis = client if with_redis else None
+    wrote = [publish_batch(s, store, FAILED, redis, Settings()) for s in (specs[2], specs[0])]
+    assert wrote == [False, False] and not store.exists(batch_key(batch))
+    assert publish_batch(specs[1], store, FAILED, redis, Settings()) is True
+    page = store.get(batch_key(batch)).decode()
+    # Submission order, whatever the order the jobs ended in.
+    assert page.index(ids[0]) < page.index(ids[1]) < page.index(ids[2])
+    markers = store.list(f"batches/{batch}/jobs/")
+    assert (markers == []) is with_redis  # Redis keeps the count; storage only without it
+    # A job recorded again (a redelivery) does not render the gallery a second time.
+    assert publish_batch(specs[1], store, FAILED, redis, Settings()) is (not with_redis)
+
+
+def test_waiting_on_a_large_pending_batch_costs_o1_per_refresh(
+    redis_url, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """200 queued jobs, no worker: each refresh is one round trip, not 200."""
+    import argparse
+
+    from producer.cli import _wait_all
+    from producer.client import Client
+    from producer.settings import Settings
+
+    settings = Settings(broker_url=redis_url, storage_url=(tmp_path / "store").as_uri())
+    client = Client(settings=settings)
+    images = [bytes([i % 256, i // 256]) + b"image" for i in range(200)]
+    # Nothing consumes this queue: every job stays queued while we wait.
+    jobs = client.submit_many("builtin:demo", images, queue="cpu")
+    calls = count_requests(monkeypatch)
+    args = argparse.Namespace(timeout=1.0, json=True)
+    outcomes = _wait_all(jobs, [str(i) for i in range(200)], args)
+    assert [o["status"] for o in outcomes] == ["timeout"] * 200
+    looks = calls.count("pipeline of 3")
+    assert 3 <= looks <= 8  # about one look per 0.2 s
+    assert len(calls) <= looks + 2, calls[:20]  # and nothing per pending job
