@@ -48,6 +48,9 @@ class Settings:
     cache_bytes: int = 4 * 1024**3
     max_pixels: int = 50_000_000
     max_side: int = 1024
+    # Most megapixels a worker process decodes at once (its jobs' images wait their turn);
+    # an image larger than this decodes alone.
+    decode_budget_mp: int = 100
     max_grid_side: int = 4096
     # Most MB of float32 activations one image may produce (its input and every selected
     # layer, at the size the model is fed); checked before its forward pass.

@@ -138,3 +138,41 @@ def test_passes_stay_within_the_byte_bound_once_the_group_is_measured(loaded_mod
     assert sorted(sizes.values()) == [1, 3, 3]  # passes of at most 3
     for result in results:
         assert result.manifest["batch"]["activation_bytes"] <= max_mb * 2**20
+
+
+def test_concurrent_jobs_decode_within_the_pixel_budget(loaded_models) -> None:
+    """Six 4-megapixel PNGs at once, a 9-megapixel budget: at most two decode together."""
+    import io
+
+    from PIL import Image
+
+    from worker.runtime.pixel_budget import PixelBudget
+
+    loaded = loaded_models("sequential_h5")
+    settings = Settings(batch_size=6, batch_wait_ms=50, decode_budget_mp=9)
+    batcher = Batcher(settings, render_threads=2)
+    rng = np.random.default_rng(7)
+    images = []
+    for _ in range(6):
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+        images.append(buffer.getvalue())
+    results: list[Artifacts] = []
+    for _ in images:
+        batcher.expect()
+
+    def job(data: bytes) -> None:
+        results.append(batcher.run(loaded, data, JobOptions()))
+
+    threads = [threading.Thread(target=job, args=(data,)) for data in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == 6
+    assert batcher.decode_budget.peak <= 9_000_000  # two at a time, never three
+    assert batcher.decode_budget.in_flight == 0
+    alone = PixelBudget(1_000)
+    with alone.reserve(5_000):  # larger than the budget: it decodes, alone
+        assert alone.in_flight == 5_000

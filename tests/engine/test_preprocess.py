@@ -243,3 +243,17 @@ def test_draft_decoding_keeps_exif_orientation_and_never_goes_below_the_target()
     # A model as large as the image decodes it whole; so does PNG, which has no DCT scaling.
     assert "draft_scale" not in run(data, shape=(1600, 800, 3)).record
     assert "draft_scale" not in run(encode(big, "PNG"), shape=(150, 150, 3)).record
+
+
+def test_decoded_pixels_are_known_from_the_header_draft_included():
+    from worker.engine.preprocess import decoded_pixels
+
+    big = photo(1600, 1200, seed=3)
+    settings = Settings()
+    jpeg, png = encode(big, "JPEG", quality=90), encode(big, "PNG")
+    assert decoded_pixels(png, (150, 150, 3), settings) == 1600 * 1200
+    assert decoded_pixels(jpeg, (150, 150, 3), settings) == 200 * 150  # decoded at 1/8
+    assert decoded_pixels(jpeg, (1200, 1600, 3), settings) == 1600 * 1200
+    assert decoded_pixels(b"not an image", (150, 150, 3), settings) == 0
+    prepared = run(jpeg, shape=(150, 150, 3))
+    assert prepared.record["draft_scale"] == "1/8"

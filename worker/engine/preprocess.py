@@ -184,6 +184,26 @@ def decode_image(
     return oriented, record
 
 
+def decoded_pixels(
+    data: bytes, input_shape: tuple[int | None, int | None, int], settings: Settings
+) -> int:
+    """How many pixels `preprocess` will decode for `data`: from the header alone.
+
+    A JPEG's are after its reduced-size decoding (`_draft`). 0 for data whose
+    header cannot be read (preprocess then says why).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        if image.format in ("JPEG", "MPO"):
+            _draft(image, lambda size: target_size(size, input_shape, settings.max_side), {})
+        width, height = image.size
+    except (Image.DecompressionBombError, *_DECODE_ERRORS):
+        return 0
+    return width * height
+
+
 def _draft(
     image: Image.Image, fit: Callable[[tuple[int, int]], tuple[int, int]], record: dict[str, Any]
 ) -> None:

@@ -49,6 +49,7 @@ from producer.contract import JobOptions
 from producer.errors import ActvizError
 from producer.settings import Settings
 from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, D2H_BYTES
+from worker.runtime.pixel_budget import PixelBudget
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Batcher:
         self.batch_size = max(1, settings.batch_size)
         self.wait_s = max(0, settings.batch_wait_ms) / 1000.0
         self.max_bytes = max(1, settings.batch_max_mb) * 2**20
+        self.decode_budget = PixelBudget(settings.decode_budget_mp * 1_000_000)
         self._pending: list[Pending] = []
         self._incoming = 0
         self._cond = threading.Condition()
@@ -174,13 +176,16 @@ class Batcher:
         """
         from worker.engine import check_options, prepare_image
         from worker.engine.analysis import cpu_clock
+        from worker.engine.preprocess import decoded_pixels
         from worker.engine.reduce import RenderKey
 
         try:
             started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
             check_options(options, loaded.input_shape[2])
             extractor = loaded.extractor(options.layers)
-            image = prepare_image(image_bytes, loaded, extractor, options, self.settings)
+            pixels = decoded_pixels(image_bytes, loaded.input_shape, self.settings)
+            with self.decode_budget.reserve(pixels):
+                image = prepare_image(image_bytes, loaded, extractor, options, self.settings)
             timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
             cpu = {"preprocess": (cpu_clock(self.settings) - cpu_started) * 1000.0}
         except BaseException:
