@@ -221,7 +221,14 @@ class Job:
 
         Storage decides when the backend has forgotten the job (expired or
         flushed): a manifest means succeeded, an error.json means failed.
+        In embedded mode, a client that has not started its in-process worker
+        (`actviz status` in a new process) reads storage only: the in-memory
+        backend of another process is gone, and starting a worker (and its
+        TensorFlow) to learn nothing would cost seconds.
         """
+        if self.client.settings.embedded and self.client._app is None:
+            stored = self.client.stored_state(self.id)
+            return stored if stored is not None else JobState(self.id, QUEUED)
         result = self.client.app.AsyncResult(self.id)
         celery_state = result.state
         state = _STATES.get(celery_state, QUEUED)

@@ -43,6 +43,16 @@ def test_submit_with_no_configuration_runs_in_process_and_writes_local_files(
     assert (job_dir / "index.html").is_file()
     stderr = done.stderr.decode()
     assert "broker memory://" in stderr and "storage file://./actviz-results" in stderr
+    # A later `actviz status` reads storage; it starts no worker and no TensorFlow.
+    status = subprocess.run(
+        [str(ACTVIZ), "status", out["job_id"], "--json"],
+        cwd=tmp_path,
+        env=clean_env(tmp_path / "home"),
+        capture_output=True,
+        timeout=60,
+    )
+    assert json.loads(status.stdout) == {"job_id": out["job_id"], "status": "succeeded"}
+    assert b"tensorflow" not in status.stderr.lower() and b"onednn" not in status.stderr.lower()
 
 
 def test_worker_refuses_the_in_memory_broker(tmp_path: Path) -> None:
