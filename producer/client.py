@@ -398,6 +398,7 @@ class Client:
                 kind=kind,
                 model=model_uri,
                 image=self.upload_image(image),
+                image_name=image_name_of(image),
                 options=job_options,
                 enqueued_at=time.time(),
                 batch_id=batch_id,
@@ -550,6 +551,15 @@ def start_embedded(settings: Settings) -> Celery:
             f"({exc.name} is missing): pip install 'actviz[worker]', or point "
             "ACTVIZ_BROKER_URL at a Redis that workers consume"
         ) from None
+
+
+def image_name_of(image: ImageSource) -> str | None:
+    """The name a user knows an image by: a file's name, an S3 key's last part; None for bytes."""
+    if isinstance(image, bytes):
+        return None
+    text = str(image)
+    name = text.rstrip("/").rsplit("/", 1)[-1] if "://" in text else Path(text).name
+    return name[: contract.MAX_IMAGE_NAME_CHARS] or None
 
 
 def build_options(layers: str | list[str] | None, options: dict[str, Any]) -> JobOptions:

@@ -45,6 +45,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ENVELOPE_BYTES = 2**20
 MAX_URI_CHARS = 2048
 MAX_BATCH_JOBS = 1_000_000
+MAX_IMAGE_NAME_CHARS = 255
 
 QUEUE_GPU = "gpu"
 QUEUE_CPU = "cpu"
@@ -390,6 +391,8 @@ class JobSpec:
     # Position in the batch and its size; the job that completes the batch renders its gallery.
     batch_index: int = 0
     batch_total: int = 0
+    # The image's name as the user knows it (a file name), for reports and galleries.
+    image_name: str | None = None
 
     def __post_init__(self) -> None:
         if not valid_job_id(self.job_id):
@@ -405,6 +408,15 @@ class JobSpec:
             if has_control_chars(value):
                 raise ValueError(f"{name} URI contains control characters")
         check_kind(self.kind)
+        if self.image_name is not None and (
+            not isinstance(self.image_name, str)
+            or len(self.image_name) > MAX_IMAGE_NAME_CHARS
+            or has_control_chars(self.image_name)
+        ):
+            raise ValueError(
+                f"image_name must be a string of at most {MAX_IMAGE_NAME_CHARS} characters "
+                "without control characters"
+            )
         if not isinstance(self.options, JobOptions):
             raise ValueError("options must be JobOptions")
         self.options.validate()

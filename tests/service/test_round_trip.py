@@ -368,6 +368,7 @@ def test_cli_batch_status_fetch_and_open(
     assert gallery["ContentType"].startswith("text/html")
     page = gallery["Body"].read().decode()
     assert all(f"jobs/{o['job_id']}/" in page for o in outcomes)
+    assert "a.png" in page and "b.png" in page  # captioned by the user's file names
     # The worker kept the batch's progress in Redis: what `batch --wait` read, in O(1).
     progress = Client(settings=Settings.from_env(environ=env)).batch_progress(batch_id)
     assert (progress.total, progress.started, progress.succeeded, progress.failed) == (2, 2, 2, 0)

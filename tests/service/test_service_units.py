@@ -487,3 +487,21 @@ def test_a_colormap_matplotlib_does_not_know_is_refused_before_the_job_is_queued
     with pytest.raises(ValueError, match="not a matplotlib colormap"):
         JobOptions(colormap="nosuchcmap").validate()
     JobOptions(colormap="magma_r").validate()
+
+
+def test_a_jobs_image_keeps_the_name_its_user_gave_it(tmp_path) -> None:  # noqa: ANN001
+    from producer.client import image_name_of
+    from producer.contract import JobSpec
+    from worker.report.gallery import _label
+
+    assert image_name_of(tmp_path / "holiday photo (3).JPG") == "holiday photo (3).JPG"
+    assert image_name_of("s3://bucket/inputs/cat.png") == "cat.png"
+    assert image_name_of(b"\x89PNG...") is None
+    spec = JobSpec(job_id="j1", model="builtin:demo", image="s3://b/x.png", image_name="cat.png")
+    assert JobSpec.from_message(spec.to_message()).image_name == "cat.png"
+    with pytest.raises(ValueError, match="image_name"):
+        JobSpec(job_id="j2", model="builtin:demo", image="s3://b/x.png", image_name="a\x1bb")
+    # The gallery captions an image by that name, not by its content-addressed key.
+    manifest = {"image": {"uri": "s3://b/inputs/9f86d0.png", "name": "cat.png"}}
+    assert _label("j1", manifest) == "cat.png"
+    assert _label("j1", {"image": {"uri": "s3://b/inputs/9f86d0.png"}}) == "9f86d0.png"

@@ -192,6 +192,8 @@ def fill_manifest(manifest: dict[str, Any], spec: JobSpec, cache_event: str) -> 
     manifest["kind"] = spec.kind
     manifest["job_id"] = spec.job_id
     manifest.setdefault("image", {})["uri"] = spec.image
+    if spec.image_name:
+        manifest["image"]["name"] = spec.image_name
     manifest.setdefault("model", {})["uri"] = spec.model
     if spec.batch_id:
         manifest["batch_id"] = spec.batch_id
@@ -205,6 +207,8 @@ def fail_job(
     JOBS.labels(status="failed", code=error.code).inc()
     log.warning("job failed: %s", error)
     body = {"job_id": spec.job_id, **error.to_dict(), "model": spec.model, "image": spec.image}
+    if spec.image_name:
+        body["image_name"] = spec.image_name
     try:
         runtime.store.put(contract.error_key(spec.job_id), json.dumps(body, indent=2).encode())
     except Exception:

@@ -90,5 +90,9 @@ def _find_layer(manifest: dict[str, Any] | None, name: str) -> dict[str, Any] | 
 
 
 def _label(job_id: str, manifest: dict[str, Any] | None) -> str:
-    uri = str(((manifest or {}).get("image") or {}).get("uri") or "")
+    """The image's name as its user gave it, else the last part of its URI, else the job id."""
+    image = (manifest or {}).get("image") or {}
+    if image.get("name"):
+        return str(image["name"])
+    uri = str(image.get("uri") or "")
     return uri.rstrip("/").rsplit("/", 1)[-1] or job_id
