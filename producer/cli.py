@@ -269,7 +269,9 @@ def _print_table(outcomes: list[dict[str, Any]]) -> None:
         error = o.get("error") or {}
         detail = o.get("report") or f"{error.get('code', '')}: {error.get('message', '')}"
         table.add_row(o["image"], o["job_id"], o["status"], detail)
-    Console().print(table)
+    # On a terminal the table fits its width; piped or redirected, rows are not wrapped
+    # (rich would fold them at 80 columns and split paths).
+    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

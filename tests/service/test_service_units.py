@@ -505,3 +505,14 @@ def test_a_jobs_image_keeps_the_name_its_user_gave_it(tmp_path) -> None:  # noqa
     manifest = {"image": {"uri": "s3://b/inputs/9f86d0.png", "name": "cat.png"}}
     assert _label("j1", manifest) == "cat.png"
     assert _label("j1", {"image": {"uri": "s3://b/inputs/9f86d0.png"}}) == "9f86d0.png"
+
+
+def test_the_batch_summary_keeps_long_paths_whole_when_piped(capsys) -> None:  # noqa: ANN001
+    from producer.cli import _print_table
+
+    path = "/data/" + "very-long-folder-name/" * 6 + "image-0001.png"
+    _print_table(
+        [{"image": path, "job_id": "j" * 32, "status": "succeeded", "report": "file:///r/x.html"}]
+    )
+    out = capsys.readouterr().out
+    assert path in out  # on one line, not folded at 80 columns
