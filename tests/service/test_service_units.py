@@ -516,3 +516,15 @@ def test_the_batch_summary_keeps_long_paths_whole_when_piped(capsys) -> None:  #
     )
     out = capsys.readouterr().out
     assert path in out  # on one line, not folded at 80 columns
+
+
+def test_the_error_table_in_the_docs_lists_every_code() -> None:
+    import re
+    from pathlib import Path
+
+    from producer.contract import ERROR_CODES
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    table = docs.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
+    assert sorted(documented) == sorted(ERROR_CODES)
