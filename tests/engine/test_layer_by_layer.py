@@ -13,6 +13,23 @@ from worker.engine import Artifacts, analyze
 from worker.runtime.batcher import Batcher
 
 
+def run_concurrently(batcher: Batcher, loaded, images: list[bytes], timeout: float) -> list:  # noqa: ANN001
+    """One job thread per image through `batcher` at once, as a batching worker runs them."""
+    results: list[Artifacts] = []
+    for _ in images:
+        batcher.expect()
+
+    def job(data: bytes) -> None:
+        results.append(batcher.run(loaded, data, JobOptions()))
+
+    threads = [threading.Thread(target=job, args=(data,)) for data in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results
+
+
 def layer_bytes(manifest: dict, images: int) -> list[int]:
     return [4 * images * int(np.prod(layer["output_shape"])) for layer in manifest["layers"]]
 
@@ -121,18 +138,7 @@ def test_passes_stay_within_the_byte_bound_once_the_group_is_measured(loaded_mod
     settings = Settings(batch_size=8, batch_wait_ms=2000, batch_max_mb=max_mb)
     batcher = Batcher(settings, render_threads=2)
     images = [image_bytes(512, 512, seed=s) for s in range(31, 38)]
-    results: list[Artifacts] = []
-    for _ in images:
-        batcher.expect()
-
-    def job(data: bytes) -> None:
-        results.append(batcher.run(loaded, data, JobOptions()))
-
-    threads = [threading.Thread(target=job, args=(data,)) for data in images]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    results = run_concurrently(batcher, loaded, images, timeout=60)
     assert len(results) == len(images)
     sizes = {r.manifest["batch"]["number"]: r.manifest["batch"]["size"] for r in results}
     assert sorted(sizes.values()) == [1, 3, 3]  # passes of at most 3
@@ -158,18 +164,7 @@ def test_concurrent_jobs_decode_within_the_pixel_budget(loaded_models) -> None:
         pixels = rng.integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
         images.append(buffer.getvalue())
-    results: list[Artifacts] = []
-    for _ in images:
-        batcher.expect()
-
-    def job(data: bytes) -> None:
-        results.append(batcher.run(loaded, data, JobOptions()))
-
-    threads = [threading.Thread(target=job, args=(data,)) for data in images]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results = run_concurrently(batcher, loaded, images, timeout=120)
     assert len(results) == 6
     assert batcher.decode_budget.peak <= 9_000_000  # two at a time, never three
     assert batcher.decode_budget.in_flight == 0

@@ -18,18 +18,30 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **extra}
 
 
+def actviz_in(folder: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    """`actviz ARGS` run in `folder` with no configuration (a fresh HOME below it)."""
+    return subprocess.run(
+        [str(ACTVIZ), *args],
+        cwd=folder,
+        env=clean_env(folder / "home"),
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def job_folder(folder: Path, saved_models: dict[str, Path], png_bytes: bytes) -> None:
+    """cat.png and model.keras in `folder`, as a user would have them."""
+    (folder / "cat.png").write_bytes(png_bytes)
+    (folder / "model.keras").write_bytes(saved_models["seq"].read_bytes())
+
+
 def test_submit_with_no_configuration_runs_in_process_and_writes_local_files(
     tmp_path: Path, saved_models: dict[str, Path], png_bytes: bytes
 ) -> None:
-    (tmp_path / "cat.png").write_bytes(png_bytes)
+    job_folder(tmp_path, saved_models, png_bytes)
     model = tmp_path / "model.keras"
-    model.write_bytes(saved_models["seq"].read_bytes())
-    done = subprocess.run(
-        [str(ACTVIZ), "submit", "--model", "model.keras", "--image", "cat.png", "--wait", "--json"],
-        cwd=tmp_path,
-        env=clean_env(tmp_path / "home"),
-        capture_output=True,
-        timeout=150,
+    done = actviz_in(
+        tmp_path, "submit", "--model", "model.keras", "--image", "cat.png", "--wait", "--json"
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     out = json.loads(done.stdout.decode().strip())
@@ -44,13 +56,7 @@ def test_submit_with_no_configuration_runs_in_process_and_writes_local_files(
     stderr = done.stderr.decode()
     assert "broker memory://" in stderr and "storage file://./actviz-results" in stderr
     # A later `actviz status` reads storage; it starts no worker and no TensorFlow.
-    status = subprocess.run(
-        [str(ACTVIZ), "status", out["job_id"], "--json"],
-        cwd=tmp_path,
-        env=clean_env(tmp_path / "home"),
-        capture_output=True,
-        timeout=60,
-    )
+    status = actviz_in(tmp_path, "status", out["job_id"], "--json", timeout=60)
     assert json.loads(status.stdout) == {"job_id": out["job_id"], "status": "succeeded"}
     assert b"tensorflow" not in status.stderr.lower() and b"onednn" not in status.stderr.lower()
 
@@ -85,13 +91,7 @@ def test_config_prints_effective_settings_without_passwords(tmp_path: Path) -> N
 
 
 def test_demo_runs_the_builtin_model_on_the_photo(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(ACTVIZ), "demo"],
-        cwd=tmp_path,
-        env=clean_env(tmp_path / "home"),
-        capture_output=True,
-        timeout=170,
-    )
+    done = actviz_in(tmp_path, "demo", timeout=170)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     lines = done.stdout.decode().splitlines()
     report = Path(next(line for line in lines if line.startswith("report: ")).split(": ", 1)[1])
@@ -106,18 +106,10 @@ def test_demo_runs_the_builtin_model_on_the_photo(tmp_path: Path) -> None:
 def test_scale_meanstd_takes_its_mean_and_std_on_the_command_line(
     tmp_path: Path, saved_models: dict[str, Path], png_bytes: bytes
 ) -> None:
-    (tmp_path / "cat.png").write_bytes(png_bytes)
-    model = tmp_path / "model.keras"
-    model.write_bytes(saved_models["seq"].read_bytes())
-    base = [str(ACTVIZ), "submit", "--model", "model.keras", "--image", "cat.png"]
+    job_folder(tmp_path, saved_models, png_bytes)
+    base = ["submit", "--model", "model.keras", "--image", "cat.png"]
     meanstd = ["--scale", "meanstd", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
-    done = subprocess.run(
-        [*base, *meanstd, "--layers", "re:conv", "--wait", "--json"],
-        cwd=tmp_path,
-        env=clean_env(tmp_path / "home"),
-        capture_output=True,
-        timeout=150,
-    )
+    done = actviz_in(tmp_path, *base, *meanstd, "--layers", "re:conv", "--wait", "--json")
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     out = json.loads(done.stdout.decode().strip())
     manifest = json.loads(
@@ -127,13 +119,7 @@ def test_scale_meanstd_takes_its_mean_and_std_on_the_command_line(
     assert manifest["preprocessing"]["std"] == [0.229, 0.224, 0.225]
     assert all("conv" in layer["name"] for layer in manifest["layers"])
     # A malformed list is refused by the parser, before anything runs.
-    bad = subprocess.run(
-        [*base, "--scale", "meanstd", "--mean", "a,b", "--std", "1,1,1"],
-        cwd=tmp_path,
-        env=clean_env(tmp_path / "home"),
-        capture_output=True,
-        timeout=60,
-    )
+    bad = actviz_in(tmp_path, *base, "--scale", "meanstd", "--mean", "a,b", "--std", "1,1,1")
     assert bad.returncode == 2 and b"comma-separated list of numbers" in bad.stderr
     version = subprocess.run([str(ACTVIZ), "--version"], capture_output=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(b"actviz ")
