@@ -23,7 +23,7 @@ from producer.errors import ActivationsTooLarge, ActvizError
 from producer.settings import Settings
 from worker.engine.artifacts import Artifacts
 from worker.engine.extract import Extractor
-from worker.engine.forward_pass import ForwardPass, PassImage
+from worker.engine.forward_pass import ForwardPass, PassImage, cpu_clock
 from worker.engine.loading import LoadedModel
 from worker.engine.preprocess import PreparedImage, check_scale, preprocess
 from worker.engine.reduce import RenderKey
@@ -136,11 +136,6 @@ def warmup(
     side = min(64, settings.max_side)
     shape = (1, height or side, width or side, channels)
     extractor.reduce(np.full(shape, 0.5, dtype=np.float32), RenderKey.of(options, settings))
-
-
-def cpu_clock(settings: Settings) -> float:
-    """This thread's CPU seconds when settings.stage_cpu, else 0 (no system call)."""
-    return time.thread_time() if settings.stage_cpu else 0.0
 
 
 def _ms_since(started: float) -> float:

@@ -39,6 +39,11 @@ def run_inline(fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
 
 
+def cpu_clock(settings: Settings) -> float:
+    """This thread's CPU seconds when settings.stage_cpu, else 0 (no system call)."""
+    return time.thread_time() if settings.stage_cpu else 0.0
+
+
 @dataclass
 class PassImage:
     """One image of a pass: its pixels, its job's options, its stage timings and CPU (ms)."""
@@ -89,11 +94,11 @@ class ForwardPass:
         pixels = np.stack([item.image.pixels for item in self.images])
         key = RenderKey.of(self.images[0].options, self.settings)
         measure = self.settings.stage_cpu
-        started, cpu_started = time.perf_counter(), time.thread_time() if measure else 0.0
+        started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
         self.outputs = outputs = self.extractor.reduce(pixels, key)
         forward_ms = (time.perf_counter() - started) * 1000.0
-        if measure:  # the pass's host CPU (dispatch, copy), shared by its images
-            engine_cpu_ms = (time.thread_time() - cpu_started) * 1000.0 / len(self.images)
+        # The pass's host CPU (dispatch, copy), shared by its images.
+        engine_cpu_ms = (cpu_clock(self.settings) - cpu_started) * 1000.0 / len(self.images)
         del pixels
         self.renders = []
         for item in self.images:

@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task
 
 from producer.contract import JobSpec, Progress
+from worker.engine.forward_pass import cpu_clock
 from worker.jobs.steps import Output, fetch_image, redelivered, report_stage
 from worker.metrics import STAGE_SECONDS
 from worker.report import render_report
@@ -37,14 +38,14 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     else:
         runtime.expect_image()
         measure = runtime.settings.stage_cpu
-        cpu_started = time.thread_time() if measure else 0.0
+        cpu_started = cpu_clock(runtime.settings)
         try:
             loaded, cache_event, timings = runtime.load_model(spec.model)
             image = fetch_image(spec, runtime)
         except BaseException:
             runtime.drop_image()
             raise
-        fetch_cpu_ms = (time.thread_time() - cpu_started) * 1000.0 if measure else None
+        fetch_cpu_ms = (cpu_clock(runtime.settings) - cpu_started) * 1000.0 if measure else None
         report_stage(task, Progress.FORWARD)
         outcome = runtime.analyze(loaded, image, spec.options)
     manifest = dict(outcome.manifest)
@@ -58,14 +59,14 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
 
     report_stage(task, Progress.RENDERING)
     measure = runtime.settings.stage_cpu
-    started, cpu_started = time.perf_counter(), time.thread_time() if measure else 0.0
+    started, cpu_started = time.perf_counter(), cpu_clock(runtime.settings)
     files.update(report_files(manifest, files, runtime))
     report_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="report").observe(report_s)
     stage_ms["report"] = round(report_s * 1000, 3)
     if measure:
         cpu = manifest.setdefault("cpu_ms", {})
-        cpu["report"] = round((time.thread_time() - cpu_started) * 1000.0, 3)
+        cpu["report"] = round((cpu_clock(runtime.settings) - cpu_started) * 1000.0, 3)
         if fetch_cpu_ms is not None:
             cpu["fetch"] = round(fetch_cpu_ms, 3)
     summary = f"{len(manifest.get('layers', []))} layers"

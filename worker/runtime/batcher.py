@@ -175,7 +175,7 @@ class Batcher:
         forward-pass error is raised in every job of that batch.
         """
         from worker.engine import check_options, prepare_image
-        from worker.engine.analysis import cpu_clock
+        from worker.engine.forward_pass import cpu_clock
         from worker.engine.preprocess import decoded_pixels
         from worker.engine.reduce import RenderKey
 
