@@ -171,3 +171,13 @@ def test_concurrent_jobs_decode_within_the_pixel_budget(loaded_models) -> None:
     alone = PixelBudget(1_000)
     with alone.reserve(5_000):  # larger than the budget: it decodes, alone
         assert alone.in_flight == 5_000
+
+
+def test_stage_cpu_is_measured_only_when_asked(loaded_models) -> None:
+    loaded = loaded_models("residual")
+    (off,) = analyze(loaded, [image_bytes(seed=5)], JobOptions(), Settings())
+    assert off.manifest["cpu_ms"] == {}
+    (on,) = analyze(loaded, [image_bytes(seed=5)], JobOptions(), Settings(stage_cpu=True))
+    cpu = on.manifest["cpu_ms"]
+    assert set(cpu) == {"preprocess", "engine", "encode"}
+    assert cpu["encode"] > 0 and cpu["preprocess"] > 0
