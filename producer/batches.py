@@ -53,6 +53,20 @@ def record_total(client: Any, batch_id: str, total: int, ttl: int) -> None:
     pipe.execute()
 
 
+def record_jobs(client: Any, batch_id: str, job_ids: list[str], ttl: int) -> None:
+    """The batch's job ids, in submission order (for cancelling a whole batch)."""
+    key = f"{batch_progress_keys(batch_id)[0]}:jobs"
+    pipe = client.pipeline()
+    pipe.rpush(key, *job_ids)
+    pipe.expire(key, ttl)
+    pipe.execute()
+
+
+def batch_jobs(client: Any, batch_id: str) -> list[str]:
+    """The job ids `record_jobs` kept for the batch (empty for an unknown batch)."""
+    return [_text(i) for i in client.lrange(f"{batch_progress_keys(batch_id)[0]}:jobs", 0, -1)]
+
+
 def record_start(client: Any, batch_id: str, job_id: str, ttl: int) -> None:
     _, started, _ = batch_progress_keys(batch_id)
     pipe = client.pipeline()

@@ -289,6 +289,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_FAILED if state.state == "failed" else EXIT_OK
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Mark jobs cancelled; a job that has already ended is reported as it ended."""
+    if not args.job_ids and not args.batch:
+        err("actviz cancel: name job ids or --batch ID")
+        return EXIT_USAGE
+    client = _client(args)
+    states = [client.job(job_id).cancel() for job_id in args.job_ids]
+    if args.batch:
+        states += client.cancel_batch(args.batch)
+    for state in states:
+        ended = state.state in FINAL_STATES
+        outcome = f"already {state.state}" if ended else "cancelled"
+        if args.json:
+            print(json.dumps({"job_id": state.job_id, "cancel": outcome}))
+        else:
+            print(f"{state.job_id} {outcome}")
+    return EXIT_OK
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     client = _client(args)
     result = client.result(args.job_id)
@@ -419,9 +438,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("cancel", help="cancel jobs, or every job of a batch")
+    p.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    p.add_argument("--batch", help="cancel every job of this batch id")
+    p.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("fetch", help="download every object of a finished job")
     p.add_argument("job_id")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the job's files into")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("open", help="print a link to a job's HTML report")

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from producer import contract
-from producer.batches import BatchProgress, read_progress, record_total
+from producer.batches import (
+    BatchProgress,
+    batch_jobs,
+    read_progress,
+    record_jobs,
+    record_total,
+)
 from producer.broker import create_app
 from producer.contract import (
     FAILED,
@@ -284,9 +290,25 @@ class Job:
             delay = min(delay * 1.5, 1.0)
             rounds += 1
 
-    def cancel(self) -> None:
-        """Revoke the job: a queued job is dropped; a running one finishes."""
-        self.client.app.control.revoke(self.id)
+    def cancel(self) -> JobState:
+        """Cancel the job; returns its state as it stands.
+
+        With Redis the job is marked cancelled there, so it works whether or
+        not any worker is up: a worker that receives it later acknowledges it
+        without running it and fails it `cancelled` (error.json); a running job
+        stops at its next stage. A job that has already ended is left as it is
+        (its state says how it ended). Without Redis (embedded) the in-process
+        worker is told to revoke it.
+        """
+        state = self.state()
+        if state.state in (SUCCEEDED, FAILED):
+            return state
+        redis = self.client.redis()
+        if redis is None:
+            self.client.app.control.revoke(self.id)
+            return state
+        redis.set(contract.cancel_key(self.id), b"1", ex=self.client.settings.result_expires)
+        return state
 
 
 def error_of(info: Any) -> dict[str, str]:
@@ -426,10 +448,11 @@ class Client:
         """
         batch_id = options.pop("batch_id", None) or contract.new_job_id()
         redis = self.redis()
+        ttl = self.settings.result_expires
         if redis is not None and images:
             # Progress readable at once, in O(1) per look (producer/batches.py).
-            record_total(redis, batch_id, len(images), self.settings.result_expires)
-        return [
+            record_total(redis, batch_id, len(images), ttl)
+        jobs = [
             self.submit(
                 model,
                 image,
@@ -441,6 +464,20 @@ class Client:
             )
             for index, image in enumerate(images)
         ]
+        if redis is not None and jobs:
+            record_jobs(redis, batch_id, [job.id for job in jobs], ttl)
+        return jobs
+
+    def cancel_batch(self, batch_id: str) -> list[JobState]:
+        """Cancel every job of a batch (see Job.cancel); their states as they stand.
+
+        Needs Redis, where `submit_many` recorded the batch's job ids; an
+        unknown batch gives an empty list.
+        """
+        redis = self.redis()
+        if redis is None:
+            raise ConfigurationError("cancelling a batch needs Redis (ACTVIZ_BROKER_URL)")
+        return [self.job(job_id).cancel() for job_id in batch_jobs(redis, batch_id)]
 
     def redis(self) -> Any:
         """The result backend's Redis client, or None (the embedded mode has none)."""

@@ -194,6 +194,13 @@ def batch_key(batch_id: str) -> str:
     return f"batches/{batch_id}/{REPORT_FILE}"
 
 
+def cancel_key(job_id: str) -> str:
+    """Redis key that marks a job cancelled (producer.client.Job.cancel); workers read it."""
+    if not valid_job_id(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+    return f"actviz:cancelled:{job_id}"
+
+
 def batch_progress_keys(batch_id: str) -> tuple[str, str, str]:
     """Redis keys of a batch's progress, kept by its workers (producer/batches.py):
     a hash {total, succeeded, failed}, the set of started job ids, and the list of

@@ -42,7 +42,7 @@ from producer.storage import put_many
 from worker.jobs.batches import publish_batch, start_batch_job
 from worker.jobs.deliveries import admit_delivery, redis_client
 from worker.jobs.limits import time_limits
-from worker.jobs.steps import report_stage, start_progress
+from worker.jobs.steps import raise_if_cancelled, report_stage, start_progress
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_CPU, STAGE_SECONDS
 from worker.runtime import WorkerRuntime
@@ -126,6 +126,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
 
 def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]:
     """Run the job's kind, then store what it made: its files first, the manifest last."""
+    raise_if_cancelled(task, "before it ran")
     start_batch_job(spec, redis_client(task), runtime.settings)
     output = kind_module(spec.kind).run(task, spec, runtime)
     manifest, store = output.manifest, runtime.store

@@ -8,7 +8,8 @@ from typing import Any
 
 from celery import Task
 
-from producer.contract import JobSpec
+from producer.contract import JobSpec, cancel_key
+from producer.errors import Cancelled
 from producer.storage import is_s3_uri
 from worker.jobs.deliveries import delivery_key, redis_client
 from worker.runtime import WorkerRuntime
@@ -40,7 +41,19 @@ def report_stage(task: Task, stage: str) -> None:
         return
     started, after = getattr(task.request, "actviz_progress", (None, 0.0))
     if stage_due(started, after, time.monotonic()):
+        # A job long enough to show its stages is long enough to be cancelled between them.
+        raise_if_cancelled(task, f"before its {stage} stage")
         task.update_state(state="STARTED", meta={"stage": stage})
+
+
+def raise_if_cancelled(task: Task, when: str) -> None:
+    """Raise Cancelled (cancelled) when the job was marked cancelled (Job.cancel, actviz cancel).
+
+    One Redis read; nothing without Redis (the embedded mode revokes instead).
+    """
+    client = redis_client(task)
+    if client is not None and task.request.id and client.exists(cancel_key(task.request.id)):
+        raise Cancelled(f"the job was cancelled {when}")
 
 
 def start_progress(task: Task, after_ms: int) -> None:

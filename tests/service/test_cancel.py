@@ -1,0 +1,90 @@
+"""Cancel reaches queued jobs with no worker up, stops nothing that has ended, and a batch at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from stack import ACTVIZ, start_worker, subprocess_env
+
+from producer import Client, Settings
+from producer.errors import JobFailed
+
+REDIS_DB = 9
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_jobs_cancelled_while_no_worker_is_up_end_cancelled_and_the_rest_run(
+    redis_url: str, saved_models: dict[str, Path], png_bytes: bytes, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    env = subprocess_env(
+        ACTVIZ_BROKER_URL=redis_url,
+        ACTVIZ_STORAGE_URL=store.as_uri(),
+        ACTVIZ_MODEL_ALLOW=f"{saved_models['seq'].parent.as_uri()}/",
+        ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    client = Client(settings=Settings.from_env(environ=env))
+    model = saved_models["seq"].as_uri()
+    images = [png_bytes[:-1] + bytes([i]) for i in range(3)]
+    one = client.submit_many(model, images, layers="conv2d_1")
+    two = client.submit_many(model, images[:2], layers="conv2d_1")
+
+    def actviz(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ACTVIZ), *args], env=env, capture_output=True, timeout=60)
+
+    # No worker is up: the marks wait in Redis.
+    done = actviz("cancel", one[0].id, "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout) == {"job_id": one[0].id, "cancel": "cancelled"}
+    batch = actviz("cancel", "--batch", two[0].batch_id, "--json")
+    assert sorted(json.loads(line)["job_id"] for line in batch.stdout.splitlines()) == sorted(
+        job.id for job in two
+    )
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        for job in (one[0], *two):
+            with pytest.raises(JobFailed) as failed:
+                job.wait(timeout=90)
+            assert failed.value.code == "cancelled"
+            error = json.loads((store / "jobs" / job.id / "error.json").read_text())
+            assert error["code"] == "cancelled"
+            assert not (store / "jobs" / job.id / "manifest.json").exists()  # it never ran
+        for job in one[1:]:
+            assert job.wait(timeout=90).manifest["job_id"] == job.id
+        # Cancelling a job that has ended changes nothing, and says so.
+        again = actviz("cancel", one[1].id, "--json")
+        assert json.loads(again.stdout) == {"job_id": one[1].id, "cancel": "already succeeded"}
+        assert one[1].wait(timeout=10).manifest["job_id"] == one[1].id
+        # A batch of cancelled jobs still completes its bookkeeping: its gallery is written.
+        assert (store / "batches" / two[0].batch_id / "index.html").is_file()
+        progress = client.batch_progress(two[0].batch_id)
+        assert (progress.succeeded, progress.failed) == (0, 2)
+    finally:
+        worker.stop()
+
+
+def test_a_running_job_stops_at_its_next_stage_once_cancelled(redis_url: str) -> None:
+    import redis as redis_lib
+    from celery import Celery
+
+    from producer.contract import cancel_key
+    from producer.errors import Cancelled
+    from worker.jobs.steps import report_stage
+
+    app = Celery("cancel-test", broker=redis_url, backend=redis_url)
+
+    @app.task(bind=True)
+    def job(self) -> None:  # noqa: ANN001
+        return None
+
+    job.push_request(id="running-job", actviz_progress=(0.0, 0.0))  # shows its stages
+    try:
+        report_stage(job, "forward")  # not cancelled: reported
+        redis_lib.Redis.from_url(redis_url).set(cancel_key("running-job"), b"1")
+        with pytest.raises(Cancelled, match="before its rendering stage"):
+            report_stage(job, "rendering")
+    finally:
+        job.pop_request()
