@@ -308,6 +308,35 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Delete (or, with --dry-run, list) job and batch folders older than --older-than."""
+    from producer.gc import collect, parse_duration
+
+    older_than = parse_duration(args.older_than)  # ValueError: usage error, exit 2
+    client = _client(args)
+    report = collect(client.store, older_than, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": args.dry_run,
+                    "folders": report.folders,
+                    "objects": report.objects,
+                    "bytes": report.bytes,
+                }
+            )
+        )
+    else:
+        for folder in report.folders:
+            print(folder)
+        print(
+            f"{verb} {len(report.folders)} folders, {report.objects} objects, "
+            f"{report.bytes / 2**20:.1f} MB from {redact_url(client.settings.storage_url)}"
+        )
+    return EXIT_OK
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     client = _client(args)
     result = client.result(args.job_id)
@@ -443,6 +472,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", help="cancel every job of this batch id")
     p.add_argument("--json", action="store_true", help="one JSON object per job on stdout")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("gc", help="delete job and batch folders older than a duration")
+    p.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 30m or seconds")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("fetch", help="download every object of a finished job")
     p.add_argument("job_id")

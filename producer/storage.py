@@ -7,6 +7,7 @@ AWS_ACCESS_KEY_ID, ~/.aws, instance roles), so MinIO needs no extra settings.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import shutil
@@ -78,6 +79,8 @@ class Store(Protocol):
     def head(self, key: str) -> dict: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
+    def list_dated(self, prefix: str) -> list[tuple[str, float, int]]: ...
+    def delete_many(self, keys: list[str]) -> int: ...
     def uri(self, key: str) -> str: ...
     def presign(self, key: str, expires: int = 3600) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
@@ -200,12 +203,37 @@ class FileStore:
         return self.root in path.parents
 
     def list(self, prefix: str) -> list[str]:
+        return [key for key, _, _ in self.list_dated(prefix)]
+
+    def list_dated(self, prefix: str) -> list[tuple[str, float, int]]:
+        """(key, last-modified epoch seconds, size) of every object under `prefix`."""
         base = self._path(prefix) if prefix else self.root
         folder = base if base.is_dir() else base.parent
         if not folder.exists():
             return []
-        keys = (p.relative_to(self.root).as_posix() for p in folder.rglob("*") if p.is_file())
-        return sorted(k for k in keys if k.startswith(prefix) and "/.tmp-" not in "/" + k)
+        found = []
+        for path in folder.rglob("*"):
+            key = path.relative_to(self.root).as_posix()
+            if key.startswith(prefix) and "/.tmp-" not in "/" + key and path.is_file():
+                stat = path.stat()
+                found.append((key, stat.st_mtime, stat.st_size))
+        return sorted(found)
+
+    def delete_many(self, keys: list[str]) -> int:
+        """Delete the objects (and the folders they leave empty); returns how many went."""
+        removed, folders = 0, set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+            folders.update(p for p in path.parents if self.root in p.parents)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                folder.rmdir()
+        return removed
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -366,16 +394,35 @@ class S3Store:
         return True
 
     def list(self, prefix: str) -> list[str]:
-        return sorted(self._iter_keys(prefix))
+        return sorted(key for key, _, _ in self._iter_objects(prefix))
 
-    def _iter_keys(self, prefix: str) -> Iterator[str]:
+    def list_dated(self, prefix: str) -> list[tuple[str, float, int]]:
+        """(key, last-modified epoch seconds, size) of every object under `prefix`."""
+        return sorted(self._iter_objects(prefix))
+
+    def delete_many(self, keys: list[str]) -> int:
+        """Delete the objects, 1,000 per request (S3's batch delete); returns how many went."""
+        removed = 0
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            resp = self._call(
+                self.client.delete_objects,
+                self.uri(keys[start]),
+                Bucket=self.bucket,
+                Delete={"Objects": chunk, "Quiet": False},
+            )
+            removed += len(resp.get("Deleted", []))
+        return removed
+
+    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, float, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
         strip = len(self.prefix) + 1 if self.prefix else 0
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))
         try:
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][strip:]
+                    modified = obj["LastModified"].timestamp()
+                    yield obj["Key"][strip:], modified, int(obj.get("Size", 0))
         except Exception as exc:
             if _transient(exc):
                 raise StorageUnavailable(f"storage unavailable: {exc}") from exc
