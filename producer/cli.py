@@ -286,7 +286,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if state.error:
             line += f": {state.error['code']}: {state.error['message']}"
         print(line)
-    return EXIT_FAILED if state.state == "failed" else EXIT_OK
+    # An id nobody submitted (a typo, or its results expired) is not a job in progress.
+    return EXIT_FAILED if state.state in ("failed", "unknown") else EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ from producer.contract import (
     STARTED,
     SUCCEEDED,
     TASK_NAME,
+    UNKNOWN,
     ErrorCode,
     JobKind,
     JobOptions,
@@ -247,13 +248,16 @@ class Job:
             stored = self.client.stored_state(self.id)
             if stored is not None:
                 return stored
+            redis = self.client.redis()
+            if redis is not None and not redis.exists(contract.job_key(self.id)):
+                return JobState(self.id, UNKNOWN)  # no producer submitted this id
         stage = info.get("stage") if isinstance(info, dict) else None
         if celery_state == "RETRY":
             stage = "retrying"
         return JobState(self.id, state, stage=stage)
 
     def status(self) -> str:
-        """queued | started | succeeded | failed."""
+        """queued | started | succeeded | failed | unknown (an id nobody submitted)."""
         return self.state().state
 
     def _failure(self, celery_state: str, info: Any) -> dict[str, str]:
@@ -429,6 +433,9 @@ class Client:
             )
         except ValueError as exc:
             raise InvalidJob(str(exc)) from None
+        redis = self.redis()
+        if redis is not None:  # registered before it is sent: a fast job is never "unknown"
+            redis.set(contract.job_key(job_id), str(time.time()), ex=self.settings.result_expires)
         self.app.send_task(
             TASK_NAME, args=[spec.to_message()], task_id=job_id, queue=queue, priority=priority
         )

@@ -61,9 +61,11 @@ class JobStatus(StrEnum):
     STARTED = "started"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # No producer registered the id, no worker stored a state, storage has nothing.
+    UNKNOWN = "unknown"
 
 
-QUEUED, STARTED, SUCCEEDED, FAILED = JobStatus
+QUEUED, STARTED, SUCCEEDED, FAILED, UNKNOWN = JobStatus
 FINAL_STATES = (SUCCEEDED, FAILED)
 
 
@@ -192,6 +194,13 @@ def batch_key(batch_id: str) -> str:
     if not valid_job_id(batch_id):
         raise ValueError(f"invalid batch id {batch_id!r}")
     return f"batches/{batch_id}/{REPORT_FILE}"
+
+
+def job_key(job_id: str) -> str:
+    """Redis key a producer sets when it submits a job (its registry entry)."""
+    if not valid_job_id(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+    return f"actviz:job:{job_id}"
 
 
 def cancel_key(job_id: str) -> str:

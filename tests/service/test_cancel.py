@@ -35,6 +35,9 @@ def test_jobs_cancelled_while_no_worker_is_up_end_cancelled_and_the_rest_run(
     def actviz(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(ACTVIZ), *args], env=env, capture_output=True, timeout=60)
 
+    # Submitted and waiting is "queued"; an id nobody submitted is "unknown".
+    assert one[1].status() == "queued"
+    assert client.job("never-submitted").status() == "unknown"
     # No worker is up: the marks wait in Redis.
     done = actviz("cancel", one[0].id, "--json")
     assert done.returncode == 0, done.stderr.decode()

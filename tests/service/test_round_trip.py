@@ -391,7 +391,8 @@ def test_cli_batch_status_fetch_and_open(
         assert b"<html" in resp.read().lower()
 
     missing = actviz("status", "no-such-job", "--json")
-    assert json.loads(missing.stdout)["status"] == "queued"  # unknown ids look pending
+    assert json.loads(missing.stdout)["status"] == "unknown"  # not "queued": nobody sent it
+    assert missing.returncode == 1
 
 
 def test_started_job_reports_each_stage_in_order(
