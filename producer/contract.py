@@ -190,10 +190,11 @@ def channel_name(position: int, layer_name: str, channel: int) -> str:
     return f"{channels_dir(position, layer_name)}{channel:03d}.png"
 
 
-def batch_key(batch_id: str) -> str:
+def batch_key(batch_id: str, page: int = 1) -> str:
+    """The gallery's page `page`: 'batches/<id>/index.html', then 'page-2.html', ..."""
     if not valid_job_id(batch_id):
         raise ValueError(f"invalid batch id {batch_id!r}")
-    return f"batches/{batch_id}/{REPORT_FILE}"
+    return f"batches/{batch_id}/" + (REPORT_FILE if page <= 1 else f"page-{page}.html")
 
 
 def job_key(job_id: str) -> str:

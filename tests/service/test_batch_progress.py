@@ -134,3 +134,29 @@ def test_waiting_on_a_large_pending_batch_costs_o1_per_refresh(
     looks = calls.count("pipeline of 3")
     assert 3 <= looks <= 8  # about one look per 0.2 s
     assert len(calls) <= looks + 2, calls[:20]  # and nothing per pending job
+
+
+def test_a_large_batch_gallery_is_paged_and_each_page_reads_its_own_manifests(
+    tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    from producer.contract import batch_key
+    from producer.storage import FileStore
+    from worker.jobs import batches
+
+    monkeypatch.setattr(batches, "PAGE_SIZE", 4)
+    store = FileStore(tmp_path / "store")
+    ids = [f"job{i:02d}" for i in range(10)]  # failed jobs: no manifests needed
+    reads: list[str] = []
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda key: reads.append(key) or get(key))
+    batches.write_gallery("big", ids, store)
+    pages = [store.get(batch_key("big", n)).decode() for n in (1, 2, 3)]
+    assert not store.exists(batch_key("big", 4))
+    for number, page in enumerate(pages, start=1):
+        shown = [job for job in ids if job in page]
+        assert shown == ids[(number - 1) * 4 : number * 4]
+        assert f"page {number} of 3" in page
+    assert 'href="page-2.html"' in pages[0] and 'href="index.html"' in pages[1]
+    assert 'rel="next"' not in pages[2]
+    manifests = [key for key in reads if key.endswith("manifest.json")]
+    assert sorted(manifests) == sorted(f"jobs/{job}/manifest.json" for job in ids)  # once each

@@ -26,6 +26,8 @@ from producer.storage import ObjectNotFound, Store
 
 log = logging.getLogger(__name__)
 
+PAGE_SIZE = 50  # images per gallery page
+
 
 def start_batch_job(spec: JobSpec, redis: Any, settings: Settings) -> None:
     """Count this job as started in its batch's progress (Redis only); never raises."""
@@ -76,18 +78,23 @@ def publish_batch(
 
 
 def write_gallery(batch_id: str, job_ids: list[str], store: Store) -> None:
-    """Render batches/<id>/index.html from the jobs' manifests (None for a failed job)."""
+    """Render the gallery from the jobs' manifests (None for a failed job), PAGE_SIZE
+    images a page: batches/<id>/index.html, page-2.html, ... Reads one page's
+    manifests at a time, so its memory does not grow with the batch."""
     from worker.report.gallery import render_gallery
 
-    jobs: list[tuple[str, dict[str, Any] | None]] = []
-    for job_id in job_ids:
-        try:
-            manifest = json.loads(store.get(contract.manifest_key(job_id)))
-        except ObjectNotFound:
-            manifest = None
-        jobs.append((job_id, manifest))
-    store.put(contract.batch_key(batch_id), render_gallery(batch_id, jobs))
-    log.info("batch %s complete: gallery of %d jobs written", batch_id, len(jobs))
+    pages = max(1, -(-len(job_ids) // PAGE_SIZE))
+    for page in range(1, pages + 1):
+        jobs: list[tuple[str, dict[str, Any] | None]] = []
+        for job_id in job_ids[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]:
+            try:
+                manifest = json.loads(store.get(contract.manifest_key(job_id)))
+            except ObjectNotFound:
+                manifest = None
+            jobs.append((job_id, manifest))
+        html = render_gallery(batch_id, jobs, page=page, pages=pages)
+        store.put(contract.batch_key(batch_id, page), html)
+    log.info("batch %s complete: gallery of %d jobs written", batch_id, len(job_ids))
 
 
 def _job_id_of(marker_key: str) -> str:

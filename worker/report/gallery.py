@@ -15,11 +15,18 @@ from producer.contract import ERROR_FILE, INPUT_FILE, REPORT_FILE, batch_key, jo
 from worker.report.page import format_shape, grid_data, render_page, safe_href
 
 
-def render_gallery(batch_id: str, jobs: list[tuple[str, dict[str, Any] | None]]) -> bytes:
+def render_gallery(
+    batch_id: str,
+    jobs: list[tuple[str, dict[str, Any] | None]],
+    page: int = 1,
+    pages: int = 1,
+) -> bytes:
     """(batch id, [(job_id, manifest or None for a failed job)]) -> UTF-8 HTML.
 
     Jobs keep the given order. Layers are matched by name and listed in the
-    order they first appear. Raises ValueError for an invalid batch or job id.
+    order they first appear. `page` of `pages`: a large batch's gallery is
+    several pages of PAGE_SIZE images (worker/jobs/batches.py), linked to
+    each other. Raises ValueError for an invalid batch or job id.
     """
     batch_key(batch_id)  # validates the id
     prefixes = ["../../" + job_prefix(job_id) for job_id, _ in jobs]
@@ -58,7 +65,23 @@ def render_gallery(batch_id: str, jobs: list[tuple[str, dict[str, Any] | None]])
             for (job_id, manifest), prefix in zip(jobs, prefixes, strict=True)
         ],
         rows=rows,
+        page=page,
+        pages=pages,
+        page_links=_page_links(batch_id, page, pages),
     )
+
+
+def _page_links(batch_id: str, page: int, pages: int) -> dict[str, str | None]:
+    """Relative links to the previous and next pages of the gallery (same folder)."""
+
+    def name(number: int) -> str:
+        return batch_key(batch_id, number).rsplit("/", 1)[-1]
+
+    return {
+        "previous": name(page - 1) if page > 1 else None,
+        "next": name(page + 1) if page < pages else None,
+        "first": name(1) if page > 1 else None,
+    }
 
 
 def _column(job_id: str, manifest: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
