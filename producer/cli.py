@@ -300,8 +300,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if args.batch:
         states += client.cancel_batch(args.batch)
     for state in states:
-        ended = state.state in FINAL_STATES
-        outcome = f"already {state.state}" if ended else "cancelled"
+        if state.state in FINAL_STATES:
+            outcome = f"already {state.state}"
+        else:
+            outcome = "unknown job id" if state.state == "unknown" else "cancelled"
         if args.json:
             print(json.dumps({"job_id": state.job_id, "cancel": outcome}))
         else:

@@ -301,12 +301,12 @@ class Job:
         not any worker is up: a worker that receives it later acknowledges it
         without running it and fails it `cancelled` (error.json); a running job
         stops at its next stage. A job that has already ended is left as it is
-        (its state says how it ended). Without Redis (embedded) the in-process
+        (its state says how it ended), and so is an id nobody submitted (unknown). Without Redis (embedded) the in-process
         worker is told to revoke it.
         """
         state = self.state()
-        if state.state in (SUCCEEDED, FAILED):
-            return state
+        if state.state in (SUCCEEDED, FAILED, UNKNOWN):
+            return state  # ended, or an id nobody submitted: nothing to cancel
         redis = self.client.redis()
         if redis is None:
             self.client.app.control.revoke(self.id)

@@ -38,6 +38,8 @@ def test_jobs_cancelled_while_no_worker_is_up_end_cancelled_and_the_rest_run(
     # Submitted and waiting is "queued"; an id nobody submitted is "unknown".
     assert one[1].status() == "queued"
     assert client.job("never-submitted").status() == "unknown"
+    unknown = actviz("cancel", "never-submitted", "--json")
+    assert json.loads(unknown.stdout) == {"job_id": "never-submitted", "cancel": "unknown job id"}
     # No worker is up: the marks wait in Redis.
     done = actviz("cancel", one[0].id, "--json")
     assert done.returncode == 0, done.stderr.decode()
