@@ -341,6 +341,12 @@ def test_replaced_model_object_is_downloaded_and_loaded_again(
     assert second.manifest["model"]["input_shape"] == [24, 24, 3]
     assert second.manifest["worker"]["model_cache"] == "miss"
     assert worker.log_text().count(f"downloading model {uri}") == 2
+    # Each manifest names the bytes it used.
+    import hashlib
+
+    for result, name in ((first, "seq_h5"), (second, "small_h5")):
+        digest = hashlib.sha256(saved_models[name].read_bytes()).hexdigest()
+        assert result.manifest["model"]["sha256"] == digest
 
 
 def test_cli_batch_status_fetch_and_open(
