@@ -528,3 +528,33 @@ def test_the_error_table_in_the_docs_lists_every_code() -> None:
     table = docs.split("## Errors", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
     assert sorted(documented) == sorted(ERROR_CODES)
+
+
+def test_every_flag_in_the_documented_cli_synopsis_exists() -> None:
+    """docs/service.md's CLI block cannot drift from the parser: each flag it shows is real."""
+    import re
+    from pathlib import Path
+
+    from producer.cli import build_parser
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    block = docs.split("## CLI", 1)[1].split("```", 2)[1]
+    command, checked = None, 0
+    for line in block.splitlines():
+        code = line.split("#", 1)[0]
+        start = re.match(r"actviz (\w+)", code)
+        if start:
+            command = start.group(1)
+        if command is None:
+            continue
+        parser = build_parser(command)
+        sub = next(
+            a for a in parser._actions if getattr(a, "choices", None) and command in a.choices
+        ).choices[command]
+        known = {flag for action in sub._actions for flag in action.option_strings}
+        for flag in re.findall(r"(--[a-z][a-z-]*)", code):
+            if flag == "--version":
+                continue
+            assert flag in known, f"actviz {command} has no {flag} (docs/service.md)"
+            checked += 1
+    assert checked >= 25
