@@ -176,15 +176,29 @@ def cmd_batch(args: argparse.Namespace) -> int:
     outcomes = _wait_all(jobs, images, args)
     for outcome in outcomes:
         outcome["batch_id"] = jobs[0].batch_id
+    timed_out = any(o["status"] == "timeout" for o in outcomes)
+    gallery = None if timed_out else _gallery_when_written(client, jobs[0].batch_id or "")
     if args.json:
         for outcome in outcomes:
             print(json.dumps(outcome))
     else:
         _print_table(outcomes)
-        gallery = client.batch_url(jobs[0].batch_id or "")
         if gallery:
             print(f"gallery: {gallery}")
     return EXIT_OK if all(o["status"] == SUCCEEDED for o in outcomes) else EXIT_FAILED
+
+
+GALLERY_WAIT_S = 30.0  # the last job's worker writes the gallery just after that job
+
+
+def _gallery_when_written(client: Client, batch_id: str) -> str | None:
+    """The gallery's link once it exists: a worker writes it after the batch's last job."""
+    deadline = time.monotonic() + GALLERY_WAIT_S
+    while True:
+        link = client.batch_url(batch_id)
+        if link or time.monotonic() >= deadline:
+            return link
+        time.sleep(0.2)
 
 
 # Without a recorded end (a job revoked, or refused before it ran) a job is found by a

@@ -83,7 +83,7 @@ def test_the_last_job_to_end_writes_the_gallery_once(client, tmp_path, with_redi
     from producer.contract import FAILED, JobSpec, batch_key
     from producer.settings import Settings
     from producer.storage import FileStore
-    from worker.jobs.batches import publish_batch
+    from worker.jobs.batches import publish_batch, wait_for_galleries
 
     store = FileStore(tmp_path / "store")
     batch = uuid.uuid4().hex
@@ -103,6 +103,7 @@ def test_the_last_job_to_end_writes_the_gallery_once(client, tmp_path, with_redi
     wrote = [publish_batch(s, store, FAILED, redis, Settings()) for s in (specs[2], specs[0])]
     assert wrote == [False, False] and not store.exists(batch_key(batch))
     assert publish_batch(specs[1], store, FAILED, redis, Settings()) is True
+    wait_for_galleries(30)  # with Redis it is written after the job, on its own thread
     page = store.get(batch_key(batch)).decode()
     # Submission order, whatever the order the jobs ended in.
     assert page.index(ids[0]) < page.index(ids[1]) < page.index(ids[2])
@@ -160,3 +161,35 @@ def test_a_large_batch_gallery_is_paged_and_each_page_reads_its_own_manifests(
     assert 'rel="next"' not in pages[2]
     manifests = [key for key in reads if key.endswith("manifest.json")]
     assert sorted(manifests) == sorted(f"jobs/{job}/manifest.json" for job in ids)  # once each
+
+
+def test_the_gallery_is_written_after_the_last_job_not_inside_it(
+    client, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    import threading
+
+    from producer.contract import FAILED, JobSpec
+    from producer.settings import Settings
+    from producer.storage import FileStore
+    from worker.jobs import batches
+
+    release, written = threading.Event(), []
+    monkeypatch.setattr(
+        batches, "write_gallery", lambda *args: (release.wait(30), written.append(args[0]))
+    )
+    batch = uuid.uuid4().hex
+    spec = JobSpec(
+        job_id=uuid.uuid4().hex,
+        model="builtin:demo",
+        image="file://x.png",
+        batch_id=batch,
+        batch_index=0,
+        batch_total=1,
+    )
+    store = FileStore(tmp_path / "store")
+    # The last job's publish returns while its gallery is still being written...
+    assert batches.publish_batch(spec, store, FAILED, client, Settings()) is True
+    assert written == []
+    release.set()
+    batches.wait_for_galleries(30)
+    assert written == [batch]  # ...and the gallery is then written, once

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from stack import ACTVIZ, start_worker, subprocess_env
+from stack import ACTVIZ, start_worker, subprocess_env, wait_for
 
 from producer import Client, Settings
 from producer.errors import JobFailed
@@ -64,7 +64,8 @@ def test_jobs_cancelled_while_no_worker_is_up_end_cancelled_and_the_rest_run(
         assert json.loads(again.stdout) == {"job_id": one[1].id, "cancel": "already succeeded"}
         assert one[1].wait(timeout=10).manifest["job_id"] == one[1].id
         # A batch of cancelled jobs still completes its bookkeeping: its gallery is written.
-        assert (store / "batches" / two[0].batch_id / "index.html").is_file()
+        gallery = store / "batches" / two[0].batch_id / "index.html"
+        wait_for(gallery.is_file, 30, "the batch gallery")  # written after the last job
         progress = client.batch_progress(two[0].batch_id)
         assert (progress.succeeded, progress.failed) == (0, 2)
     finally:

@@ -2,8 +2,9 @@
 
 With Redis (a real broker and result backend) each job of a batch records its
 start and its end in the batch's progress (producer/batches.py): O(1) per job,
-and the job whose end is the batch's last one renders the gallery. Producers
-read that progress in O(1) per refresh.
+and the job whose end is the batch's last one starts the gallery on a thread
+of its own, after its own result. Producers read that progress in O(1) per
+refresh.
 
 Without Redis (the embedded mode) each finished job leaves a marker
 `batches/<id>/jobs/NNNN-<job_id>.json` in storage and lists the markers; the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from producer import contract
@@ -48,7 +50,8 @@ def publish_batch(
 ) -> bool:
     """Record this job's end; render the gallery when the batch is complete.
 
-    Returns True when this call wrote the gallery. Never raises: a gallery
+    Returns True when this call wrote the gallery (with Redis: started writing
+    it, on a thread of its own, see `finalize_later`). Never raises: a gallery
     problem must not fail a job whose own results are already stored.
     """
     if not spec.batch_id or spec.batch_total <= 0:
@@ -63,18 +66,49 @@ def publish_batch(
             if finished != spec.batch_total:
                 return False
             job_ids = [job_id for _, job_id in sorted(finished_jobs(redis, spec.batch_id))]
-        else:
-            marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
-            store.put(marker, json.dumps({"job_id": spec.job_id, "status": status}).encode())
-            members = store.list(f"batches/{spec.batch_id}/jobs/")
-            if len(members) < spec.batch_total:
-                return False
-            job_ids = [_job_id_of(key) for key in members]
-        write_gallery(spec.batch_id, job_ids, store)
+            # After the job, not inside it: the last job's result is not held up by
+            # the gallery (one page of PAGE_SIZE images at a time, whatever N is).
+            finalize_later(spec.batch_id, job_ids, store)
+            return True
+        marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
+        store.put(marker, json.dumps({"job_id": spec.job_id, "status": status}).encode())
+        members = store.list(f"batches/{spec.batch_id}/jobs/")
+        if len(members) < spec.batch_total:
+            return False
+        write_gallery(spec.batch_id, [_job_id_of(key) for key in members], store)
         return True
     except Exception:
         log.exception("could not publish the gallery of batch %s", spec.batch_id)
         return False
+
+
+_finalizers: list[threading.Thread] = []
+_finalizers_lock = threading.Lock()
+
+
+def finalize_later(batch_id: str, job_ids: list[str], store: Store) -> None:
+    """Write the gallery on a thread of its own. Not a daemon: a worker that is shut
+    down waits for it; one that is killed loses the gallery, never a job."""
+
+    def run() -> None:
+        try:
+            write_gallery(batch_id, job_ids, store)
+        except Exception:
+            log.exception("could not write the gallery of batch %s", batch_id)
+
+    thread = threading.Thread(target=run, name=f"actviz-gallery-{batch_id}")
+    with _finalizers_lock:
+        _finalizers[:] = [t for t in _finalizers if t.is_alive()]
+        _finalizers.append(thread)
+    thread.start()
+
+
+def wait_for_galleries(timeout: float | None = None) -> None:
+    """Block until the galleries being written have been (for tests and shutdown)."""
+    with _finalizers_lock:
+        running = list(_finalizers)
+    for thread in running:
+        thread.join(timeout)
 
 
 def write_gallery(batch_id: str, job_ids: list[str], store: Store) -> None:
