@@ -123,3 +123,11 @@ def test_scale_meanstd_takes_its_mean_and_std_on_the_command_line(
     assert bad.returncode == 2 and b"comma-separated list of numbers" in bad.stderr
     version = subprocess.run([str(ACTVIZ), "--version"], capture_output=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(b"actviz ")
+
+
+def test_cancelling_a_batch_without_redis_says_what_it_needs(tmp_path: Path) -> None:
+    done = actviz_in(tmp_path, "cancel", "--batch", "b1", timeout=60)
+    assert done.returncode == 2
+    assert b"invalid_config" in done.stderr and b"needs Redis" in done.stderr
+    nothing = actviz_in(tmp_path, "cancel", timeout=60)
+    assert nothing.returncode == 2 and b"name job ids or --batch" in nothing.stderr
