@@ -286,9 +286,9 @@ def services(folder: Path, s3: bool = True) -> Iterator[dict[str, str]]:
             proc.wait(10)
 
 
-def cpu_seconds(pid: int, tree: bool = False) -> float:
-    """User + system CPU seconds a process (and, with `tree`, its live descendants) used."""
-    return sum(cpu_tree(pid).values()) if tree else cpu_tree(pid, depth=0).get("worker", 0.0)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds one process has used."""
+    return sum(cpu_tree(pid, depth=0).values())
 
 
 def cpu_tree(root: int, depth: int = 64) -> dict[str, float]:

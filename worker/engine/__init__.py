@@ -15,8 +15,8 @@ from worker.engine.loading import LoadedModel, load_model, open_model
 from worker.engine.manifest import manifest_bytes
 from worker.engine.preprocess import PreparedImage, preprocess
 from worker.engine.reduce import RenderKey
-from worker.engine.render import colormap_lut, render_grid
-from worker.engine.stats import channel_stats, layer_summary
+from worker.engine.render import colormap_lut
+from worker.engine.stats import layer_summary, stats_from_moments
 
 __all__ = [
     "Artifacts",
@@ -31,7 +31,6 @@ __all__ = [
     "RenderKey",
     "analyze",
     "build_extractor",
-    "channel_stats",
     "check_options",
     "colormap_lut",
     "extract",
@@ -42,7 +41,7 @@ __all__ = [
     "open_model",
     "prepare_image",
     "preprocess",
-    "render_grid",
     "select_layers",
+    "stats_from_moments",
     "warmup",
 ]

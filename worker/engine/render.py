@@ -100,12 +100,7 @@ def colormap_lut(name: str) -> np.ndarray:
     return lut
 
 
-def normalize_maps(
-    maps: np.ndarray,
-    mode: str,
-    percentile: float = 99.0,
-    bounds: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
+def normalize_maps(maps: np.ndarray, mode: str, percentile: float = 99.0) -> np.ndarray:
     """(H, W, C) float32 -> (H, W, C) uint8 palette indices 0..254.
 
     channel: per-channel min..max. layer: one min..max for the layer.
@@ -113,8 +108,6 @@ def normalize_maps(
     scaled to the 255 levels (Chollet's recipe). percentile: per channel
     clipped to the [100 - p, p] percentiles. A constant channel renders flat
     (index 0; the middle level 128 for meanstd).
-    `bounds`: the per-channel (min, max) of `maps` when the caller has them
-    already (the statistics do), for the channel and layer modes.
     """
     x = maps.reshape(-1, maps.shape[-1])
     if mode == "meanstd":
@@ -125,7 +118,7 @@ def normalize_maps(
         out += np.float32(128.0 * (LEVELS - 1) / 255.0)
     else:
         if mode in ("channel", "layer"):
-            low, high = bounds if bounds is not None else (x.min(axis=0), x.max(axis=0))
+            low, high = x.min(axis=0), x.max(axis=0)
             if mode == "layer":
                 low, high = low.min(keepdims=True), high.max(keepdims=True)
         elif mode == "percentile":
@@ -174,33 +167,6 @@ def tile_indices(indices: np.ndarray) -> tuple[np.ndarray, Grid]:
         canvas[full_rows, :height, :rest, :width] = tiles[full_rows * cols :].transpose(1, 0, 2)
     flat = canvas.reshape(rows * (height + 1), cols * (width + 1))
     return flat[: grid.height, : grid.width], grid
-
-
-def render_grid(
-    maps: np.ndarray,
-    mode: str,
-    colormap: str,
-    *,
-    percentile: float = 99.0,
-    max_side: int = 4096,
-    bounds: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[bytes, Grid, np.ndarray]:
-    """(H, W, C) float32 -> (PNG bytes, Grid, (H', W', C) uint8 palette indices).
-
-    Maps are strided by `grid.downsample` first when the grid would exceed
-    `max_side` pixels on its long side. `bounds`: the maps' per-channel
-    (min, max), when known. Raises InvalidJob for a bad mode/colormap.
-    """
-    lut = colormap_lut(colormap)
-    height, width, channels = maps.shape
-    factor = downsample_factor(height, width, channels, max_side)
-    if factor > 1:
-        maps = maps[::factor, ::factor]
-        bounds = None  # those were the full maps' bounds
-    indices = normalize_maps(maps, mode, percentile, bounds)
-    canvas, grid = tile_indices(indices)
-    grid = Grid(grid.rows, grid.cols, grid.tile_h, grid.tile_w, channels, factor)
-    return encode_palette_png(canvas, lut), grid, indices
 
 
 def render_strip(values: np.ndarray, colormap: str) -> tuple[bytes, Grid]:

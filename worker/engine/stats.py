@@ -1,8 +1,8 @@
 """Per-channel and per-layer statistics of one image's activations.
 
-Channels are the last axis; statistics reduce over every other axis, in
-float32 with numpy's own reductions (one vectorized call per statistic, no
-per-channel Python loop).
+The device computes each channel's moments and zero count
+(worker/engine/reduce.py); here they become the manifest's statistics, the
+layer summary and its top-k channels.
 """
 
 from __future__ import annotations
@@ -10,19 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-
-def channel_stats(activations: np.ndarray) -> dict[str, Any]:
-    """(..., C) float32 -> per-channel arrays {mean, std, min, max, sparsity, dead, zeros, count}.
-
-    The host-side reference of what the device computes (worker/engine/reduce.py);
-    see `stats_from_moments` for the meaning of each entry.
-    """
-    channels = activations.shape[-1]
-    x = activations.reshape(-1, channels)
-    moments = np.stack([x.mean(axis=0), x.std(axis=0), x.min(axis=0), x.max(axis=0)])
-    zeros = x.shape[0] - np.count_nonzero(x, axis=0)
-    return stats_from_moments(moments, zeros, x.shape[0])
 
 
 def stats_from_moments(moments: np.ndarray, zeros: np.ndarray, count: int) -> dict[str, Any]:
@@ -49,7 +36,7 @@ def stats_from_moments(moments: np.ndarray, zeros: np.ndarray, count: int) -> di
 
 
 def layer_summary(stats: dict[str, Any], top_k: int) -> dict[str, Any]:
-    """Aggregate `channel_stats` into layer-wide numbers plus the top-k channels.
+    """Aggregate `stats_from_moments` into layer-wide numbers plus the top-k channels.
 
     mean/std/min/max/sparsity are over every value of the layer (std from the
     per-channel moments, which is exact because every channel has the same
