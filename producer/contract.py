@@ -24,6 +24,7 @@ class JobKind(StrEnum):
     """What a job computes; each kind is one module under worker/jobs/."""
 
     ACTIVATIONS = "activations"
+    GRADCAM = "gradcam"
 
 
 JOB_KINDS = tuple(kind.value for kind in JobKind)
@@ -104,6 +105,7 @@ class ErrorCode(StrEnum):
     TIME_LIMIT = "time_limit"
     STORAGE_ERROR = "storage_error"
     CANCELLED = "cancelled"
+    NOT_DIFFERENTIABLE = "not_differentiable"
     INTERNAL = "internal"
 
 
@@ -152,6 +154,7 @@ REPORT_FILE = "index.html"
 DEPTH_CHART_FILE = "depth.svg"
 INPUT_FILE = "input.png"  # the image as the model saw it, before scaling
 ACTIVATIONS_FILE = "activations.npz"
+GRADCAM_DIR = "gradcam/"
 
 
 def manifest_key(job_id: str) -> str:
@@ -188,6 +191,13 @@ def channels_dir(position: int, layer_name: str) -> str:
 
 def channel_name(position: int, layer_name: str, channel: int) -> str:
     return f"{channels_dir(position, layer_name)}{channel:03d}.png"
+
+
+def gradcam_names(class_index: int) -> dict[str, str]:
+    """A Grad-CAM class's files in a job folder: the colour-mapped heatmap, the
+    overlay on the input, and the raw float16 values at the layer's resolution."""
+    stem = f"{GRADCAM_DIR}class-{class_index:04d}"
+    return {"heatmap": f"{stem}.png", "overlay": f"{stem}-overlay.png", "values": f"{stem}.npy"}
 
 
 def batch_key(batch_id: str, page: int = 1) -> str:
@@ -307,6 +317,13 @@ def compile_layer_pattern(pattern: str) -> Any:
 
 _COLORMAP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOP_K = 1024
+# Grad-CAM: how a class score's gradient weighs the layer's channels.
+CAM_METHODS = ("gradcam", "gradcam++")
+MAX_CAM_CLASSES = 16  # classes explained per image
+MAX_PREDICTIONS = 100  # top predictions listed per image
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
+MAX_CLASS_INDEX = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -332,6 +349,22 @@ class JobOptions:
     channel_pngs: bool = False
     save_npz: bool = False
     overlay: bool = False
+    # Grad-CAM (kind 'gradcam', or an activations job with gradcam=True): the classes
+    # to explain (indices) or the `top` predicted ones (1 by default), the layer
+    # (default: the last one with an (H, W, C) output on the way to the output),
+    # the method, class names, and how many top predictions to list.
+    gradcam: bool = False
+    classes: list[int] | None = None
+    top: int | None = None
+    layer: str | None = None
+    method: str = "gradcam"
+    labels: list[str] | None = None
+    predictions: int = 5
+
+    @property
+    def wants_gradcam(self) -> bool:
+        """Whether any Grad-CAM option is set (they need kind 'gradcam' or gradcam=True)."""
+        return self.classes is not None or self.top is not None or self.layer is not None
 
     def validate(self) -> JobOptions:
         """Returns self; raises ValueError for an option of the wrong type, name or range."""
@@ -365,10 +398,62 @@ class JobOptions:
             )
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be an integer in 0..{MAX_TOP_K}, got {self.top_k!r}")
-        for name in ("channel_pngs", "save_npz", "overlay"):
+        for name in ("channel_pngs", "save_npz", "overlay", "gradcam"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._validate_gradcam()
         return self
+
+    def _validate_gradcam(self) -> None:
+        classes, top = self.classes, self.top
+        if classes is not None:
+            if (
+                not isinstance(classes, list)
+                or not 1 <= len(classes) <= MAX_CAM_CLASSES
+                or not all(_is_int(c) and 0 <= c < MAX_CLASS_INDEX for c in classes)
+            ):
+                raise ValueError(
+                    f"classes must be a list of 1 to {MAX_CAM_CLASSES} class indices "
+                    f"(integers >= 0), got {classes!r}"
+                )
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"classes names a class twice: {classes!r}")
+        if top is not None:
+            if not _is_int(top) or not 1 <= top <= MAX_CAM_CLASSES:
+                raise ValueError(f"top must be an integer in 1..{MAX_CAM_CLASSES}, got {top!r}")
+            if classes is not None:
+                raise ValueError("give classes or top, not both")
+        if self.layer is not None and (
+            not isinstance(self.layer, str)
+            or not self.layer.strip()
+            or len(self.layer) > MAX_PATTERN_CHARS
+            or has_control_chars(self.layer)
+            or "," in self.layer
+        ):
+            raise ValueError(
+                f"layer must name one layer (a name such as 'block5_conv3' or 'outer/inner', "
+                f"or an index), got {self.layer!r}"
+            )
+        if self.method not in CAM_METHODS:
+            raise ValueError(f"method {self.method!r} unknown; use one of {', '.join(CAM_METHODS)}")
+        labels = self.labels
+        if labels is not None and (
+            not isinstance(labels, list)
+            or len(labels) > MAX_LABELS
+            or not all(
+                isinstance(x, str) and len(x) <= MAX_LABEL_CHARS and not has_control_chars(x)
+                for x in labels
+            )
+        ):
+            raise ValueError(
+                f"labels must be a list of at most {MAX_LABELS} class names of at most "
+                f"{MAX_LABEL_CHARS} characters each, without control characters"
+            )
+        if not _is_int(self.predictions) or not 1 <= self.predictions <= MAX_PREDICTIONS:
+            raise ValueError(
+                f"predictions must be an integer in 1..{MAX_PREDICTIONS}, "
+                f"got {self.predictions!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -437,6 +522,15 @@ class JobSpec:
         if not isinstance(self.options, JobOptions):
             raise ValueError("options must be JobOptions")
         self.options.validate()
+        if (
+            self.kind == JobKind.ACTIVATIONS
+            and self.options.wants_gradcam
+            and not self.options.gradcam
+        ):
+            raise ValueError(
+                "classes, top and layer choose what Grad-CAM explains: use kind 'gradcam', "
+                "or gradcam=True for an activations job with Grad-CAM"
+            )
         if not _is_number(self.enqueued_at):
             raise ValueError(f"enqueued_at must be a number, got {self.enqueued_at!r}")
         if not (_is_int(self.batch_index) and _is_int(self.batch_total)):

@@ -107,6 +107,13 @@ class Cancelled(ActvizError):
     code = ErrorCode.CANCELLED
 
 
+class NotDifferentiable(ActvizError):
+    """Grad-CAM needs the gradient of a class score, and the model's head gives none
+    (an integer output, an argmax, a cast): the message names what stops it."""
+
+    code = ErrorCode.NOT_DIFFERENTIABLE
+
+
 class Internal(ActvizError):
     """A fault of actviz itself; the message names the exception."""
 

@@ -124,23 +124,11 @@ class ImageRender:
         self.timings.update(render=self._render_ms, stats=self._stats_ms)
         if self.cpu is not None:
             self.cpu["encode"] = self.cpu.get("encode", 0.0) + _ms_since_cpu(cpu_started)
-        image = self.image
-        record = dict(image.record)
+        image, preprocessing = image_record(self.image)
         manifest = build_manifest(
-            model={
-                "uri": loaded.uri,
-                "sha256": loaded.sha256,
-                "name": loaded.model.name,
-                "class_name": type(loaded.model).__name__,
-                "input_shape": list(loaded.input_shape),
-            },
-            image={
-                "sha256": image.sha256,
-                "original_size": list(image.original_size),
-                "format": record.pop("format", None),
-                "mode": record.pop("mode", None),
-            },
-            preprocessing=record,
+            model=model_record(loaded),
+            image=image,
+            preprocessing=preprocessing,
             options=self.options,
             engine={"backend": keras.backend.backend(), "keras": keras.__version__},
             layers=layers,
@@ -150,6 +138,29 @@ class ImageRender:
             batch=batch,
         )
         return Artifacts(manifest=manifest, files=files)
+
+
+def model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """The manifest's "model" entry (the lifecycle adds its uri as the job named it)."""
+    return {
+        "uri": loaded.uri,
+        "sha256": loaded.sha256,
+        "name": loaded.model.name,
+        "class_name": type(loaded.model).__name__,
+        "input_shape": list(loaded.input_shape),
+    }
+
+
+def image_record(image: PreparedImage) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's "image" and "preprocessing" entries for a prepared image."""
+    record = dict(image.record)
+    described = {
+        "sha256": image.sha256,
+        "original_size": list(image.original_size),
+        "format": record.pop("format", None),
+        "mode": record.pop("mode", None),
+    }
+    return described, record
 
 
 def _render_layer(

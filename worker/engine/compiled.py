@@ -53,27 +53,11 @@ def compile_program(model: keras.Model, tail: Tail) -> Callable[[np.ndarray], An
 
         return run
     if backend == "tensorflow":
-        import tensorflow as tf
 
         def eager(batch: Any) -> Any:
             return tail(_outputs(model(batch, training=False)))
 
-        traced = tf.function(eager, autograph=False, reduce_retracing=False)
-        chosen: list[Callable[[Any], Any]] = [traced]
-
-        def run(batch: Any) -> Any:
-            try:
-                return chosen[0](batch)
-            except ValueError as exc:
-                # A graph's name scopes must match [A-Za-z0-9_.\/>-]*; Keras opens one per
-                # layer name, and a model's layer names are anything its author chose.
-                if chosen[0] is eager or "scope name" not in str(exc):
-                    raise
-                log.warning("layer names TensorFlow cannot trace; running this model eagerly")
-                chosen[0] = eager
-                return eager(batch)
-
-        return run
+        return tf_function(eager)
     if backend == "torch":
         import torch
 
@@ -83,6 +67,29 @@ def compile_program(model: keras.Model, tail: Tail) -> Callable[[np.ndarray], An
 
         return run
     return lambda batch: tail(_outputs(model(batch, training=False)))
+
+
+def tf_function(eager: Callable[..., Any]) -> Callable[..., Any]:
+    """`eager` as a `tf.function` with static shapes, or eager itself for a model
+    whose layer names TensorFlow refuses as graph name scopes."""
+    import tensorflow as tf
+
+    traced = tf.function(eager, autograph=False, reduce_retracing=False)
+    chosen: list[Callable[..., Any]] = [traced]
+
+    def run(*args: Any) -> Any:
+        try:
+            return chosen[0](*args)
+        except ValueError as exc:
+            # A graph's name scopes must match [A-Za-z0-9_.\/>-]*; Keras opens one per
+            # layer name, and a model's layer names are anything its author chose.
+            if chosen[0] is eager or "scope name" not in str(exc):
+                raise
+            log.warning("layer names TensorFlow cannot trace; running this model eagerly")
+            chosen[0] = eager
+            return eager(*args)
+
+    return run
 
 
 def to_host(tree: Any) -> Any:

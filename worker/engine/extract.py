@@ -149,7 +149,7 @@ def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:
     source = model.inputs[0]
     inputs = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype)
     traced: dict[int, Any] = {}
-    _trace(model, inputs, traced)
+    trace(model, inputs, traced)
     outputs = [traced[id(ref.layer)] for ref in refs]
     return Extractor(keras.Model(inputs, outputs), refs)
 
@@ -162,27 +162,37 @@ def extract(loaded: Any, batch: np.ndarray, refs: list[LayerRef]) -> list[np.nda
     return loaded.extractor([ref.name for ref in refs])(batch)
 
 
-def _trace(model: keras.Model, inputs: Any, traced: dict[int, Any]) -> Any:
-    """Re-call `model`'s layers on `inputs`, recording each layer's output tensor."""
+# Called with (layer, args, kwargs, output) after each traced call; returns what the
+# rest of the graph sees instead of `output` (the recorded tensor stays `output`).
+Hook = Callable[[keras.layers.Layer, tuple[Any, ...], dict[str, Any], Any], Any]
+
+
+def trace(model: keras.Model, inputs: Any, traced: dict[int, Any], hook: Hook | None = None) -> Any:
+    """Re-call `model`'s layers on `inputs`, recording each layer's output tensor in
+    `traced` (by `id(layer)`); returns the model's output. `hook` may change what
+    a layer hands on (Grad-CAM adds its probe there, worker/engine/gradcam.py)."""
     if isinstance(model, keras.Sequential):
         x = inputs
         for layer in model.layers:
-            x = _call(layer, traced)(x)
+            x = _call(layer, traced, hook)(x)
         return x
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             traced.setdefault(id(layer), inputs)
     # Functional: replay its node graph with our own call for every operation.
-    return model._run_through_graph(inputs, operation_fn=lambda op: _call(op, traced))
+    return model._run_through_graph(inputs, operation_fn=lambda op: _call(op, traced, hook))
 
 
-def _call(layer: keras.layers.Layer, traced: dict[int, Any]) -> Callable[..., Any]:
+
+def _call(
+    layer: keras.layers.Layer, traced: dict[int, Any], hook: Hook | None = None
+) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         nested = is_graph_model(layer)
-        output = _trace(layer, args[0], traced) if nested else layer(*args, **kwargs)
+        output = trace(layer, args[0], traced, hook) if nested else layer(*args, **kwargs)
         # A shared layer shows its first call; a multi-output layer its first output.
         first = output[0] if isinstance(output, (list, tuple)) else output
         traced.setdefault(id(layer), first)
-        return output
+        return output if hook is None else hook(layer, args, kwargs, output)
 
     return run

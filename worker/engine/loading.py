@@ -29,6 +29,7 @@ import numpy as np
 
 from producer.errors import ActvizError, InvalidModel, ModelNotFound, UnsafeModel
 from worker.engine.extract import Extractor, build_extractor
+from worker.engine.gradcam import CamModel, build_cam_model
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.safety import MAX_CONFIG_BYTES, check_model_bounds, refuse_code_layers
 from worker.engine.savedmodel import is_savedmodel, load_savedmodel
@@ -53,6 +54,7 @@ class LoadedModel:
     input_shape: tuple[int | None, int | None, int]
     layers: list[LayerRef]
     _extractors: dict[tuple[str, ...], Extractor] = field(default_factory=dict, repr=False)
+    _cams: dict[str | None, CamModel] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def select(self, layer_spec: str | list[str] | None) -> list[LayerRef]:
@@ -68,6 +70,19 @@ class LoadedModel:
             if found is None:
                 found = build_extractor(self.model, refs)
                 self._extractors[key] = found
+        return found
+
+
+    def cam(self, layer: str | None) -> CamModel:
+        """The Grad-CAM model at `layer` (None: the default layer), built once.
+
+        Raises InvalidJob or NotDifferentiable (see `gradcam.build_cam_model`).
+        """
+        with self._lock:
+            found = self._cams.get(layer)
+            if found is None:
+                found = build_cam_model(self.model, self.layers, layer)
+                self._cams[layer] = found
         return found
 
 
