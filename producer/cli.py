@@ -18,6 +18,7 @@ from typing import Any
 
 from producer.client import Client, Job, Result
 from producer.contract import (
+    CAM_METHODS,
     FINAL_STATES,
     JOB_KINDS,
     MANIFEST_FILE,
@@ -69,6 +70,16 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.overlay:
         options["overlay"] = True
+    if args.gradcam:
+        options["gradcam"] = True
+    options.update(
+        classes=args.classes,
+        top=args.top,
+        layer=args.layer,
+        method=args.method,
+        labels=args.labels,
+        predictions=args.predictions,
+    )
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -417,6 +428,38 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "--top-k", type=int, dest="top_k", help="channels per layer listed by mean (default 8)"
     )
     p.add_argument("--overlay", action="store_true", help="also render overlays on the input")
+    cam = p.add_argument_group(
+        "Grad-CAM", "with --kind gradcam, or --gradcam for an activations job with Grad-CAM"
+    )
+    cam.add_argument(
+        "--gradcam", action="store_true", help="an activations job that also runs Grad-CAM"
+    )
+    cam.add_argument(
+        "--class",
+        dest="classes",
+        type=int,
+        action="append",
+        metavar="N",
+        help="explain class index N (repeat for several; default: the top-1 prediction)",
+    )
+    cam.add_argument(
+        "--top", type=int, metavar="K", help="explain the K top predicted classes (1..16)"
+    )
+    cam.add_argument(
+        "--layer",
+        help="the layer Grad-CAM weighs (a name such as 'block5_conv3' or 'outer/inner', or "
+        "an index; default: the last (H, W, C) layer before the head)",
+    )
+    cam.add_argument("--method", choices=CAM_METHODS, help="gradcam (default) or gradcam++")
+    cam.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line in class order (or a JSON list); the model "
+        "registry's labels otherwise",
+    )
+    cam.add_argument(
+        "--predictions", type=int, metavar="P", help="top predictions listed (default 5)"
+    )
     p.add_argument("--queue", choices=QUEUES, help="gpu (default) or cpu")
     p.add_argument("--priority", type=int, help="0..9 on Redis; lower is served first")
     p.add_argument("--wait", action="store_true", help="wait for the result")

@@ -59,7 +59,8 @@ from producer.errors import (
     WorkerLost,
     error_from_dict,
 )
-from producer.registry import load_registry, resolve_model
+from producer.labels import read_labels
+from producer.registry import load_registry, registry_labels, resolve_model
 from producer.settings import Settings, redact_url
 from producer.storage import ObjectNotFound, Store, is_file_uri, is_s3_uri, local_path, open_store
 
@@ -409,7 +410,7 @@ class Client:
             contract.check_kind(kind)
         except ValueError as exc:
             raise InvalidJob(str(exc)) from None
-        job_options = build_options(layers, options)
+        job_options = build_options(layers, self.with_labels(model, kind, options))
         queue = queue or self.settings.queue
         check_routing(queue, priority)
         job_id = job_id or contract.new_job_id()
@@ -454,6 +455,8 @@ class Client:
         (`batches/<batch_id>/index.html`, see `batch_url`).
         """
         batch_id = options.pop("batch_id", None) or contract.new_job_id()
+        # Read once for the batch: each job carries the list.
+        options = self.with_labels(model, options.get("kind", JobKind.ACTIVATIONS.value), options)
         redis = self.redis()
         ttl = self.settings.result_expires
         if redis is not None and images:
@@ -505,6 +508,19 @@ class Client:
         """Link to a batch's gallery page once every job of it has ended, else None."""
         key = contract.batch_key(batch_id)
         return self.store.presign(key, expires=expires) if self.store.exists(key) else None
+
+    def with_labels(self, model: str | Path, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` with Grad-CAM's class names as a list: read from a labels file
+        when `labels` is a path, or taken from the model registry when the job
+        has none. Raises InvalidJob for a labels file that cannot be read."""
+        if kind != JobKind.GRADCAM and not options.get("gradcam"):
+            return options
+        labels = options.get("labels")
+        if labels is None and isinstance(model, str):
+            labels = registry_labels(self.settings.model_registry, model)
+        elif isinstance(labels, (str, Path)):
+            labels = read_labels(labels)
+        return {**options, "labels": labels} if labels is not None else options
 
     def resolve_model(self, model: str | Path) -> str:
         """The model URI a job carries; registry names are looked up here."""

@@ -451,8 +451,7 @@ class JobOptions:
             )
         if not _is_int(self.predictions) or not 1 <= self.predictions <= MAX_PREDICTIONS:
             raise ValueError(
-                f"predictions must be an integer in 1..{MAX_PREDICTIONS}, "
-                f"got {self.predictions!r}"
+                f"predictions must be an integer in 1..{MAX_PREDICTIONS}, got {self.predictions!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:

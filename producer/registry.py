@@ -6,7 +6,14 @@ mapping a short name to a model URI:
     {"vgg16": "s3://models/vgg16.keras"}          # JSON
     vgg16 = "s3://models/vgg16.keras"              # TOML
 
-A TOML file may also nest the table as `[models]`.
+A TOML file may also nest the table as `[models]`. A name may instead map to a
+table with the model's class names for Grad-CAM (a list, or a path to a
+labels file, relative to the registry file):
+
+    {"vgg16": {"uri": "s3://models/vgg16.keras", "labels": "imagenet.txt"}}
+    [models.vgg16]
+    uri = "s3://models/vgg16.keras"
+    labels = "imagenet.txt"
 """
 
 from __future__ import annotations
@@ -27,6 +34,29 @@ def load_registry(path: str | None) -> dict[str, str]:
 
     Raises ModelNotFound (model_not_found) when the file is missing or malformed.
     """
+    return {name: entry["uri"] for name, entry in load_entries(path).items()}
+
+
+def registry_labels(path: str | None, name: str) -> list[str] | None:
+    """The class names the registry gives model `name`, or None.
+
+    Raises ModelNotFound for a malformed registry, InvalidJob for a labels file
+    that cannot be read.
+    """
+    from producer.labels import read_labels
+
+    entry = load_entries(path).get(str(name))
+    if entry is None or entry.get("labels") is None:
+        return None
+    labels = entry["labels"]
+    if isinstance(labels, str):
+        base = Path(path or ".").expanduser().parent
+        labels = base / Path(labels).expanduser()
+    return read_labels(labels)
+
+
+def load_entries(path: str | None) -> dict[str, dict]:
+    """Name -> {"uri", "labels"?} from the registry file (see the module doc)."""
     if not path:
         return {}
     file = Path(path).expanduser()
@@ -44,9 +74,25 @@ def load_registry(path: str | None) -> dict[str, str]:
             data = json.loads(text)
     except ValueError as exc:
         raise ModelNotFound(f"model registry {path} is not valid: {exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ModelNotFound(f"model registry {path} must map names to URI strings")
-    return dict(data)
+    entries: dict[str, dict] = {}
+    for name, value in data.items() if isinstance(data, dict) else []:
+        if isinstance(value, str):
+            entries[name] = {"uri": value}
+        elif (
+            isinstance(value, dict)
+            and isinstance(value.get("uri"), str)
+            and isinstance(value.get("labels"), (str, list, type(None)))
+        ):
+            entries[name] = {"uri": value["uri"], "labels": value.get("labels")}
+        else:
+            entries = {}
+            break
+    if not isinstance(data, dict) or len(entries) != len(data):
+        raise ModelNotFound(
+            f"model registry {path} must map names to URI strings, or to tables with "
+            "a 'uri' and optional 'labels'"
+        )
+    return entries
 
 
 def resolve_model(model: str | Path, registry: dict[str, str] | None = None) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from producer.contract import JobOptions, gradcam_names
-from producer.errors import ActivationsTooLarge
+from producer.errors import ActivationsTooLarge, ActvizError
 from producer.settings import Settings
 from worker.engine.artifacts import Artifacts, image_record, model_record
 from worker.engine.forward_pass import PassImage, Submit, cpu_clock, run_inline
@@ -57,7 +58,11 @@ def cam_of(loaded: LoadedModel, options: JobOptions) -> tuple[CamModel, CamKey, 
 
 
 def prepare_cam_image(
-    data: bytes, loaded: LoadedModel, cam: CamModel, key: CamKey, options: JobOptions,
+    data: bytes,
+    loaded: LoadedModel,
+    cam: CamModel,
+    key: CamKey,
+    options: JobOptions,
     settings: Settings,
 ) -> PreparedImage:
     """Preprocess one image and check what its Grad-CAM pass would hold (as
@@ -75,6 +80,41 @@ def prepare_cam_image(
             "or raise the limit on a worker with the memory"
         )
     return image
+
+
+def analyze_cam(
+    loaded: LoadedModel, images: list[bytes], options: JobOptions, settings: Settings
+) -> list[Artifacts | ActvizError]:
+    """Grad-CAM for each image with `loaded`; one result per image, in order.
+
+    Images of one shape share one pass. A slot holds an ActvizError
+    (InvalidImage, ImageTooLarge, ActivationsTooLarge) when that image is bad.
+    Raises InvalidJob (bad options, layer or class) or NotDifferentiable for all.
+    """
+    from worker.engine.analysis import check_options, encoder_pool
+
+    check_options(options, loaded.input_shape[2])
+    cam, key, row = cam_of(loaded, options)
+    results: list[Artifacts | ActvizError | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[tuple[int, PassImage]]] = defaultdict(list)
+    for i, data in enumerate(images):
+        started, cpu_started = time.perf_counter(), cpu_clock(settings)
+        try:
+            image = prepare_cam_image(data, loaded, cam, key, options, settings)
+        except ActvizError as exc:
+            results[i] = exc
+            continue
+        timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
+        cpu = {"preprocess": (cpu_clock(settings) - cpu_started) * 1000.0}
+        groups[image.pixels.shape].append((i, PassImage(image, options, timings, cpu)))
+    for members in groups.values():
+        items = [item for _, item in members]
+        futures = CamPass(loaded, cam, key, items, [row] * len(items), settings).run(
+            encoder_pool().submit
+        )
+        for (i, _), future in zip(members, futures, strict=True):
+            results[i] = future.result()
+    return [r for r in results if r is not None]
 
 
 class CamPass:
@@ -166,6 +206,24 @@ def cam_artifacts(
         batch=batch,
     )
     manifest["gradcam"] = section
+    return Artifacts(manifest=manifest, files=files)
+
+
+def merge_cam(activations: Artifacts, cam: Artifacts) -> Artifacts:
+    """An activations job's Artifacts with its Grad-CAM's section, files and timings added."""
+    manifest = dict(activations.manifest)
+    files = {**activations.files, **cam.files}
+    manifest["gradcam"] = cam.manifest["gradcam"]
+    manifest["files"] = sorted(files)
+    timings = dict(manifest.get("timings_ms") or {})
+    for stage in ("gradcam", "gradcam_render"):
+        if stage in cam.manifest["timings_ms"]:
+            timings[stage] = cam.manifest["timings_ms"][stage]
+    manifest["timings_ms"] = timings
+    cpu = dict(manifest.get("cpu_ms") or {})
+    for stage, ms in (cam.manifest.get("cpu_ms") or {}).items():
+        cpu[stage] = round(cpu.get(stage, 0.0) + ms, 3)
+    manifest["cpu_ms"] = cpu
     return Artifacts(manifest=manifest, files=files)
 
 

@@ -183,7 +183,6 @@ def trace(model: keras.Model, inputs: Any, traced: dict[int, Any], hook: Hook | 
     return model._run_through_graph(inputs, operation_fn=lambda op: _call(op, traced, hook))
 
 
-
 def _call(
     layer: keras.layers.Layer, traced: dict[int, Any], hook: Hook | None = None
 ) -> Callable[..., Any]:

@@ -120,10 +120,7 @@ class CamModel:
     def key(self, classes: list[int] | None, top: int | None, method: str, predictions: int):
         """(CamKey, requested row) for one image's options; raises InvalidJob (see check_classes)."""
         self.check_classes(classes)
-        if classes:
-            row = list(classes)
-        else:
-            row = [-1] * min(top or 1, self.classes)
+        row = list(classes) if classes else [-1] * min(top or 1, self.classes)
         count = len(row)
         shown = min(self.classes, max(predictions, count))
         return CamKey(count=count, method=method, predictions=shown), row
@@ -277,7 +274,9 @@ def _choose(refs: list[LayerRef], candidates: list[LayerRef], layer: str | None)
     try:
         found = select_layers(refs, layer)
     except UnknownLayer as exc:
-        raise InvalidJob(f"Grad-CAM layer: {exc.message}. Layers Grad-CAM can use: {valid}") from None
+        raise InvalidJob(
+            f"Grad-CAM layer: {exc.message}. Layers Grad-CAM can use: {valid}"
+        ) from None
     if len(found) != 1:
         raise InvalidJob(
             f"Grad-CAM layer {layer!r} selects {len(found)} layers; name one of: {valid}"
@@ -289,7 +288,9 @@ def _choose(refs: list[LayerRef], candidates: list[LayerRef], layer: str | None)
             if not ref.spatial or ref.container or ref.is_input
             else "it is not on the way to the model's output"
         )
-        raise InvalidJob(f"Grad-CAM cannot use layer '{ref.name}': {why}. Layers it can use: {valid}")
+        raise InvalidJob(
+            f"Grad-CAM cannot use layer '{ref.name}': {why}. Layers it can use: {valid}"
+        )
     return ref
 
 

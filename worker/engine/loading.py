@@ -72,7 +72,6 @@ class LoadedModel:
                 self._extractors[key] = found
         return found
 
-
     def cam(self, layer: str | None) -> CamModel:
         """The Grad-CAM model at `layer` (None: the default layer), built once.
 

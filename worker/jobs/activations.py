@@ -2,8 +2,12 @@
 
 The default kind. Loads the model warm, runs the engine (one shared forward
 pass when batching), renders the report, and returns the grids, statistics
-and manifest. A job delivered again after its worker died runs in the
+and manifest; with `gradcam=True` the job's Grad-CAM too (worker/jobs/gradcam.py),
+in one report. A job delivered again after its worker died runs in the
 quarantine process instead (worker/runtime/quarantine.py).
+
+`run_image_job` is every one-image kind's body: the kind only changes what
+`WorkerRuntime.compute` computes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ log = logging.getLogger(__name__)
 
 def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     """The job's Output. Raises the engine's ActvizError or a transient error."""
+    return run_image_job(task, spec, runtime)
+
+
+def run_image_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
+    """Fetch, compute (`runtime.compute` for the job's kind), report: the job's Output."""
     report_stage(task, Progress.LOADING_MODEL)
     fetch_cpu_ms: float | None = None
     if runtime.quarantine is not None and redelivered(task, spec.job_id):
@@ -34,7 +43,9 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
         image = fetch_image(spec, runtime)
         report_stage(task, Progress.FORWARD)
         log.warning("a worker died holding this job before; it runs in the quarantine process")
-        outcome, cache_event, timings = runtime.quarantine.run(spec.model, image, spec.options)
+        outcome, cache_event, timings = runtime.quarantine.run(
+            spec.model, image, spec.options, spec.kind
+        )
     else:
         runtime.expect_image()
         measure = runtime.settings.stage_cpu
@@ -47,7 +58,7 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
             raise
         fetch_cpu_ms = (cpu_clock(runtime.settings) - cpu_started) * 1000.0 if measure else None
         report_stage(task, Progress.FORWARD)
-        outcome = runtime.analyze(loaded, image, spec.options)
+        outcome = runtime.compute(spec.kind, loaded, image, spec.options)
     manifest = dict(outcome.manifest)
     files = dict(outcome.files)
     stage_ms = manifest.setdefault("timings_ms", {})
@@ -69,8 +80,19 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
         cpu["report"] = round((cpu_clock(runtime.settings) - cpu_started) * 1000.0, 3)
         if fetch_cpu_ms is not None:
             cpu["fetch"] = round(fetch_cpu_ms, 3)
-    summary = f"{len(manifest.get('layers', []))} layers"
+    summary = describe(manifest)
     return Output(manifest, files, cache_event=cache_event, summary=summary)
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """A few words for the job's log line: '8 layers', 'Grad-CAM of 2 classes', both."""
+    parts = []
+    if manifest.get("layers"):
+        parts.append(f"{len(manifest['layers'])} layers")
+    if manifest.get("gradcam"):
+        cam = manifest["gradcam"]
+        parts.append(f"Grad-CAM of {len(cam['classes'])} classes at {cam['layer']}")
+    return ", ".join(parts) or "0 layers"
 
 
 def report_files(

@@ -67,7 +67,8 @@ def render_report(
         job_id=manifest.get("job_id"),
         input_src=links.src(manifest.get("input")),
         meta=_meta(manifest),
-        depth_src=links.src(DEPTH_CHART_FILE),
+        depth_src=links.src(DEPTH_CHART_FILE) if layers or not manifest.get("gradcam") else None,
+        gradcam=_gradcam_view(manifest.get("gradcam"), links),
         stat_columns=STAT_COLUMNS,
         layers=[_layer_view(position, layer, links) for position, layer in enumerate(layers)],
     )
@@ -96,7 +97,52 @@ def _image_keys(manifest: dict[str, Any]) -> list[str]:
     for layer in manifest.get("layers") or []:
         keys.append((layer.get("grid") or {}).get("png") or "")
         keys.append(layer.get("overlay") or "")
+    for cam in (manifest.get("gradcam") or {}).get("classes") or []:
+        keys += [cam.get("overlay") or "", cam.get("heatmap") or ""]
     return [k for k in keys if k]
+
+
+def _gradcam_view(section: dict[str, Any] | None, links: _Links) -> dict[str, Any] | None:
+    """What the template shows of a job's Grad-CAM: heatmaps per class, top predictions."""
+    if not section:
+        return None
+    softmax = section.get("scores") == "softmax"
+    shape = section.get("layer_shape")
+    note = (
+        f"{section.get('method', 'gradcam')} of the class "
+        f"{'logit (the input of the softmax)' if softmax else 'score (the model output)'} "
+        f"with respect to {section.get('layer')}'s output"
+        + (f", {format_shape(shape)}" if shape else "")
+        + "; heatmaps are upsampled to the input and normalized to their maximum."
+    )
+    return {
+        "layer": str(section.get("layer", "")),
+        "method": str(section.get("method", "")),
+        "shape": format_shape(shape),
+        "score_name": "probability" if softmax else "score",
+        "note": note,
+        "predictions": [
+            {"label": _class_label(row), "score": format_number(row.get("score"))}
+            for row in section.get("predictions") or []
+        ],
+        "classes": [
+            {
+                "label": _class_label(cam),
+                "score": format_number(cam.get("score")),
+                "rank": cam.get("rank"),
+                "empty": bool(cam.get("empty")),
+                "overlay_src": links.src(cam.get("overlay")),
+                "heatmap_src": links.src(cam.get("heatmap")),
+                "values_href": safe_href(cam.get("values")),
+            }
+            for cam in section.get("classes") or []
+        ],
+    }
+
+
+def _class_label(entry: dict[str, Any]) -> str:
+    index = entry.get("class")
+    return f"{entry['name']} ({index})" if entry.get("name") else f"class {index}"
 
 
 def _model_name(manifest: dict[str, Any]) -> str:

@@ -132,6 +132,20 @@ class _Work:
     cpu: dict[str, float]
 
 
+@dataclass
+class _CamWork:
+    """What a Grad-CAM job hands to the batcher (see `Batcher.run_cam`)."""
+
+    loaded: Any
+    cam: Any  # worker.engine.gradcam.CamModel
+    key: Any  # its CamKey
+    row: list[int]
+    image: Any
+    options: JobOptions
+    timings: dict[str, float]
+    cpu: dict[str, float]
+
+
 class Batcher:
     """One forward thread per worker process plus a render pool; see the module doc."""
 
@@ -200,6 +214,34 @@ class Batcher:
             self._cond.notify_all()
         return wait_result(item.future)
 
+    def run_cam(self, loaded: Any, image_bytes: bytes, options: JobOptions) -> Any:
+        """Grad-CAM for one image in a shared pass (same model, layer, input shape and
+        CamKey); -> Artifacts. Call `expect()` first. Raises what `analyze_cam` raises."""
+        from worker.engine import check_options
+        from worker.engine.cam_pass import cam_of, prepare_cam_image
+        from worker.engine.forward_pass import cpu_clock
+        from worker.engine.preprocess import decoded_pixels
+
+        try:
+            started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
+            check_options(options, loaded.input_shape[2])
+            cam, key, row = cam_of(loaded, options)
+            pixels = decoded_pixels(image_bytes, loaded.input_shape, self.settings)
+            with self.decode_budget.reserve(pixels):
+                image = prepare_cam_image(image_bytes, loaded, cam, key, options, self.settings)
+            timings = {"preprocess": (time.perf_counter() - started) * 1000.0}
+            cpu = {"preprocess": (cpu_clock(self.settings) - cpu_started) * 1000.0}
+        except BaseException:
+            self.cancel()
+            raise
+        work = _CamWork(loaded, cam, key, row, image, options, timings, cpu)
+        item = Pending(("gradcam", id(cam), image.pixels.shape, key), time.monotonic(), work)
+        with self._cond:
+            self._incoming = max(0, self._incoming - 1)
+            self._pending.append(item)
+            self._cond.notify_all()
+        return wait_result(item.future)
+
     def _loop(self) -> None:
         while True:
             # A free pipeline slot first: images that arrive while earlier batches
@@ -232,13 +274,19 @@ class Batcher:
         """Images per pass for the oldest waiting image's group."""
         if not pending:
             return self.batch_size
-        work: _Work = pending[0].payload
-        per_image = work.extractor.output_bytes(work.image.pixels.shape)
+        work = pending[0].payload
+        if isinstance(work, _CamWork):
+            per_image = work.cam.image_bytes(work.image.pixels.shape, work.key.count)
+        else:
+            per_image = work.extractor.output_bytes(work.image.pixels.shape)
         return images_per_pass(self.batch_size, self.max_bytes, per_image)
 
     def _forward(self, batch: list[Pending]) -> None:
         from worker.engine import ForwardPass, PassImage
 
+        if isinstance(batch[0].payload, _CamWork):
+            self._cam_pass(batch)
+            return
         first: _Work = batch[0].payload
         now = time.monotonic()
         images = []
@@ -268,6 +316,37 @@ class Batcher:
         ACTIVATION_BYTES.observe(outputs.activation_bytes)
         D2H_BYTES.observe(outputs.d2h_bytes)
 
+    def _cam_pass(self, batch: list[Pending]) -> None:
+        from worker.engine import PassImage
+        from worker.engine.cam_pass import CamPass
+
+        first: _CamWork = batch[0].payload
+        now = time.monotonic()
+        images, rows = [], []
+        for item in batch:
+            work: _CamWork = item.payload
+            work.timings["batch_wait"] = (now - item.arrived) * 1000.0
+            images.append(PassImage(work.image, work.options, work.timings, work.cpu))
+            rows.append(work.row)
+        contexts = [item.context for item in batch]
+        cam_pass = CamPass(
+            first.loaded,
+            first.cam,
+            first.key,
+            images,
+            rows,
+            self.settings,
+            number=next(self._batches),
+            on_finished=self._pass_finished,
+            futures=[item.future for item in batch],
+        )
+
+        def submit(fn: Any, position: int) -> None:
+            self._render.submit(contexts[position].copy().run, fn, position)
+
+        cam_pass.run(submit)
+        BATCH_IMAGES.observe(len(batch))
+
     def _pass_finished(self, forward: Any) -> None:
         """Every image of a pass has its result: free its pipeline slot."""
         self._slots.release()
@@ -280,6 +359,17 @@ def wait_result(future: Future) -> Any:
             return future.result(timeout=WAIT_POLL_S)
         except TimeoutError:
             continue
+
+
+def run_cam_alone(loaded: Any, image_bytes: bytes, options: JobOptions, settings: Settings) -> Any:
+    """Batch size 1: Grad-CAM for one image in the job's thread; -> Artifacts."""
+    from worker.engine.cam_pass import analyze_cam
+
+    BATCH_IMAGES.observe(1)
+    (outcome,) = analyze_cam(loaded, [image_bytes], options, settings)
+    if isinstance(outcome, ActvizError):
+        raise outcome
+    return outcome
 
 
 def run_alone(loaded: Any, image_bytes: bytes, options: JobOptions, settings: Settings) -> Any:

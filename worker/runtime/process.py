@@ -11,11 +11,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from producer.contract import JobOptions
+from producer.contract import JobKind, JobOptions
 from producer.settings import Settings
 from producer.storage import Store, is_s3_uri, open_store, s3_client
 from worker.metrics import STAGE_SECONDS
-from worker.runtime.batcher import Batcher, run_alone
+from worker.runtime.batcher import Batcher, run_alone, run_cam_alone
 from worker.runtime.cache import ModelCache
 from worker.runtime.fetch import fetch_model
 from worker.runtime.pool import batching
@@ -96,6 +96,30 @@ class WorkerRuntime:
         if batcher is None:
             return run_alone(loaded, image, options, self.settings)
         return batcher.run(loaded, image, options)
+
+    def compute(self, kind: str, loaded: Any, image: bytes, options: JobOptions) -> Any:
+        """One image's Artifacts for a job of `kind`: activations (with Grad-CAM too
+        when `options.gradcam`), or Grad-CAM alone. Raises the image's ActvizError."""
+        if kind == JobKind.GRADCAM:
+            return self.gradcam(loaded, image, options)
+        outcome = self.analyze(loaded, image, options)
+        if not options.gradcam:
+            return outcome
+        from worker.engine.cam_pass import merge_cam
+
+        self.expect_image()  # the same image again, for its own pass
+        return merge_cam(outcome, self.gradcam(loaded, image, options))
+
+    def gradcam(self, loaded: Any, image: bytes, options: JobOptions) -> Any:
+        """One image's Grad-CAM Artifacts, from a shared pass when batching.
+
+        Raises the image's ActvizError (InvalidImage, ImageTooLarge,
+        ActivationsTooLarge, InvalidJob, NotDifferentiable).
+        """
+        batcher = self.batcher
+        if batcher is None:
+            return run_cam_alone(loaded, image, options, self.settings)
+        return batcher.run_cam(loaded, image, options)
 
     @property
     def store(self) -> Store:

@@ -44,8 +44,11 @@ class Quarantine:
         self._process: Any = None
         self._conn: Any = None
 
-    def run(self, model_uri: str, image: bytes, options: JobOptions) -> tuple[Any, str, dict]:
-        """(Artifacts, model cache event, {stage: ms}) of one image, computed in the helper.
+    def run(
+        self, model_uri: str, image: bytes, options: JobOptions, kind: str = "activations"
+    ) -> tuple[Any, str, dict]:
+        """(Artifacts, model cache event, {stage: ms}) of one image's job of `kind`,
+        computed in the helper.
 
         Raises the job's ActvizError; WorkerLost (worker_lost) when the helper
         died while running it; TransientError for a fault of the world.
@@ -53,7 +56,7 @@ class Quarantine:
         with self._lock:
             self._start()
             try:
-                self._conn.send((model_uri, image, options))
+                self._conn.send((model_uri, image, options, kind))
                 status, value = self._wait()
             except BaseException:
                 # The helper died, or a time limit or a shutdown interrupted the wait:
@@ -137,12 +140,12 @@ def serve(conn: Any, settings: Settings) -> None:
     runtime = WorkerRuntime(settings)
     while True:
         try:
-            model_uri, image, options = conn.recv()
+            model_uri, image, options, kind = conn.recv()
         except (EOFError, OSError):
             return
         try:
             loaded, event, timings = runtime.load_model(model_uri)
-            outcome = runtime.analyze(loaded, image, options)
+            outcome = runtime.compute(kind, loaded, image, options)
             reply: tuple[str, Any] = ("ok", (outcome, event, timings))
         except ActvizError as exc:
             reply = ("error", exc.to_dict())
