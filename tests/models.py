@@ -70,6 +70,29 @@ def classic_cnn():
     return keras.Sequential(stack, name="classic")
 
 
+def softmax_cnn(side: int = SIDE, classes: int = 4):
+    """Conv-pool x2, Flatten, Dense(softmax): a classifier whose head is a softmax."""
+    keras = _keras()
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((side, side, 3)),
+            layers.Conv2D(6, 3, activation="relu", name="conv_a"),
+            layers.MaxPooling2D(name="pool_a"),
+            layers.Conv2D(8, 3, activation="relu", name="conv_b"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(classes, activation="softmax", name="probs"),
+        ],
+        name="softmax_cnn",
+    )
+
+
+def save_softmax_keras(out: Path) -> Path:
+    path = out / "softmax_cnn.keras"
+    softmax_cnn().save(path)
+    return path
+
+
 def save_sequential_h5(out: Path) -> Path:
     path = out / "seq_cnn.h5"
     sequential_cnn().save(path)

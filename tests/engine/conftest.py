@@ -35,6 +35,7 @@ def model_files(model_dir: Path) -> dict[str, Path]:
         "wide": models.save_wide_keras(model_dir),
         "wide_dense": models.save_wide_dense_keras(model_dir),
         "unbuilt": models.save_unbuilt_keras(model_dir),
+        "softmax": models.save_softmax_keras(model_dir),
     }
     files["lambda_keras"], files["lambda_h5"] = models.save_lambda_models(model_dir)
     return files

@@ -131,3 +131,46 @@ def test_cancelling_a_batch_without_redis_says_what_it_needs(tmp_path: Path) -> 
     assert b"invalid_config" in done.stderr and b"needs Redis" in done.stderr
     nothing = actviz_in(tmp_path, "cancel", timeout=60)
     assert nothing.returncode == 2 and b"name job ids or --batch" in nothing.stderr
+
+
+def test_grad_cam_from_the_command_line_with_labels_from_the_model_registry(
+    tmp_path: Path, png_bytes: bytes
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import models
+
+    (tmp_path / "cat.png").write_bytes(png_bytes)
+    models.save_softmax_keras(tmp_path)
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\nfish\n\n")
+    registry = {"pets": {"uri": "softmax_cnn.keras", "labels": "classes.txt"}}
+    (tmp_path / "models.json").write_text(json.dumps(registry))
+    done = actviz_in(
+        tmp_path,
+        "--registry",
+        "models.json",
+        "batch",
+        "--model",
+        "pets",
+        "--kind",
+        "gradcam",
+        "--class",
+        "2",
+        "--class",
+        "0",
+        "--method",
+        "gradcam++",
+        "cat.png",
+        "--wait",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    (out,) = [json.loads(line) for line in done.stdout.decode().splitlines() if line.strip()]
+    job_dir = tmp_path / "actviz-results" / "jobs" / out["job_id"]
+    section = json.loads((job_dir / "manifest.json").read_text())["gradcam"]
+    assert section["method"] == "gradcam++" and section["labels"] is True
+    assert [(c["class"], c["name"]) for c in section["classes"]] == [(2, "bird"), (0, "cat")]
+    assert all((job_dir / c["overlay"]).is_file() for c in section["classes"])
+    page = (job_dir / "index.html").read_text()
+    assert "bird (2)" in page and "Grad-CAM at conv_b" in page

@@ -1,0 +1,235 @@
+"""Grad-CAM against an independent computation of the recipe, and its errors.
+
+The reference is Chollet's recipe written out with TensorFlow's GradientTape:
+run the model up to the chosen layer, watch that output, run the rest, take
+the gradient of the class score (the logit when the head is a softmax, its
+activation removed as in the recipe), average it over space, weigh the
+channels, ReLU, divide by the maximum. It shares no code with the engine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from sample_images import image_bytes
+
+from producer.contract import JobOptions, gradcam_names
+from producer.errors import InvalidJob, NotDifferentiable
+from worker.engine import flatten_layers, open_model
+from worker.engine.cam_pass import analyze_cam, cam_of, prepare_cam_image
+from worker.engine.gradcam import build_cam_model
+
+TOLERANCE = 1e-4
+
+
+def images(count: int = 3) -> list[bytes]:
+    return [image_bytes(width=36, height=40, seed=seed) for seed in range(count)]
+
+
+def pixels_for(loaded, options: JobOptions, settings) -> np.ndarray:  # noqa: ANN001
+    cam, key, _ = cam_of(loaded, options)
+    return np.stack(
+        [prepare_cam_image(d, loaded, cam, key, options, settings).pixels for d in images()]
+    )
+
+
+def reference_sequential(model: keras.Model, target: str, x: np.ndarray, cls: int):
+    """(A, dscore/dA) running a Sequential model layer by layer (nested: 'outer/inner')."""
+    outer, _, inner = target.partition("/")
+    with tf.GradientTape() as tape:
+        h = tf.convert_to_tensor(x)
+        acts = None
+        for layer in model.layers:
+            if inner and layer.name == outer:
+                for sub in layer.layers[1:]:  # its InputLayer is not in .layers of Keras 3
+                    h = sub(h)
+                    if sub.name == inner:
+                        tape.watch(h)
+                        acts = h
+                continue
+            h = layer(h)
+            if layer.name == target:
+                tape.watch(h)
+                acts = h
+        score = h[:, cls]
+    return acts.numpy(), tape.gradient(score, acts).numpy()
+
+
+def reference_functional(model: keras.Model, target: str, x: np.ndarray, cls: int):
+    """Chollet's grad_model: a Model over (the layer's output, the model's output)."""
+    grad_model = keras.Model(model.inputs, [model.get_layer(target).output, model.output])
+    with tf.GradientTape() as tape:
+        acts, preds = grad_model(x)
+        score = preds[:, cls]
+    return acts.numpy(), tape.gradient(score, acts).numpy()
+
+
+def gradcam_from(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    weights = grads.mean(axis=(1, 2))  # (N, C)
+    heat = np.maximum(np.einsum("nhwc,nc->nhw", acts, weights), 0)
+    peak = heat.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, heat / np.where(peak > 0, peak, 1), 0)
+
+
+def gradcam_pp_from(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    g2, g3 = grads**2, grads**3
+    total = acts.sum(axis=(1, 2), keepdims=True)
+    denom = 2 * g2 + total * g3
+    alpha = np.where(grads != 0, g2 / np.where(denom != 0, denom, 1), 0)
+    weights = (alpha * np.maximum(grads, 0)).sum(axis=(1, 2))
+    heat = np.maximum(np.einsum("nhwc,nc->nhw", acts, weights), 0)
+    peak = heat.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, heat / np.where(peak > 0, peak, 1), 0)
+
+
+def logits_model(path) -> keras.Model:  # noqa: ANN001
+    """The recipe's own step: load the model again and remove the last softmax."""
+    model = keras.saving.load_model(path, compile=False)
+    model.layers[-1].activation = None
+    return model
+
+
+CASES = {
+    # name: (model file fixture key, how the reference runs it, the layer)
+    "sequential_softmax": ("softmax", reference_sequential, "conv_b"),
+    "functional": ("residual", reference_functional, "block2_add"),
+    "nested": ("nested", reference_sequential, "features/inner_conv_b"),
+    "keras3_h5": ("sequential_h5", reference_sequential, "conv2d_2"),
+    "keras2_h5": ("keras2_cnn.h5", reference_sequential, "conv2d_2"),  # written by tf_keras
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_heatmaps_equal_the_recipe_computed_independently(
+    case: str, method: str, request: pytest.FixtureRequest, settings
+) -> None:  # noqa: ANN001
+    key, reference, layer = CASES[case]
+    files = request.getfixturevalue("keras2_files" if case == "keras2_h5" else "model_files")
+    loaded = open_model(files[key])
+    every = list(range(loaded.cam(layer).classes))  # every class, the top-1 and the others
+    options = JobOptions(classes=every, layer=layer, method=method)
+    cam, cam_key, row = cam_of(loaded, options)
+    x = pixels_for(loaded, options, settings)
+    got = cam.run(x, np.array([row] * len(x)), cam_key)
+
+    model = logits_model(files[key]) if cam.softmax else loaded.model
+    shown = 0
+    for slot, cls in enumerate(every):
+        acts, grads = reference(model, layer, x, cls)
+        want = (gradcam_pp_from if method == "gradcam++" else gradcam_from)(acts, grads)
+        np.testing.assert_allclose(got["maps"][:, slot], want, atol=TOLERANCE, rtol=0)
+        assert (got["classes"][:, slot] == cls).all()
+        shown += int((want.max(axis=(1, 2)) > 0).sum())
+    assert shown >= len(x), "the reference heatmaps are mostly empty: the case shows little"
+
+
+def test_softmax_head_reports_probabilities_and_takes_the_logit_gradient(model_files, settings):  # noqa: ANN001
+    loaded = open_model(model_files["softmax"])
+    options = JobOptions(top=2, predictions=4)
+    cam, key, row = cam_of(loaded, options)
+    assert cam.softmax and cam.ref.name == "conv_b"  # the default: the last (H, W, C) layer
+    x = pixels_for(loaded, options, settings)
+    got = cam.run(x, np.array([row] * len(x)), key)
+    probs = loaded.model.predict(x, verbose=0)
+    np.testing.assert_allclose(got["top_scores"], -np.sort(-probs, axis=1), atol=1e-5)
+    np.testing.assert_array_equal(got["classes"], np.argsort(-probs, axis=1)[:, :2])
+    np.testing.assert_allclose(got["top_scores"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_job_writes_png_heatmaps_overlays_float16_values_and_a_manifest_section(
+    model_files, settings
+) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    loaded = open_model(model_files["softmax"])
+    labels = ["cat", "dog", "bird", "fish"]
+    options = JobOptions(classes=[2, 0], labels=labels, colormap="magma")
+    (result,) = analyze_cam(loaded, images(1), options, settings)
+    section = result.manifest["gradcam"]
+    assert section["layer"] == "conv_b" and section["scores"] == "softmax"
+    assert section["gradient_of"] == "logit" and section["num_classes"] == 4
+    assert [c["class"] for c in section["classes"]] == [2, 0]
+    assert [c["name"] for c in section["classes"]] == ["bird", "cat"]
+    assert len(section["predictions"]) == 4 and all("name" in p for p in section["predictions"])
+    assert result.manifest["layers"] == []
+    size = tuple(result.manifest["preprocessing"]["size"])
+    for entry in section["classes"]:
+        names = gradcam_names(entry["class"])
+        assert {entry[k] for k in ("heatmap", "overlay", "values")} == set(names.values())
+        heat = Image.open(io.BytesIO(result.files[names["heatmap"]]))
+        overlay = Image.open(io.BytesIO(result.files[names["overlay"]]))
+        assert (heat.height, heat.width) == size == (overlay.height, overlay.width)
+        assert overlay.mode == "RGB"
+        values = np.load(io.BytesIO(result.files[names["values"]]), allow_pickle=False)
+        assert values.dtype == np.float16 and values.shape == tuple(section["layer_shape"][:2])
+        assert float(values.min()) >= 0.0 and float(values.max()) <= 1.0
+        assert entry["empty"] == (float(values.max()) == 0.0)
+    json.dumps(result.manifest, allow_nan=False)
+
+
+def test_grad_cam_plus_plus_and_a_second_layer_compile_their_own_programs(model_files):  # noqa: ANN001
+    loaded = open_model(model_files["residual"])
+    assert loaded.cam("stem") is loaded.cam("stem")  # kept warm
+    assert loaded.cam("stem") is not loaded.cam(None)
+    assert loaded.cam(None).ref.name == "pool"
+
+
+def test_a_layer_without_an_hwc_output_fails_invalid_job_naming_the_valid_layers(model_files):  # noqa: ANN001
+    loaded = open_model(model_files["softmax"])
+    with pytest.raises(InvalidJob) as failed:
+        loaded.cam("flatten")
+    assert "not (H, W, C)" in failed.value.message
+    assert "conv_a, pool_a, conv_b" in failed.value.message
+    with pytest.raises(InvalidJob) as failed:
+        loaded.cam("conv_c")
+    assert "conv_a, pool_a, conv_b" in failed.value.message
+    with pytest.raises(InvalidJob, match="selects 2 layers"):
+        loaded.cam("Conv2D")
+
+
+def test_a_layer_off_the_path_to_the_output_fails_invalid_job() -> None:
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="trunk")(inputs)
+    side = keras.layers.Conv2D(2, 3, name="side")(inputs)
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, [logits, side])
+    with pytest.raises(InvalidJob) as failed:
+        build_cam_model(model, flatten_layers(model), "side")
+    assert "not on the way to the model's output" in failed.value.message
+    assert "trunk" in failed.value.message
+    assert build_cam_model(model, flatten_layers(model), None).ref.name == "trunk"
+
+
+def test_a_class_out_of_range_fails_invalid_job_naming_the_class_count(model_files, settings):  # noqa: ANN001
+    loaded = open_model(model_files["softmax"])
+    with pytest.raises(InvalidJob, match="the model has 4 classes"):
+        analyze_cam(loaded, images(1), JobOptions(classes=[4]), settings)
+
+
+def test_top_above_the_class_count_explains_every_class(model_files, settings):  # noqa: ANN001
+    loaded = open_model(model_files["sequential_h5"])  # one sigmoid output
+    (result,) = analyze_cam(loaded, images(1), JobOptions(top=3), settings)
+    assert [c["class"] for c in result.manifest["gradcam"]["classes"]] == [0]
+    assert result.manifest["gradcam"]["scores"] == "raw"
+
+
+def test_a_head_without_a_gradient_fails_not_differentiable() -> None:
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    ids = keras.layers.Discretization(bin_boundaries=[0.0], name="bucket")(x)
+    model = keras.Model(inputs, ids)
+    with pytest.raises(NotDifferentiable, match="floating point"):
+        build_cam_model(model, flatten_layers(model), None)
+
+
+def test_a_model_without_a_classifier_output_fails_invalid_job(model_files) -> None:  # noqa: ANN001
+    loaded = open_model(model_files["fully_conv"])
+    with pytest.raises(InvalidJob, match=r"must be \(batch, classes\)"):
+        loaded.cam(None)
