@@ -13,6 +13,11 @@ head, random weights), for the first 8 layers (spec ":8"), at batch 1 and at
                and the copy of uint8 grids + statistics to the host
   c  engine    analyze(): decode + preprocess, the device pass, every grid
                PNG (encoded over the cores), statistics JSON, manifest bytes
+  g  gradcam   the compiled Grad-CAM pass (forward + backward to the last
+               (H, W, C) layer, top-1 class) and the copy of its heatmaps
+  j  cam job   analyze_cam(): decode + preprocess, the Grad-CAM pass, heatmap,
+               overlay and values files, manifest bytes: a Grad-CAM job's
+               engine work, beside c, an activations job's
   b  classic   load_img + x/255, the book's activation model (built once)
                .predict(x), then per layer its display_grid (16 channels per
                row, per-channel mean/std * 64 + 128) drawn with plt.imshow and
@@ -55,6 +60,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from producer.contract import JobOptions  # noqa: E402
 from producer.settings import Settings  # noqa: E402
 from worker.engine import RenderKey, analyze, manifest_bytes, open_model, preprocess  # noqa: E402
+from worker.engine.cam_pass import analyze_cam, cam_of  # noqa: E402
 from worker.engine.compiled import compile_program, to_host  # noqa: E402
 
 SPEC = ":8"
@@ -189,6 +195,18 @@ def main() -> None:
         book = activation_model(loaded.model)
         forward = forward_only(extractor)
 
+        cam_options = JobOptions()  # Grad-CAM's defaults: the top-1 class, the last (H, W, C) layer
+        cam, cam_key, cam_row = cam_of(loaded, cam_options)
+
+        def cam_job(n: int) -> Callable[[], bytes]:
+            def run() -> bytes:
+                return b"".join(
+                    manifest_bytes(r.manifest)
+                    for r in analyze_cam(loaded, images[:n], cam_options, settings)
+                )
+
+            return run
+
         def engine(n: int) -> Callable[[], bytes]:
             def run() -> bytes:
                 return b"".join(
@@ -209,6 +227,9 @@ def main() -> None:
             cases[f"e{n}"] = (lambda n=n: extractor(pixels[:n]), args.repeats)
             cases[f"d{n}"] = (lambda n=n: extractor.reduce(pixels[:n], key), args.repeats)
             cases[f"c{n}"] = (engine(n), args.repeats)
+            rows = np.array([cam_row] * n, dtype=np.int32)
+            cases[f"g{n}"] = (lambda n=n, r=rows: cam.run(pixels[:n], r, cam_key), args.repeats)
+            cases[f"j{n}"] = (cam_job(n), args.repeats)
         timed = measure(cases)
         d2h = {n: extractor.reduce(pixels[:n], key).d2h_bytes / n for n in sizes}
         results = analyze(loaded, images[:1], options, settings)
@@ -231,6 +252,8 @@ def main() -> None:
         "a": "a  forward (compiled, outputs on device)",
         "d": "d  device pass (forward + reduce + copy)",
         "c": "c  engine: analyze() + manifest bytes",
+        "g": "g  Grad-CAM pass (forward + backward + copy)",
+        "j": "j  Grad-CAM job: analyze_cam() + manifest",
     }
     for n in sizes:
         for case, label in labels.items():
@@ -250,6 +273,13 @@ def main() -> None:
         print(
             f"batch {n}: engine = {a / c:5.0%} of the forward-only rate (target >= 50% on a GPU); "
             f"host adds {(c - d) / n:.2f} ms/img to the device pass"
+        )
+    for n in sizes:
+        c, a, g, j = (timed[f"{case}{n}"][0] for case in "cagj")
+        print(
+            f"batch {n}: a Grad-CAM job costs {j / c:.2f}x an activations job ({j / n:.2f} "
+            f"against {c / n:.2f} ms/img); its pass {g / a:.2f}x the forward pass "
+            f"(layer {cam.ref.name}, top-1 class)"
         )
     stages = results[0].manifest["timings_ms"]
     print(
