@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from producer.contract import ERROR_FILE, INPUT_FILE, REPORT_FILE, batch_key, job_prefix
-from worker.report.page import format_shape, grid_data, render_page, safe_href
+from worker.report.page import format_number, format_shape, grid_data, render_page, safe_href
 
 
 def render_gallery(
@@ -65,10 +65,36 @@ def render_gallery(
             for (job_id, manifest), prefix in zip(jobs, prefixes, strict=True)
         ],
         rows=rows,
+        cams=_cam_cells(jobs, prefixes),
         page=page,
         pages=pages,
         page_links=_page_links(batch_id, page, pages),
     )
+
+
+def _cam_cells(
+    jobs: list[tuple[str, dict[str, Any] | None]], prefixes: list[str]
+) -> list[dict[str, str] | None]:
+    """Per job, its first explained class's Grad-CAM overlay; [] when no job has one."""
+    cells: list[dict[str, str] | None] = []
+    for (_, manifest), prefix in zip(jobs, prefixes, strict=True):
+        classes = ((manifest or {}).get("gradcam") or {}).get("classes") or []
+        src = safe_href(classes[0].get("overlay"), prefix) if classes else None
+        if not src:
+            cells.append(None)
+            continue
+        first = classes[0]
+        name = first.get("name")
+        label = f"{name} ({first.get('class')})" if name else f"class {first.get('class')}"
+        cells.append(
+            {
+                "src": src,
+                "label": label,
+                "score": format_number(first.get("score")),
+                "report": prefix + REPORT_FILE,
+            }
+        )
+    return cells if any(cells) else []
 
 
 def _page_links(batch_id: str, page: int, pages: int) -> dict[str, str | None]:
