@@ -53,6 +53,12 @@ def record_total(client: Any, batch_id: str, total: int, ttl: int) -> None:
     pipe.execute()
 
 
+def forget_batch(client: Any, batch_id: str) -> None:
+    """Drop a batch's progress (a census submitted again starts its counts anew)."""
+    counts, started, done = batch_progress_keys(batch_id)
+    client.delete(counts, started, done, f"{counts}:finished", f"{counts}:jobs")
+
+
 def record_jobs(client: Any, batch_id: str, job_ids: list[str], ttl: int) -> None:
     """The batch's job ids, in submission order (for cancelling a whole batch)."""
     key = f"{batch_progress_keys(batch_id)[0]}:jobs"

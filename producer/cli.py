@@ -28,10 +28,11 @@ from producer.contract import (
     SCALES,
     STARTED,
     SUCCEEDED,
+    census_key,
 )
 from producer.errors import ActvizError, JobFailed, JobNotFound
 from producer.settings import Settings, redact_url
-from producer.storage import is_s3_uri
+from producer.storage import is_s3_uri, source_for
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 124
 COMMANDS_GROUP = "actviz.commands"
@@ -158,10 +159,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def collect_images(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded to their image files (sorted)."""
+    """Files as given, folders and s3:// prefixes (ending in '/') expanded to their
+    image files (sorted), and a .txt file read as a list of images, one per line."""
     images: list[str] = []
     for raw in paths:
         path = Path(raw)
+        if is_s3_uri(raw) and raw.endswith("/"):
+            store, prefix = source_for(raw)
+            images += sorted(
+                store.uri(key)
+                for key in store.list(prefix)
+                if Path(key).suffix.lower() in IMAGE_SUFFIXES
+            )
+            continue
+        if path.suffix.lower() == ".txt" and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            images += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            continue
         if is_s3_uri(raw) or not path.is_dir():
             images.append(raw)
             continue
@@ -169,6 +183,61 @@ def collect_images(paths: list[str]) -> list[str]:
             str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
     return images
+
+
+def cmd_census(args: argparse.Namespace) -> int:
+    """A census: one job per image, folded by the workers into census.json and census.html."""
+    client = _client(args)
+    images = collect_images(args.images)
+    if not images:
+        err("actviz: no images found")
+        return EXIT_USAGE
+    options = _job_options(args)
+    options.pop("top_k", None)
+    jobs = client.census(
+        args.model,
+        images,
+        top_k=args.top_k if args.top_k is not None else 9,
+        batch_id=args.resume,
+        queue=args.queue,
+        priority=args.priority,
+        **options,
+    )
+    batch_id = jobs[0].batch_id or ""
+    err(f"actviz: census {batch_id}: {len(jobs)} images")
+    if not (args.wait or client.settings.embedded):
+        print(json.dumps({"batch_id": batch_id, "images": len(jobs)}) if args.json else batch_id)
+        return EXIT_OK
+    outcomes = _wait_all(jobs, images, args)
+    failed = sum(o["status"] != SUCCEEDED for o in outcomes)
+    timed_out = any(o["status"] == "timeout" for o in outcomes)
+    page = None if timed_out else _census_when_written(client, batch_id)
+    census = client.store.uri(census_key(batch_id)) if page else None
+    summary = {
+        "batch_id": batch_id,
+        "images": len(jobs),
+        "failed": failed,
+        "census": census,
+        "page": page,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"census {batch_id}: {len(jobs) - failed} images folded, {failed} failed")
+        print(f"census.json: {census or 'not written yet'}")
+        if page:
+            print(f"page: {page}")
+    return EXIT_OK if failed == 0 and page else EXIT_FAILED
+
+
+def _census_when_written(client: Client, batch_id: str, timeout: float = 120.0) -> str | None:
+    """The census page's link once the worker that ended the batch has folded it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        url = client.census_url(batch_id)
+        if url or time.monotonic() > deadline:
+            return url
+        time.sleep(0.5)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -521,6 +590,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_job_options(p)
     p.add_argument("images", nargs="+", help="image files, folders of images, s3:// URIs")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser(
+        "census", help="per-channel statistics of a model's layers over a dataset of images"
+    )
+    _add_job_options(p)
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders, s3://bucket/prefix/ (trailing slash), or a .txt list",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="BATCH_ID",
+        help="submit the census of this batch id again: finished jobs and folds are kept",
+    )
+    p.set_defaults(func=cmd_census)
 
     p = sub.add_parser("status", help="state of a job")
     p.add_argument("job_id")

@@ -24,6 +24,7 @@ from producer import contract
 from producer.batches import (
     BatchProgress,
     batch_jobs,
+    forget_batch,
     read_progress,
     record_jobs,
     record_total,
@@ -455,6 +456,7 @@ class Client:
         (`batches/<batch_id>/index.html`, see `batch_url`).
         """
         batch_id = options.pop("batch_id", None) or contract.new_job_id()
+        job_ids = options.pop("job_ids", None)
         # Read once for the batch: each job carries the list.
         options = self.with_labels(model, options.get("kind", JobKind.ACTIVATIONS.value), options)
         redis = self.redis()
@@ -470,6 +472,7 @@ class Client:
                 batch_id=batch_id,
                 batch_index=index,
                 batch_total=len(images),
+                job_id=job_ids[index] if job_ids else None,
                 **options,
             )
             for index, image in enumerate(images)
@@ -503,6 +506,52 @@ class Client:
         """
         redis = self.redis()
         return read_progress(redis, batch_id, cursor) if redis is not None else None
+
+    def census(
+        self,
+        model: str | Path,
+        images: list[ImageSource],
+        layers: str | list[str] | None = None,
+        *,
+        top_k: int = 9,
+        batch_id: str | None = None,
+        **options: Any,
+    ) -> list[Job]:
+        """A census of `model` over `images`: one activations job per image (batched by
+        the workers as any job), whose per-channel statistics the worker that ends the
+        batch folds into `batches/<id>/census.json` and `census.html` (`census_url`):
+        per layer and channel, count, mean, std, min, max, sparsity, the share of
+        images where it is dead, and its `top_k` images with the crop around its peak.
+
+        Job ids follow from the batch id and the image's position, so calling again
+        with the same `batch_id` (and images) resumes a census: finished jobs are not
+        run again, and the fold reuses the parts it had written.
+        """
+        resuming = batch_id is not None
+        batch_id = batch_id or contract.new_job_id()
+        try:
+            job_ids = [contract.census_job_id(batch_id, i) for i in range(len(images))]
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from None
+        redis = self.redis()
+        if resuming and redis is not None:
+            # Progress counts restart: every job, finished or not, records its end again.
+            forget_batch(redis, batch_id)
+        return self.submit_many(
+            model,
+            images,
+            layers,
+            batch_id=batch_id,
+            job_ids=job_ids,
+            census=True,
+            top_k=top_k,
+            **options,
+        )
+
+    def census_url(self, batch_id: str, expires: int = 3600) -> str | None:
+        """Link to a census's page once it is written, else None."""
+        key = contract.census_key(batch_id, "census.html")
+        return self.store.presign(key, expires=expires) if self.store.exists(key) else None
 
     def batch_url(self, batch_id: str, expires: int = 3600) -> str | None:
         """Link to a batch's gallery page once every job of it has ended, else None."""

@@ -207,6 +207,26 @@ def batch_key(batch_id: str, page: int = 1) -> str:
     return f"batches/{batch_id}/" + (REPORT_FILE if page <= 1 else f"page-{page}.html")
 
 
+def census_key(batch_id: str, what: str = "census.json") -> str:
+    """A census's files: 'batches/<id>/census.json' and 'census.html'."""
+    batch_key(batch_id)  # validates the id
+    return f"batches/{batch_id}/{what}"
+
+
+def census_part_key(batch_id: str, part: int) -> str:
+    """A partial fold of a census: 'batches/<id>/census/part-0003.json' (see worker/jobs/census.py)."""
+    batch_key(batch_id)
+    return f"batches/{batch_id}/census/part-{part:04d}.json"
+
+
+def census_job_id(batch_id: str, index: int) -> str:
+    """A census image's job id, fixed by its batch and position: submitting the same
+    census again (resuming it) finds its finished jobs and does not run them again."""
+    if not valid_job_id(batch_id) or len(batch_id) > 100:
+        raise ValueError(f"invalid census batch id {batch_id!r}")
+    return f"{batch_id}-{index:07d}"
+
+
 def job_key(job_id: str) -> str:
     """Redis key a producer sets when it submits a job (its registry entry)."""
     if not valid_job_id(job_id):
@@ -360,6 +380,10 @@ class JobOptions:
     method: str = "gradcam"
     labels: list[str] | None = None
     predictions: int = 5
+    # A job of a census (producer.client.Client.census): its manifest also gives each
+    # channel's peak position and each layer's measured receptive field, which the
+    # batch's census folds (worker/engine/census.py).
+    census: bool = False
 
     @property
     def wants_gradcam(self) -> bool:
@@ -398,7 +422,7 @@ class JobOptions:
             )
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be an integer in 0..{MAX_TOP_K}, got {self.top_k!r}")
-        for name in ("channel_pngs", "save_npz", "overlay", "gradcam"):
+        for name in ("channel_pngs", "save_npz", "overlay", "gradcam", "census"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_gradcam()

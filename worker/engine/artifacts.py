@@ -98,6 +98,9 @@ class ImageRender:
         started = time.perf_counter()
         stats = stats_from_moments(layer.moments, layer.zeros, layer.count)
         entry["stats"] = json_stats(stats)
+        if layer.peaks is not None:  # a census job's: exact zero counts, peak positions
+            entry["stats"]["zeros"] = np.asarray(layer.zeros).astype(int).tolist()
+            entry["stats"]["peak"] = np.asarray(layer.peaks).astype(int).tolist()
         entry["summary"] = layer_summary(stats, self.options.top_k)
         stats_ms = _ms_since(started)
         cpu_ms = (_cpu_now(self.cpu) - cpu_started) * 1000.0
@@ -111,9 +114,18 @@ class ImageRender:
             self._render_ms += render_ms
             self._stats_ms += stats_ms
 
-    def finish(self, loaded: LoadedModel, refs: list[LayerRef], batch: dict[str, Any]) -> Artifacts:
-        """The Artifacts, once `add_layer` has run for every ref."""
+    def finish(
+        self,
+        loaded: LoadedModel,
+        refs: list[LayerRef],
+        batch: dict[str, Any],
+        radii: list[int | None] | None = None,
+    ) -> Artifacts:
+        """The Artifacts, once `add_layer` has run for every ref. `radii`: each layer's
+        measured receptive-field radius (census jobs), written as "receptive_radius"."""
         layers = [self._entries[index] for index in range(len(refs))]
+        for layer, radius in zip(layers, radii or [], strict=False):
+            layer["receptive_radius"] = radius
         # Files in model order, whatever order the layers were rendered in.
         cpu_started = _cpu_now(self.cpu)
         files = {INPUT_FILE: encode_png(self.image.display)}

@@ -45,6 +45,7 @@ class Extractor:
         self.refs = refs
         self._shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         self._programs: dict[RenderKey, Any] = {}
+        self._radii: dict[tuple[int, ...], list[int | None]] = {}
         self._lock = threading.Lock()
 
     def output_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -65,6 +66,20 @@ class Extractor:
                 self._shapes.clear()
             self._shapes[shape] = found
         return found
+
+    def receptive_radii(self, shape: tuple[int, ...]) -> list[int | None]:
+        """Per selected layer, its measured receptive-field radius in input pixels for
+        inputs of `shape` (worker/engine/receptive.py); measured once per shape."""
+        from worker.engine.receptive import measure_radii
+
+        shape = tuple(int(s) for s in shape)
+        with self._lock:
+            known = self._radii.get(shape)
+        if known is None:
+            known = measure_radii(self, shape)
+            with self._lock:
+                self._radii[shape] = known
+        return known
 
     def output_bytes(self, shape: tuple[int, ...]) -> int:
         """Float32 bytes of every selected layer's output for one image of `shape` (H, W, C)."""

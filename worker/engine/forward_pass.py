@@ -153,7 +153,10 @@ class ForwardPass:
                 info["number"] = self.number
             info["activation_bytes"] = self.outputs.activation_bytes
             info["d2h_bytes"] = self.outputs.d2h_bytes
-            artifacts = self.renders[position].finish(self.loaded, self.extractor.refs, info)
+            radii = None
+            if self.images[position].options.census:
+                radii = self.extractor.receptive_radii(self.images[position].image.pixels.shape)
+            artifacts = self.renders[position].finish(self.loaded, self.extractor.refs, info, radii)
             future.set_result(artifacts)
         except BaseException as exc:  # noqa: BLE001
             if not future.done():

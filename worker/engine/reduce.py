@@ -54,6 +54,7 @@ class RenderKey:
     max_side: int
     overlay: bool
     npz: bool
+    peaks: bool = False  # each channel's argmax position (census jobs)
 
     @classmethod
     def of(cls, options: JobOptions, settings: Settings) -> RenderKey:
@@ -63,6 +64,7 @@ class RenderKey:
             max_side=int(settings.max_grid_side),
             overlay=bool(options.overlay),
             npz=bool(options.save_npz),
+            peaks=bool(options.census),
         )
 
 
@@ -92,7 +94,8 @@ def reduce_outputs(outputs: list[Any], key: RenderKey) -> list[dict[str, Any]]:
 
 
 def reduce_layer(x: Any, key: RenderKey) -> dict[str, Any]:
-    """(N, *shape) backend tensor -> {"moments", "zeros", "canvas"?, "values"?, "mean_map"?, "half"?}.
+    """(N, *shape) backend tensor -> {"moments", "zeros", "canvas"?, "values"?, "mean_map"?,
+    "half"?, "peaks"?}.
 
     moments: (N, 4, C) float32 rows mean, std, min, max; zeros: (N, C) int32;
     canvas: (N, grid.height, grid.width) uint8.
@@ -117,6 +120,8 @@ def reduce_layer(x: Any, key: RenderKey) -> dict[str, Any]:
         out["values"] = x
     if key.npz:
         out["half"] = ops.cast(x, "float16")
+    if key.peaks:
+        out["peaks"] = ops.cast(ops.argmax(flat, axis=1), "int32")
     return out
 
 
@@ -181,6 +186,7 @@ class HostLayer:
     values: np.ndarray | None = None  # strip values, float32
     mean_map: np.ndarray | None = None  # (H, W) float32 channel mean, for the overlay
     half: np.ndarray | None = None  # float16 activations, for the npz
+    peaks: np.ndarray | None = None  # (C,) flat position of each channel's maximum
 
     @property
     def count(self) -> int:

@@ -68,14 +68,14 @@ def publish_batch(
             job_ids = [job_id for _, job_id in sorted(finished_jobs(redis, spec.batch_id))]
             # After the job, not inside it: the last job's result is not held up by
             # the gallery (one page of PAGE_SIZE images at a time, whatever N is).
-            finalize_later(spec.batch_id, job_ids, store)
+            finalize_later(spec.batch_id, job_ids, store, census_top_k(spec))
             return True
         marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
         store.put(marker, json.dumps({"job_id": spec.job_id, "status": status}).encode())
         members = store.list(f"batches/{spec.batch_id}/jobs/")
         if len(members) < spec.batch_total:
             return False
-        write_gallery(spec.batch_id, [_job_id_of(key) for key in members], store)
+        finalize(spec.batch_id, [_job_id_of(key) for key in members], store, census_top_k(spec))
         return True
     except Exception:
         log.exception("could not publish the gallery of batch %s", spec.batch_id)
@@ -86,15 +86,32 @@ _finalizers: list[threading.Thread] = []
 _finalizers_lock = threading.Lock()
 
 
-def finalize_later(batch_id: str, job_ids: list[str], store: Store) -> None:
-    """Write the gallery on a thread of its own. Not a daemon: a worker that is shut
-    down waits for it; one that is killed loses the gallery, never a job."""
+def census_top_k(spec: JobSpec) -> int | None:
+    """The census's top-k when the batch is a census (its jobs have `census`), else None."""
+    return spec.options.top_k if spec.options.census else None
+
+
+def finalize(batch_id: str, job_ids: list[str], store: Store, census: int | None) -> None:
+    """The gallery, then (a census) the census fold: census.json and census.html."""
+    write_gallery(batch_id, job_ids, store)
+    if census is not None:
+        from worker.jobs.census import write_census
+
+        write_census(batch_id, job_ids, store, census)
+
+
+def finalize_later(
+    batch_id: str, job_ids: list[str], store: Store, census: int | None = None
+) -> None:
+    """Write the gallery (and a census's fold) on a thread of its own. Not a daemon:
+    a worker that is shut down waits for it; one that is killed loses the gallery,
+    never a job."""
 
     def run() -> None:
         try:
-            write_gallery(batch_id, job_ids, store)
+            finalize(batch_id, job_ids, store, census)
         except Exception:
-            log.exception("could not write the gallery of batch %s", batch_id)
+            log.exception("could not write the gallery or census of batch %s", batch_id)
 
     thread = threading.Thread(target=run, name=f"actviz-gallery-{batch_id}")
     with _finalizers_lock:

@@ -96,9 +96,15 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 may_exit=not settings.embedded,
             ):
                 # A finished job is not run again; a job that keeps killing workers stops.
-                result = admit_delivery(task, spec, runtime.store, settings) or run_job(
-                    task, spec, runtime
-                )
+                result = admit_delivery(task, spec, runtime.store, settings)
+                if result is not None:
+                    # Complete already (a duplicate, or a census submitted again): its
+                    # batch still counts its end once (a second record is a no-op).
+                    publish_batch(
+                        spec, runtime.store, contract.SUCCEEDED, redis_client(task), settings
+                    )
+                else:
+                    result = run_job(task, spec, runtime)
         except ActvizError as exc:
             fail_job(spec, exc, runtime, task)
             raise
