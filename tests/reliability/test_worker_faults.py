@@ -163,6 +163,11 @@ def test_job_that_kills_its_worker_fails_alone_and_its_pass_mates_succeed(
         "ACTVIZ_MODEL_TRUSTED": f"s3://{bucket}/trusted/",
         # Both images wait for each other: they share one forward pass.
         "ACTVIZ_BATCH_WAIT_MS": "3000",
+        # Both redelivered jobs run in the quarantine process one after the other, each
+        # in a cold one (the poison ends the first): about 12 s on a loaded 2-core
+        # machine. Redis must not hand the mate out a third time meanwhile, which at 8 s
+        # it did (a held message's visibility is not extended while it runs).
+        "ACTVIZ_REDELIVER_AFTER": "25",
     }
     white = harness.png(np.full((16, 16, 3), 255, dtype=np.uint8))
     dark = harness.png(np.full((16, 16, 3), 90, dtype=np.uint8))

@@ -174,3 +174,36 @@ def test_grad_cam_from_the_command_line_with_labels_from_the_model_registry(
     assert all((job_dir / c["overlay"]).is_file() for c in section["classes"])
     page = (job_dir / "index.html").read_text()
     assert "bird (2)" in page and "Grad-CAM at conv_b" in page
+
+
+def test_census_from_the_command_line_over_a_list_of_images(
+    tmp_path: Path, saved_models: dict[str, Path]
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "model.keras").write_bytes(saved_models["seq"].read_bytes())
+    names = []
+    for seed in range(4):
+        buffer = io.BytesIO()
+        pixels = (np.random.default_rng(seed).random((36, 40, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        (tmp_path / f"img{seed}.png").write_bytes(buffer.getvalue())
+        names.append(f"img{seed}.png")
+    (tmp_path / "list.txt").write_text("# the census's images\n" + "\n".join(names) + "\n")
+    done = actviz_in(
+        tmp_path, "census", "--model", "model.keras", "list.txt", "--top-k", "2", "--json"
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert out["images"] == 4 and out["failed"] == 0
+    folder = tmp_path / "actviz-results" / "batches" / out["batch_id"]
+    census = json.loads((folder / "census.json").read_text())
+    assert census["images"] == 4 and census["top_k"] == 2
+    conv = census["layers"][0]
+    assert conv["name"] == "conv2d_1" and conv["count"][0] == 4 * 30 * 30
+    assert 1 in conv["dead_everywhere"]  # the test model's dead channel
+    assert all(len(top) == 2 for top in conv["top"])
+    assert "conv2d_1" in (folder / "census.html").read_text()

@@ -48,7 +48,8 @@ def _layer_view(layer: dict[str, Any]) -> dict[str, Any]:
     dead = set(layer.get("dead_everywhere") or [])
     channels = []
     for c in layer.get("by_firing") or []:
-        crops = [_crop(top) for top in (layer.get("top") or [[]])[c]]
+        # A channel dead on every image has no peak to show.
+        crops = [] if c in dead else [_crop(top) for top in (layer.get("top") or [[]])[c]]
         channels.append(
             {
                 "channel": c,
