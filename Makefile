@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint services bench bench-service bench-gpu test-reliability clean
+.PHONY: install demo test lint services bench bench-service bench-census bench-gpu test-reliability clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 # Starts its own redis-server and S3 server; see bench/README.md. BENCH_ARGS="--jobs 40" scales it.
 bench-service: $(STAMP)
 	$(PY) bench/bench_service.py $(BENCH_ARGS)
+
+# A census of 1,000 images against the same images as plain jobs (its own redis-server).
+bench-census: $(STAMP)
+	$(PY) bench/bench_census.py $(BENCH_ARGS)
 
 # On a GPU node, JAX backend: both benchmarks with the GPU workload (bench/gpu.sh).
 bench-gpu: $(STAMP)

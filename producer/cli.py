@@ -22,6 +22,7 @@ from producer.contract import (
     FINAL_STATES,
     JOB_KINDS,
     MANIFEST_FILE,
+    MATCHES,
     NORMALIZATIONS,
     QUEUES,
     REPORT_FILE,
@@ -74,6 +75,8 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.gradcam:
         options["gradcam"] = True
     options.update(
+        match=getattr(args, "match", None),
+        threshold=getattr(args, "threshold", None),
         classes=args.classes,
         top=args.top,
         layer=args.layer,
@@ -228,6 +231,60 @@ def cmd_census(args: argparse.Namespace) -> int:
         if page:
             print(f"page: {page}")
     return EXIT_OK if failed == 0 and page else EXIT_FAILED
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Two models, layer by layer, on each image; a summary over them all."""
+    client = _client(args)
+    images = collect_images(args.images)
+    if not images:
+        err("actviz: no images found")
+        return EXIT_USAGE
+    options = _job_options(args)
+    options.pop("kind", None)
+    jobs = client.diff(
+        args.model,
+        args.against,
+        images,
+        queue=args.queue,
+        priority=args.priority,
+        **options,
+    )
+    batch_id = jobs[0].batch_id or ""
+    if not (args.wait or client.settings.embedded):
+        for job in jobs:
+            print(json.dumps({"job_id": job.id, "status": "queued"}) if args.json else job.id)
+        return EXIT_OK
+    outcomes = _wait_all(jobs, images, args)
+    failed = sum(o["status"] != SUCCEEDED for o in outcomes)
+    timed_out = any(o["status"] == "timeout" for o in outcomes)
+    page = None if timed_out else _written(lambda: client.diff_url(batch_id))
+    summary: dict[str, Any] = {"batch_id": batch_id, "images": len(jobs), "failed": failed}
+    if page:
+        data = json.loads(client.store.get(census_key(batch_id, "diff.json")))
+        summary.update(first_divergent=data["first_divergent"], page=page)
+        summary["layers"] = [
+            {k: layer[k] for k in ("name", "relative_l2", "mean_correlation")}
+            for layer in data["layers"]
+        ]
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_table(outcomes)
+        print(f"first divergent layer: {summary.get('first_divergent') or 'none'}")
+        if page:
+            print(f"diff: {page}")
+    return EXIT_OK if failed == 0 and page else EXIT_FAILED
+
+
+def _written(url: Any, timeout: float = 120.0) -> str | None:
+    """`url()` once it gives a link (a batch summary the last job's worker writes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = url()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def _census_when_written(client: Client, batch_id: str, timeout: float = 120.0) -> str | None:
@@ -606,6 +663,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="submit the census of this batch id again: finished jobs and folds are kept",
     )
     p.set_defaults(func=cmd_census)
+
+    p = sub.add_parser("diff", help="compare two models layer by layer on images")
+    _add_job_options(p)
+    p.add_argument("--against", required=True, help="the second model (URI, path or name)")
+    p.add_argument(
+        "--match",
+        choices=MATCHES,
+        help="pair layers by name (default) or by position in the flattened layer list",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="relative L2 distance from which a layer counts as divergent (default 0.01)",
+    )
+    p.add_argument("images", nargs="+", help="image files, folders, s3:// prefixes, .txt lists")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("status", help="state of a job")
     p.add_argument("job_id")

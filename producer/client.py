@@ -396,6 +396,7 @@ class Client:
         batch_index: int = 0,
         batch_total: int = 0,
         kind: str = JobKind.ACTIVATIONS.value,
+        against: str | Path | None = None,
         **options: Any,
     ) -> Job:
         """Enqueue one job and return at once.
@@ -404,6 +405,8 @@ class Client:
         or 'builtin:demo'. image: local path, bytes, or s3:// URI.
         options: JobOptions fields (scale, normalize, colormap, top_k, ...).
         kind: what the job computes (`producer.contract.JOB_KINDS`), 'activations' by default.
+        against: kind 'diff' only, the model compared with `model` (as `model`: URI,
+        path or registry name).
         Raises InvalidJob (invalid_job), PayloadTooLarge (payload_too_large),
         InputNotFound (input_not_found), ModelNotFound (model_not_found).
         """
@@ -420,6 +423,7 @@ class Client:
         if batch_id is not None and not contract.valid_job_id(batch_id):
             raise InvalidJob(f"batch id {batch_id!r} is not one safe path segment")
         model_uri = self.resolve_model(model)
+        against_uri = self.resolve_model(against) if against is not None else None
         try:
             spec = JobSpec(
                 job_id=job_id,
@@ -432,6 +436,7 @@ class Client:
                 batch_id=batch_id,
                 batch_index=batch_index,
                 batch_total=batch_total,
+                against=against_uri,
             )
         except ValueError as exc:
             raise InvalidJob(str(exc)) from None
@@ -547,6 +552,41 @@ class Client:
             top_k=top_k,
             **options,
         )
+
+    def diff(
+        self,
+        model: str | Path,
+        against: str | Path,
+        images: list[ImageSource],
+        layers: str | list[str] | None = None,
+        *,
+        match: str = "name",
+        threshold: float = 0.01,
+        **options: Any,
+    ) -> list[Job]:
+        """Compare two checkpoints layer by layer on `images`: one diff job per image.
+
+        Layers pair by name (`match="name"`) or position (`"index"`); each job writes
+        its grids of A, B and |A - B|, `diff.json` and its report; the batch gets
+        `batches/<id>/diff.json` and `diff.html` over every image (`diff_url`). The
+        first layer whose relative L2 distance reaches `threshold` is the first
+        divergent one.
+        """
+        return self.submit_many(
+            model,
+            images,
+            layers,
+            kind=JobKind.DIFF.value,
+            against=against,
+            match=match,
+            threshold=threshold,
+            **options,
+        )
+
+    def diff_url(self, batch_id: str, expires: int = 3600) -> str | None:
+        """Link to a diff batch's diff.html once it is written, else None."""
+        key = contract.census_key(batch_id, "diff.html")
+        return self.store.presign(key, expires=expires) if self.store.exists(key) else None
 
     def census_url(self, batch_id: str, expires: int = 3600) -> str | None:
         """Link to a census's page once it is written, else None."""

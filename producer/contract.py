@@ -25,6 +25,7 @@ class JobKind(StrEnum):
 
     ACTIVATIONS = "activations"
     GRADCAM = "gradcam"
+    DIFF = "diff"
 
 
 JOB_KINDS = tuple(kind.value for kind in JobKind)
@@ -153,6 +154,7 @@ ERROR_FILE = "error.json"
 REPORT_FILE = "index.html"
 DEPTH_CHART_FILE = "depth.svg"
 INPUT_FILE = "input.png"  # the image as the model saw it, before scaling
+DIFF_FILE = "diff.json"  # a diff job's comparison (also in its manifest)
 ACTIVATIONS_FILE = "activations.npz"
 GRADCAM_DIR = "gradcam/"
 
@@ -208,7 +210,8 @@ def batch_key(batch_id: str, page: int = 1) -> str:
 
 
 def census_key(batch_id: str, what: str = "census.json") -> str:
-    """A census's files: 'batches/<id>/census.json' and 'census.html'."""
+    """A batch's summaries: 'batches/<id>/census.json' and 'census.html' (a census),
+    'diff.json' and 'diff.html' (a diff of several images)."""
     batch_key(batch_id)  # validates the id
     return f"batches/{batch_id}/{what}"
 
@@ -344,6 +347,8 @@ MAX_PREDICTIONS = 100  # top predictions listed per image
 MAX_LABELS = 100_000
 MAX_LABEL_CHARS = 256
 MAX_CLASS_INDEX = 10_000_000
+# Diff: how two models' layers are paired.
+MATCHES = ("name", "index")
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,10 @@ class JobOptions:
     # channel's peak position and each layer's measured receptive field, which the
     # batch's census folds (worker/engine/census.py).
     census: bool = False
+    # Diff (kind 'diff'): how the two models' layers pair up, and the relative L2
+    # distance from which a layer counts as divergent.
+    match: str = "name"
+    threshold: float = 0.01
 
     @property
     def wants_gradcam(self) -> bool:
@@ -426,6 +435,10 @@ class JobOptions:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_gradcam()
+        if self.match not in MATCHES:
+            raise ValueError(f"match {self.match!r} unknown; use one of {', '.join(MATCHES)}")
+        if not _is_number(self.threshold) or not 0.0 < self.threshold < 1e6:
+            raise ValueError(f"threshold must be a positive number, got {self.threshold!r}")
         return self
 
     def _validate_gradcam(self) -> None:
@@ -518,6 +531,8 @@ class JobSpec:
     batch_total: int = 0
     # The image's name as the user knows it (a file name), for reports and galleries.
     image_name: str | None = None
+    # Kind 'diff': the second model, compared with `model` layer by layer.
+    against: str | None = None
 
     def __post_init__(self) -> None:
         if not valid_job_id(self.job_id):
@@ -533,6 +548,19 @@ class JobSpec:
             if has_control_chars(value):
                 raise ValueError(f"{name} URI contains control characters")
         check_kind(self.kind)
+        if self.kind == JobKind.DIFF:
+            if (
+                not isinstance(self.against, str)
+                or not self.against
+                or len(self.against) > MAX_URI_CHARS
+                or has_control_chars(self.against)
+            ):
+                raise ValueError(
+                    "a diff job needs `against`, the URI of the model to compare with, "
+                    f"of at most {MAX_URI_CHARS} characters"
+                )
+        elif self.against is not None:
+            raise ValueError("`against` names a diff's second model: use kind 'diff'")
         if self.image_name is not None and (
             not isinstance(self.image_name, str)
             or len(self.image_name) > MAX_IMAGE_NAME_CHARS

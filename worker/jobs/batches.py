@@ -87,14 +87,22 @@ _finalizers_lock = threading.Lock()
 
 
 def census_top_k(spec: JobSpec) -> int | None:
-    """The census's top-k when the batch is a census (its jobs have `census`), else None."""
+    """The census's top-k when the batch is a census (its jobs have `census`), else None;
+    -1 for a batch of diff jobs (its summary is diff.json and diff.html)."""
+    if spec.kind == contract.JobKind.DIFF:
+        return -1
     return spec.options.top_k if spec.options.census else None
 
 
 def finalize(batch_id: str, job_ids: list[str], store: Store, census: int | None) -> None:
-    """The gallery, then (a census) the census fold: census.json and census.html."""
+    """The gallery, then a census's fold (census.json, census.html) or a diff batch's
+    summary (diff.json, diff.html)."""
     write_gallery(batch_id, job_ids, store)
-    if census is not None:
+    if census == -1:
+        from worker.jobs.diff_summary import write_diff_summary
+
+        write_diff_summary(batch_id, job_ids, store)
+    elif census is not None:
         from worker.jobs.census import write_census
 
         write_census(batch_id, job_ids, store, census)
