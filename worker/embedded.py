@@ -54,6 +54,9 @@ def start_embedded_worker(settings: Settings, timeout: float = 60.0) -> Celery:
     with _lock:
         if key in _running:
             return _running[key]
+        from worker.runtime.native_logs import import_backend
+
+        import_backend()
         from worker.app import create_app
         from worker.runtime.accelerator import configure_accelerator
 

@@ -67,6 +67,9 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
 
 
 def run_one(settings: Settings, node_name: str | None) -> int:
+    from worker.runtime.native_logs import import_backend
+
+    import_backend()
     from celery.signals import worker_ready, worker_shutting_down
 
     from worker.app import create_app

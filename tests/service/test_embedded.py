@@ -55,6 +55,9 @@ def test_submit_with_no_configuration_runs_in_process_and_writes_local_files(
     assert (job_dir / "index.html").is_file()
     stderr = done.stderr.decode()
     assert "broker memory://" in stderr and "storage file://./actviz-results" in stderr
+    # TensorFlow's native start-up notices stay off the user's terminal.
+    for notice in ("InitializeLog", "oneDNN", "cpu_feature_guard", "cuda drivers", "cuInit"):
+        assert notice not in stderr, stderr[-2000:]
     # A later `actviz status` reads storage; it starts no worker and no TensorFlow.
     status = actviz_in(tmp_path, "status", out["job_id"], "--json", timeout=60)
     assert json.loads(status.stdout) == {"job_id": out["job_id"], "status": "succeeded"}

@@ -558,3 +558,32 @@ def test_every_flag_in_the_documented_cli_synopsis_exists() -> None:
             assert flag in known, f"actviz {command} has no {flag} (docs/service.md)"
             checked += 1
     assert checked >= 25
+
+
+def test_native_start_up_notices_are_dropped_and_other_stderr_lines_kept() -> None:
+    """What a C++ library writes to file descriptor 2 during the import is filtered, not lost."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from worker.runtime.native_logs import quiet_native_startup\n"
+        "with quiet_native_startup():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called"
+        " are written to STDERR\\n')\n"
+        "    os.write(2, b'I0000 00:00:1795807367.508555    8455 port.cc:153] oneDNN custom"
+        " operations are on.\\n')\n"
+        "    os.write(2, b'E0000 00:00:1795807369.905338    8455 cuda_platform.cc:52] failed"
+        " call to cuInit: INTERNAL\\n')\n"
+        "    os.write(2, b'E0000 00:00:1.0 1 saver.cc:12] could not open the checkpoint\\n')\n"
+        "    os.write(2, b'a real problem\\n')\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.decode().splitlines()
+    assert lines == [
+        "E0000 00:00:1.0 1 saver.cc:12] could not open the checkpoint",
+        "a real problem",
+        "after",
+    ]

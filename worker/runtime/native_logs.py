@@ -1,0 +1,68 @@
+"""TensorFlow's native start-up lines, kept off the user's terminal.
+
+Importing TensorFlow prints, through its C++ logging and before Python's
+logging is involved, lines such as "oneDNN custom operations are on", "Could
+not find cuda drivers on your machine", "This TensorFlow binary is optimized
+to use available CPU instructions" and, on a machine without a GPU, "failed
+call to cuInit". `TF_CPP_MIN_LOG_LEVEL` does not reach the first ones. Every
+embedded `actviz submit` printed them.
+
+`quiet_native_startup()` runs a block with file descriptor 2 captured, then
+writes back every captured line except those start-up notices, so a real
+error or warning printed during the import still reaches stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|^[IW]\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\]"
+    r"|^E\d{4} [\d:.]+ +\d+ cuda_(?:platform|executor|driver)\.cc:\d+\] failed call to cuInit"
+    r"|^To enable the following instructions: .* rebuild TensorFlow"
+)
+
+
+@contextlib.contextmanager
+def quiet_native_startup() -> Iterator[None]:
+    """Run the block with stderr's file descriptor captured; replay what is not noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding host): nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().decode(errors="replace").splitlines()
+                if not NOISE.search(line)
+            ]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def import_backend() -> None:
+    """Import Keras and its backend (and let TensorFlow look for GPUs) quietly."""
+    with quiet_native_startup():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
