@@ -36,6 +36,7 @@ from producer.settings import Settings, redact_url
 from producer.storage import is_s3_uri, source_for
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 124
+SUMMARY_WAIT_S = 120.0  # how long a census or diff waits for its summary after its jobs
 COMMANDS_GROUP = "actviz.commands"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -211,10 +212,7 @@ def cmd_census(args: argparse.Namespace) -> int:
     if not (args.wait or client.settings.embedded):
         print(json.dumps({"batch_id": batch_id, "images": len(jobs)}) if args.json else batch_id)
         return EXIT_OK
-    outcomes = _wait_all(jobs, images, args)
-    failed = sum(o["status"] != SUCCEEDED for o in outcomes)
-    timed_out = any(o["status"] == "timeout" for o in outcomes)
-    page = None if timed_out else _census_when_written(client, batch_id)
+    outcomes, failed, page = _wait_for_summary(jobs, images, args, client.census_url)
     census = client.store.uri(census_key(batch_id)) if page else None
     summary = {
         "batch_id": batch_id,
@@ -255,10 +253,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         for job in jobs:
             print(json.dumps({"job_id": job.id, "status": "queued"}) if args.json else job.id)
         return EXIT_OK
-    outcomes = _wait_all(jobs, images, args)
-    failed = sum(o["status"] != SUCCEEDED for o in outcomes)
-    timed_out = any(o["status"] == "timeout" for o in outcomes)
-    page = None if timed_out else _written(lambda: client.diff_url(batch_id))
+    outcomes, failed, page = _wait_for_summary(jobs, images, args, client.diff_url)
     summary: dict[str, Any] = {"batch_id": batch_id, "images": len(jobs), "failed": failed}
     if page:
         data = json.loads(client.store.get(census_key(batch_id, "diff.json")))
@@ -277,23 +272,20 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK if failed == 0 and page else EXIT_FAILED
 
 
-def _written(url: Any, timeout: float = 120.0) -> str | None:
-    """`url()` once it gives a link (a batch summary the last job's worker writes)."""
-    deadline = time.monotonic() + timeout
+def _wait_for_summary(
+    jobs: list[Job], images: list[str], args: argparse.Namespace, url: Any
+) -> tuple[list[dict], int, str | None]:
+    """Wait for a batch's jobs, then for the summary its last job's worker writes:
+    (outcomes, failed jobs, `url(batch_id)` once it gives a link, or None)."""
+    outcomes = _wait_all(jobs, images, args)
+    failed = sum(o["status"] != SUCCEEDED for o in outcomes)
+    if any(o["status"] == "timeout" for o in outcomes):
+        return outcomes, failed, None
+    deadline = time.monotonic() + SUMMARY_WAIT_S
     while True:
-        found = url()
+        found = url(jobs[0].batch_id or "")
         if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
-
-
-def _census_when_written(client: Client, batch_id: str, timeout: float = 120.0) -> str | None:
-    """The census page's link once the worker that ended the batch has folded it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        url = client.census_url(batch_id)
-        if url or time.monotonic() > deadline:
-            return url
+            return outcomes, failed, found
         time.sleep(0.5)
 
 

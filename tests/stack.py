@@ -109,3 +109,16 @@ def start_worker(
         worker.stop()
         raise
     return worker
+
+
+def noise_png(seed: int, height: int = 40, width: int = 48) -> bytes:
+    """A seeded random RGB PNG, as a user's image for a job."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from stack import noise_png as png
 from stack import start_worker, subprocess_env
 
 from producer import Client, ErrorCode, JobFailed, Settings
 from producer.contract import census_key
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def png(seed: int) -> bytes:
-    pixels = (np.random.default_rng(seed).random((40, 48, 3)) * 255).astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def wait_for(probe, timeout: float):  # noqa: ANN001, ANN201

@@ -7,27 +7,18 @@ backward passes, as activations jobs share forward passes.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from stack import noise_png as png
 from stack import start_worker, subprocess_env
 
 from producer import Client, ErrorCode, InvalidJob, JobFailed, Settings
 
 BATCH = 6
 pytestmark = pytest.mark.timeout(240)
-
-
-def png(seed: int) -> bytes:
-    pixels = (np.random.default_rng(seed).random((40, 48, 3)) * 255).astype("uint8")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
