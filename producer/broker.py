@@ -22,7 +22,8 @@ def _is_redis(url: str) -> bool:
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
-    """Broker transport options; on Redis the visibility timeout outlives the hard limit."""
+    """Broker transport options. On Redis a job held by a worker that stopped re-stamping
+    it (worker/transport.py) goes back to its queue `visibility_timeout` s later."""
     options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if _is_redis(settings.broker_url):
         # Redis emulates priorities with one list per step; lower numbers are served first.

@@ -70,9 +70,12 @@ class Settings:
     max_retries: int = 5
     # A job whose worker died this many times is failed with worker_lost, not run again.
     max_deliveries: int = 3
-    # Seconds before Redis hands an unacknowledged job to another worker; 0 derives it
-    # from the hard time limit. Shorter than the time limit, a slow job may run twice.
-    redeliver_after: int = 0
+    # Seconds after its holder was last seen alive before Redis hands a job to another
+    # worker: a live worker re-stamps the jobs it holds every quarter of this (at most
+    # every 15 s, worker/transport.py), so a dead worker's jobs come back within it and a
+    # live worker's long job never runs twice. 0: derived from the hard time limit
+    # (2 x limit + 60 s), for brokers whose consumers do not re-stamp.
+    redeliver_after: int = 60
     # A job reports its stages (Job.state().stage) once it has run this long: a fast job
     # skips them (each is a result-backend read and write), a slow one shows its progress.
     progress_after_ms: int = 250

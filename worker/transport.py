@@ -8,6 +8,21 @@ every message the transport reads is measured first; one above
 delivered: either is dead-lettered (its head kept, see
 worker/dead_letters.py) and the channel reports "no message".
 
+It also keeps the messages a live worker holds from being handed out again.
+kombu records each delivered, unacknowledged message in the `unacked_index`
+sorted set with the time it was delivered, and any consumer re-queues those
+older than the visibility timeout. A worker SIGKILLed with jobs in hand never
+acknowledges them, so the timeout is how they come back; but it must also be
+longer than any job a live worker runs, or that job would run twice. Here a
+heartbeat thread re-stamps, every `heartbeat_interval` seconds, every message
+the process's channels hold (running, reserved or waiting in a batch), so the
+timeout measures the time since the holder was last alive, not since the
+job started: a short timeout (ACTVIZ_REDELIVER_AFTER, 60 s by default) brings
+a dead worker's jobs back within a minute, and a live worker's long job is
+never run twice. A process hung so hard that this thread cannot run is treated
+as dead (the faulthandler backstop ends such a process too, see
+worker/jobs/limits.py).
+
 `install()` makes this the transport of redis:// and rediss:// URLs in the
 calling process (kombu's transport aliases); the worker calls it when it
 builds its app, so log lines still name the broker by its URL. Producers
@@ -16,7 +31,10 @@ publish through the stock transport.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from queue import Empty
 from typing import Any
@@ -27,6 +45,7 @@ from producer.contract import MAX_ENVELOPE_BYTES
 from worker.dead_letters import dead_letter, record
 
 _HEAD = 1024
+log = logging.getLogger(__name__)
 
 
 class RefusedMessage(ValueError):
@@ -61,7 +80,76 @@ def _bounded_loads(text: Any, *args: Any, **kwargs: Any) -> Any:
 redis.loads = _bounded_loads
 
 
+class QoS(redis.QoS):
+    def touch(self) -> int:
+        """Stamp every message this channel holds as delivered now; returns how many.
+
+        ZADD XX only updates members still present: a message acknowledged
+        meanwhile (removed from the index) is not put back.
+        """
+        try:
+            tags = list(self._delivered)
+        except RuntimeError:  # changed while read by the consumer: the next beat gets it
+            return 0
+        if not tags:
+            return 0
+        now = time.time()
+        with self.channel.conn_or_acquire() as client:
+            client.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+        return len(tags)
+
+
+_channels: weakref.WeakSet = weakref.WeakSet()
+_heartbeat: threading.Thread | None = None
+_heartbeat_lock = threading.Lock()
+
+
+def heartbeat_interval(visibility_timeout: float) -> float:
+    """Seconds between two stamps: a quarter of the timeout, at most 15, at least 1."""
+    return max(1.0, min(15.0, visibility_timeout / 4.0))
+
+
+def touch_all() -> int:
+    """Stamp the held messages of every open channel of this process; returns how many."""
+    touched = 0
+    for channel in list(_channels):
+        qos = getattr(channel, "_qos", None)
+        if qos is None or not hasattr(qos, "touch"):
+            continue
+        try:
+            touched += qos.touch()
+        except Exception as exc:  # noqa: BLE001 (Redis away: the next beat tries again)
+            log.warning("could not renew the visibility of held messages: %s", exc)
+    return touched
+
+
+def _beat(interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        touch_all()
+
+
+def _start_heartbeat(visibility_timeout: float) -> None:
+    global _heartbeat
+    with _heartbeat_lock:
+        if _heartbeat is not None and _heartbeat.is_alive():
+            return
+        interval = heartbeat_interval(visibility_timeout)
+        _heartbeat = threading.Thread(
+            target=_beat, args=(interval,), name="actviz-visibility", daemon=True
+        )
+        _heartbeat.start()
+
+
 class Channel(redis.Channel):
+    QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.QoS is QoS:  # ack emulation on: messages have a visibility timeout
+            _channels.add(self)
+            _start_heartbeat(float(self.visibility_timeout))
+
     def _brpop_read(self, **options: Any) -> Any:
         return self._bounded(lambda: super(Channel, self)._brpop_read(**options), "")
 

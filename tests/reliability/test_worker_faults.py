@@ -165,9 +165,8 @@ def test_job_that_kills_its_worker_fails_alone_and_its_pass_mates_succeed(
         "ACTVIZ_BATCH_WAIT_MS": "3000",
         # Both redelivered jobs run in the quarantine process one after the other, each
         # in a cold one (the poison ends the first): about 12 s on a loaded 2-core
-        # machine. Redis must not hand the mate out a third time meanwhile, which at 8 s
-        # it did (a held message's visibility is not extended while it runs).
-        "ACTVIZ_REDELIVER_AFTER": "25",
+        # machine, longer than REDELIVER_AFTER. The worker's heartbeat keeps the mate
+        # it holds from being handed out again meanwhile (worker/transport.py).
     }
     white = harness.png(np.full((16, 16, 3), 255, dtype=np.uint8))
     dark = harness.png(np.full((16, 16, 3), 90, dtype=np.uint8))
@@ -200,3 +199,42 @@ def test_job_that_kills_its_worker_fails_alone_and_its_pass_mates_succeed(
     assert error["code"] == ErrorCode.WORKER_LOST
     harness.record("Faults", "poison job: worker deaths before worker_lost", 1)
     harness.record("Faults", "job that shared the poison pass", "succeeded on redelivery")
+
+
+def test_a_live_workers_long_jobs_are_not_handed_out_again(
+    env: dict, client: Client, models: dict[str, str], redis_url: str, logs: Path
+) -> None:
+    """Jobs held longer than the visibility timeout by a live worker run once.
+
+    With a 3 s timeout, heavy jobs (several seconds each) and a batch of them
+    waiting behind each other, every held message outlives the timeout many
+    times: only the worker's heartbeat (worker/transport.py) keeps Redis from
+    handing them to the second worker that is up and polling meanwhile.
+    """
+    import redis as redis_py
+
+    from worker.jobs.deliveries import delivery_key
+
+    env = {**env, "ACTVIZ_REDELIVER_AFTER": "3"}
+    jobs = [
+        client.submit(models["heavy"], harness.random_png(20 + i, 256, 256), **HEAVY)
+        for i in range(4)
+    ]
+    holder = harness.start_worker(env, logs / "holder.log")
+    try:
+        wait_for_stage(client, jobs[0].id, ("forward", "rendering", "uploading"), 90)
+        other = harness.start_worker(env, logs / "other.log")
+        try:
+            for job in jobs:
+                job.wait(timeout=180)
+            seconds = sum(job.wait(timeout=5).manifest["timings_ms"]["render"] for job in jobs)
+        finally:
+            other.stop()
+    finally:
+        holder.stop()
+    counts = redis_py.Redis.from_url(redis_url)
+    deliveries = [int(counts.get(delivery_key(job.id, 0)) or 0) for job in jobs]
+    assert deliveries == [1, 1, 1, 1], deliveries
+    assert "an earlier one was lost" not in holder.log_text() + other.log_text()
+    harness.record("Faults", "jobs held past a 3 s visibility timeout, delivered twice", 0)
+    assert seconds > 0
