@@ -440,11 +440,20 @@ class Client:
             )
         except ValueError as exc:
             raise InvalidJob(str(exc)) from None
+        message = spec.to_message()
+        size = len(json.dumps(message, default=str))
+        if size > contract.MAX_MESSAGE_BYTES:  # the worker would refuse it: refuse it here
+            labels = job_options.labels or []
+            hint = f" ({len(labels)} class names take most of it)" if len(labels) > 100 else ""
+            raise PayloadTooLarge(
+                f"the job message is {size} bytes{hint}, above {contract.MAX_MESSAGE_BYTES}; "
+                "messages carry URIs and options, not data"
+            )
         redis = self.redis()
         if redis is not None:  # registered before it is sent: a fast job is never "unknown"
             redis.set(contract.job_key(job_id), str(time.time()), ex=self.settings.result_expires)
         self.app.send_task(
-            TASK_NAME, args=[spec.to_message()], task_id=job_id, queue=queue, priority=priority
+            TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
         )
         return Job(self, job_id, batch_id)
 
