@@ -594,10 +594,10 @@ def test_native_start_up_notices_are_dropped_and_other_stderr_lines_kept() -> No
 def test_a_message_above_the_workers_bound_is_refused_at_submit(tmp_path: Path) -> None:
     """Class names travel in the message; too many of them are refused before anything is
     queued, with the size and what takes it, not by the worker later."""
+    from stack import noise_png
+
     from producer.contract import MAX_MESSAGE_BYTES
     from producer.errors import PayloadTooLarge
-
-    from stack import noise_png
 
     (tmp_path / "cat.png").write_bytes(noise_png(1))
     client = Client(settings=Settings(storage_url=(tmp_path / "store").as_uri()))
