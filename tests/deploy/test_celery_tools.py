@@ -1,0 +1,105 @@
+"""Celery's own command line against a real worker, through `producer.celery_app`.
+
+`celery -A producer.celery_app ...` as an operator runs it: `inspect ping` and
+`inspect active` answer while the worker runs a long job, `purge -Q gpu` empties
+every priority list of the queue, and `events --dump` shows the job's events.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+from stack import noise_png, start_worker, subprocess_env, wait_for
+
+from producer import Client, Settings
+
+REDIS_DB = 11
+CELERY = Path(sys.executable).parent / "celery"
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    import keras
+
+    folder = tmp_path_factory.mktemp("celery-tools")
+    keras.utils.set_random_seed(3)
+    layers = keras.layers
+    heavy = keras.Sequential(
+        [keras.Input((None, None, 3))]
+        + [layers.Conv2D(48, 3, padding="same", activation="relu") for _ in range(6)],
+        name="heavy",
+    )
+    heavy.save(folder / "heavy.keras")
+    return subprocess_env(
+        ACTVIZ_BROKER_URL=redis_url,
+        ACTVIZ_STORAGE_URL=(folder / "results").as_uri(),
+        ACTVIZ_MODEL_ALLOW=folder.as_uri() + "/",
+        MODEL=(folder / "heavy.keras").as_uri(),
+    )
+
+
+def celery(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CELERY), "-A", "producer.celery_app", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_inspect_answers_while_a_long_job_runs_and_events_show_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    client = Client(settings=Settings.from_env(environ=env))
+    worker = start_worker(env, tmp_path / "worker.log", "--name", "tools")
+    events = subprocess.Popen(
+        [str(CELERY), "-A", "producer.celery_app", "events", "--dump"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # Several seconds on 2 cores: 6 wide convolutions at 768 x 768, a PNG per channel.
+        job = client.submit(env["MODEL"], noise_png(4, 768, 768), layers=None, channel_pngs=True)
+        wait_for(lambda: job.status() == "started", 90, "the job to start")
+        ping = celery(env, "inspect", "ping", "--json")
+        active = celery(env, "inspect", "active", "--json")
+        job.wait(timeout=180)
+        time.sleep(2)  # the events of the job's end reach the dump
+    finally:
+        events.terminate()
+        dumped, _ = events.communicate(timeout=30)
+        worker.stop()
+    assert ping.returncode == 0, ping.stderr
+    replies = json.loads(ping.stdout)
+    assert replies == {"celery@tools": {"ok": "pong"}}, replies
+    assert active.returncode == 0, active.stderr
+    held = [task["id"] for tasks in json.loads(active.stdout).values() for task in tasks]
+    assert job.id in held  # listed as running: the worker answered in the middle of the job
+    assert f"actviz.extract[{job.id}]" in dumped or job.id in dumped
+    assert "task succeeded" in dumped.lower() or "task-succeeded" in dumped.lower()
+
+
+def test_purge_empties_every_priority_list_of_the_queue(
+    env: dict[str, str], redis_url: str
+) -> None:
+    client = Client(settings=Settings.from_env(environ=env))
+    image = noise_png(5)
+    for priority in (0, 2, 5, 7, 9):  # five jobs on five of Redis's per-priority lists
+        client.submit(env["MODEL"], image, priority=priority)
+    conn = redis_py.Redis.from_url(redis_url)
+    lists = [key for key in conn.keys("gpu*") if conn.type(key) == b"list"]
+    assert sum(conn.llen(key) for key in lists) == 5 and len(lists) >= 5
+    done = celery(env, "purge", "-Q", "gpu", "-f")
+    assert done.returncode == 0, done.stderr
+    assert "5 messages" in done.stdout, done.stdout
+    assert sum(conn.llen(key) for key in lists) == 0
