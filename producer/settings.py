@@ -89,6 +89,9 @@ class Settings:
     batch_max_mb: int = 1024
     metrics_port: int = 0
     log_json: bool = False
+    # A worker that sees no GPU exits (status 2) with the reason instead of running on the
+    # CPU; set in the GPU image. Each process of a multi-GPU worker checks its own device.
+    require_gpu: bool = False
     log_level: str = "INFO"
 
     @property

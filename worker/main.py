@@ -52,8 +52,13 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
     if settings.embedded:
         print(EMBEDDED_REFUSAL, file=sys.stderr)
         return EXIT_CONFIG
+    gpus = visible_gpus(dict(os.environ))
+    refusal = gpu_refusal(settings, gpus)
+    if refusal:
+        print(f"actviz worker: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     if settings.processes_per_device <= 0:
-        gpus, cores = visible_gpus(dict(os.environ)), usable_cores()
+        cores = usable_cores()
         per_device = default_per_device(cores, gpus, max(1, settings.concurrency))
         settings = dataclasses.replace(settings, processes_per_device=per_device)
         print(
@@ -86,7 +91,28 @@ def run_one(settings: Settings, node_name: str | None) -> int:
         redact_url(settings.storage_url),
         ",".join(settings.queues),
     )
-    configure_accelerator()
+    accelerators = configure_accelerator()
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not accelerators and settings.require_gpu:
+        log.error(
+            "ACTVIZ_REQUIRE_GPU is set and the %s backend sees no GPU (CUDA_VISIBLE_DEVICES=%r): "
+            "exiting rather than running on the CPU",
+            _backend(),
+            pinned,
+        )
+        return EXIT_CONFIG
+    if (
+        not accelerators
+        and pinned
+        and not pinned.startswith("-")
+        and visible_gpus(dict(os.environ))
+    ):
+        log.warning(
+            "pinned to GPU %s, but the %s backend sees no GPU: this process runs on the CPU "
+            "(set ACTVIZ_REQUIRE_GPU to make it exit instead)",
+            pinned,
+            _backend(),
+        )
     app = create_app(settings)
     service = start_service(settings.metrics_port)
     try:
@@ -123,6 +149,12 @@ def start_service(port: int) -> Any:
     return service
 
 
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def visible_gpus(environ: dict[str, str]) -> int:
     """NVIDIA GPUs this process may use, without initializing CUDA: CUDA_VISIBLE_DEVICES
     when set, else the /dev/nvidiaN device files."""
@@ -149,6 +181,40 @@ def default_per_device(cores: int, gpus: int, devices: int) -> int:
     return max(1, min(MAX_PER_DEVICE, share // CORES_PER_PROCESS))
 
 
+def gpu_refusal(settings: Settings, gpus: int) -> str | None:
+    """Why this worker must not start on the devices it sees, or None.
+
+    With ACTVIZ_REQUIRE_GPU, a worker that sees no GPU; and a multi-GPU worker
+    (--concurrency N) that sees fewer than N GPUs but some, whose extra processes
+    would otherwise run on the CPU without anyone asking for it.
+    """
+    devices = max(1, settings.concurrency)
+    environ = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"CUDA_VISIBLE_DEVICES={environ!r}" if environ is not None else "/dev/nvidia*"
+    if settings.require_gpu and gpus == 0:
+        return (
+            f"ACTVIZ_REQUIRE_GPU is set and this worker sees no GPU ({seen}): give the "
+            "container a GPU (docker run --gpus, compose device reservations, the NVIDIA "
+            "runtime class on Kubernetes), or unset ACTVIZ_REQUIRE_GPU to run on the CPU"
+        )
+    if 0 < gpus < devices:
+        return (
+            f"--concurrency {devices} (ACTVIZ_CONCURRENCY) asks for one process per GPU on "
+            f"{devices} GPUs, and this worker sees {gpus} ({seen}); lower it to {gpus}, or "
+            "use --per-device for several processes on one GPU"
+        )
+    return None
+
+
+def device_ids(environ: dict[str, str]) -> list[str]:
+    """The GPU ids this process may use, as CUDA_VISIBLE_DEVICES names them (index or
+    UUID); '0', '1', ... from the /dev/nvidiaN files when it is not set."""
+    chosen = environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is not None:
+        return [part.strip() for part in chosen.split(",") if part.strip()]
+    return [str(i) for i in range(visible_gpus(environ))]
+
+
 def child_command(settings: Settings, index: int) -> list[str]:
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--concurrency", "1"]
     cmd += ["--queues", ",".join(settings.queues), "--name", f"actviz{index}@%h"]
@@ -165,10 +231,14 @@ def child_plan(settings: Settings, environ: dict[str, str]) -> list[dict[str, st
     parent's environment, to respect what the operator set.
     """
     per_device = max(1, settings.processes_per_device)
+    # Child i gets the (i // per_device)-th device this worker sees, by the name the
+    # runtime gave it: a container given GPU 3 (or a GPU UUID) pins its child to it.
+    ids = device_ids(environ)
     plan = []
     for index in range(max(1, settings.concurrency) * per_device):
+        device = index // per_device
         env = {
-            "CUDA_VISIBLE_DEVICES": str(index // per_device),
+            "CUDA_VISIBLE_DEVICES": ids[device] if device < len(ids) else str(device),
             "ACTVIZ_BROKER_URL": settings.broker_url,
             "ACTVIZ_STORAGE_URL": settings.storage_url,
             "ACTVIZ_METRICS_PORT": str(

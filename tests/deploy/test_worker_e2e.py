@@ -1,5 +1,5 @@
 """End to end without containers: `actviz worker` started with exactly the environment the
-`worker` service gets in the compose stack (the image's ENV, then docker-compose.yml's
+`worker-cpu` service gets in the compose stack (the image's ENV, then docker-compose.yml's
 variables), container addresses swapped for a local Redis and S3 server."""
 
 from __future__ import annotations
@@ -45,18 +45,35 @@ def get(port: int, path: str) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def image_environment(home: Path, variant: str = "gpu") -> dict[str, str]:
-    """The ENV of the worker image's final stage, its home folder moved to `home`."""
+def image_environment(home: Path, variant: str = "cpu") -> dict[str, str]:
+    """The ENV of the worker image's final stage for `variant`, inherited ENV included
+    (the final stage is FROM runtime-<variant>, itself FROM runtime-base), its home
+    folder moved to `home`."""
     text = (ROOT / "worker" / "Dockerfile").read_text().replace("\\\n", " ")
-    final = text[text.rindex("\nFROM ") :]
+    stages: dict[str, tuple[str, list[str]]] = {}
+    for chunk in text.split("\nFROM ")[1:]:
+        head, *lines = chunk.splitlines()
+        base, _, alias = head.partition(" AS ")
+        stages[alias.strip() or base.strip()] = (base.strip().replace("${VARIANT}", variant), lines)
+    chain, name = [], "runtime"
+    while name in stages:
+        chain.append(stages[name][1])
+        name = stages[name][0]
     env: dict[str, str] = {}
-    for line in final.splitlines():
-        if line.startswith("ENV "):
-            for pair in shlex.split(line[4:]):
-                key, _, value = pair.partition("=")
-                env[key] = value.replace("${VARIANT}", variant)
+    for lines in reversed(chain):  # the base stage's ENV first, the final stage's last
+        for line in lines:
+            if line.startswith("ENV "):
+                for pair in shlex.split(line[4:]):
+                    key, _, value = pair.partition("=")
+                    env[key] = value.replace("${VARIANT}", variant)
     assert env.pop("PATH").startswith("/opt/venv/bin:")  # the venv; here: this interpreter's
     return {k: v.replace("/home/actviz", str(home)) for k, v in env.items()}
+
+
+def test_the_gpu_image_requires_a_gpu_and_the_cpu_image_does_not(tmp_path: Path) -> None:
+    assert image_environment(tmp_path, "gpu")["ACTVIZ_REQUIRE_GPU"] == "true"
+    assert image_environment(tmp_path, "cpu")["ACTVIZ_REQUIRE_GPU"] == "false"
+    assert image_environment(tmp_path, "gpu")["ACTVIZ_QUEUES"] == "gpu"
 
 
 def localize(
@@ -81,7 +98,9 @@ def localize(
 
 @pytest.fixture(scope="module")
 def compose_env():
-    return service_environment("worker", read_env_file())
+    # The CPU service: on this machine, the GPU image's worker would refuse to start
+    # (ACTVIZ_REQUIRE_GPU), as it should without a GPU.
+    return service_environment("worker-cpu", read_env_file())
 
 
 @pytest.fixture(scope="module")

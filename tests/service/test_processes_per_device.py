@@ -103,3 +103,51 @@ def test_processes_per_device_default_to_what_the_cores_per_gpu_can_feed() -> No
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+
+
+def test_children_are_pinned_to_the_devices_the_worker_was_given() -> None:
+    """A container given GPU 3, or GPUs by UUID, pins its children to those, not to 0..N-1."""
+    from worker.main import child_plan
+
+    plan = child_plan(Settings(concurrency=2, metrics_port=0), {"CUDA_VISIBLE_DEVICES": "3,GPU-ab"})
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in plan] == ["3", "GPU-ab"]
+    per_device = Settings(concurrency=1, processes_per_device=2, metrics_port=0)
+    assert [
+        e["CUDA_VISIBLE_DEVICES"] for e in child_plan(per_device, {"CUDA_VISIBLE_DEVICES": "5"})
+    ] == [
+        "5",
+        "5",
+    ]
+
+
+def test_a_worker_refuses_devices_it_does_not_have() -> None:
+    from worker.main import gpu_refusal
+
+    assert "sees no GPU" in gpu_refusal(Settings(require_gpu=True), 0)
+    assert gpu_refusal(Settings(require_gpu=True), 1) is None
+    refused = gpu_refusal(Settings(concurrency=4), 1)
+    assert "--concurrency 4" in refused and "sees 1" in refused
+    assert gpu_refusal(Settings(concurrency=4), 0) is None  # a CPU host: processes share cores
+
+
+@pytest.mark.parametrize("visible", ["", "0"])
+def test_require_gpu_makes_a_worker_without_one_exit_with_the_reason(
+    visible: str, redis_url: str, tmp_path: Path
+) -> None:
+    """No GPU at all (''), or a device named but not there ('0' on this CPU machine): the
+    worker exits with status 2 and says why, rather than serving jobs on the CPU."""
+    import subprocess
+
+    from stack import ACTVIZ, subprocess_env
+
+    env = subprocess_env(
+        ACTVIZ_BROKER_URL=redis_url,
+        ACTVIZ_STORAGE_URL=(tmp_path / "results").as_uri(),
+        ACTVIZ_REQUIRE_GPU="true",
+        CUDA_VISIBLE_DEVICES=visible,
+    )
+    done = subprocess.run(
+        [str(ACTVIZ), "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "ACTVIZ_REQUIRE_GPU is set" in done.stderr and "sees no GPU" in done.stderr

@@ -15,11 +15,25 @@ _done = False
 
 
 def configure_accelerator() -> list[str]:
-    """Turn on GPU memory growth (TensorFlow backend only); return the GPUs seen."""
+    """Turn on GPU memory growth (TensorFlow backend only); return the GPUs the backend sees."""
     global _done
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        names = [str(d) for d in jax.devices() if d.platform != "cpu"]
+        log.info("accelerators: %s", ", ".join(names) or "none (CPU)")
+        return names
+    if backend == "torch":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        names = [torch.cuda.get_device_name(i) for i in range(count)]
+        log.info("accelerators: %s", ", ".join(names) or "none (CPU)")
+        return names
+    if backend != "tensorflow":
         return []
     import tensorflow as tf
 
