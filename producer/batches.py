@@ -138,3 +138,64 @@ def read_progress(client: Any, batch_id: str, cursor: int = 0) -> BatchProgress 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---- a batch's finalization (gallery, census fold, diff summary) ------------------
+#
+# The worker that records a batch's last end writes what follows it on a thread of its
+# own. If that worker dies first, the batch stays marked pending here, and any worker's
+# sweep takes it over once the dead one's lease on it has expired
+# (worker/jobs/batches.py). Exactly one worker holds the lease at a time.
+
+PENDING_FINALIZE = "actviz:finalize:pending"
+
+
+def _finalize_keys(batch_id: str) -> tuple[str, str]:
+    base = batch_progress_keys(batch_id)[0]
+    return f"{base}:finalize", f"{base}:finalize:lease"
+
+
+def mark_finalize(client: Any, batch_id: str, what: str, ttl: int) -> None:
+    """Record that batch `batch_id` needs its finalization `what` (a small JSON text)."""
+    key, _ = _finalize_keys(batch_id)
+    pipe = client.pipeline()
+    pipe.set(key, what, ex=ttl)
+    pipe.sadd(PENDING_FINALIZE, batch_id)
+    pipe.execute()
+
+
+def claim_finalize(client: Any, batch_id: str, owner: str, lease_s: int) -> str | None:
+    """Take the lease on the batch's finalization; its `what`, or None (someone holds
+    the lease, or nothing is pending)."""
+    key, lease = _finalize_keys(batch_id)
+    what = client.get(key)
+    if what is None:
+        client.srem(PENDING_FINALIZE, batch_id)
+        return None
+    if not client.set(lease, owner, nx=True, ex=lease_s):
+        return None
+    return _text(what)
+
+
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end"
+)
+
+
+def renew_finalize(client: Any, batch_id: str, owner: str, lease_s: int) -> bool:
+    """Extend the lease while `owner` still holds it."""
+    _, lease = _finalize_keys(batch_id)
+    return bool(client.eval(_RENEW, 1, lease, owner, lease_s))
+
+
+def finish_finalize(client: Any, batch_id: str) -> None:
+    key, lease = _finalize_keys(batch_id)
+    pipe = client.pipeline()
+    pipe.delete(key, lease)
+    pipe.srem(PENDING_FINALIZE, batch_id)
+    pipe.execute()
+
+
+def pending_finalizations(client: Any) -> list[str]:
+    return sorted(_text(item) for item in client.smembers(PENDING_FINALIZE))

@@ -114,6 +114,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
             _backend(),
         )
     app = create_app(settings)
+    start_finalize_sweeper(app)
     service = start_service(settings.metrics_port)
     try:
         registry = load_registry(settings.model_registry)
@@ -147,6 +148,16 @@ def start_service(port: int) -> Any:
     service.start(port)
     log.info("health and metrics on :%d", port)
     return service
+
+
+def start_finalize_sweeper(app: Any) -> None:
+    """Batches whose finalizing worker died are taken over (worker/jobs/batches.py); Redis only."""
+    from celery.backends.redis import RedisBackend
+
+    from worker.jobs.batches import start_sweeper
+
+    if isinstance(app.backend, RedisBackend):
+        start_sweeper(app.actviz.store, app.backend.client)
 
 
 def _backend() -> str:

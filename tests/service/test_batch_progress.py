@@ -193,3 +193,32 @@ def test_the_gallery_is_written_after_the_last_job_not_inside_it(
     release.set()
     batches.wait_for_galleries(30)
     assert written == [batch]  # ...and the gallery is then written, once
+
+
+def test_a_batch_whose_finalizer_died_is_finalized_by_another_worker(client, tmp_path) -> None:  # noqa: ANN001
+    """The worker that recorded a census's last end dies before writing census.json: its
+    lease on the finalization expires and another worker's sweep writes it, once."""
+    import json
+    import time
+
+    from producer.batches import claim_finalize, mark_finalize, pending_finalizations
+    from producer.contract import batch_key, census_key
+    from producer.storage import FileStore
+    from worker.jobs.batches import sweep_finalizations
+
+    store = FileStore(tmp_path)
+    batch = uuid.uuid4().hex
+    record_total(client, batch, 2, 60)
+    for index, job_id in enumerate(("j0", "j1")):
+        record_end(client, batch, index, job_id, True, 60)
+    mark_finalize(client, batch, json.dumps({"census": 3}), 60)
+    assert claim_finalize(client, batch, "the-worker-that-dies", 1) is not None
+    assert sweep_finalizations(store, client) == []  # its lease still holds
+    assert not store.exists(census_key(batch))
+    time.sleep(1.2)
+    assert sweep_finalizations(store, client) == [batch]
+    census = json.loads(store.get(census_key(batch)))
+    assert census["images"] == 0 and census["failed"] == 2  # no manifests in this store
+    assert store.exists(batch_key(batch)) and store.exists(census_key(batch, "census.html"))
+    assert batch not in pending_finalizations(client)
+    assert sweep_finalizations(store, client) == []  # finalized once

@@ -18,10 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from typing import Any
 
 from producer import contract
-from producer.batches import finished_jobs, record_end, record_start
+from producer.batches import (
+    claim_finalize,
+    finish_finalize,
+    finished_jobs,
+    mark_finalize,
+    pending_finalizations,
+    record_end,
+    record_start,
+    renew_finalize,
+)
 from producer.contract import JobSpec
 from producer.settings import Settings
 from producer.storage import ObjectNotFound, Store
@@ -65,10 +75,13 @@ def publish_batch(
             )
             if finished != spec.batch_total:
                 return False
-            job_ids = [job_id for _, job_id in sorted(finished_jobs(redis, spec.batch_id))]
             # After the job, not inside it: the last job's result is not held up by
-            # the gallery (one page of PAGE_SIZE images at a time, whatever N is).
-            finalize_later(spec.batch_id, job_ids, store, census_top_k(spec))
+            # the gallery (one page of PAGE_SIZE images at a time, whatever N is). Marked
+            # pending first: if this worker dies before it is written, another takes it
+            # over (`sweep_finalizations`).
+            what = json.dumps({"census": census_top_k(spec)})
+            mark_finalize(redis, spec.batch_id, what, ttl)
+            finalize_later(spec.batch_id, store, redis)
             return True
         marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
         store.put(marker, json.dumps({"job_id": spec.job_id, "status": status}).encode())
@@ -108,24 +121,83 @@ def finalize(batch_id: str, job_ids: list[str], store: Store, census: int | None
         write_census(batch_id, job_ids, store, census)
 
 
-def finalize_later(
-    batch_id: str, job_ids: list[str], store: Store, census: int | None = None
-) -> None:
-    """Write the gallery (and a census's fold) on a thread of its own. Not a daemon:
-    a worker that is shut down waits for it; one that is killed loses the gallery,
-    never a job."""
+LEASE_S = 30  # a finalizing worker renews its lease every third of this
+
+
+def finalize_later(batch_id: str, store: Store, redis: Any) -> None:
+    """Finalize the batch on a thread of its own. Not a daemon: a worker that is shut
+    down waits for it; one that is killed leaves it pending for another worker."""
 
     def run() -> None:
         try:
-            finalize(batch_id, job_ids, store, census)
+            finalize_claimed(batch_id, store, redis)
         except Exception:
-            log.exception("could not write the gallery or census of batch %s", batch_id)
+            log.exception("could not write the gallery or summary of batch %s", batch_id)
 
     thread = threading.Thread(target=run, name=f"actviz-gallery-{batch_id}")
     with _finalizers_lock:
         _finalizers[:] = [t for t in _finalizers if t.is_alive()]
         _finalizers.append(thread)
     thread.start()
+
+
+def finalize_claimed(batch_id: str, store: Store, redis: Any) -> bool:
+    """Take the batch's finalization lease and finalize it; False if another worker
+    holds it or nothing is pending. The lease is renewed while the work runs."""
+    owner = uuid.uuid4().hex
+    what = claim_finalize(redis, batch_id, owner, LEASE_S)
+    if what is None:
+        return False
+    census = json.loads(what).get("census")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_S / 3):
+            renew_finalize(redis, batch_id, owner, LEASE_S)
+
+    renewer = threading.Thread(target=renew, name=f"actviz-lease-{batch_id}", daemon=True)
+    renewer.start()
+    try:
+        job_ids = [job_id for _, job_id in sorted(finished_jobs(redis, batch_id))]
+        finalize(batch_id, job_ids, store, census)
+    finally:
+        stop.set()
+    finish_finalize(redis, batch_id)
+    return True
+
+
+def sweep_finalizations(store: Store, redis: Any) -> list[str]:
+    """Finalize every pending batch whose lease is free (its finalizer died); returns
+    the batches this call finalized."""
+    done = []
+    for batch_id in pending_finalizations(redis):
+        try:
+            if finalize_claimed(batch_id, store, redis):
+                log.warning("batch %s: its finalizer had stopped; finalized here", batch_id)
+                done.append(batch_id)
+        except Exception:
+            log.exception("could not finalize batch %s", batch_id)
+    return done
+
+
+SWEEP_EVERY_S = 15
+
+
+def start_sweeper(store: Store, redis: Any, every_s: float = SWEEP_EVERY_S) -> threading.Thread:
+    """A daemon thread that runs `sweep_finalizations` every `every_s` seconds, the first
+    time at once (a restarted worker takes over what it left)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                sweep_finalizations(store, redis)
+            except Exception as exc:  # noqa: BLE001 (Redis away: the next sweep tries again)
+                log.warning("finalization sweep failed: %s", exc)
+            threading.Event().wait(every_s)
+
+    thread = threading.Thread(target=loop, name="actviz-finalize-sweep", daemon=True)
+    thread.start()
+    return thread
 
 
 def wait_for_galleries(timeout: float | None = None) -> None:
