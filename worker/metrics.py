@@ -49,6 +49,11 @@ D2H_BYTES = Histogram(
     "Bytes one forward pass copied from the device to the host (grids, statistics)",
     buckets=(2**14, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26, 2**28),
 )
+HELD = Gauge(
+    "actviz_jobs_held",
+    "Jobs this worker process holds unacknowledged: running, reserved or waiting in a "
+    "batch (updated by the visibility heartbeat); what the queue lists no longer show",
+)
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(
     "actviz_gpu_memory_peak_bytes", "Peak accelerator memory since process start", ["device"]

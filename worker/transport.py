@@ -88,7 +88,9 @@ class QoS(redis.QoS):
         meanwhile (removed from the index) is not put back.
         """
         try:
-            tags = list(self._delivered)
+            # kombu drops acknowledged tags from `_delivered` lazily: they wait in `_dirty`.
+            dirty = set(self._dirty or ())
+            tags = [tag for tag in list(self._delivered) if tag not in dirty]
         except RuntimeError:  # changed while read by the consumer: the next beat gets it
             return 0
         if not tags:
@@ -110,7 +112,10 @@ def heartbeat_interval(visibility_timeout: float) -> float:
 
 
 def touch_all() -> int:
-    """Stamp the held messages of every open channel of this process; returns how many."""
+    """Stamp the held messages of every open channel of this process; returns how many
+    (also the `actviz_jobs_held` gauge, which autoscaling adds to the queue lengths)."""
+    from worker.metrics import HELD
+
     touched = 0
     for channel in list(_channels):
         qos = getattr(channel, "_qos", None)
@@ -120,6 +125,7 @@ def touch_all() -> int:
             touched += qos.touch()
         except Exception as exc:  # noqa: BLE001 (Redis away: the next beat tries again)
             log.warning("could not renew the visibility of held messages: %s", exc)
+    HELD.set(touched)
     return touched
 
 

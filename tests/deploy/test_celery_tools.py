@@ -103,3 +103,37 @@ def test_purge_empties_every_priority_list_of_the_queue(
     assert done.returncode == 0, done.stderr
     assert "5 messages" in done.stdout, done.stdout
     assert sum(conn.llen(key) for key in lists) == 0
+
+
+def test_the_jobs_a_worker_holds_are_exported_for_autoscaling(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`actviz_jobs_held` counts what the queue lists no longer show: taken, unacknowledged
+    jobs (the KEDA ScaledObject adds it to the lists); back to 0 once they are done."""
+    import re
+    import urllib.request
+
+    from stack import free_port
+
+    port = free_port()
+    env = {**env, "ACTVIZ_METRICS_PORT": str(port), "ACTVIZ_REDELIVER_AFTER": "4"}  # 1 s beats
+    client = Client(settings=Settings.from_env(environ=env))
+
+    def held() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return float(re.search(r"^actviz_jobs_held (\S+)$", text, re.M).group(1))
+
+    jobs = [
+        client.submit(env["MODEL"], noise_png(6 + i, 512, 512), layers=None, channel_pngs=True)
+        for i in range(3)
+    ]
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        most = wait_for(lambda: held() >= 2 and held(), 90, "held jobs in the metrics", 0.2)
+        for job in jobs:
+            job.wait(timeout=180)
+        wait_for(lambda: held() == 0, 30, "the gauge back to 0", 0.2)
+    finally:
+        worker.stop()
+    assert 2 <= most <= 3

@@ -179,20 +179,46 @@ def test_scaled_object_targets_the_worker_and_scales_to_zero():
     assert spec["cooldownPeriod"] > 0 and spec["pollingInterval"] > 0
 
 
-def test_every_trigger_is_a_redis_list_trigger_with_auth_and_the_broker_db():
-    triggers = scaled_object()["spec"]["triggers"]
+def redis_triggers() -> list[dict]:
+    return [t for t in scaled_object()["spec"]["triggers"] if t["type"] == "redis"]
+
+
+def test_every_list_trigger_has_auth_and_the_broker_db():
+    triggers = redis_triggers()
+    assert len(triggers) == MAX_PRIORITY + 1
     auth = find("TriggerAuthentication", "actviz-redis")
     secret_key = auth["spec"]["secretTargetRef"][0]
     assert (secret_key["parameter"], secret_key["name"]) == ("password", "actviz-credentials")
     for trigger in triggers:
         meta = trigger["metadata"]
-        assert trigger["type"] == "redis"
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
         assert int(meta["listLength"]) >= 1 and int(meta["activationListLength"]) == 0
         assert meta["addressFromEnv"] in config()
         assert meta["databaseIndex"] == config()["REDIS_DB"]
         # KEDA metadata values are strings; an int here is rejected by the CRD.
         assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_scaling_sums_every_list_and_the_jobs_workers_hold():
+    """One metric: the ten priority lists plus the held jobs, per 2 x batch size jobs a
+    worker holds when busy (KEDA scalingModifiers); not the largest single trigger."""
+    from producer.settings import Settings as ActvizSettings
+
+    spec = scaled_object()["spec"]
+    triggers = spec["triggers"]
+    names = [t["name"] for t in triggers]
+    modifiers = spec["advanced"]["scalingModifiers"]
+    terms = [term.strip() for term in modifiers["formula"].split("+")]
+    assert sorted(terms) == sorted(names) and len(set(names)) == len(names)
+    assert int(modifiers["target"]) == 2 * ActvizSettings().batch_size
+    assert modifiers["activationTarget"] == "0" and modifiers["metricType"] == "AverageValue"
+    (held,) = [t for t in triggers if t["type"] == "prometheus"]
+    assert "actviz_jobs_held" in held["metadata"]["query"]
+    assert all(isinstance(v, str) for v in held["metadata"].values())
+    # The metric the query sums is one the worker really exports.
+    from worker.metrics import HELD
+
+    assert HELD._name == "actviz_jobs_held"
 
 
 def test_triggers_cover_every_priority_list_of_the_gpu_queue(redis_url):
@@ -206,7 +232,7 @@ def test_triggers_cover_every_priority_list_of_the_gpu_queue(redis_url):
     client = redis.Redis.from_url(redis_url)
     lists = {k.decode() for k in client.keys("*") if client.type(k) == b"list"}
     assert QUEUE_GPU in lists and len(lists) == MAX_PRIORITY + 1
-    watched = {t["metadata"]["listName"] for t in scaled_object()["spec"]["triggers"]}
+    watched = {t["metadata"]["listName"] for t in redis_triggers()}
     assert lists <= watched, f"queued jobs invisible to KEDA in {sorted(lists - watched)}"
     assert watched <= lists, f"triggers on lists nothing writes: {sorted(watched - lists)}"
 
