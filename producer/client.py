@@ -13,9 +13,11 @@ the `memory://` broker (the embedded mode), so the same calls work on a laptop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ from producer.errors import (
     JobFailed,
     JobNotFound,
     PayloadTooLarge,
+    QueueFull,
     StorageError,
     TimeLimit,
     TransientError,
@@ -450,11 +453,14 @@ class Client:
                 "messages carry URIs and options, not data"
             )
         redis = self.redis()
-        if redis is not None:  # registered before it is sent: a fast job is never "unknown"
-            redis.set(contract.job_key(job_id), str(time.time()), ex=self.settings.result_expires)
-        self.app.send_task(
-            TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
-        )
+        with queue_full_refused(redis, job_id):
+            if redis is not None:  # registered before it is sent: a fast job is never "unknown"
+                redis.set(
+                    contract.job_key(job_id), str(time.time()), ex=self.settings.result_expires
+                )
+            self.app.send_task(
+                TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
+            )
         return Job(self, job_id, batch_id)
 
     def submit_many(
@@ -477,7 +483,8 @@ class Client:
         ttl = self.settings.result_expires
         if redis is not None and images:
             # Progress readable at once, in O(1) per look (producer/batches.py).
-            record_total(redis, batch_id, len(images), ttl)
+            with queue_full_refused(redis, None):
+                record_total(redis, batch_id, len(images), ttl)
         jobs = [
             self.submit(
                 model,
@@ -718,6 +725,28 @@ def image_name_of(image: ImageSource) -> str | None:
     text = str(image)
     name = text.rstrip("/").rsplit("/", 1)[-1] if "://" in text else Path(text).name
     return name[: contract.MAX_IMAGE_NAME_CHARS] or None
+
+
+@contextlib.contextmanager
+def queue_full_refused(redis: Any, job_id: str | None) -> Iterator[None]:
+    """Redis at `maxmemory` (noeviction) refuses writes: raise QueueFull (queue_full) and
+    take back the job's registry entry, so nothing of the job stays half-enqueued."""
+    from redis.exceptions import OutOfMemoryError
+
+    try:
+        yield
+    except Exception as exc:
+        # redis-py raises OutOfMemoryError; kombu's publish may wrap it in its own errors.
+        if not isinstance(exc, OutOfMemoryError) and "maxmemory" not in str(exc):
+            raise
+        if redis is not None and job_id is not None:
+            with contextlib.suppress(Exception):  # DEL is allowed at maxmemory: it frees
+                redis.delete(contract.job_key(job_id))
+        raise QueueFull(
+            "the broker refused the job: Redis is at its maxmemory and evicts nothing "
+            f"({exc}); nothing was queued. Wait for queued jobs to drain, raise maxmemory, "
+            "or shorten how long results stay in Redis (ACTVIZ_RESULT_EXPIRES)"
+        ) from None
 
 
 def build_options(layers: str | list[str] | None, options: dict[str, Any]) -> JobOptions:

@@ -107,6 +107,7 @@ class ErrorCode(StrEnum):
     STORAGE_ERROR = "storage_error"
     CANCELLED = "cancelled"
     NOT_DIFFERENTIABLE = "not_differentiable"
+    QUEUE_FULL = "queue_full"
     INTERNAL = "internal"
 
 

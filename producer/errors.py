@@ -114,6 +114,13 @@ class NotDifferentiable(ActvizError):
     code = ErrorCode.NOT_DIFFERENTIABLE
 
 
+class QueueFull(ActvizError):
+    """The broker refused the job: Redis is at its `maxmemory` and evicts nothing. The
+    job was not queued (and not registered); submit it again once there is room."""
+
+    code = ErrorCode.QUEUE_FULL
+
+
 class Internal(ActvizError):
     """A fault of actviz itself; the message names the exception."""
 
