@@ -120,3 +120,12 @@ def test_channel_correlation_matches_numpy_and_handles_constant_channels() -> No
     for c in (0, 1):
         assert r[c] == pytest.approx(np.corrcoef(x[:, c], y[:, c])[0, 1], abs=1e-12)
     assert r[2] == 1.0 and r[3] == 0.0
+
+
+def test_a_diff_over_the_activation_limit_fails_activations_too_large(model_files) -> None:  # noqa: ANN001
+    from producer.errors import ActivationsTooLarge
+    from producer.settings import Settings
+
+    a = open_model(model_files["residual"])
+    with pytest.raises(ActivationsTooLarge, match="the two models' selected layers make"):
+        diff_image(a, a, image_bytes(seed=1), JobOptions(), Settings(max_image_activation_mb=0))

@@ -233,3 +233,14 @@ def test_a_model_without_a_classifier_output_fails_invalid_job(model_files) -> N
     loaded = open_model(model_files["fully_conv"])
     with pytest.raises(InvalidJob, match=r"must be \(batch, classes\)"):
         loaded.cam(None)
+
+
+def test_an_image_whose_grad_cam_would_hold_too_much_fails_activations_too_large(model_files):  # noqa: ANN001
+    from producer.errors import ActivationsTooLarge
+    from producer.settings import Settings
+
+    loaded = open_model(model_files["softmax"])
+    (outcome,) = analyze_cam(loaded, images(1), JobOptions(), Settings(max_image_activation_mb=0))
+    assert isinstance(outcome, ActivationsTooLarge)
+    assert "Grad-CAM at layer 'conv_b'" in outcome.message
+    assert "ACTVIZ_MAX_IMAGE_ACTIVATION_MB" in outcome.message

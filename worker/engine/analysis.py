@@ -71,17 +71,27 @@ def prepare_image(
     the size the model is fed, exceed settings.max_image_activation_mb.
     """
     image = preprocess(data, loaded.input_shape, options, settings)
-    need = extractor.activation_bytes(image.pixels.shape)
-    limit = settings.max_image_activation_mb * 2**20
-    if need > limit:
-        height, width, _ = image.pixels.shape
-        raise ActivationsTooLarge(
-            f"at the {height}x{width} input this model is fed, one image makes "
-            f"{need / 2**20:.0f} MB of activations in the selected layers, above the "
-            f"{settings.max_image_activation_mb} MB limit (ACTVIZ_MAX_IMAGE_ACTIVATION_MB); "
-            "select fewer or smaller layers, or raise the limit on a worker with the memory"
-        )
+    height, width, _ = image.pixels.shape
+    check_activation_budget(
+        extractor.activation_bytes(image.pixels.shape),
+        settings,
+        f"at the {height}x{width} input this model is fed, one image makes {{mb}} of "
+        "activations in the selected layers",
+        "select fewer or smaller layers, or raise the limit on a worker with the memory",
+    )
     return image
+
+
+def check_activation_budget(need: int, settings: Settings, what: str, advice: str) -> None:
+    """Raise ActivationsTooLarge (activations_too_large) when one image's `need` bytes
+    exceed ACTVIZ_MAX_IMAGE_ACTIVATION_MB. `what` says what holds them, with '{mb}'
+    where the size goes; `advice` what to do instead."""
+    limit_mb = settings.max_image_activation_mb
+    if need > limit_mb * 2**20:
+        raise ActivationsTooLarge(
+            f"{what.format(mb=f'{need / 2**20:.0f} MB')}, above the {limit_mb} MB limit "
+            f"(ACTVIZ_MAX_IMAGE_ACTIVATION_MB); {advice}"
+        )
 
 
 def analyze(

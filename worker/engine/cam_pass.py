@@ -37,8 +37,9 @@ import numpy as np
 from PIL import Image
 
 from producer.contract import JobOptions, gradcam_names
-from producer.errors import ActivationsTooLarge, ActvizError
+from producer.errors import ActvizError
 from producer.settings import Settings
+from worker.engine.analysis import check_activation_budget, check_options, encoder_pool
 from worker.engine.artifacts import Artifacts, image_record, model_record
 from worker.engine.forward_pass import PassImage, Submit, cpu_clock, run_inline
 from worker.engine.gradcam import CamKey, CamModel
@@ -69,16 +70,14 @@ def prepare_cam_image(
     `prepare_image` does for activations). Raises InvalidImage, ImageTooLarge,
     ActivationsTooLarge."""
     image = preprocess(data, loaded.input_shape, options, settings)
-    need = cam.image_bytes(image.pixels.shape, key.count)
-    limit = settings.max_image_activation_mb * 2**20
-    if need > limit:
-        height, width, _ = image.pixels.shape
-        raise ActivationsTooLarge(
-            f"at the {height}x{width} input, Grad-CAM at layer '{cam.ref.name}' holds "
-            f"{need / 2**20:.0f} MB for one image, above the {settings.max_image_activation_mb} "
-            "MB limit (ACTVIZ_MAX_IMAGE_ACTIVATION_MB); pick an earlier layer, fewer classes, "
-            "or raise the limit on a worker with the memory"
-        )
+    height, width, _ = image.pixels.shape
+    check_activation_budget(
+        cam.image_bytes(image.pixels.shape, key.count),
+        settings,
+        f"at the {height}x{width} input, Grad-CAM at layer '{cam.ref.name}' holds {{mb}} "
+        "for one image",
+        "pick an earlier layer, fewer classes, or raise the limit on a worker with the memory",
+    )
     return image
 
 
@@ -91,8 +90,6 @@ def analyze_cam(
     (InvalidImage, ImageTooLarge, ActivationsTooLarge) when that image is bad.
     Raises InvalidJob (bad options, layer or class) or NotDifferentiable for all.
     """
-    from worker.engine.analysis import check_options, encoder_pool
-
     check_options(options, loaded.input_shape[2])
     cam, key, row = cam_of(loaded, options)
     results: list[Artifacts | ActvizError | None] = [None] * len(images)

@@ -32,8 +32,9 @@ import keras
 import numpy as np
 
 from producer.contract import JobOptions, layer_stem
-from producer.errors import ActivationsTooLarge, InvalidJob
+from producer.errors import InvalidJob
 from producer.settings import Settings
+from worker.engine.analysis import check_activation_budget
 from worker.engine.artifacts import Artifacts, image_record, model_record
 from worker.engine.layers import LayerRef
 from worker.engine.loading import LoadedModel
@@ -118,14 +119,12 @@ def diff_image(
     image = preprocess(data, a.input_shape, options, settings)
     extract_a = a.extractor([ref.name for ref, _ in pairs])
     extract_b = b.extractor([ref.name for _, ref in pairs])
-    need = 2 * extract_a.activation_bytes(image.pixels.shape)
-    limit = settings.max_image_activation_mb * 2**20
-    if need > limit:
-        raise ActivationsTooLarge(
-            f"the two models' selected layers make {need / 2**20:.0f} MB for this image, above "
-            f"the {settings.max_image_activation_mb} MB limit (ACTVIZ_MAX_IMAGE_ACTIVATION_MB); "
-            "select fewer layers"
-        )
+    check_activation_budget(
+        2 * extract_a.activation_bytes(image.pixels.shape),
+        settings,
+        "the two models' selected layers make {mb} for this image",
+        "select fewer layers",
+    )
     preprocess_ms = (time.perf_counter() - started) * 1000.0
     started = time.perf_counter()
     batch = image.pixels[None]
