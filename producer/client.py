@@ -66,6 +66,7 @@ from producer.errors import (
 from producer.labels import read_labels
 from producer.registry import load_registry, registry_labels, resolve_model
 from producer.settings import Settings, redact_url
+from producer.signed import signed_page_url
 from producer.storage import ObjectNotFound, Store, is_file_uri, is_s3_uri, local_path, open_store
 
 if TYPE_CHECKING:
@@ -195,12 +196,16 @@ class Result:
     def url(self, layer: str | int | None = None, expires: int = 3600) -> str:
         """A link to a layer grid, or to the HTML report when `layer` is None.
 
-        Presigned (valid `expires` seconds) on S3; a local path for file:// storage.
+        Presigned (valid `expires` seconds) on S3, the report's link with the
+        signatures of the images it shows (producer/signed.py); a local path for
+        file:// storage.
         """
         if layer is None:
             key = contract.report_key(self.job_id)
-            if not self.store.exists(key):
-                key = contract.manifest_key(self.job_id)
+            if self.store.exists(key):
+                # The page links its images: sign them too, or a private bucket refuses them.
+                return signed_page_url(self.store.presign, self.store.get, key, expires)
+            key = contract.manifest_key(self.job_id)
         else:
             key = self.prefix + self.grid_key(layer)
         return self.store.presign(key, expires=expires)

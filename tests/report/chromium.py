@@ -148,6 +148,10 @@ class Browser:
 
     def open(self, path: Path) -> Page:
         """Load a local file in a new tab and wait for its load event."""
+        return self.open_url(path.resolve().as_uri())
+
+    def open_url(self, url: str) -> Page:
+        """Load `url` in a new tab and wait for its load event."""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
             "sessionId"
@@ -159,7 +163,7 @@ class Browser:
             {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
             session=session,
         )
-        self.send("Page.navigate", {"url": path.resolve().as_uri()}, session=session)
+        self.send("Page.navigate", {"url": url}, session=session)
         self.wait_for("Page.loadEventFired", session)
         return Page(self, session)
 

@@ -42,9 +42,7 @@ def analyze_images(loaded, images: list[bytes], **options) -> list:
     return analyze(loaded, images, JobOptions(**options), Settings())
 
 
-def publish_job(
-    root: Path, job_id: str, artifacts, image_uri: str | None = None, **report_options
-) -> Path:
+def publish_job(root: Path, job_id: str, artifacts, image_uri: str | None = None) -> Path:
     """Write one job the way the worker does (files, report, manifest last); returns index.html."""
     from worker.engine import manifest_bytes
     from worker.report import render_report
@@ -52,7 +50,7 @@ def publish_job(
     manifest = dict(artifacts.manifest, job_id=job_id)
     manifest["image"] = dict(manifest["image"], uri=image_uri)
     files = dict(artifacts.files)
-    files.update(render_report(manifest, files, **report_options))
+    files.update(render_report(manifest))
     store = FileStore(root)
     for key, data in files.items():
         store.put(job_prefix(job_id) + key, data)

@@ -90,3 +90,39 @@ def test_fetched_demo_report_opens_with_every_image_and_no_errors(browser, fetch
     )
     assert names == [layer["name"] for layer in manifest["layers"]]
     assert names[0] == "conv1"
+
+
+def test_open_prints_a_link_that_signs_every_image_the_report_shows(browser, env, fetched) -> None:
+    """A private bucket refuses a page's relative requests: the link `actviz open` prints
+    carries each image's presigned query in its fragment, and the page uses them."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from producer.signed import signed_refs
+
+    opened = actviz(env, "open", fetched.name)
+    assert opened.returncode == 0, opened.stderr
+    url = opened.stdout.strip()
+    refs = signed_refs(url)
+    manifest = json.loads((fetched / "manifest.json").read_text())
+    grids = {layer["grid"]["png"] for layer in manifest["layers"] if layer["grid"]}
+    assert {"input.png", "depth.svg"} | grids <= set(refs)
+    page_query = dict(parse_qsl(urlsplit(url).query))
+    signature = "X-Amz-Signature" if "X-Amz-Signature" in page_query else "Signature"
+    for ref, signed in refs.items():
+        query = dict(parse_qsl(urlsplit(signed).query))
+        assert urlsplit(signed).path.endswith(f"/{fetched.name}/{ref}")
+        # every parameter of a presigned URL, and its own signature
+        assert query.keys() == page_query.keys(), ref
+        assert query[signature] != page_query[signature], ref
+    assert len(url.partition("#")[2]) < 200 * len(refs)  # about 100 characters an image
+
+    page = browser.open_url(url)
+    images = page.evaluate(
+        "Array.from(document.images).map(i => [i.currentSrc, i.complete, i.naturalWidth])"
+    )
+    assert page.errors == []
+    assert images and all(complete and width > 0 for _, complete, width in images)
+    assert sorted(src for src, _, _ in images) == sorted(
+        refs[ref] for ref in refs if ref.endswith((".png", ".svg"))
+    )
+    assert page.evaluate("document.getElementById('linknote').hidden") is True

@@ -29,23 +29,20 @@ def cam_result(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return result
 
 
-def test_a_grad_cam_report_shows_every_class_and_the_predictions_inline(cam_result) -> None:  # noqa: ANN001
+def test_a_grad_cam_report_shows_every_class_and_the_predictions(cam_result) -> None:  # noqa: ANN001
     from worker.report import render_report
 
-    page = render_report(cam_result.manifest, cam_result.files)["index.html"].decode()
+    page = render_report(cam_result.manifest)["index.html"].decode()
     section = cam_result.manifest["gradcam"]
     assert "Grad-CAM at conv_b" in page
     for entry in section["classes"]:
         assert f"{entry['name']} ({entry['class']})" in page
         assert entry["values"] in page  # the float16 values are linked
-    assert page.count("data:image/png;base64,") == 1 + 2 * len(section["classes"])
+        # heatmap and overlay linked by their keys, stored once
+        assert f'src="{entry["overlay"]}"' in page and f'src="{entry["heatmap"]}"' in page
+    assert "data:image" not in page
     assert "probability" in page and "logit (the input of the softmax)" in page
     assert "Sparsity and mean activation by depth" not in page  # no layers, no depth chart
-    # Linked rather than embedded over the inline budget: relative keys, nothing else.
-    linked = render_report(cam_result.manifest, cam_result.files, inline_max_bytes=10)
-    text = linked["index.html"].decode()
-    assert "data:image" not in text
-    assert f'src="{section["classes"][0]["overlay"]}"' in text
 
 
 def test_a_batch_gallery_of_grad_cam_jobs_shows_each_jobs_top_class(cam_result) -> None:  # noqa: ANN001

@@ -71,7 +71,7 @@ def run_image_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     report_stage(task, Progress.RENDERING)
     measure = runtime.settings.stage_cpu
     started, cpu_started = time.perf_counter(), cpu_clock(runtime.settings)
-    files.update(report_files(manifest, files, runtime))
+    files.update(report_files(manifest, runtime))
     report_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="report").observe(report_s)
     stage_ms["report"] = round(report_s * 1000, 3)
@@ -95,10 +95,8 @@ def describe(manifest: dict[str, Any]) -> str:
     return ", ".join(parts) or "0 layers"
 
 
-def report_files(
-    manifest: dict[str, Any], files: dict[str, bytes], runtime: WorkerRuntime
-) -> dict[str, bytes]:
-    """index.html and its images; by the report helper processes when batching."""
+def report_files(manifest: dict[str, Any], runtime: WorkerRuntime) -> dict[str, bytes]:
+    """index.html and depth.svg; by the report helper processes when batching."""
     if runtime.reports is not None:
-        return runtime.reports.render(manifest, files)
-    return render_report(manifest, files)
+        return runtime.reports.render(manifest)
+    return render_report(manifest)

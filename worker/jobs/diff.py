@@ -49,7 +49,7 @@ def run(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     started = time.perf_counter()
     files[DIFF_FILE] = json.dumps(manifest["diff"], separators=(",", ":")).encode()
     manifest["files"] = sorted(files)
-    files["index.html"] = render_diff(manifest, files)
+    files["index.html"] = render_diff(manifest)
     report_s = time.perf_counter() - started
     STAGE_SECONDS.labels(stage="report").observe(report_s)
     stage_ms["report"] = round(report_s * 1000, 3)

@@ -1,6 +1,6 @@
 """What a person opens in a browser: a job's report, a batch's gallery, the depth chart.
 
-files = render_report(manifest, artifacts.files)   # {"index.html": ..., "depth.svg": ...}
+files = render_report(manifest)   # {"index.html": ..., "depth.svg": ...}
 """
 
 from worker.report.job import render_report

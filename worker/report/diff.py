@@ -9,29 +9,16 @@ the layers that did not match, and why.
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
-from producer.storage import content_type_for
 from worker.report.page import format_number, render_page, safe_href
 
-INLINE_MAX_BYTES = 6 * 1024 * 1024
 WIDTH, HEIGHT, LEFT, TOP, STEP = 560, 180, 56, 16, 46
 
 
-def render_diff(manifest: dict[str, Any], files: dict[str, bytes]) -> bytes:
-    """A diff job's manifest and files -> its index.html."""
+def render_diff(manifest: dict[str, Any]) -> bytes:
+    """A diff job's manifest -> its index.html, linking its grids by relative key."""
     diff = manifest.get("diff") or {}
-    keys = [k for layer in diff.get("layers") or [] for k in (layer.get("grids") or {}).values()]
-    keys.append(manifest.get("input") or "input.png")
-    inline = all(k in files for k in keys) and sum(len(files[k]) for k in keys) <= INLINE_MAX_BYTES
-
-    def src(key: Any) -> str | None:
-        href = safe_href(key)
-        if href is None or not inline:
-            return href
-        return f"data:{content_type_for(key)};base64,{base64.b64encode(files[key]).decode()}"
-
     model = manifest.get("model") or {}
     against = diff.get("against") or {}
     return _page(
@@ -40,8 +27,8 @@ def render_diff(manifest: dict[str, Any], files: dict[str, bytes]) -> bytes:
         heading=f"{model.get('name') or model.get('uri')} vs {against.get('name') or against.get('uri')}",
         subtitle=f"job {manifest.get('job_id', '')} · image "
         f"{(manifest.get('image') or {}).get('name') or (manifest.get('image') or {}).get('uri') or ''}",
-        input_src=src(manifest.get("input") or "input.png"),
-        grid_src=src,
+        input_src=safe_href(manifest.get("input") or "input.png"),
+        grid_src=safe_href,
         jobs=[],
     )
 

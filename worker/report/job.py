@@ -1,14 +1,13 @@
-"""The per-job HTML report: one self-contained index.html next to the grids.
+"""The per-job HTML report: index.html next to the grids it shows.
 
-`render_report(manifest, files)` returns {"index.html", "depth.svg"}, keyed
-relative to the job folder like the engine's files. The page
-(templates/job.html.j2) has inline CSS and script only. Its images (input,
-grids, overlays, depth chart) are embedded as data: URIs while they total at
-most `INLINE_MAX_BYTES`, so the one file works anywhere, a presigned link to
-index.html included (a presigned URL signs one object only; relative requests
-from it would be refused by a private bucket). Larger jobs link their images
-by relative keys, which works from the downloaded folder (`actviz fetch`) or
-a bucket that allows reads.
+`render_report(manifest)` returns {"index.html", "depth.svg"}, keyed relative
+to the job folder like the engine's files. The page (templates/job.html.j2)
+has inline CSS and script only, and links its images (input, grids,
+overlays, depth chart) by relative key: each byte is stored once. The page
+opens from its folder (`actviz fetch`), from a bucket that allows reads, and
+from a private bucket through `Result.url()` / `actviz open`, whose presigned
+link carries the signatures of the page's images in its fragment
+(producer/signed.py; the page script applies them).
 
 This module turns a manifest into what the template shows; escaping is the
 template engine's (see worker/report/page.py).
@@ -16,11 +15,9 @@ template engine's (see worker/report/page.py).
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from producer.contract import DEPTH_CHART_FILE, REPORT_FILE
-from producer.storage import content_type_for
 from worker.report.depth_chart import render_depth_chart
 from worker.report.page import (
     STAT_COLUMNS,
@@ -33,76 +30,41 @@ from worker.report.page import (
     tile_style,
 )
 
-INLINE_MAX_BYTES = 6 * 1024 * 1024  # embed the images while they total at most this
 TOP_TILE_PX = 96  # top-k tiles are drawn this many CSS pixels on their long side
 STRIP_PX = 32  # height of a non-spatial layer's strip of values
 DEAD_MARK_LIMIT = 1024  # more dead channels than this are listed, not outlined
 DEAD_LISTED = 64  # dead channels named in the text
 
 
-def render_report(
-    manifest: dict[str, Any],
-    files: dict[str, bytes],
-    *,
-    inline_max_bytes: int = INLINE_MAX_BYTES,
-) -> dict[str, bytes]:
-    """One job's manifest (+ its files) -> {"index.html": UTF-8, "depth.svg": SVG}.
+def render_report(manifest: dict[str, Any]) -> dict[str, bytes]:
+    """One job's manifest -> {"index.html": UTF-8, "depth.svg": SVG}.
 
-    `files` are the job's artifacts keyed relative to the job folder. The page
-    embeds the images it shows when they are all in `files` and total at most
-    `inline_max_bytes`, else links them by relative key. Layers without a grid
-    (no spatial output) get their stats only.
+    The page links the images the manifest names by their keys relative to
+    the job folder. Layers without a grid (no spatial output) get their
+    stats only.
     """
     layers = list(manifest.get("layers") or [])
     depth = render_depth_chart(layers)
-    links = _Links(_image_keys(manifest), {**files, DEPTH_CHART_FILE: depth}, inline_max_bytes)
     title = f"actviz · {_model_name(manifest)}"
     if manifest.get("job_id"):
         title += f" · {manifest['job_id']}"
     page = render_page(
         "job.html.j2",
         title,
-        {"layers": [grid_data(layer, "") for layer in layers], "inline": links.inline},
+        {"layers": [grid_data(layer, "") for layer in layers]},
         model_name=_model_name(manifest),
         job_id=manifest.get("job_id"),
-        input_src=links.src(manifest.get("input")),
+        input_src=safe_href(manifest.get("input")),
         meta=_meta(manifest),
-        depth_src=links.src(DEPTH_CHART_FILE) if layers or not manifest.get("gradcam") else None,
-        gradcam=_gradcam_view(manifest.get("gradcam"), links),
+        depth_src=safe_href(DEPTH_CHART_FILE) if layers or not manifest.get("gradcam") else None,
+        gradcam=_gradcam_view(manifest.get("gradcam")),
         stat_columns=STAT_COLUMNS,
-        layers=[_layer_view(position, layer, links) for position, layer in enumerate(layers)],
+        layers=[_layer_view(position, layer) for position, layer in enumerate(layers)],
     )
     return {REPORT_FILE: page, DEPTH_CHART_FILE: depth}
 
 
-class _Links:
-    """Where the page gets its images: data: URIs when all fit the budget, else keys."""
-
-    def __init__(self, keys: list[str], files: dict[str, bytes], limit: int) -> None:
-        keys = [k for k in keys if safe_href(k)]
-        self._files = files
-        self.inline = all(k in files for k in keys) and sum(len(files[k]) for k in keys) <= limit
-
-    def src(self, key: Any) -> str | None:
-        """The src for `key`, or None for a key that is not a plain relative path."""
-        href = safe_href(key)
-        if href is None or not self.inline:
-            return href
-        data = base64.b64encode(self._files[key]).decode()
-        return f"data:{content_type_for(key)};base64,{data}"
-
-
-def _image_keys(manifest: dict[str, Any]) -> list[str]:
-    keys = [manifest.get("input") or "", DEPTH_CHART_FILE]
-    for layer in manifest.get("layers") or []:
-        keys.append((layer.get("grid") or {}).get("png") or "")
-        keys.append(layer.get("overlay") or "")
-    for cam in (manifest.get("gradcam") or {}).get("classes") or []:
-        keys += [cam.get("overlay") or "", cam.get("heatmap") or ""]
-    return [k for k in keys if k]
-
-
-def _gradcam_view(section: dict[str, Any] | None, links: _Links) -> dict[str, Any] | None:
+def _gradcam_view(section: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the template shows of a job's Grad-CAM: heatmaps per class, top predictions."""
     if not section:
         return None
@@ -131,8 +93,8 @@ def _gradcam_view(section: dict[str, Any] | None, links: _Links) -> dict[str, An
                 "score": format_number(cam.get("score")),
                 "rank": cam.get("rank"),
                 "empty": bool(cam.get("empty")),
-                "overlay_src": links.src(cam.get("overlay")),
-                "heatmap_src": links.src(cam.get("heatmap")),
+                "overlay_src": safe_href(cam.get("overlay")),
+                "heatmap_src": safe_href(cam.get("heatmap")),
                 "values_href": safe_href(cam.get("values")),
             }
             for cam in section.get("classes") or []
@@ -194,7 +156,7 @@ def _text(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def _layer_view(position: int, layer: dict[str, Any], links: _Links) -> dict[str, Any]:
+def _layer_view(position: int, layer: dict[str, Any]) -> dict[str, Any]:
     """What the template shows of one layer."""
     summary = layer.get("summary") or {}
     stats = layer.get("stats") or {}
@@ -211,12 +173,12 @@ def _layer_view(position: int, layer: dict[str, Any], links: _Links) -> dict[str
         "dead_count": len(dead),
         "dead_listed": ", ".join(str(c) for c in dead[:DEAD_LISTED])
         + (" …" if len(dead) > DEAD_LISTED else ""),
-        "grid_src": links.src(grid.get("png")) if grid else None,
+        "grid_src": safe_href(grid.get("png")) if grid else None,
         "strip_style": None,
         "dead_marks": [],
         "caption": _grid_caption(shape),
         "top": [],
-        "overlay_src": links.src(layer.get("overlay")),
+        "overlay_src": safe_href(layer.get("overlay")),
     }
     if view["grid_src"] and shape:
         if len(dead) <= DEAD_MARK_LIMIT:

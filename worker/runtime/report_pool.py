@@ -6,8 +6,9 @@ process it holds the interpreter lock, so it serializes with everything else
 that needs Python (Celery, boto3, the forward thread) and caps a batching
 worker long before its cores or its accelerator are busy. A few spawned
 processes (never forked from a process that holds TensorFlow or CUDA state)
-render reports instead: the job sends its manifest and files (a few MB,
-pickled through a pipe) and gets index.html and depth.svg back.
+render reports instead: the job sends its manifest (pickled through a pipe;
+the page links its images, so no image crosses) and gets index.html and
+depth.svg back.
 
 Only batching workers use it; with batch size 1 the job would wait for its
 report anyway.
@@ -35,11 +36,11 @@ START_TIMEOUT_S = 60.0
 MAX_PROCESSES = 4
 
 
-def render_in_process(manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
+def render_in_process(manifest: dict[str, Any]) -> dict[str, bytes]:
     """worker.report.render_report, importable by name in a spawned process."""
     from worker import report
 
-    return report.render_report(manifest, files)
+    return report.render_report(manifest)
 
 
 def _watch_parent(parent: int) -> None:
@@ -60,7 +61,7 @@ def _ready() -> bool:
 
 
 class ReportPool:
-    """`render(manifest, files)` -> {"index.html": ..., "depth.svg": ...} in a helper process."""
+    """`render(manifest)` -> {"index.html": ..., "depth.svg": ...} in a helper process."""
 
     def __init__(self, processes: int | None = None) -> None:
         # Half the cores this process may run on, at most MAX_PROCESSES: a node's
@@ -100,16 +101,16 @@ class ReportPool:
             self._disabled = True
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def render(self, manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, bytes]:
+    def render(self, manifest: dict[str, Any]) -> dict[str, bytes]:
         """The report files of one job; rendered here if the helper process died."""
         if self._disabled:
-            return render_in_process(manifest, files)
+            return render_in_process(manifest)
         pool = self._pool()
         try:
-            return wait_result(pool.submit(render_in_process, manifest, files))
+            return wait_result(pool.submit(render_in_process, manifest))
         except BrokenProcessPool:
             log.warning("a report process stopped; rendering this report in the worker")
             with self._lock:
                 if self._executor is pool:
                     self._executor = None
-            return render_in_process(manifest, files)
+            return render_in_process(manifest)

@@ -2,6 +2,21 @@
 // row c // cols, col c % cols, tiles tile + separator apart) and shows the tile
 // of that channel, from one grid or from every grid of a gallery row, enlarged.
 (function(){
+// Images are linked by data-src, set here: a link from `actviz open` carries, after
+// '#actviz-signed=', the presigned query of every object the page refers to
+// (producer/signed.py), applied before anything loads; otherwise the key as it is.
+(function images(){
+  const m=/[#&]actviz-signed=([^&]*)/.exec(location.hash);let v=null;
+  if(m){try{v=JSON.parse(decodeURIComponent(m[1]));}catch(e){v=null;}}
+  const own=ref=>v!==null&&Object.prototype.hasOwnProperty.call(v.s,ref);
+  const signed=ref=>{
+    if(!own(ref))return ref;
+    const u=new URL(ref,location.href);u.hash='';u.search=[v.q,v.s[ref]].filter(Boolean).join('&');
+    return u.href;
+  };
+  document.querySelectorAll('img[data-src]').forEach(img=>img.setAttribute('src',signed(img.dataset.src)));
+  document.querySelectorAll('a[href]').forEach(a=>{const r=a.getAttribute('href');if(own(r))a.setAttribute('href',signed(r));});
+})();
 const DATA=JSON.parse(document.getElementById('actviz-data').textContent);
 const box=document.getElementById('lightbox');
 const fmt=v=>(v===null||v===undefined)?'–':Number(v).toPrecision(4).replace(/\.?0+$/,'');
@@ -55,7 +70,7 @@ document.querySelectorAll('button.tile').forEach(b=>{
 });
 box.addEventListener('click',ev=>{if(ev.target===box||ev.target.classList.contains('close'))box.hidden=true;});
 document.addEventListener('keydown',ev=>{if(ev.key==='Escape')box.hidden=true;});
-// Linked (not embedded) images fail from a presigned link to this page alone: say why.
+// Images fail from a link that signs this page alone (a private bucket): say why.
 const note=document.getElementById('linknote');
 const broken=()=>{note.hidden=false;};
 document.querySelectorAll('img').forEach(img=>{
