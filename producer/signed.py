@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-from html.parser import HTMLParser
 from collections.abc import Callable
+from html.parser import HTMLParser
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 FRAGMENT_NAME = "actviz-signed"
@@ -76,10 +76,14 @@ def signed_page_url(
         signed[ref] = parse_qsl(urlsplit(presign(key, expires)).query, keep_blank_values=True)
     if not signed:
         return url
-    shared = [pair for pair in next(iter(signed.values())) if all(pair in p for p in signed.values())]
+    shared = [
+        pair for pair in next(iter(signed.values())) if all(pair in p for p in signed.values())
+    ]
     payload = {
         "q": urlencode(shared),
-        "s": {ref: urlencode([p for p in pairs if p not in shared]) for ref, pairs in signed.items()},
+        "s": {
+            ref: urlencode([p for p in pairs if p not in shared]) for ref, pairs in signed.items()
+        },
     }
     text = json.dumps(payload, separators=(",", ":"))
     return f"{url}#{FRAGMENT_NAME}={quote(text, safe='')}"
