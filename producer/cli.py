@@ -33,6 +33,7 @@ from producer.contract import (
 )
 from producer.errors import ActvizError, JobFailed, JobNotFound
 from producer.settings import Settings, redact_url
+from producer.signed import report_link
 from producer.storage import is_s3_uri, source_for
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 124
@@ -331,16 +332,32 @@ def _gallery_when_written(client: Client, batch_id: str) -> str | None:
 
 
 # Without a recorded end (a job revoked, or refused before it ran) a job is found by a
-# sweep that asks every pending job, this often; otherwise a refresh costs O(1).
+# sweep that asks every pending job, once the batch has made no progress for this long;
+# a sweep that finds nothing doubles the wait, up to SWEEP_MAX_S. A batch that advances
+# is never swept: a refresh costs O(1).
 SWEEP_EVERY_S = 10.0
+SWEEP_MAX_S = 300.0
+
+
+def _quick_outcome(job: Job) -> dict[str, Any] | None:
+    """A finished job's row from its result-backend entry alone (one Redis read, no
+    storage): the worker's result names the manifest and the job's files, so the
+    report's link is signed without reading anything. None: ask the slow way."""
+    state = job.state(check_storage=False)
+    info = state.info or {}
+    if state.state != SUCCEEDED or not isinstance(info.get("files"), list):
+        return None
+    link = report_link(job.client.store, job.id, info["files"])
+    return {"job_id": job.id, "status": SUCCEEDED, "manifest": info.get("manifest"), "report": link}
 
 
 def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> list[dict]:
     """Wait for every job of a batch, showing done/failed/running/queued on stderr.
 
     With Redis a refresh reads the batch's progress (producer/batches.py): a few
-    requests, plus one result per job that finished since the last refresh;
-    pending jobs are asked one by one only every SWEEP_EVERY_S. Without Redis
+    requests, plus one result-backend read per job that finished since the last
+    refresh (its row needs no storage read, see `_quick_outcome`); pending jobs are
+    asked one by one only when the batch stalls (SWEEP_EVERY_S). Without Redis
     (embedded) each refresh asks every pending job.
     """
     from rich.console import Console
@@ -350,12 +367,15 @@ def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> l
     pending = dict(zip([j.id for j in jobs], jobs, strict=True))
     done: dict[str, dict[str, Any]] = {}
     batch_id = jobs[0].batch_id if jobs else None
-    cursor, swept = 0, time.monotonic()
+    cursor, swept, advanced, sweep_after = 0, time.monotonic(), time.monotonic(), SWEEP_EVERY_S
     progress_console = Console(stderr=True)
 
     def finish(job: Job) -> None:
-        result, error = wait_for_result(job, 5, False)
-        done[job.id] = _outcome(job, result, error)
+        outcome = _quick_outcome(job) if batch_id else None
+        if outcome is None:
+            result, error = wait_for_result(job, 5, False)
+            outcome = _outcome(job, result, error)
+        done[job.id] = outcome
         del pending[job.id]
         progress.advance(bar)
 
@@ -366,21 +386,25 @@ def _wait_all(jobs: list[Job], images: list[str], args: argparse.Namespace) -> l
             running = 0
             if look is not None:
                 cursor = look.cursor
+                if look.finished_ids:
+                    advanced = time.monotonic()
                 for job_id in look.finished_ids:
                     if job_id in pending:
                         finish(pending[job_id])
                 running = look.running
-            sweep = look is None or time.monotonic() - swept >= SWEEP_EVERY_S
-            if sweep:
+            quiet = time.monotonic() - max(swept, advanced)
+            if look is None or (pending and quiet >= sweep_after):
                 swept = time.monotonic()
-                counted = 0
+                counted, found = 0, 0
                 for job in list(pending.values()):
                     state = job.state(check_storage=look is None).state
                     if state in FINAL_STATES:
                         finish(job)
+                        found += 1
                     elif state == STARTED:
                         counted += 1
                 running = running if look is not None else counted
+                sweep_after = SWEEP_EVERY_S if found else min(2 * sweep_after, SWEEP_MAX_S)
             failed = sum(1 for o in done.values() if o["status"] != SUCCEEDED)
             running = min(running, len(pending))
             progress.update(

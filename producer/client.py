@@ -66,7 +66,7 @@ from producer.errors import (
 from producer.labels import read_labels
 from producer.registry import load_registry, registry_labels, resolve_model
 from producer.settings import Settings, redact_url
-from producer.signed import signed_page_url
+from producer.signed import report_link
 from producer.storage import ObjectNotFound, Store, is_file_uri, is_s3_uri, local_path, open_store
 
 if TYPE_CHECKING:
@@ -201,10 +201,11 @@ class Result:
         file:// storage.
         """
         if layer is None:
-            key = contract.report_key(self.job_id)
-            if self.store.exists(key):
-                # The page links its images: sign them too, or a private bucket refuses them.
-                return signed_page_url(self.store.presign, self.store.get, key, expires)
+            # The page links its images: they are signed too, or a private bucket
+            # refuses them.
+            link = report_link(self.store, self.job_id, self.manifest.get("files"), expires)
+            if link is not None:
+                return link
             key = contract.manifest_key(self.job_id)
         else:
             key = self.prefix + self.grid_key(layer)

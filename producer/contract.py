@@ -187,9 +187,12 @@ def overlay_name(position: int, layer_name: str) -> str:
     return f"overlays/{layer_stem(position, layer_name)}.png"
 
 
+CHANNELS_DIR = "channels/"  # per-channel PNGs (channel_pngs): stored, not shown by the report
+
+
 def channels_dir(position: int, layer_name: str) -> str:
     """'channels/03-conv2d_1/': one PNG per channel, '000.png', '001.png', ..."""
-    return f"channels/{layer_stem(position, layer_name)}/"
+    return f"{CHANNELS_DIR}{layer_stem(position, layer_name)}/"
 
 
 def channel_name(position: int, layer_name: str, channel: int) -> str:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from html.parser import HTMLParser
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
+
+from producer import contract
 
 FRAGMENT_NAME = "actviz-signed"
 
@@ -55,21 +58,25 @@ def relative_refs(html: bytes) -> list[str]:
 
 
 def signed_page_url(
-    presign: Callable[[str, int], str], read: Callable[[str], bytes], page_key: str, expires: int
+    presign: Callable[[str, int], str],
+    page_key: str,
+    refs: Callable[[], Iterable[str]],
+    expires: int,
 ) -> str:
-    """The presigned URL of `page_key`, with the signatures of what the page refers to.
+    """The presigned URL of `page_key`, with the signatures of the references `refs()`
+    gives (relative to the page: from the job's manifest, or `relative_refs` of the
+    page itself).
 
-    `presign(key, expires)` signs one key and `read(key)` reads one (Store.presign,
-    Store.get); the page is read only when its URL is a web address. A reference
-    that leaves the store's root (more '..' than folders) is left unsigned.
+    `presign(key, expires)` signs one key (Store.presign); `refs` is called only
+    when the URL is a web address. A reference that leaves the store's root (more
+    '..' than folders) is left unsigned.
     """
     url = presign(page_key, expires)
     if not url.startswith(("http://", "https://")):
         return url  # a local file: relative references work as they are
-    html = read(page_key)
     folder = posixpath.dirname(page_key)
     signed: dict[str, list[tuple[str, str]]] = {}
-    for ref in relative_refs(html):
+    for ref in refs():
         key = posixpath.normpath(posixpath.join(folder, urlsplit(ref).path))
         if key.startswith("../") or key in (".", ".."):
             continue
@@ -103,3 +110,26 @@ def signed_refs(url: str) -> dict[str, str]:
         query = "&".join(part for part in (payload["q"], own) if part)
         out[ref] = target._replace(query=query, fragment="").geturl()
     return out
+
+
+def report_link(
+    store: Any, job_id: str, files: list[str] | None, expires: int = 3600
+) -> str | None:
+    """A link to a job's report with its images signed; None when it has none.
+
+    `files`: the job's files as its manifest (or its result) lists them; the
+    report is then linked without a request. Without them the page is looked
+    for, and read for what it refers to.
+    """
+    key = contract.report_key(job_id)
+    if files is not None and contract.REPORT_FILE in files:
+        # The per-channel PNGs are stored, not shown: not signed.
+        shown = [
+            f
+            for f in files
+            if f != contract.REPORT_FILE and not f.startswith(contract.CHANNELS_DIR)
+        ]
+        return signed_page_url(store.presign, key, lambda: shown, expires)
+    if store.exists(key):
+        return signed_page_url(store.presign, key, lambda: relative_refs(store.get(key)), expires)
+    return None

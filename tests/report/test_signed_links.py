@@ -37,7 +37,9 @@ def test_relative_references_only() -> None:
 
 def test_the_fragment_rebuilds_each_presigned_url_parameter_for_parameter() -> None:
     made: dict[str, str] = {}
-    url = signed_page_url(fake_presign(made), lambda key: PAGE, "jobs/j1/index.html", 600)
+    url = signed_page_url(
+        fake_presign(made), "jobs/j1/index.html", lambda: relative_refs(PAGE), 600
+    )
     assert url.startswith(made["jobs/j1/index.html"] + "#actviz-signed=")
     refs = signed_refs(url)
     assert set(refs) == {"input.png", "layers/01-a.png", "x.npy"}  # ../ out of the root: unsigned
@@ -51,9 +53,9 @@ def test_the_fragment_rebuilds_each_presigned_url_parameter_for_parameter() -> N
 
 
 def test_a_local_path_is_returned_as_it_is_and_the_page_not_read() -> None:
-    def read(key: str) -> bytes:
+    def refs() -> list[str]:
         raise AssertionError("a local page needs no signatures")
 
-    assert signed_page_url(lambda key, e: f"/data/{key}", read, "jobs/j/index.html", 60) == (
+    assert signed_page_url(lambda key, e: f"/data/{key}", "jobs/j/index.html", refs, 60) == (
         "/data/jobs/j/index.html"
     )

@@ -137,6 +137,74 @@ def test_waiting_on_a_large_pending_batch_costs_o1_per_refresh(
     assert len(calls) <= looks + 2, calls[:20]  # and nothing per pending job
 
 
+def test_a_stalled_batch_is_swept_ever_less_often(redis_url, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Jobs that end without a recorded end are found by a sweep of the pending jobs,
+    but only while the batch makes no progress, and less often each time it finds
+    nothing: 2 s of a stalled 50-job batch are at most 3 sweeps, not one a refresh."""
+    import argparse
+
+    from producer import cli
+    from producer.client import Client, Job
+    from producer.settings import Settings
+
+    settings = Settings(broker_url=redis_url, storage_url=(tmp_path / "store").as_uri())
+    client = Client(settings=settings)
+    images = [bytes([i]) + b"stalled" for i in range(50)]
+    jobs = client.submit_many("builtin:demo", images, queue="cpu")  # nothing consumes it
+    monkeypatch.setattr(cli, "SWEEP_EVERY_S", 0.25)
+    asked: list[str] = []
+    state = Job.state
+    monkeypatch.setattr(Job, "state", lambda self, **kw: asked.append(self.id) or state(self, **kw))
+    outcomes = cli._wait_all(
+        jobs, [str(i) for i in range(50)], argparse.Namespace(timeout=2.0, json=True)
+    )
+    assert {o["status"] for o in outcomes} == {"timeout"}
+    sweeps, rest = divmod(len(asked), 50)
+    assert rest == 0 and 1 <= sweeps <= 3, len(asked)  # 0.25 s, then 0.5 s, then 1 s later
+
+
+def test_a_finished_jobs_row_costs_one_backend_read_and_no_storage(
+    redis_url, tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """The worker's result names the manifest and the job's files: the batch table links
+    each report (its images signed on S3) without reading storage."""
+    import argparse
+
+    import redis as redis_lib
+
+    from producer.batches import record_end
+    from producer.cli import _wait_all
+    from producer.client import Client
+    from producer.contract import SUCCEEDED
+    from producer.settings import Settings
+
+    settings = Settings(broker_url=redis_url, storage_url=(tmp_path / "store").as_uri())
+    client = Client(settings=settings)
+    jobs = client.submit_many("builtin:demo", [b"a-done", b"b-done"], queue="cpu")
+    connection = redis_lib.Redis.from_url(redis_url)
+    for index, job in enumerate(jobs):
+        result = {
+            "job_id": job.id,
+            "status": SUCCEEDED,
+            "manifest": client.store.uri(f"jobs/{job.id}/manifest.json"),
+            "files": ["depth.svg", "index.html", "input.png", "layers/01-conv1.png"],
+        }
+        client.app.backend.store_result(job.id, result, "SUCCESS")
+        record_end(connection, jobs[0].batch_id, index, job.id, True, 600)
+    touched: list[str] = []
+    for name in ("get", "exists", "list", "head", "get_at_most"):
+        method = getattr(client.store, name)
+        monkeypatch.setattr(
+            client.store, name, lambda *a, _m=method, _n=name: touched.append(_n) or _m(*a)
+        )
+    outcomes = _wait_all(jobs, ["a", "b"], argparse.Namespace(timeout=10.0, json=True))
+    assert [o["status"] for o in outcomes] == [SUCCEEDED, SUCCEEDED]
+    assert touched == []
+    assert [o["report"] for o in outcomes] == [
+        client.store.presign(f"jobs/{j.id}/index.html") for j in jobs
+    ]
+
+
 def test_a_large_batch_gallery_is_paged_and_each_page_reads_its_own_manifests(
     tmp_path, monkeypatch
 ) -> None:  # noqa: ANN001

@@ -137,6 +137,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     output = kind_module(spec.kind).run(task, spec, runtime)
     manifest, store = output.manifest, runtime.store
     fill_manifest(manifest, spec, output.cache_event)
+    manifest["files"] = sorted(output.files)  # the report's files too: what a reader may fetch
 
     report_stage(task, Progress.UPLOADING)
     started = time.perf_counter()
@@ -164,6 +165,7 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
         "job_id": spec.job_id,
         "status": contract.SUCCEEDED,
         "manifest": store.uri(contract.manifest_key(spec.job_id)),
+        "files": manifest["files"],  # a waiting producer links the report without a read
         "cache": output.cache_event,
         "cache_stats": runtime.cache.stats(),
         "timings_ms": manifest["timings_ms"],
