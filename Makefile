@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint services bench bench-service bench-census bench-gpu test-reliability clean
+.PHONY: install demo test lint services bench bench-service bench-census bench-scale bench-gpu test-reliability clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench-service: $(STAMP)
 # A census of 1,000 images against the same images as plain jobs (its own redis-server).
 bench-census: $(STAMP)
 	$(PY) bench/bench_census.py $(BENCH_ARGS)
+
+# Batches of 100, 1,000 and 10,000 jobs through its own redis-server and one worker
+# (about 10 minutes on 2 cores); BENCH_ARGS="--sizes 100,1000" for a shorter run.
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py $(BENCH_ARGS)
 
 # On a GPU node, JAX backend: both benchmarks with the GPU workload (bench/gpu.sh).
 bench-gpu: $(STAMP)
