@@ -63,6 +63,7 @@ from producer.errors import (
     WorkerLost,
     error_from_dict,
 )
+from producer.job_registry import forget, register
 from producer.labels import read_labels
 from producer.registry import load_registry, registry_labels, resolve_model
 from producer.settings import Settings, redact_url
@@ -460,9 +461,17 @@ class Client:
             )
         redis = self.redis()
         with queue_full_refused(redis, job_id):
-            if redis is not None:  # registered before it is sent: a fast job is never "unknown"
-                redis.set(
-                    contract.job_key(job_id), str(time.time()), ex=self.settings.result_expires
+            if redis is not None:
+                # Registered before it is sent: a fast job is never "unknown", and a job
+                # lost after this (its producer or its popping worker died) is sent again.
+                register(
+                    redis,
+                    job_id,
+                    message,
+                    queue,
+                    priority,
+                    self.settings.result_expires,
+                    self.settings.reconcile_after or None,
                 )
             self.app.send_task(
                 TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
@@ -747,7 +756,7 @@ def queue_full_refused(redis: Any, job_id: str | None) -> Iterator[None]:
             raise
         if redis is not None and job_id is not None:
             with contextlib.suppress(Exception):  # DEL is allowed at maxmemory: it frees
-                redis.delete(contract.job_key(job_id))
+                forget(redis, job_id)
         raise QueueFull(
             "the broker refused the job: Redis is at its maxmemory and evicts nothing "
             f"({exc}); nothing was queued. Wait for queued jobs to drain, raise maxmemory, "

@@ -76,6 +76,11 @@ class Settings:
     # live worker's long job never runs twice. 0: derived from the hard time limit
     # (2 x limit + 60 s), for brokers whose consumers do not re-stamp.
     redeliver_after: int = 60
+    # Seconds after its submission that a job no worker has started is looked for in the
+    # queues and in what workers hold, then again at doubling intervals (at most 300 s);
+    # one found nowhere twice in a row was lost between a worker's pop and its record of
+    # it, and is sent again under its id (producer/job_registry.py). 0: no checks.
+    reconcile_after: int = 60
     # A job reports its stages (Job.state().stage) once it has run this long: a fast job
     # skips them (each is a result-backend read and write), a slow one shows its progress.
     progress_after_ms: int = 250

@@ -114,7 +114,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
             _backend(),
         )
     app = create_app(settings)
-    start_finalize_sweeper(app)
+    start_sweepers(app, settings)
     service = start_service(settings.metrics_port)
     try:
         registry = load_registry(settings.model_registry)
@@ -150,14 +150,19 @@ def start_service(port: int) -> Any:
     return service
 
 
-def start_finalize_sweeper(app: Any) -> None:
-    """Batches whose finalizing worker died are taken over (worker/jobs/batches.py); Redis only."""
+def start_sweepers(app: Any, settings: Settings) -> None:
+    """Redis only: batches whose finalizing worker died are taken over
+    (worker/jobs/batches.py), and registered jobs that no queue or worker holds are sent
+    again (worker/jobs/reconciler.py)."""
     from celery.backends.redis import RedisBackend
 
     from worker.jobs.batches import start_sweeper
+    from worker.jobs.reconciler import start_reconciler
 
     if isinstance(app.backend, RedisBackend):
         start_sweeper(app.actviz.store, app.backend.client)
+        if settings.reconcile_after > 0:
+            start_reconciler(app, app.backend.client, settings.reconcile_after)
 
 
 def _backend() -> str:

@@ -54,6 +54,11 @@ HELD = Gauge(
     "Jobs this worker process holds unacknowledged: running, reserved or waiting in a "
     "batch (updated by the visibility heartbeat); what the queue lists no longer show",
 )
+RECONCILED = Counter(
+    "actviz_jobs_resent_total",
+    "Registered jobs found in no queue and held by no worker, twice, and sent again "
+    "(worker/jobs/reconciler.py)",
+)
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(
     "actviz_gpu_memory_peak_bytes", "Peak accelerator memory since process start", ["device"]

@@ -23,6 +23,11 @@ never run twice. A process hung so hard that this thread cannot run is treated
 as dead (the faulthandler backstop ends such a process too, see
 worker/jobs/limits.py).
 
+For the kill trials only, ACTVIZ_TEST_POP_DELAY_S widens the window between a
+message's pop and its record as unacknowledged (kombu #305) by sleeping there;
+the job registry's reconciler (worker/jobs/reconciler.py) is what brings back a
+job lost in it. Never set it in production.
+
 `install()` makes this the transport of redis:// and rediss:// URLs in the
 calling process (kombu's transport aliases); the worker calls it when it
 builds its app, so log lines still name the broker by its URL. Producers
@@ -32,6 +37,7 @@ publish through the stock transport.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -61,11 +67,15 @@ class RefusedMessage(ValueError):
 _parse = redis.loads
 # Set while one of our channels reads a message from a queue: only those reads are bounded.
 _reading = threading.local()
+# Test-only: seconds to wait between a message's pop and its record (see above).
+_POP_DELAY_S = float(os.environ.get("ACTVIZ_TEST_POP_DELAY_S") or 0)
 
 
 def _bounded_loads(text: Any, *args: Any, **kwargs: Any) -> Any:
     if not getattr(_reading, "active", False):
         return _parse(text, *args, **kwargs)
+    if _POP_DELAY_S:
+        time.sleep(_POP_DELAY_S)  # popped, not yet recorded: a kill here loses the message
     if len(text) > MAX_ENVELOPE_BYTES:
         reason = f"the message is {len(text)} characters, above {MAX_ENVELOPE_BYTES}; not parsed"
         raise RefusedMessage(reason, "size", str(text[:_HEAD]))

@@ -38,6 +38,7 @@ from producer.errors import (
     TimeLimit,
     transient_errors,
 )
+from producer.job_registry import mark_started
 from producer.storage import put_many
 from worker.jobs.batches import publish_batch, start_batch_job
 from worker.jobs.deliveries import admit_delivery, redis_client
@@ -95,6 +96,10 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 settings.time_limit,
                 may_exit=not settings.embedded,
             ):
+                # Held (unacked) from here on: the registry's checks are no longer needed.
+                redis = redis_client(task)
+                if redis is not None:
+                    mark_started(redis, spec.job_id)
                 # A finished job is not run again; a job that keeps killing workers stops.
                 result = admit_delivery(task, spec, runtime.store, settings)
                 if result is not None:
