@@ -16,8 +16,8 @@ submitted with `Client.submit_many` and waited on with the code `actviz batch
   bytes/job      bytes stored per job (its folder, and its share of the gallery)
   x artifacts    bytes/job over what the job's grids and manifest take alone
                  (and over grids + input + manifest, the job's own artifacts)
-  gallery        the batch gallery written again in this process: seconds and
-                 tracemalloc peak MB
+  gallery        the batch gallery written again in this process: ms per job,
+                 and its tracemalloc peak MB
 
 and the ratio of the largest N to the smallest for each figure (flat = 1.0).
 Then 16 concurrent 24 MP JPEGs through the same worker: its peak RSS (all its
@@ -222,7 +222,7 @@ def run_batch(
         "bytes/job": (total + gallery_bytes) / n,
         "x grids+manifest": (total + gallery_bytes) / grids,
         "x artifacts": (total + gallery_bytes) / (grids + inputs),
-        "gallery s": gallery_s,
+        "gallery ms/job": gallery_s * 1000 / n,
         "gallery MB": gallery_peak / 2**20,
     }
 
@@ -264,7 +264,7 @@ COLUMNS = (
     "bytes/job",
     "x grids+manifest",
     "x artifacts",
-    "gallery s",
+    "gallery ms/job",
     "gallery MB",
     "jobs/s",
 )

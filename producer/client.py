@@ -361,6 +361,7 @@ class Client:
         self.settings = base.with_overrides(broker_url=broker_url, storage_url=storage_url)
         self._app: Celery | None = None
         self._store: Store | None = None
+        self._uploaded: dict[str, None] = {}  # input keys this client stored (insertion order)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -649,6 +650,9 @@ class Client:
     def upload_image(self, image: ImageSource) -> str:
         """The image URI a job carries; local bytes are uploaded once, by content hash.
 
+        An image this client stored already costs nothing; a small one is written
+        at once (its key is its content, and asking first would cost as much as
+        writing); a larger one is written only if storage lacks it.
         Raises PayloadTooLarge above settings.max_image_bytes, InputNotFound for
         a missing file.
         """
@@ -663,8 +667,12 @@ class Client:
             data = read_local_image(path, self.settings.max_image_bytes)
         check_size(len(data), self.settings.max_image_bytes)
         key = contract.input_key(hashlib.sha256(data).hexdigest(), sniff_extension(data, name))
-        if not self.store.exists(key):
-            self.store.put(key, data)
+        if key not in self._uploaded:
+            if len(data) <= ASK_FIRST_ABOVE_BYTES or not self.store.exists(key):
+                self.store.put(key, data)
+            self._uploaded[key] = None
+            if len(self._uploaded) > REMEMBER_UPLOADS:
+                del self._uploaded[next(iter(self._uploaded))]
         return self.store.uri(key)
 
     # ---- reading back ----------------------------------------------------
@@ -710,6 +718,10 @@ class Client:
 
 
 EMBEDDED_GROUP = "actviz.embedded"
+# Images up to this size are written without asking storage first: a HEAD costs a round
+# trip, as a small PUT does. Larger ones are looked for first, and skipped when stored.
+ASK_FIRST_ABOVE_BYTES = 64 * 1024
+REMEMBER_UPLOADS = 4096  # input keys a client remembers having stored
 
 
 def start_embedded(settings: Settings) -> Celery:

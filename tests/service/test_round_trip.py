@@ -153,6 +153,45 @@ def test_same_image_twice_is_uploaded_once(client: Client, s3, bucket: str, tmp_
     assert set(after) - set(before) == {puts[0]}
 
 
+def test_an_upload_costs_one_request_and_a_stored_large_image_none_but_a_head(
+    client: Client, s3, bucket: str
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from producer.client import ASK_FIRST_ABOVE_BYTES
+
+    def random_png(side: int) -> bytes:
+        pixels = np.random.default_rng(time.time_ns() % 2**32).integers(0, 255, (side, side, 3))
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype("uint8")).save(buf, format="PNG")
+        return buf.getvalue()
+
+    small, large = random_png(24), random_png(256)
+    assert len(small) <= ASK_FIRST_ABOVE_BYTES < len(large)
+
+    def requests(of: Client, image: bytes) -> list[str]:
+        seen: list[str] = []
+        events = of.store.client.meta.events
+        handlers = {op: (lambda op=op, **_: seen.append(op)) for op in ("PutObject", "HeadObject")}
+        for op, handler in handlers.items():
+            events.register(f"before-parameter-build.s3.{op}", handler)
+        try:
+            of.upload_image(image)
+        finally:
+            for op, handler in handlers.items():
+                events.unregister(f"before-parameter-build.s3.{op}", handler)
+        return seen
+
+    assert requests(client, small) == ["PutObject"]  # written at once: no HEAD first
+    assert requests(client, large) == ["HeadObject", "PutObject"]
+    other = Client(settings=client.settings)  # another producer: storage has it
+    assert requests(other, large) == ["HeadObject"]
+    assert requests(other, large) == []  # and it remembers
+
+
 def test_second_job_of_a_model_uses_the_warm_model(
     worker, client: Client, s3_model: str, png_bytes: bytes
 ) -> None:
