@@ -14,7 +14,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from producer.contract import MAX_PRIORITY, QUEUE_GPU, QUEUES, TASK_NAME
-from producer.settings import Settings
+from producer.settings import RESTORE_EVERY_S, Settings
 
 
 def _is_redis(url: str) -> bool:
@@ -30,10 +30,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         options.update(
             queue_order_strategy="priority",
             priority_steps=list(range(MAX_PRIORITY + 1)),
-            # A dead worker's job is found again within a tenth of the visibility timeout
-            # (at most 10 s); kombu's defaults sweep only every 100 s.
-            unacked_restore_interval=max(1, min(10, settings.visibility_timeout // 10)),
+            # A dead worker's job is found again within a second of its timeout (kombu's
+            # default sweeps every 100 s); the worker's transport re-stamps held ones
+            # every `actviz_heartbeat` s (the stock transport ignores the option).
+            unacked_restore_interval=RESTORE_EVERY_S,
             unacked_restore_throttle=1,
+            actviz_heartbeat=settings.heartbeat_s,
         )
     if settings.embedded:
         # The in-process broker is polled; keep the embedded round trip snappy.

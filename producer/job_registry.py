@@ -90,12 +90,26 @@ def due(client: Any, now: float, limit: int = 1000) -> list[str]:
     return [_text(item) for item in client.zrangebyscore(RECONCILE_KEY, "-inf", now, 0, limit)]
 
 
-def entries(client: Any, job_ids: list[str]) -> list[dict[str, str]]:
-    """The registry entries of `job_ids` ({} for one that expired)."""
+CHECK_FIELDS = ("state", "absent_since", "waited", "queue", "priority")
+
+
+def entries(
+    client: Any, job_ids: list[str], fields: tuple[str, ...] = CHECK_FIELDS
+) -> list[dict[str, str]]:
+    """`fields` of the registry entries of `job_ids` ({} for one that expired)."""
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.hgetall(job_key(job_id))
-    return [{_text(k): _text(v) for k, v in found.items()} for found in pipe.execute()]
+        pipe.hmget(job_key(job_id), fields)
+    return [
+        {name: _text(value) for name, value in zip(fields, found, strict=True) if value is not None}
+        for found in pipe.execute()
+    ]
+
+
+def message(client: Any, job_id: str) -> dict[str, Any] | None:
+    """The message the registry kept for a job not yet started, or None."""
+    text = client.hget(job_key(job_id), "message")
+    return None if text is None else json.loads(text)
 
 
 def _text(value: Any) -> str:

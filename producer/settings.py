@@ -31,6 +31,9 @@ def _bool(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+RESTORE_EVERY_S = 1  # how often a Redis consumer re-queues expired unacked messages
+
+
 @dataclass(frozen=True)
 class Settings:
     broker_url: str = EMBEDDED_BROKER
@@ -70,11 +73,13 @@ class Settings:
     max_retries: int = 5
     # A job whose worker died this many times is failed with worker_lost, not run again.
     max_deliveries: int = 3
-    # Seconds after its holder was last seen alive before Redis hands a job to another
-    # worker: a live worker re-stamps the jobs it holds every quarter of this (at most
-    # every 15 s, worker/transport.py), so a dead worker's jobs come back within it and a
-    # live worker's long job never runs twice. 0: derived from the hard time limit
-    # (2 x limit + 60 s), for brokers whose consumers do not re-stamp.
+    # Seconds within which the jobs a dead worker held are handed to another worker: a
+    # live worker re-stamps what it holds every `heartbeat_s` (a sixth of this, 1 to 10 s,
+    # worker/transport.py), and Redis re-queues what was not re-stamped for
+    # `visibility_timeout` (this, less one heartbeat and one restore sweep), so a dead
+    # worker's jobs come back within it and a live worker's long job never runs twice.
+    # 0: derived from the hard time limit (2 x limit + 60 s), for consumers that do not
+    # re-stamp.
     redeliver_after: int = 60
     # Seconds after its submission that a job no worker has started is looked for in the
     # queues and in what workers hold, then again at doubling intervals (at most 300 s);
@@ -111,10 +116,17 @@ class Settings:
         return "cache+memory://" if self.embedded else self.broker_url
 
     @property
+    def heartbeat_s(self) -> float:
+        """Seconds between a worker's re-stamps of the messages it holds."""
+        return max(1.0, min(10.0, self.redeliver_after / 6.0)) if self.redeliver_after > 0 else 15.0
+
+    @property
     def visibility_timeout(self) -> int:
-        """Redis redelivers an unacked message after this; keep it past the hard limit."""
+        """Redis re-queues an unacked message not re-stamped for this long: what is left of
+        `redeliver_after` after one heartbeat and one restore sweep (RESTORE_EVERY_S), so
+        a dead holder's message is back within `redeliver_after` of its death."""
         if self.redeliver_after > 0:
-            return self.redeliver_after
+            return max(1, int(self.redeliver_after - self.heartbeat_s - RESTORE_EVERY_S))
         return self.time_limit * 2 + 60
 
     @classmethod

@@ -14,12 +14,16 @@ sorted set with the time it was delivered, and any consumer re-queues those
 older than the visibility timeout. A worker SIGKILLed with jobs in hand never
 acknowledges them, so the timeout is how they come back; but it must also be
 longer than any job a live worker runs, or that job would run twice. Here a
-heartbeat thread re-stamps, every `heartbeat_interval` seconds, every message
-the process's channels hold (running, reserved or waiting in a batch), so the
-timeout measures the time since the holder was last alive, not since the
-job started: a short timeout (ACTVIZ_REDELIVER_AFTER, 60 s by default) brings
-a dead worker's jobs back within a minute, and a live worker's long job is
-never run twice. A process hung so hard that this thread cannot run is treated
+heartbeat thread re-stamps, every `heartbeat_s` seconds (a transport option
+from Settings.heartbeat_s), every message the process's channels hold
+(running, reserved or waiting in a batch), so the timeout measures the time
+since the holder was last alive, not since the job started: a short timeout
+(ACTVIZ_REDELIVER_AFTER, 60 s by default, less one heartbeat and one restore
+sweep) brings a dead worker's jobs back within a minute, and a live worker's
+long job is never run twice. Each beat also renews the process's liveness
+key (`consumer_key`, listed in CONSUMERS_KEY), by which the job registry's
+reconciler learns that a consumer died and may have lost a message it had
+popped (worker/jobs/reconciler.py). A process hung so hard that this thread cannot run is treated
 as dead (the faulthandler backstop ends such a process too, see
 worker/jobs/limits.py).
 
@@ -37,7 +41,9 @@ publish through the stock transport.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
 import threading
 import time
 import weakref
@@ -116,9 +122,29 @@ _heartbeat: threading.Thread | None = None
 _heartbeat_lock = threading.Lock()
 
 
-def heartbeat_interval(visibility_timeout: float) -> float:
-    """Seconds between two stamps: a quarter of the timeout, at most 15, at least 1."""
-    return max(1.0, min(15.0, visibility_timeout / 4.0))
+CONSUMERS_KEY = "actviz:consumers"
+LIVENESS_BEATS = 2.5  # a consumer's liveness key outlives this many missed beats, not three
+
+
+def consumer_key(consumer: str) -> str:
+    """Redis key that says consumer `consumer` (host:pid) is alive."""
+    return f"actviz:consumer:{consumer}"
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def mark_alive(interval: float) -> None:
+    """Renew this process's liveness key (one of its channels' connections)."""
+    for channel in list(_channels):
+        name = consumer_name()
+        with channel.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            pipe.set(consumer_key(name), "1", ex=math.ceil(LIVENESS_BEATS * interval))
+            pipe.sadd(CONSUMERS_KEY, name)
+            pipe.execute()
+        return
 
 
 def touch_all() -> int:
@@ -141,16 +167,19 @@ def touch_all() -> int:
 
 def _beat(interval: float) -> None:
     while True:
+        try:
+            mark_alive(interval)
+        except Exception as exc:  # noqa: BLE001 (Redis away: the next beat tries again)
+            log.warning("could not renew this worker's liveness: %s", exc)
         time.sleep(interval)
         touch_all()
 
 
-def _start_heartbeat(visibility_timeout: float) -> None:
+def _start_heartbeat(interval: float) -> None:
     global _heartbeat
     with _heartbeat_lock:
         if _heartbeat is not None and _heartbeat.is_alive():
             return
-        interval = heartbeat_interval(visibility_timeout)
         _heartbeat = threading.Thread(
             target=_beat, args=(interval,), name="actviz-visibility", daemon=True
         )
@@ -159,12 +188,15 @@ def _start_heartbeat(visibility_timeout: float) -> None:
 
 class Channel(redis.Channel):
     QoS = QoS
+    from_transport_options = (*redis.Channel.from_transport_options, "actviz_heartbeat")
+    actviz_heartbeat: float | None = None  # seconds; None: a quarter of the timeout, 1 to 15
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.QoS is QoS:  # ack emulation on: messages have a visibility timeout
             _channels.add(self)
-            _start_heartbeat(float(self.visibility_timeout))
+            interval = self.actviz_heartbeat or max(1.0, min(15.0, self.visibility_timeout / 4))
+            _start_heartbeat(float(interval))
 
     def _brpop_read(self, **options: Any) -> Any:
         return self._bounded(lambda: super(Channel, self)._brpop_read(**options), "")

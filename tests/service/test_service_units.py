@@ -134,7 +134,12 @@ def test_image_names_follow_their_content() -> None:
 
 def test_broker_config_is_json_only_with_one_visibility_timeout() -> None:
     settings = Settings(broker_url="rediss://:pw@redis:6380/0", time_limit=100)
-    assert settings.visibility_timeout == 60  # dead workers' jobs back within a minute
+    # Dead workers' jobs back within a minute: the last re-stamp may be a heartbeat (10 s)
+    # before the death, and the restore sweep runs every second.
+    assert settings.heartbeat_s == 10.0 and settings.visibility_timeout == 49
+    assert settings.visibility_timeout + settings.heartbeat_s + 1 <= settings.redeliver_after
+    assert Settings(redeliver_after=8).heartbeat_s == pytest.approx(8 / 6)
+    assert Settings(redeliver_after=8).visibility_timeout == 5
     assert Settings(time_limit=100, redeliver_after=0).visibility_timeout == 260
     config = celery_config(settings)
     assert config["accept_content"] == ["json"] and config["result_accept_content"] == ["json"]
@@ -144,6 +149,8 @@ def test_broker_config_is_json_only_with_one_visibility_timeout() -> None:
     assert config["result_backend_transport_options"]["visibility_timeout"] == (
         settings.visibility_timeout
     )
+    assert transport["actviz_heartbeat"] == settings.heartbeat_s
+    assert transport["unacked_restore_interval"] == 1
     assert transport["queue_order_strategy"] == "priority"
     assert transport["priority_steps"] == list(range(10))
     assert "broker_use_ssl" in config  # rediss:// without ssl_cert_reqs gets verification

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.contract import MAX_PRIORITY, QUEUES, TASK_NAME, job_key
-from producer.job_registry import QUEUED, RECONCILE_KEY, due, entries
+from producer.job_registry import QUEUED, RECONCILE_KEY, due, entries, message
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "actviz:reconcile:lock"
 LOCK_S = 60
-RECONFIRM_S = 15.0  # a job found nowhere is looked for once more this much later
+RECONFIRM_S = 5.0  # a job found nowhere is looked for once more this much later
 MAX_CHECK_EVERY_S = 300.0
 SCAN_CHUNK = 500
 # kombu's Redis transport: one list per priority step ('gpu', 'gpu\x06\x161', ...), and
@@ -95,28 +95,59 @@ def held_or_queued(client: Any, wanted: set[str]) -> set[str]:
     return found
 
 
+def dead_consumers(client: Any) -> list[str]:
+    """Consumers (worker processes that pop messages) whose liveness key expired;
+    they are forgotten here, so each death is reported once."""
+    from worker.transport import CONSUMERS_KEY, consumer_key
+
+    members = [m.decode() if isinstance(m, bytes) else m for m in client.smembers(CONSUMERS_KEY)]
+    if not members:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for member in members:
+        pipe.exists(consumer_key(member))
+    dead = [m for m, alive in zip(members, pipe.execute(), strict=True) if not alive]
+    if dead:
+        client.srem(CONSUMERS_KEY, *dead)
+    return dead
+
+
 def reconcile(app: Any, client: Any, now: float | None = None, after: float = 60.0) -> Pass | None:
-    """One pass over the due checks; None when another worker holds the lock."""
+    """One pass over the due checks, or over every registered job when a consumer died
+    since the last pass (it may have popped one). None when another worker holds the
+    lock."""
     token = uuid.uuid4().hex
     if not client.set(LOCK_KEY, token, nx=True, ex=LOCK_S):
         return None
     try:
-        return _reconcile(app, client, time.time() if now is None else now, after)
+        now = time.time() if now is None else now
+        dead = dead_consumers(client)
+        if dead:
+            log.warning(
+                "worker process(es) gone: %s; looking for every job not started",
+                ", ".join(dead[:5]),
+            )
+            ids = [
+                m.decode() if isinstance(m, bytes) else m
+                for m in client.zrange(RECONCILE_KEY, 0, -1)
+            ]
+        else:
+            ids = due(client, now)
+        return _reconcile(app, client, ids, now, after)
     finally:
         if client.get(LOCK_KEY) == token.encode():
             client.delete(LOCK_KEY)
 
 
-def _reconcile(app: Any, client: Any, now: float, after: float) -> Pass:
+def _reconcile(app: Any, client: Any, ids: list[str], now: float, after: float) -> Pass:
     outcome = Pass()
-    ids = due(client, now)
     if not ids:
         return outcome
     found = entries(client, ids)
     queued = {
         job_id: entry
         for job_id, entry in zip(ids, found, strict=True)
-        if entry.get("state") == QUEUED and entry.get("message")
+        if entry.get("state") == QUEUED
     }
     gone = [job_id for job_id in ids if job_id not in queued]
     if gone:
@@ -138,8 +169,7 @@ def _reconcile(app: Any, client: Any, now: float, after: float) -> Pass:
             outcome.absent += 1
             pipe.hset(key, "absent_since", f"{now:.3f}")
             pipe.zadd(RECONCILE_KEY, {job_id: now + min(RECONFIRM_S, after)})
-        else:
-            _resend(app, job_id, entry)
+        elif _resend(app, client, job_id, entry):
             outcome.resent.append(job_id)
             pipe.hincrby(key, "resent", 1)
             pipe.hdel(key, "absent_since")
@@ -157,19 +187,23 @@ def _reconcile(app: Any, client: Any, now: float, after: float) -> Pass:
     return outcome
 
 
-def _resend(app: Any, job_id: str, entry: dict[str, str]) -> None:
-    priority = int(entry["priority"]) if entry.get("priority") else None
+def _resend(app: Any, client: Any, job_id: str, entry: dict[str, str]) -> bool:
+    """Send the kept message again under its id; False when it is gone (started since)."""
+    kept = message(client, job_id)
+    if kept is None:
+        return False
     app.send_task(
         TASK_NAME,
-        args=[json.loads(entry["message"])],
+        args=[kept],
         task_id=job_id,
         queue=entry.get("queue") or None,
-        priority=priority,
+        priority=int(entry["priority"]) if entry.get("priority") else None,
     )
+    return True
 
 
 def check_every(after: float) -> float:
-    """Seconds between two passes: a quarter of `after`, at least 1, at most RECONFIRM_S."""
+    """Seconds between two passes: RECONFIRM_S, or a quarter of a shorter `after`."""
     return max(1.0, min(RECONFIRM_S, after / 4.0))
 
 
