@@ -57,7 +57,8 @@ def worker_env(
     """Environment of a worker (and of producer subprocesses): ACTVIZ_* plus S3 and `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACTVIZ_", "AWS_"))}
     env.update(S3_ENV)
-    env["AWS_ENDPOINT_URL_S3"] = os.environ["AWS_ENDPOINT_URL_S3"]
+    if "AWS_ENDPOINT_URL_S3" in os.environ:  # the suite's S3 server (absent: a local store)
+        env["AWS_ENDPOINT_URL_S3"] = os.environ["AWS_ENDPOINT_URL_S3"]
     env.update(
         TF_CPP_MIN_LOG_LEVEL="2",
         ACTVIZ_BROKER_URL=broker_url,
