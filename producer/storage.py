@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from producer.errors import ObjectNotFound, ObjectTooLarge, StorageUnavailable
+from producer.errors import ObjectNotFound, ObjectTooLarge, StorageError, StorageUnavailable
 
 CONTENT_TYPES = {
     ".json": "application/json",
@@ -153,14 +154,21 @@ class FileStore:
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            # mkstemp makes 0600; a stored file gets the mode a plain open() would
-            # (0644 under umask 022), so a web server or another user can read reports.
-            os.fchmod(fh.fileno(), FILE_MODE)
-            fh.write(data)
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                # mkstemp makes 0600; a stored file gets the mode a plain open() would
+                # (0644 under umask 022), so a web server or another user can read reports.
+                os.fchmod(fh.fileno(), FILE_MODE)
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise refused_write("write", self.uri(key), exc) from None
 
     def get(self, key: str) -> bytes:
         try:
@@ -242,11 +250,33 @@ class FileStore:
         return str(self._path(key))
 
     def download(self, key: str, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         try:
-            shutil.copyfile(self._path(key), path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._path(key), tmp)
+            os.replace(tmp, path)
         except FileNotFoundError:
             raise ObjectNotFound(self.uri(key)) from None
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise refused_write(f"download {self.uri(key)} to", str(path), exc) from None
+
+
+def refused_write(operation: str, target: str, exc: OSError) -> StorageError:
+    """StorageError (storage_error) for a local write the system refused: a full disk, a
+    quota, a read-only file system, missing permission; naming what and where."""
+    hint = {
+        errno.ENOSPC: "free space there, or point it elsewhere",
+        errno.EDQUOT: "raise the quota, or free space there",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "the worker's user may not write there",
+        errno.EPERM: "the worker's user may not write there",
+    }.get(exc.errno or 0, "")
+    reason = exc.strerror or type(exc).__name__
+    return StorageError(
+        f"could not {operation} {target}: {reason}" + (f" ({hint})" if hint else "")
+    )
 
 
 def s3_client():  # noqa: ANN201 - botocore client type is generated at runtime
@@ -309,6 +339,35 @@ def _read(body: Any, uri: str, amount: int | None = None) -> bytes:
         raise
 
 
+_PERMISSION = {
+    "PutObject": "s3:PutObject",
+    "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject",
+    "ListObjectsV2": "s3:ListBucket",
+    "DeleteObjects": "s3:DeleteObject",
+}
+
+
+def _refused(exc: Exception, uri: str) -> StorageError | None:
+    """StorageError (storage_error) for a request the bucket refused (403: no permission,
+    wrong credentials), naming the operation, the object and the permission it needs."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return None
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    error = exc.response.get("Error", {})
+    if status != 403 and error.get("Code") not in ("AccessDenied", "InvalidAccessKeyId"):
+        return None
+    operation = getattr(exc, "operation_name", "") or "request"
+    needs = _PERMISSION.get(operation)
+    return StorageError(
+        f"storage refused {operation} on {uri}: {error.get('Code', status)}"
+        + (f" ({error['Message']})" if error.get("Message") else "")
+        + (f"; the credentials need {needs} there" if needs else "")
+    )
+
+
 def _not_found(exc: Exception) -> bool:
     from botocore.exceptions import ClientError
 
@@ -344,6 +403,9 @@ class S3Store:
                 raise ObjectNotFound(uri) from None
             if _transient(exc):
                 raise StorageUnavailable(f"storage unavailable for {uri}: {exc}") from exc
+            refused = _refused(exc, uri)
+            if refused is not None:
+                raise refused from None
             raise
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -451,18 +513,25 @@ class S3Store:
 
     def download(self, key: str, path: Path) -> None:
         """Multipart, concurrent download through boto3's transfer manager."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         # One temp name per process and thread: workers sharing a model cache, and jobs
         # of one batching worker, may fetch the same file at once.
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-        self._call(
-            self.client.download_file,
-            self.uri(key),
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Filename=str(tmp),
-        )
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._call(
+                self.client.download_file,
+                self.uri(key),
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Filename=str(tmp),
+            )
+            os.replace(tmp, path)
+        except OSError as exc:  # the local side: a full disk, a read-only cache folder
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, ConnectionError):
+                raise
+            raise refused_write(f"download {self.uri(key)} to", str(path), exc) from None
 
 
 def open_store(url: str) -> Store:

@@ -613,3 +613,22 @@ def test_a_message_above_the_workers_bound_is_refused_at_submit(tmp_path: Path) 
         client.submit("builtin:demo", tmp_path / "cat.png", kind="gradcam", labels=labels)
     assert str(MAX_MESSAGE_BYTES) in refused.value.message
     assert client._app is None  # nothing was queued
+
+
+def test_a_local_write_the_system_refuses_is_a_storage_error_naming_it(tmp_path) -> None:  # noqa: ANN001
+    import errno
+
+    from producer.errors import StorageError
+    from producer.storage import FileStore, refused_write
+
+    store = FileStore(tmp_path)
+    store.put("jobs/a", b"a file where a folder should be")
+    with pytest.raises(StorageError) as refused:
+        store.put("jobs/a/manifest.json", b"{}")
+    assert refused.value.code == "storage_error"
+    assert refused.value.message.startswith(f"could not write {store.uri('jobs/a/manifest.json')}")
+    assert [p.name for p in (tmp_path / "jobs").iterdir()] == ["a"]  # nothing half-written
+    full = refused_write("write", "/cache/m.h5", OSError(errno.ENOSPC, "No space left on device"))
+    assert full.message == (
+        "could not write /cache/m.h5: No space left on device (free space there, or point it elsewhere)"
+    )

@@ -225,6 +225,8 @@ def fail_job(
         body["image_name"] = spec.image_name
     try:
         runtime.store.put(contract.error_key(spec.job_id), json.dumps(body, indent=2).encode())
+    except (StorageError, *TRANSIENT_ERRORS) as exc:  # the failure stays in the result backend
+        log.warning("could not write error.json: %s", exc)
     except Exception:
         log.exception("could not write error.json")
     redis = redis_client(task) if task is not None else None

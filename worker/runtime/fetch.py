@@ -17,7 +17,13 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from producer.contract import has_control_chars
-from producer.errors import ImageTooLarge, InputNotFound, ModelNotAllowed, ModelNotFound
+from producer.errors import (
+    ImageTooLarge,
+    InputNotFound,
+    ModelNotAllowed,
+    ModelNotFound,
+    StorageError,
+)
 from producer.settings import Settings, redact_url
 from producer.storage import (
     ObjectNotFound,
@@ -25,6 +31,7 @@ from producer.storage import (
     Store,
     is_file_uri,
     local_path,
+    refused_write,
     source_for,
 )
 
@@ -163,9 +170,18 @@ def _download(
     log.info("downloading model %s (etag %s)", uri, version)
     try:
         store.download(key, path)
+        _write_atomic(etag_file, version)
     except ObjectNotFound:
         raise ModelNotFound(f"model {uri} does not exist") from None
-    _write_atomic(etag_file, version)
+    except OSError as exc:
+        error = refused_write("write", str(etag_file), exc)
+        raise StorageError(
+            f"{error.message}; the model cache is ACTVIZ_MODEL_CACHE_DIR={cache_dir}"
+        ) from None
+    except StorageError as exc:  # a full disk, a read-only folder: the download was removed
+        raise StorageError(
+            f"{exc.message}; the model cache is ACTVIZ_MODEL_CACHE_DIR={cache_dir}"
+        ) from None
     return ModelFile(uri, path, version, trusted=trusted)
 
 
