@@ -18,7 +18,13 @@ from producer.settings import RESTORE_EVERY_S, Settings
 
 
 def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://"))
+    return url.startswith(("redis://", "rediss://", "sentinel://"))
+
+
+def _sentinel(url: str) -> bool:
+    """`sentinel://h1:26379;sentinel://h2:26379`: Redis behind Sentinels, which name the
+    primary; a failover moves producers and workers to the new one."""
+    return url.startswith("sentinel://")
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -37,9 +43,18 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             unacked_restore_throttle=1,
             actviz_heartbeat=settings.heartbeat_s,
         )
+    if _sentinel(settings.broker_url):
+        options["master_name"] = settings.sentinel_master
     if settings.embedded:
         # The in-process broker is polled; keep the embedded round trip snappy.
         options["polling_interval"] = 0.05
+    return options
+
+
+def backend_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if _sentinel(settings.backend_url):
+        options["master_name"] = settings.sentinel_master
     return options
 
 
@@ -54,7 +69,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "broker_transport_options": transport_options(settings),
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": backend_options(settings),
         "task_default_queue": QUEUE_GPU,
         # Each queue gets its own exchange and key, so 'cpu' jobs never reach 'gpu' workers.
         "task_queues": [

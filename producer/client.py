@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from producer.contract import (
 )
 from producer.errors import (
     ActvizError,
+    BrokerUnavailable,
     Cancelled,
     ConfigurationError,
     InputNotFound,
@@ -62,6 +63,7 @@ from producer.errors import (
     TransientError,
     WorkerLost,
     error_from_dict,
+    transient_errors,
 )
 from producer.job_registry import forget, register
 from producer.labels import read_labels
@@ -461,23 +463,50 @@ class Client:
                 "messages carry URIs and options, not data"
             )
         redis = self.redis()
-        with queue_full_refused(redis, job_id):
-            if redis is not None:
-                # Registered before it is sent: a fast job is never "unknown", and a job
-                # lost after this (its producer or its popping worker died) is sent again.
-                register(
-                    redis,
-                    job_id,
-                    message,
-                    queue,
-                    priority,
-                    self.settings.result_expires,
-                    self.settings.reconcile_after or None,
+
+        def enqueue() -> None:
+            with queue_full_refused(redis, job_id):
+                if redis is not None:
+                    # Registered before it is sent: a fast job is never "unknown", and a
+                    # job lost after this (its producer or its popping worker died) is
+                    # sent again.
+                    register(
+                        redis,
+                        job_id,
+                        message,
+                        queue,
+                        priority,
+                        self.settings.result_expires,
+                        self.settings.reconcile_after or None,
+                    )
+                self.app.send_task(
+                    TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
                 )
-            self.app.send_task(
-                TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
-            )
+
+        self.through_broker_outages(enqueue)
         return Job(self, job_id, batch_id)
+
+    def through_broker_outages(self, step: Callable[[], Any]) -> Any:
+        """Run `step`, again while the broker is unreachable (a restart, a Sentinel
+        failover), for up to ACTVIZ_SUBMIT_RETRY_S; then BrokerUnavailable. The step
+        is idempotent: the job id is fixed, and a message sent twice runs once."""
+        from redis.exceptions import ReadOnlyError
+
+        deadline = time.monotonic() + self.settings.submit_retry_s
+        delay = 0.25
+        while True:
+            try:
+                return step()
+            except (*transient_errors(), ReadOnlyError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(
+                        f"the broker {redact_url(self.settings.broker_url)} did not take the "
+                        f"job for {self.settings.submit_retry_s} s "
+                        f"({type(exc).__name__}: {redact_url(str(exc))}); nothing was queued "
+                        "(ACTVIZ_SUBMIT_RETRY_S sets how long to keep trying)"
+                    ) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def submit_many(
         self,

@@ -108,6 +108,7 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     NOT_DIFFERENTIABLE = "not_differentiable"
     QUEUE_FULL = "queue_full"
+    BROKER_UNAVAILABLE = "broker_unavailable"
     INTERNAL = "internal"
 
 

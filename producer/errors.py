@@ -121,6 +121,12 @@ class QueueFull(ActvizError):
     code = ErrorCode.QUEUE_FULL
 
 
+class BrokerUnavailable(ActvizError):
+    """The broker did not answer a submit for ACTVIZ_SUBMIT_RETRY_S; nothing was queued."""
+
+    code = ErrorCode.BROKER_UNAVAILABLE
+
+
 class Internal(ActvizError):
     """A fault of actviz itself; the message names the exception."""
 

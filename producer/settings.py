@@ -38,6 +38,9 @@ RESTORE_EVERY_S = 1  # how often a Redis consumer re-queues expired unacked mess
 class Settings:
     broker_url: str = EMBEDDED_BROKER
     result_backend: str | None = None
+    # With sentinel:// URLs (sentinel://h1:26379;sentinel://h2:26379): the name the
+    # Sentinels monitor the primary under.
+    sentinel_master: str = "mymaster"
     storage_url: str = DEFAULT_STORAGE
     # URI prefixes a model may come from; "builtin:" is the shipped demo model.
     model_allow: tuple[str, ...] = ("builtin:",)
@@ -86,6 +89,9 @@ class Settings:
     # one found nowhere twice in a row was lost between a worker's pop and its record of
     # it, and is sent again under its id (producer/job_registry.py). 0: no checks.
     reconcile_after: int = 60
+    # Seconds a submit keeps trying while the broker is unreachable (a Redis restart, a
+    # Sentinel failover) before it fails with broker_unavailable.
+    submit_retry_s: int = 30
     # A job reports its stages (Job.state().stage) once it has run this long: a fast job
     # skips them (each is a result-backend read and write), a slow one shows its progress.
     progress_after_ms: int = 250

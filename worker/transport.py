@@ -186,9 +186,11 @@ def _start_heartbeat(interval: float) -> None:
         _heartbeat.start()
 
 
-class Channel(redis.Channel):
+class _Ours:
+    """What our channels add to kombu's Redis channels (plain and Sentinel): the
+    heartbeat and the size bound."""
+
     QoS = QoS
-    from_transport_options = (*redis.Channel.from_transport_options, "actviz_heartbeat")
     actviz_heartbeat: float | None = None  # seconds; None: a quarter of the timeout, 1 to 15
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -199,10 +201,10 @@ class Channel(redis.Channel):
             _start_heartbeat(float(interval))
 
     def _brpop_read(self, **options: Any) -> Any:
-        return self._bounded(lambda: super(Channel, self)._brpop_read(**options), "")
+        return self._bounded(lambda: super(_Ours, self)._brpop_read(**options), "")
 
     def _get(self, queue: str) -> Any:
-        return self._bounded(lambda: super(Channel, self)._get(queue), queue)
+        return self._bounded(lambda: super(_Ours, self)._get(queue), queue)
 
     def _bounded(self, read: Callable[[], Any], queue: str) -> Any:
         _reading.active = True
@@ -215,14 +217,30 @@ class Channel(redis.Channel):
             _reading.active = False
 
 
+class Channel(_Ours, redis.Channel):
+    from_transport_options = (*redis.Channel.from_transport_options, "actviz_heartbeat")
+
+
+class SentinelChannel(_Ours, redis.SentinelChannel):
+    from_transport_options = (*redis.SentinelChannel.from_transport_options, "actviz_heartbeat")
+
+
 class Transport(redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Serve redis:// and rediss:// URLs with `Transport` in this process."""
+    """Serve redis://, rediss:// and sentinel:// URLs with our transports in this process."""
     from kombu import transport
 
-    for scheme in ("redis", "rediss"):
-        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    for scheme, name in (
+        ("redis", "Transport"),
+        ("rediss", "Transport"),
+        ("sentinel", "SentinelTransport"),
+    ):
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:{name}"
         transport._transport_cache.pop(scheme, None)

@@ -632,3 +632,53 @@ def test_a_local_write_the_system_refuses_is_a_storage_error_naming_it(tmp_path)
     assert full.message == (
         "could not write /cache/m.h5: No space left on device (free space there, or point it elsewhere)"
     )
+
+
+def test_an_unreachable_broker_fails_a_submit_with_broker_unavailable(tmp_path) -> None:  # noqa: ANN001
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from stack import free_port
+
+    from producer import Client
+    from producer.errors import BrokerUnavailable
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    client = Client(
+        settings=Settings(broker_url=url, storage_url=tmp_path.as_uri(), submit_retry_s=1)
+    )
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as refused:
+        client.submit("builtin:demo", b"\x89PNG not really")
+    assert 0.5 <= time.monotonic() - started < 10  # tried again for about a second
+    assert (
+        refused.value.code == "broker_unavailable"
+        and "ACTVIZ_SUBMIT_RETRY_S" in refused.value.message
+    )
+    env = {
+        "ACTVIZ_BROKER_URL": url,
+        "ACTVIZ_STORAGE_URL": tmp_path.as_uri(),
+        "ACTVIZ_SUBMIT_RETRY_S": "1",
+    }
+    image = tmp_path / "a.png"
+    image.write_bytes(b"\x89PNG not really")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "submit",
+            "--model",
+            "builtin:demo",
+            "--image",
+            str(image),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "broker_unavailable" in done.stderr
+    assert "Traceback" not in done.stderr
