@@ -224,6 +224,17 @@ class Channel(_Ours, redis.Channel):
 class SentinelChannel(_Ours, redis.SentinelChannel):
     from_transport_options = (*redis.SentinelChannel.from_transport_options, "actviz_heartbeat")
 
+    def _connparams(self, asynchronous: bool = False) -> dict:
+        """kombu's, remembered: a channel closed after its connection was released (on a
+        failover) asks for them again to restore its unacked messages, and kombu's
+        own raise AttributeError there, which ends the worker."""
+        remembered = self.__dict__.setdefault("_actviz_connparams", {})
+        if self.connection.client is None and asynchronous in remembered:
+            return dict(remembered[asynchronous])
+        params = super()._connparams(asynchronous)
+        remembered[asynchronous] = dict(params)
+        return params
+
 
 class Transport(redis.Transport):
     Channel = Channel
