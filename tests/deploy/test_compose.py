@@ -201,3 +201,40 @@ def test_files_that_hold_real_secrets_are_ignored_by_git():
         values = read_env_file(example)
         secrets = {k: v for k, v in values.items() if re.search(r"PASSWORD|SECRET|TOKEN", k)}
         assert secrets and all(v.startswith("change-me") for v in secrets.values()), example
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """Compose's own merge of an override file: mappings merge key by key, the rest wins."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            _merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def test_the_sentinel_override_points_the_workers_at_three_sentinels():
+    from compose_file import ROOT
+
+    from producer.broker import celery_config
+
+    override = yaml.safe_load((ROOT / "infra" / "compose" / "sentinel.yml").read_text())
+    merged = _merged(yaml.safe_load(COMPOSE.read_text()), override)
+    merged = {k: v for k, v in merged.items() if not k.startswith("x-")}
+    spec = PyOptions(apply_merge=True).from_yaml(yaml.safe_dump(merged)).to_spec()
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(spec.services)
+    env = read_env_file()
+    for name in ("worker", "worker-cpu"):
+        raw = merged["services"][name]["environment"]
+        settings = Settings.from_env(environ={k: interpolate(str(v), env) for k, v in raw.items()})
+        assert (
+            settings.broker_url.count("sentinel://") == 3 and settings.sentinel_master == "actviz"
+        )
+        options = celery_config(settings)["broker_transport_options"]
+        assert options["master_name"] == "actviz" and options["actviz_heartbeat"] == 10.0
+        assert "sentinel-1" in merged["services"][name]["depends_on"]
+    monitor = " ".join(merged["services"]["sentinel-1"]["command"])
+    assert "sentinel monitor actviz redis 6379 2" in monitor  # a quorum of two of three
+    assert "--replicaof redis 6379" in " ".join(merged["services"]["redis-replica"]["command"])
