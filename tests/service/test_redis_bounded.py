@@ -1,4 +1,5 @@
-"""Redis holds nothing per job forever: every per-job key expires, most with the results."""
+"""Redis holds nothing per job forever: every per-job key expires, most with the results,
+and the memory the jobs took returns."""
 
 from __future__ import annotations
 
@@ -53,3 +54,43 @@ def test_per_job_keys_expire_and_leave_only_bounded_delivery_counters(
         assert len(left) <= len(jobs)
     finally:
         worker.stop()
+
+
+def test_redis_memory_per_job_returns_to_its_baseline_after_expiry(
+    redis_url: str, saved_models: dict[str, Path], png_bytes: bytes, tmp_path: Path
+) -> None:
+    """used_memory grows by what each job keeps (result, registry entry, progress) and
+    falls back when they expire; what stays is the delivery counters (about 100 B a job,
+    expiring within the hour)."""
+    lifetime = 20
+    env = subprocess_env(
+        ACTVIZ_BROKER_URL=redis_url,
+        ACTVIZ_STORAGE_URL=(tmp_path / "store").as_uri(),
+        ACTVIZ_MODEL_ALLOW=f"{saved_models['seq'].parent.as_uri()}/",
+        ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "cache"),
+        ACTVIZ_RESULT_EXPIRES=str(lifetime),
+    )
+    redis = redis_lib.Redis.from_url(redis_url)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        client = Client(settings=Settings.from_env(environ=env))
+        client.submit(saved_models["seq"].as_uri(), png_bytes, layers="conv2d_1").wait(timeout=90)
+        time.sleep(lifetime + 2)  # the warm-up job's keys are gone too
+        baseline = int(redis.info("memory")["used_memory"])
+        count = 100
+        images = [png_bytes[:-1] + bytes([i]) for i in range(count)]
+        started = time.monotonic()
+        jobs = client.submit_many(saved_models["seq"].as_uri(), images, layers="conv2d_1")
+        for job in jobs:
+            job.wait(timeout=90)
+        assert time.monotonic() - started < lifetime, "the jobs must all be alive when measured"
+        peak = int(redis.info("memory")["used_memory"])
+        time.sleep(lifetime + 3)
+        after = int(redis.info("memory")["used_memory"])
+    finally:
+        worker.stop()
+    per_job = (peak - baseline) / count
+    left_per_job = (after - baseline) / count
+    assert per_job > 500, per_job  # the measure sees what jobs keep
+    assert left_per_job < 0.25 * per_job, (per_job, left_per_job)
+    print(f"Redis memory per job: {per_job:.0f} B while results live, {left_per_job:.0f} B after")
