@@ -44,10 +44,11 @@ bench-census: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) bench/bench_scale.py $(BENCH_ARGS)
 
-# Kill trials: 1,000 SIGKILLs of workers at random moments under a stream of jobs, with
+# The Sentinel failover test, then kill trials: 1,000 SIGKILLs of workers at random moments under a stream of jobs, with
 # default settings (about 3 hours on 2 cores); KILL_ARGS="--kills 50" for a shorter run.
 # `make test` runs a 3-kill version (tests/reliability/test_kill_trials.py).
 test-reliability: $(STAMP) services
+	$(PY) -m pytest -m failover tests/reliability
 	cd tests/reliability && ../../$(PY) kill_trials.py $(KILL_ARGS)
 
 # On a GPU node, JAX backend: both benchmarks with the GPU workload (bench/gpu.sh).

@@ -92,6 +92,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings, name: str = "actviz") -> Celery:
     """A Celery app configured from `settings`; it knows the task only by name."""
+    if _sentinel(settings.broker_url):
+        from producer import sentinel
+
+        sentinel.install()  # kombu's own ends a failover with AttributeError
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

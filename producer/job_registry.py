@@ -10,12 +10,13 @@ MULTI:
                          (expires with the results, ACTVIZ_RESULT_EXPIRES)
     actviz:reconcile     sorted set: job id -> when to check it next
 
-A worker that starts a job marks it `started`, drops its message from the
-entry and its check (`mark_started`). A job that is still `queued` when its
-check comes is looked for in the queues and in the unacknowledged messages
-workers hold (worker/jobs/reconciler.py): one found there is checked again
-later; one found nowhere twice in a row, RECONFIRM_S apart, was lost, and is
-sent again under the same id from the message kept here. A producer that died
+A worker that starts a job marks it `started` (`mark_started`); the worker that
+ends it marks it `succeeded` or `failed` and drops its message and its check
+(`mark_ended`). A job that has not ended when its check comes is looked for in
+the queues and in the unacknowledged messages workers hold
+(worker/jobs/reconciler.py): one found there is checked again later; one found
+nowhere twice in a row, RECONFIRM_S apart, was lost, and is sent again under
+the same id from the message kept here. A producer that died
 between this entry and its send is covered the same way: its job is sent.
 """
 
@@ -73,6 +74,10 @@ def forget(client: Any, job_id: str) -> None:
 
 _START = (
     "if redis.call('exists', KEYS[1]) == 1 then "
+    "redis.call('hset', KEYS[1], 'state', ARGV[1]) end; return 0"
+)
+_END = (
+    "if redis.call('exists', KEYS[1]) == 1 then "
     "redis.call('hset', KEYS[1], 'state', ARGV[2]); "
     "redis.call('hdel', KEYS[1], 'message', 'absent_since') end; "
     "return redis.call('zrem', KEYS[2], ARGV[1])"
@@ -80,9 +85,16 @@ _START = (
 
 
 def mark_started(client: Any, job_id: str) -> None:
-    """A worker runs the job: from now on the visibility timeout, not the registry,
-    brings it back if its worker dies. One round trip; an expired entry stays gone."""
-    client.eval(_START, 2, job_key(job_id), RECONCILE_KEY, job_id, STARTED)
+    """A worker runs the job. Its checks go on until it ends: a job held by a live
+    worker is found among the unacknowledged messages, and one whose unacknowledged
+    record was lost (a failover replicates asynchronously) is found nowhere and sent
+    again. One round trip; an expired entry stays gone."""
+    client.eval(_START, 1, job_key(job_id), STARTED)
+
+
+def mark_ended(client: Any, job_id: str, state: str) -> None:
+    """The job ended (`succeeded` or `failed`): its kept message and its checks go."""
+    client.eval(_END, 2, job_key(job_id), RECONCILE_KEY, job_id, state)
 
 
 def due(client: Any, now: float, limit: int = 1000) -> list[str]:

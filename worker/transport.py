@@ -53,6 +53,7 @@ from typing import Any
 
 from kombu.transport import redis
 
+from producer import sentinel
 from producer.contract import MAX_ENVELOPE_BYTES
 from worker.dead_letters import dead_letter, record
 
@@ -135,16 +136,34 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _open_channels() -> list:
+    """The channels of this process still open. A channel closed on a broker loss holds
+    messages it can no longer acknowledge (Celery re-runs them after the visibility
+    timeout): re-stamping them would keep them from ever being handed out again."""
+    channels = list(_channels)
+    for channel in channels:
+        if getattr(channel, "closed", False):
+            _channels.discard(channel)
+    return [channel for channel in channels if not getattr(channel, "closed", False)]
+
+
 def mark_alive(interval: float) -> None:
-    """Renew this process's liveness key (one of its channels' connections)."""
-    for channel in list(_channels):
-        name = consumer_name()
-        with channel.conn_or_acquire() as client:
-            pipe = client.pipeline()
-            pipe.set(consumer_key(name), "1", ex=math.ceil(LIVENESS_BEATS * interval))
-            pipe.sadd(CONSUMERS_KEY, name)
-            pipe.execute()
-        return
+    """Renew this process's liveness key through the first of its channels that
+    answers (a channel closed on a broker loss stays listed until collected)."""
+    name = consumer_name()
+    failure: Exception | None = None
+    for channel in _open_channels():
+        try:
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                pipe.set(consumer_key(name), "1", ex=math.ceil(LIVENESS_BEATS * interval))
+                pipe.sadd(CONSUMERS_KEY, name)
+                pipe.execute()
+            return
+        except Exception as exc:  # noqa: BLE001 (try the next channel)
+            failure = exc
+    if failure is not None:
+        raise failure
 
 
 def touch_all() -> int:
@@ -153,7 +172,7 @@ def touch_all() -> int:
     from worker.metrics import HELD
 
     touched = 0
-    for channel in list(_channels):
+    for channel in _open_channels():
         qos = getattr(channel, "_qos", None)
         if qos is None or not hasattr(qos, "touch"):
             continue
@@ -221,26 +240,15 @@ class Channel(_Ours, redis.Channel):
     from_transport_options = (*redis.Channel.from_transport_options, "actviz_heartbeat")
 
 
-class SentinelChannel(_Ours, redis.SentinelChannel):
+class SentinelChannel(_Ours, sentinel.SentinelChannel):
     from_transport_options = (*redis.SentinelChannel.from_transport_options, "actviz_heartbeat")
-
-    def _connparams(self, asynchronous: bool = False) -> dict:
-        """kombu's, remembered: a channel closed after its connection was released (on a
-        failover) asks for them again to restore its unacked messages, and kombu's
-        own raise AttributeError there, which ends the worker."""
-        remembered = self.__dict__.setdefault("_actviz_connparams", {})
-        if self.connection.client is None and asynchronous in remembered:
-            return dict(remembered[asynchronous])
-        params = super()._connparams(asynchronous)
-        remembered[asynchronous] = dict(params)
-        return params
 
 
 class Transport(redis.Transport):
     Channel = Channel
 
 
-class SentinelTransport(redis.SentinelTransport):
+class SentinelTransport(sentinel.SentinelTransport):
     Channel = SentinelChannel
 
 

@@ -23,37 +23,9 @@ STARTED = time.monotonic()
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
 
 
-def build_models(out: Path) -> dict[str, Path]:
-    """'tiny': 2 small convs on 16x16; 'heavy': 6 wide convs, fully convolutional."""
-    import keras
-
-    keras.utils.set_random_seed(11)
-    layers = keras.layers
-    tiny = keras.Sequential(
-        [
-            keras.Input((16, 16, 3)),
-            layers.Conv2D(4, 3, activation="relu", name="conv_a"),
-            layers.Conv2D(4, 3, activation="relu", name="conv_b"),
-        ],
-        name="tiny",
-    )
-    heavy = keras.Sequential(
-        [keras.Input((None, None, 3))]
-        + [
-            layers.Conv2D(48, 3, padding="same", activation="relu", name=f"conv_{i}")
-            for i in range(6)
-        ],
-        name="heavy",
-    )
-    paths = {"tiny": out / "tiny.keras", "heavy": out / "heavy.keras"}
-    tiny.save(paths["tiny"])
-    heavy.save(paths["heavy"])
-    return paths
-
-
 @pytest.fixture(scope="session")
 def rel_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_models(tmp_path_factory.mktemp("reliability-models"))
+    return harness.build_models(tmp_path_factory.mktemp("reliability-models"))
 
 
 @pytest.fixture(scope="module")

@@ -130,14 +130,12 @@ def run_trials(
     seed: int = 0,
     say=print,  # noqa: ANN001
 ) -> Trial:
-    from conftest import build_models
-
     from producer import Client, Settings
     from producer.contract import job_key
 
     rng = random.Random(seed)
     started = time.monotonic()
-    model = build_models(folder)["tiny"]
+    model = harness.build_models(folder)["tiny"]
     store = folder / "store"
     (folder / "redis").mkdir(exist_ok=True)
     redis_server = harness.RedisServer(folder / "redis")

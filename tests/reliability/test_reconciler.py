@@ -18,7 +18,7 @@ import pytest
 
 from producer import Client, Settings
 from producer.contract import job_key
-from producer.job_registry import RECONCILE_KEY, STARTED, mark_started
+from producer.job_registry import RECONCILE_KEY, STARTED, mark_ended, mark_started
 from worker.jobs.reconciler import LOCK_KEY, RECONFIRM_S, reconcile
 
 pytestmark = pytest.mark.timeout(240)
@@ -72,6 +72,7 @@ def test_a_job_lost_between_pop_and_record_is_sent_again_once(client, redis) -> 
     redis.lrem("cpu", 0, messages[held])
     record = json.dumps([json.loads(messages[held]), "cpu", "cpu"])
     redis.hset("unacked", "tag-1", record)
+    redis.zadd("unacked_index", {"tag-1": t0})
 
     first = reconcile(client.app, redis, now=t0 + AFTER + 1, after=AFTER)
     assert (first.checked, first.present, first.absent, first.resent) == (3, 2, 1, [])
@@ -92,19 +93,34 @@ def test_a_job_lost_between_pop_and_record_is_sent_again_once(client, redis) -> 
     assert third.resent == [] and redis.llen("cpu") == 2
 
 
-def test_a_started_or_expired_job_is_no_longer_checked(client, redis) -> None:  # noqa: ANN001
-    started, t0 = submit(client, b"started")
+def test_an_ended_or_expired_job_is_no_longer_checked_and_a_started_one_is(client, redis) -> None:  # noqa: ANN001
+    ended, t0 = submit(client, b"ended")
     expired, _ = submit(client, b"expired")
-    redis.delete("cpu")  # neither is anywhere: only the registry says what became of them
-    mark_started(redis, started)
-    assert redis.hget(job_key(started), "state") == STARTED.encode()
-    assert redis.hget(job_key(started), "message") is None
-    assert redis.zscore(RECONCILE_KEY, started) is None
-    redis.zadd(RECONCILE_KEY, {started: t0})  # a stale check is dropped, not acted on
+    running, _ = submit(client, b"running")
+    lost, _ = submit(client, b"started-then-lost")
+    messages = {task_id(m): m for m in redis.lrange("cpu", 0, -1)}
+    redis.delete("cpu")  # none is queued any more
+    for job_id in (running, lost):
+        mark_started(redis, job_id)
+    # `running` is held by a live worker; `lost`'s unacknowledged record is gone (a
+    # failover that replicated the pop but not the record).
+    redis.hset("unacked", "tag-9", json.dumps([json.loads(messages[running]), "cpu", "cpu"]))
+    redis.zadd("unacked_index", {"tag-9": t0})
+    # `lost` still has a record, but not its index entry: nothing would restore it.
+    redis.hset("unacked", "tag-8", json.dumps([json.loads(messages[lost]), "cpu", "cpu"]))
+    assert redis.hget(job_key(running), "state") == STARTED.encode()
+    assert redis.hget(job_key(running), "message") is not None  # kept until it ends
+    mark_ended(redis, ended, "succeeded")
+    assert redis.hget(job_key(ended), "message") is None
+    assert redis.zscore(RECONCILE_KEY, ended) is None
+    redis.zadd(RECONCILE_KEY, {ended: t0})  # a stale check is dropped, not acted on
     redis.delete(job_key(expired))
-    outcome = reconcile(client.app, redis, now=t0 + 10 * AFTER, after=AFTER)
-    assert (outcome.dropped, outcome.checked, outcome.resent) == (2, 0, [])
-    assert redis.zcard(RECONCILE_KEY) == 0 and redis.llen("cpu") == 0
+    now = t0 + 10 * AFTER
+    first = reconcile(client.app, redis, now=now, after=AFTER)
+    assert (first.dropped, first.checked, first.present, first.absent) == (2, 2, 1, 1)
+    second = reconcile(client.app, redis, now=now + RECONFIRM_S, after=AFTER)
+    assert second.resent == [lost]
+    assert [task_id(m) for m in redis.lrange("cpu", 0, -1)] == [lost]
     mark_started(redis, expired)  # an expired entry is not made again
     assert not redis.exists(job_key(expired))
 

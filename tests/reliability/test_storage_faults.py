@@ -25,6 +25,7 @@ import pytest
 
 from producer import Client, JobFailed, Settings
 from producer.contract import ErrorCode
+from producer.storage import S3Store
 
 pytestmark = pytest.mark.timeout(300)
 BUCKET = "actviz-denied"
@@ -109,22 +110,20 @@ def test_a_bucket_that_denies_the_workers_writes_fails_the_job_with_storage_erro
     endpoint, keys = strict_s3
     base = harness.worker_env(redis_url, f"s3://{BUCKET}/results", [f"s3://{BUCKET}/models/"])
     base.update(AWS_ENDPOINT_URL_S3=endpoint, ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "cache"))
-    producer_env = {**base, **keys["producer"]}
-    boto3.client(
+    producer_s3 = boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id=keys["producer"]["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=keys["producer"]["AWS_SECRET_ACCESS_KEY"],
-    ).upload_file(str(rel_model_files["tiny"]), BUCKET, "models/tiny.keras")
-    saved = {
-        k: os.environ.get(k)
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")
-    }
-    os.environ.update({k: producer_env[k] for k in saved})
+    )
+    producer_s3.upload_file(str(rel_model_files["tiny"]), BUCKET, "models/tiny.keras")
     worker = harness.start_worker({**base, **keys["worker"]}, tmp_path / "worker.log")
     try:
-        client = Client(settings=Settings.from_env(environ=producer_env))
+        # This process's boto3 holds the suite's credentials: the producer's store gets a
+        # client of its own, with the producer user's keys.
+        client = Client(settings=Settings.from_env(environ=base))
+        client._store = S3Store(BUCKET, "results", client=producer_s3)
         job = client.submit(f"s3://{BUCKET}/models/tiny.keras", harness.random_png(3, 16, 16))
         with pytest.raises(JobFailed) as failed:
             job.wait(timeout=120)
@@ -132,11 +131,6 @@ def test_a_bucket_that_denies_the_workers_writes_fails_the_job_with_storage_erro
         log = worker.log_text()
     finally:
         worker.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     assert failed.value.code == ErrorCode.STORAGE_ERROR, failed.value.message
     message = failed.value.message
     assert "PutObject" in message and f"s3://{BUCKET}/results/jobs/{job.id}/" in message

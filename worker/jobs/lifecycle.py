@@ -38,7 +38,7 @@ from producer.errors import (
     TimeLimit,
     transient_errors,
 )
-from producer.job_registry import mark_started
+from producer.job_registry import mark_ended, mark_started
 from producer.storage import put_many
 from worker.jobs.batches import publish_batch, start_batch_job
 from worker.jobs.deliveries import admit_delivery, redis_client
@@ -96,7 +96,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 settings.time_limit,
                 may_exit=not settings.embedded,
             ):
-                # Held (unacked) from here on: the registry's checks are no longer needed.
+                # Held (unacked) from here on; the registry checks it until it ends.
                 redis = redis_client(task)
                 if redis is not None:
                     mark_started(redis, spec.job_id)
@@ -110,6 +110,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                     )
                 else:
                     result = run_job(task, spec, runtime)
+                record_end(redis, spec.job_id, contract.SUCCEEDED)
         except ActvizError as exc:
             fail_job(spec, exc, runtime, task)
             raise
@@ -231,3 +232,15 @@ def fail_job(
         log.exception("could not write error.json")
     redis = redis_client(task) if task is not None else None
     publish_batch(spec, runtime.store, contract.FAILED, redis, runtime.settings)
+    record_end(redis, spec.job_id, contract.FAILED)
+
+
+def record_end(redis: Any, job_id: str, state: str) -> None:
+    """Tell the job registry the job ended; never raises (without it, the reconciler
+    finds the end in the result backend)."""
+    if redis is None:
+        return
+    try:
+        mark_ended(redis, job_id, state)
+    except Exception as exc:  # noqa: BLE001 (bookkeeping must not fail an ended job)
+        log.warning("could not record the job's end in the registry: %s", exc)

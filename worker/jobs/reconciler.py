@@ -3,15 +3,16 @@
 Every job a producer submits has a registry entry and a scheduled check
 (producer/job_registry.py). Each worker's sweeper thread runs `reconcile`; a
 Redis lock lets one worker at a time do a pass. A pass takes the checks that
-are due, and for each job still `queued`:
+are due, and for each job that has not ended (`queued` or `started`):
 
 - found in a queue list, or among the unacknowledged messages workers hold:
   nothing is wrong; checked again after twice the last wait (at most
   MAX_CHECK_EVERY_S);
 - found nowhere: marked absent and checked again RECONFIRM_S later; found
-  nowhere then too, it was lost (its worker died between popping it and
-  recording it, or its producer between registering and sending it), and is
-  sent again under its id, from the message the registry kept.
+  nowhere then too, and not ended in the result backend either, it was lost
+  (its worker died between popping it and recording it, its producer between
+  registering and sending it, or a failover lost its unacknowledged record),
+  and is sent again under its id, from the message the registry kept.
 
 The two looks apart make a message in flight at the moment of one look (a
 pop about to be recorded, a visibility restore between its two steps) count
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.contract import MAX_PRIORITY, QUEUES, TASK_NAME, job_key
-from producer.job_registry import QUEUED, RECONCILE_KEY, due, entries, message
+from producer.job_registry import QUEUED, RECONCILE_KEY, STARTED, due, entries, message
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ SCAN_CHUNK = 500
 # the hash of the messages workers hold (its default names; broker.py keeps them).
 PRIORITY_SEP = "\x06\x16"
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 @dataclass
@@ -67,10 +69,15 @@ def queue_lists(queues: tuple[str, ...] = QUEUES) -> list[str]:
 
 
 def held_or_queued(client: Any, wanted: set[str]) -> set[str]:
-    """Which of the `wanted` job ids a queue list or a worker's unacked message holds."""
+    """Which of the `wanted` job ids a queue list or a worker's unacked message holds.
+
+    An unacked message counts only with its entry in the index kombu restores from
+    (`unacked_index`): a record without it (a failover replicated one and not the
+    other) would never be handed out again, so its job counts as held by no one.
+    """
     found: set[str] = set()
 
-    def look(raw: Any) -> None:
+    def look(raw: Any, tag: Any = None) -> None:
         try:
             message = json.loads(raw)
             if isinstance(message, list):  # unacked: [message, exchange, routing key]
@@ -78,7 +85,7 @@ def held_or_queued(client: Any, wanted: set[str]) -> set[str]:
             task_id = (message.get("headers") or {}).get("id")
         except (ValueError, TypeError, AttributeError, IndexError):
             return
-        if task_id in wanted:
+        if task_id in wanted and (tag is None or client.zscore(UNACKED_INDEX_KEY, tag) is not None):
             found.add(task_id)
 
     for name in queue_lists():
@@ -90,8 +97,8 @@ def held_or_queued(client: Any, wanted: set[str]) -> set[str]:
             if len(chunk) < SCAN_CHUNK:
                 break
             start += SCAN_CHUNK
-    for _, raw in client.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
-        look(raw)
+    for tag, raw in client.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
+        look(raw, tag)
     return found
 
 
@@ -124,7 +131,7 @@ def reconcile(app: Any, client: Any, now: float | None = None, after: float = 60
         dead = dead_consumers(client)
         if dead:
             log.warning(
-                "worker process(es) gone: %s; looking for every job not started",
+                "worker process(es) gone: %s; looking for every job not ended",
                 ", ".join(dead[:5]),
             )
             ids = [
@@ -147,7 +154,7 @@ def _reconcile(app: Any, client: Any, ids: list[str], now: float, after: float) 
     queued = {
         job_id: entry
         for job_id, entry in zip(ids, found, strict=True)
-        if entry.get("state") == QUEUED
+        if entry.get("state") in (QUEUED, STARTED)
     }
     gone = [job_id for job_id in ids if job_id not in queued]
     if gone:
@@ -169,6 +176,9 @@ def _reconcile(app: Any, client: Any, ids: list[str], now: float, after: float) 
             outcome.absent += 1
             pipe.hset(key, "absent_since", f"{now:.3f}")
             pipe.zadd(RECONCILE_KEY, {job_id: now + min(RECONFIRM_S, after)})
+        elif _ended(app, job_id):  # its end was recorded in the backend, not here
+            outcome.dropped += 1
+            pipe.zrem(RECONCILE_KEY, job_id)
         elif _resend(app, client, job_id, entry):
             outcome.resent.append(job_id)
             pipe.hincrby(key, "resent", 1)
@@ -185,6 +195,12 @@ def _reconcile(app: Any, client: Any, ids: list[str], now: float, after: float) 
             ", ".join(outcome.resent[:10]),
         )
     return outcome
+
+
+def _ended(app: Any, job_id: str) -> bool:
+    from celery import states
+
+    return app.AsyncResult(job_id).state in states.READY_STATES
 
 
 def _resend(app: Any, client: Any, job_id: str, entry: dict[str, str]) -> bool:
