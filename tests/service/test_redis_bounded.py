@@ -18,16 +18,23 @@ pytestmark = pytest.mark.timeout(240)
 LIFETIME_S = 3
 
 
-def test_per_job_keys_expire_and_leave_only_bounded_delivery_counters(
-    redis_url: str, saved_models: dict[str, Path], png_bytes: bytes, tmp_path: Path
-) -> None:
-    env = subprocess_env(
+def worker_env(
+    redis_url: str, saved_models: dict[str, Path], tmp_path: Path, lifetime: int
+) -> dict:
+    """A worker's environment whose results live `lifetime` seconds."""
+    return subprocess_env(
         ACTVIZ_BROKER_URL=redis_url,
         ACTVIZ_STORAGE_URL=(tmp_path / "store").as_uri(),
         ACTVIZ_MODEL_ALLOW=f"{saved_models['seq'].parent.as_uri()}/",
         ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "cache"),
-        ACTVIZ_RESULT_EXPIRES=str(LIFETIME_S),
+        ACTVIZ_RESULT_EXPIRES=str(lifetime),
     )
+
+
+def test_per_job_keys_expire_and_leave_only_bounded_delivery_counters(
+    redis_url: str, saved_models: dict[str, Path], png_bytes: bytes, tmp_path: Path
+) -> None:
+    env = worker_env(redis_url, saved_models, tmp_path, LIFETIME_S)
     redis = redis_lib.Redis.from_url(redis_url)
     worker = start_worker(env, tmp_path / "worker.log")
     try:
@@ -63,13 +70,7 @@ def test_redis_memory_per_job_returns_to_its_baseline_after_expiry(
     falls back when they expire; what stays is the delivery counters (about 100 B a job,
     expiring within the hour)."""
     lifetime = 20
-    env = subprocess_env(
-        ACTVIZ_BROKER_URL=redis_url,
-        ACTVIZ_STORAGE_URL=(tmp_path / "store").as_uri(),
-        ACTVIZ_MODEL_ALLOW=f"{saved_models['seq'].parent.as_uri()}/",
-        ACTVIZ_MODEL_CACHE_DIR=str(tmp_path / "cache"),
-        ACTVIZ_RESULT_EXPIRES=str(lifetime),
-    )
+    env = worker_env(redis_url, saved_models, tmp_path, lifetime)
     redis = redis_lib.Redis.from_url(redis_url)
     worker = start_worker(env, tmp_path / "worker.log")
     try:
