@@ -1,4 +1,4 @@
-"""The job registry in Redis: every job a producer submits, and the ones not yet started.
+"""The job registry in Redis: every job a producer submits, checked until it ends.
 
 kombu's Redis transport pops a message (BRPOP) and records it as unacknowledged
 in a second step: a worker killed between the two loses the job, and no

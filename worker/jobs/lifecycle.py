@@ -110,7 +110,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                     )
                 else:
                     result = run_job(task, spec, runtime)
-                record_end(redis, spec.job_id, contract.SUCCEEDED)
+                end_in_registry(redis, spec.job_id, contract.SUCCEEDED)
         except ActvizError as exc:
             fail_job(spec, exc, runtime, task)
             raise
@@ -232,10 +232,10 @@ def fail_job(
         log.exception("could not write error.json")
     redis = redis_client(task) if task is not None else None
     publish_batch(spec, runtime.store, contract.FAILED, redis, runtime.settings)
-    record_end(redis, spec.job_id, contract.FAILED)
+    end_in_registry(redis, spec.job_id, contract.FAILED)
 
 
-def record_end(redis: Any, job_id: str, state: str) -> None:
+def end_in_registry(redis: Any, job_id: str, state: str) -> None:
     """Tell the job registry the job ended; never raises (without it, the reconciler
     finds the end in the result backend)."""
     if redis is None:

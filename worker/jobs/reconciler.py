@@ -56,7 +56,7 @@ class Pass:
     present: int = 0
     absent: int = 0
     resent: list[str] = field(default_factory=list)
-    dropped: int = 0  # started, ended or expired meanwhile: nothing to check
+    dropped: int = 0  # ended or expired meanwhile: nothing to check
 
 
 def queue_lists(queues: tuple[str, ...] = QUEUES) -> list[str]:
