@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the services the test suite talks to are installed and running:
-# a Redis on 127.0.0.1:6379. Installs Debian's redis-server when missing.
+# a Redis on 127.0.0.1:6379, Chromium, and a way to build images. Installs Debian's
+# packages when missing.
 set -euo pipefail
 
 redis_up() {
@@ -28,6 +29,13 @@ fi
 # The report tests open the HTML reports in a headless Chromium.
 if ! command -v chromium >/dev/null 2>&1; then
   apt_install chromium
+fi
+
+# tests/deploy/test_image.py builds the worker image: with Docker where an engine
+# answers, otherwise with buildah, and mmdebstrap for the base when no registry answers.
+if ! docker info >/dev/null 2>&1; then
+  command -v buildah >/dev/null 2>&1 || apt_install buildah
+  command -v mmdebstrap >/dev/null 2>&1 || apt_install mmdebstrap
 fi
 
 if ! redis_up; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from compose_spec import PyOptions
 
@@ -73,3 +74,23 @@ def interpolate(value: str, env: dict[str, str]) -> str:
 def service_environment(name: str, env: dict[str, str]) -> dict[str, str]:
     raw = load_compose()["services"][name].get("environment") or {}
     return {key: interpolate(str(value), env) for key, value in raw.items()}
+
+
+def localize(
+    env: dict[str, str], *, broker_url: str, s3_endpoint: str, port: int | None = None
+) -> dict[str, str]:
+    """The compose environment with container addresses replaced by local ones.
+
+    Only addresses change (and the Redis password, since the local Redis has
+    none); every other variable reaches the worker exactly as Compose sets it.
+    """
+    out = dict(env)
+    broker = urlsplit(env["ACTVIZ_BROKER_URL"])
+    assert broker.hostname == "redis" and broker.password, "compose broker URL changed shape"
+    out["ACTVIZ_BROKER_URL"] = broker_url
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    out["AWS_ENDPOINT_URL_S3"] = s3_endpoint
+    if port is not None:
+        assert env["ACTVIZ_METRICS_PORT"] == "9100"
+        out["ACTVIZ_METRICS_PORT"] = str(port)
+    return out

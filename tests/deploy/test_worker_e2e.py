@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from compose_file import interpolate, load_compose, read_env_file, service_environment
+from compose_file import interpolate, load_compose, localize, read_env_file, service_environment
 
 from producer.client import Client
 from producer.contract import TIMED_STAGES
@@ -74,26 +74,6 @@ def test_the_gpu_image_requires_a_gpu_and_the_cpu_image_does_not(tmp_path: Path)
     assert image_environment(tmp_path, "gpu")["ACTVIZ_REQUIRE_GPU"] == "true"
     assert image_environment(tmp_path, "cpu")["ACTVIZ_REQUIRE_GPU"] == "false"
     assert image_environment(tmp_path, "gpu")["ACTVIZ_QUEUES"] == "gpu"
-
-
-def localize(
-    env: dict[str, str], *, broker_url: str, s3_endpoint: str, port: int | None = None
-) -> dict[str, str]:
-    """The compose environment with container addresses replaced by local ones.
-
-    Only addresses change (and the Redis password, since the local Redis has
-    none); every other variable reaches the worker exactly as Compose sets it.
-    """
-    out = dict(env)
-    broker = urlsplit(env["ACTVIZ_BROKER_URL"])
-    assert broker.hostname == "redis" and broker.password, "compose broker URL changed shape"
-    out["ACTVIZ_BROKER_URL"] = broker_url
-    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
-    out["AWS_ENDPOINT_URL_S3"] = s3_endpoint
-    if port is not None:
-        assert env["ACTVIZ_METRICS_PORT"] == "9100"
-        out["ACTVIZ_METRICS_PORT"] = str(port)
-    return out
 
 
 @pytest.fixture(scope="module")
