@@ -69,7 +69,7 @@ from producer.job_registry import forget, register
 from producer.labels import read_labels
 from producer.registry import load_registry, registry_labels, resolve_model
 from producer.settings import Settings, redact_url
-from producer.signed import report_link
+from producer.signed import report_link, signed_page_link
 from producer.storage import ObjectNotFound, Store, is_file_uri, is_s3_uri, local_path, open_store
 
 if TYPE_CHECKING:
@@ -383,7 +383,7 @@ class Client:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self.settings.storage_url)
+            self._store = open_store(self.settings.storage_url, self.settings.s3_public_endpoint)
         return self._store
 
     def describe(self) -> str:
@@ -646,18 +646,19 @@ class Client:
 
     def diff_url(self, batch_id: str, expires: int = 3600) -> str | None:
         """Link to a diff batch's diff.html once it is written, else None."""
-        key = contract.census_key(batch_id, "diff.html")
-        return self.store.presign(key, expires=expires) if self.store.exists(key) else None
+        return signed_page_link(self.store, contract.census_key(batch_id, "diff.html"), expires)
 
     def census_url(self, batch_id: str, expires: int = 3600) -> str | None:
         """Link to a census's page once it is written, else None."""
-        key = contract.census_key(batch_id, "census.html")
-        return self.store.presign(key, expires=expires) if self.store.exists(key) else None
+        return signed_page_link(self.store, contract.census_key(batch_id, "census.html"), expires)
 
-    def batch_url(self, batch_id: str, expires: int = 3600) -> str | None:
-        """Link to a batch's gallery page once every job of it has ended, else None."""
-        key = contract.batch_key(batch_id)
-        return self.store.presign(key, expires=expires) if self.store.exists(key) else None
+    def batch_url(self, batch_id: str, expires: int = 3600, page: int = 1) -> str | None:
+        """Link to a page of a batch's gallery once every job of it has ended, else None.
+
+        From a private bucket the link signs the page's images (and its links to the
+        jobs' reports and the other pages) in its fragment, as `Result.url()` does.
+        """
+        return signed_page_link(self.store, contract.batch_key(batch_id, page), expires)
 
     def with_labels(self, model: str | Path, kind: str, options: dict[str, Any]) -> dict[str, Any]:
         """`options` with Grad-CAM's class names as a list: read from a labels file

@@ -42,6 +42,10 @@ class Settings:
     # Sentinels monitor the primary under.
     sentinel_master: str = "mymaster"
     storage_url: str = DEFAULT_STORAGE
+    # The S3 endpoint links are signed for, when a browser reaches the server at another
+    # address than this process does (http://127.0.0.1:9000 for a compose stack's s3:9000).
+    # Empty: the endpoint boto3 uses (AWS_ENDPOINT_URL_S3, or AWS S3).
+    s3_public_endpoint: str = ""
     # URI prefixes a model may come from; "builtin:" is the shipped demo model.
     model_allow: tuple[str, ...] = ("builtin:",)
     # URI prefixes whose models may contain Lambda layers (arbitrary code).

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 from producer import contract
+from producer.errors import ObjectNotFound
 
 FRAGMENT_NAME = "actviz-signed"
 
@@ -110,6 +111,21 @@ def signed_refs(url: str) -> dict[str, str]:
         query = "&".join(part for part in (payload["q"], own) if part)
         out[ref] = target._replace(query=query, fragment="").geturl()
     return out
+
+
+def signed_page_link(store: Any, key: str, expires: int = 3600) -> str | None:
+    """A link to the page at `key` with what it refers to signed; None while it does not exist.
+
+    One GET (the page, read for its references). A gallery's page refers to its images,
+    to its jobs' reports and to the other pages: all are signed, so the images load from
+    a private bucket; a report or page opened from there loads, and its own images need
+    its own link (`actviz open`), as its note says.
+    """
+    try:
+        page = store.get(key)
+    except ObjectNotFound:
+        return None
+    return signed_page_url(store.presign, key, lambda: relative_refs(page), expires)
 
 
 def report_link(

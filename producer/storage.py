@@ -279,13 +279,15 @@ def refused_write(operation: str, target: str, exc: OSError) -> StorageError:
     )
 
 
-def s3_client():  # noqa: ANN201 - botocore client type is generated at runtime
-    """A boto3 S3 client configured from boto3's own environment variables."""
+def s3_client(endpoint_url: str | None = None):  # noqa: ANN201 - botocore's type is generated
+    """A boto3 S3 client configured from boto3's own environment variables; `endpoint_url`
+    overrides AWS_ENDPOINT_URL_S3 (the public endpoint links are signed for)."""
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
+        endpoint_url=endpoint_url or None,
         config=Config(
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=5,
@@ -380,11 +382,21 @@ def _not_found(exc: Exception) -> bool:
 class S3Store:
     """An S3 bucket and key prefix: `s3://bucket/some/prefix`."""
 
-    def __init__(self, bucket: str, prefix: str = "", client: object | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        client: object | None = None,
+        public_endpoint: str = "",
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client = client
+        # Links are signed for this endpoint (a browser's view of the server), with the
+        # same credentials and region; requests still go to the client's endpoint.
+        self.public_endpoint = public_endpoint.rstrip("/")
+        self._signer: object | None = None
 
     @property
     def client(self):  # noqa: ANN201
@@ -504,8 +516,17 @@ class S3Store:
         bucket, key = split_s3_uri(uri)
         return bucket == self.bucket and (not self.prefix or key.startswith(self.prefix + "/"))
 
+    @property
+    def signer(self):  # noqa: ANN201
+        """The client that signs links: the public endpoint's, when one is set."""
+        if not self.public_endpoint:
+            return self.client
+        if self._signer is None:
+            self._signer = s3_client(endpoint_url=self.public_endpoint)
+        return self._signer
+
     def presign(self, key: str, expires: int = 3600) -> str:
-        return self.client.generate_presigned_url(
+        return self.signer.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=int(expires),
@@ -534,13 +555,16 @@ class S3Store:
             raise refused_write(f"download {self.uri(key)} to", str(path), exc) from None
 
 
-def open_store(url: str) -> Store:
-    """`s3://bucket/prefix` or `file:///abs/dir` or `file://./relative/dir`."""
+def open_store(url: str, public_endpoint: str = "") -> Store:
+    """`s3://bucket/prefix` or `file:///abs/dir` or `file://./relative/dir`.
+
+    `public_endpoint`: an S3 store signs its links for this endpoint (Settings.s3_public_endpoint).
+    """
     parsed = urlparse(url)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"storage URL {url!r} names no bucket")
-        return S3Store(parsed.netloc, parsed.path)
+        return S3Store(parsed.netloc, parsed.path, public_endpoint=public_endpoint)
     if parsed.scheme == "file":
         return FileStore(local_path(url), url)
     if parsed.scheme == "":

@@ -122,3 +122,118 @@ def noise_png(seed: int, height: int = 40, width: int = 48) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class StrictS3:
+    """A moto server of its own that enforces IAM: users, their policies and keys.
+
+    moto lets the first `free_actions` requests through unauthenticated, for the set-up
+    (`setup` below); `enforce()` then spends any left over, so IAM decides from there on.
+    """
+
+    def __init__(self, log: Path, free_actions: int) -> None:
+        import urllib.error
+        import urllib.request
+
+        self.free_actions = free_actions
+        self.endpoint = f"http://127.0.0.1:{free_port()}"
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(free_actions)}
+        port = self.endpoint.rsplit(":", 1)[1]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", port],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                return False
+            return True
+
+        wait_for(up, 30, "moto_server with IAM")
+        self.setup = {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+
+    def client(self, service: str, keys: dict[str, str] | None = None) -> Any:
+        import boto3
+
+        creds = self.setup if keys is None else {
+            "aws_access_key_id": keys["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"],
+        }  # fmt: skip
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1", **creds)
+
+    def user(self, name: str, *statements: dict) -> dict[str, str]:
+        """A user with an inline policy of `statements`; its keys as AWS_* variables."""
+        import json
+
+        iam = self.client("iam")
+        iam.create_user(UserName=name)
+        policy = json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+        iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=policy)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+
+    def enforce(self, bucket: str, keys: dict[str, str]) -> None:
+        """Spend the unauthenticated requests left, with a user `keys` that may not write."""
+        s3 = self.client("s3", keys)
+        for attempt in range(self.free_actions):
+            try:
+                s3.put_object(Bucket=bucket, Key=f"probe-{attempt}", Body=b"")
+            except s3.exceptions.ClientError as exc:
+                if exc.response["Error"]["Code"] == "AccessDenied":
+                    return  # a free request would have got another answer (NoSuchBucket)
+        raise AssertionError("the S3 server does not enforce IAM policies")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def allow(actions: list[str], *resources: str) -> dict:
+    """An IAM statement allowing `actions` on the ARNs of `resources` (bucket or bucket/key)."""
+    return {
+        "Effect": "Allow",
+        "Action": actions,
+        "Resource": [f"arn:aws:s3:::{r}" for r in resources],
+    }
+
+
+def bucket_roles(server: StrictS3, bucket: str, prefix: str) -> dict[str, dict[str, str]]:
+    """The stack's three S3 roles as IAM users (infra/README.md, "least privilege"): an
+    administrator, a worker (reads models/, reads and writes PREFIX/) and a producer
+    (reads and writes PREFIX/). Six of the server's free actions."""
+    results = allow(["s3:GetObject", "s3:PutObject"], f"{bucket}/{prefix}/*")
+    listing = allow(["s3:ListBucket"], bucket)
+    return {
+        "admin": server.user("admin", {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}),
+        "worker": server.user(
+            "worker", listing, results, allow(["s3:GetObject"], f"{bucket}/models/*")
+        ),
+        "producer": server.user("producer", listing, results),
+    }
+
+
+def setup_env(
+    server: StrictS3, keys: dict[str, dict[str, str]], storage_url: str, **roles: str
+) -> dict[str, str]:
+    """The environment of `python -m producer.bucket_setup` against `server`; `roles` maps a
+    role (worker, producer) to another user of `keys` whose keys it should present."""
+    env = {
+        "AWS_ENDPOINT_URL_S3": server.endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "ACTVIZ_STORAGE_URL": storage_url,
+    }
+    for role in ("admin", "worker", "producer"):
+        user = keys[roles.get(role, role)]
+        env[f"S3_{role.upper()}_ACCESS_KEY"] = user["AWS_ACCESS_KEY_ID"]
+        env[f"S3_{role.upper()}_SECRET_KEY"] = user["AWS_SECRET_ACCESS_KEY"]
+    return env

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the worker image with whatever this host has:
 #
-#   infra/image/build.sh [cpu|gpu] [TAG]        # default: cpu, actviz-worker:<variant>
+#   infra/image/build.sh [cpu|gpu] [TAG]        # the worker image; default: cpu, actviz-worker:<variant>
+#   infra/image/build.sh producer [TAG]         # the light producer image (producer/Dockerfile)
 #
 # - Docker when an engine answers (`docker info`), buildah otherwise (Debian's package;
 #   builds without a daemon, `--isolation chroot`).
@@ -21,19 +22,22 @@
 set -euo pipefail
 
 VARIANT=${1:-cpu}
-case "$VARIANT" in cpu | gpu) ;; *) echo "variant must be cpu or gpu, got $VARIANT" >&2; exit 2 ;; esac
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-DOCKERFILE="$ROOT/worker/Dockerfile"
+case "$VARIANT" in
+  cpu | gpu) DOCKERFILE="$ROOT/worker/Dockerfile" NAME=actviz-worker:$VARIANT ;;
+  producer) DOCKERFILE="$ROOT/producer/Dockerfile" NAME=actviz-producer:latest ;;
+  *) echo "what to build must be cpu, gpu or producer, got $VARIANT" >&2; exit 2 ;;
+esac
 REGISTRY_BASE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' "$DOCKERFILE")
 STANDIN_BASE=localhost/actviz-python:3.11-bookworm
 PULL_TIMEOUT_S=${ACTVIZ_IMAGE_PULL_TIMEOUT_S:-60}
 
 if docker info >/dev/null 2>&1; then
   ENGINE=docker
-  TAG=${2:-actviz-worker:$VARIANT}
+  TAG=${2:-$NAME}
 else
   ENGINE=buildah
-  TAG=${2:-localhost/actviz-worker:$VARIANT}
+  TAG=${2:-localhost/$NAME}
   command -v buildah >/dev/null || { echo "no Docker engine answers and buildah is not installed" >&2; exit 2; }
 fi
 

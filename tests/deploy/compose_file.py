@@ -88,7 +88,7 @@ def localize(
     broker = urlsplit(env["ACTVIZ_BROKER_URL"])
     assert broker.hostname == "redis" and broker.password, "compose broker URL changed shape"
     out["ACTVIZ_BROKER_URL"] = broker_url
-    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://s3:9000"
     out["AWS_ENDPOINT_URL_S3"] = s3_endpoint
     if port is not None:
         assert env["ACTVIZ_METRICS_PORT"] == "9100"

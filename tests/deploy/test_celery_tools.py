@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import redis as redis_py
+import yaml
 from stack import noise_png, start_worker, subprocess_env, wait_for
 
 from producer import Client, Settings
 
 REDIS_DB = 11
 CELERY = Path(sys.executable).parent / "celery"
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -137,3 +139,54 @@ def test_the_jobs_a_worker_holds_are_exported_for_autoscaling(
     finally:
         worker.stop()
     assert 2 <= most <= 3
+
+
+def test_flower_counts_every_queued_job_of_every_priority(
+    env: dict[str, str], redis_url: str
+) -> None:
+    """Flower started as the compose file starts it (`celery -A producer.celery_app flower`,
+    basic auth) reads the ten priority steps from the app: its queue view counts all seven
+    jobs. With Celery's defaults (steps 0, 3, 6, 9: a bare `celery flower`) it counted one."""
+    import base64
+    import urllib.request
+
+    from stack import free_port
+
+    conn = redis_py.Redis.from_url(redis_url)
+    for key in conn.keys("gpu*"):
+        conn.delete(key)
+    client = Client(settings=Settings.from_env(environ=env))
+    image = noise_png(7)
+    for priority in (0, 1, 2, 4, 5, 7, 8):  # none on Celery's default steps but 0
+        client.submit(env["MODEL"], image, priority=priority)
+    port = free_port()
+    # The compose file's command, on a free port of this host.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["flower"]
+    argv = [a.replace("--port=5555", f"--port={port}") for a in compose["entrypoint"]]
+    assert argv[0] == "celery"
+    flower = subprocess.Popen(
+        [str(CELERY), *argv[1:], "--address=127.0.0.1"],
+        env={**env, "FLOWER_BASIC_AUTH": "admin:flower-test"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/queues/length")
+    token = base64.b64encode(b"admin:flower-test").decode()
+    request.add_header("Authorization", f"Basic {token}")
+
+    def lengths() -> dict[str, int] | None:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                body = json.loads(resp.read())
+        except OSError:  # not listening yet
+            return None
+        return {q["name"]: q["messages"] for q in body["active_queues"]}
+
+    try:
+        counted = wait_for(lengths, 60, "Flower's queue view", interval=0.5)
+    finally:
+        flower.terminate()
+        flower.wait(30)
+        for key in conn.keys("gpu*"):
+            conn.delete(key)
+    assert counted["gpu"] == 7, counted

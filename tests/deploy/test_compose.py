@@ -68,17 +68,19 @@ def test_cpu_worker_sits_behind_the_cpu_profile_without_a_gpu(services):
     assert "gpu" in cpu["environment"]["ACTVIZ_QUEUES"].split(",")
 
 
-def test_workers_start_only_after_healthy_redis_minio_and_bucket_init(services):
+def test_workers_start_only_after_healthy_redis_s3_and_bucket_init(services):
     expected = {
         "redis": "service_healthy",
-        "minio": "service_healthy",
-        "minio-init": "service_completed_successfully",
+        "s3": "service_healthy",
+        "s3-init": "service_completed_successfully",
     }
     for name in ("worker", "worker-cpu"):
         conditions = {dep: v["condition"] for dep, v in services[name]["depends_on"].items()}
         assert conditions == expected, name
-    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
-    assert services["minio-init"]["image"].startswith("minio/mc")
+    init = services["s3-init"]
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
+    assert init["build"]["dockerfile"] == "producer/Dockerfile"
+    assert init["entrypoint"] == ["python", "-m", "producer.bucket_setup"]
 
 
 def test_every_health_dependency_has_a_healthcheck(services):
@@ -87,7 +89,7 @@ def test_every_health_dependency_has_a_healthcheck(services):
             assert dep in services, f"{name} depends on unknown {dep}"
             if spec["condition"] == "service_healthy":
                 assert services[dep].get("healthcheck", {}).get("test"), dep
-    for name in ("redis", "minio", "worker", "worker-cpu"):
+    for name in ("redis", "s3", "worker", "worker-cpu"):
         assert services[name]["healthcheck"]["test"], name
 
 
@@ -104,11 +106,23 @@ def test_redis_keeps_jobs_aof_on_and_never_evicts(services):
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
 
 
-def test_minio_serves_console_and_keeps_data_in_a_volume(compose, services):
-    minio = services["minio"]
-    assert minio["command"] == ["server", "/data", "--console-address", ":9001"]
-    volume = next(v.split(":")[0] for v in minio["volumes"] if v.endswith(":/data"))
+def test_s3_is_pinned_by_digest_and_keeps_data_in_a_volume(compose, services):
+    s3 = services["s3"]
+    assert re.fullmatch(r"chrislusf/seaweedfs@sha256:[0-9a-f]{64}", s3["image"]), s3["image"]
+    volume = next(v.split(":")[0] for v in s3["volumes"] if v.endswith(":/data"))
     assert volume in compose["volumes"]
+    script = next(v.split(":")[0] for v in s3["volumes"] if v.endswith("seaweedfs-start.sh:ro"))
+    assert (COMPOSE.parent / script).is_file()
+    assert s3["ports"] == ["127.0.0.1:9000:9000"]
+
+
+def test_every_image_is_pinned_and_no_init_step_hides_a_failure(services):
+    for name, service in services.items():
+        image = service["image"]
+        assert "@sha256:" in image or ("build" in service) or re.search(r":[\w.-]+$", image), name
+        assert not image.endswith(":latest") or "build" in service, name
+        script = " ".join(str(part) for part in (service.get("command") or []))
+        assert "|| true" not in script, name
 
 
 def test_stop_grace_period_outlasts_the_job_hard_time_limit(services):
@@ -122,10 +136,13 @@ def test_flower_on_5555_watches_the_same_broker(services):
     flower = services["flower"]
     assert any(p.endswith(":5555") for p in flower["ports"])
     assert (
-        flower["environment"]["CELERY_BROKER_URL"]
+        flower["environment"]["ACTVIZ_BROKER_URL"]
         == services["worker"]["environment"]["ACTVIZ_BROKER_URL"]
     )
-    assert "--enable_events=True" in flower["command"]
+    # The actviz app's priority steps (tests/deploy/test_celery_tools.py runs this command).
+    assert flower["entrypoint"][:4] == ["celery", "-A", "producer.celery_app", "flower"]
+    assert "--enable_events=True" in flower["entrypoint"]
+    assert flower["build"]["dockerfile"] == "producer/Dockerfile"
 
 
 def test_demo_producer_submits_the_builtin_model_and_waits(services):
@@ -185,7 +202,7 @@ def test_worker_environment_makes_valid_settings():
     assert settings.queues == ("gpu",)
     assert settings.log_json is True
     assert settings.model_allow == ("builtin:", "s3://actviz/models/")
-    assert worker_env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert worker_env["AWS_ENDPOINT_URL_S3"] == "http://s3:9000"
     assert worker_env["AWS_SECRET_ACCESS_KEY"] == env["ACTVIZ_S3_SECRET_KEY"]
     assert env["REDIS_PASSWORD"] not in str(settings.redacted())
 

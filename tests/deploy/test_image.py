@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from compose_file import localize, read_env_file, service_environment
-from stack import ACTVIZ, free_port, subprocess_env, wait_for
+from stack import ACTVIZ, StrictS3, bucket_roles, free_port, setup_env, subprocess_env, wait_for
 
 from producer.client import Client
 from producer.settings import Settings
@@ -41,7 +41,9 @@ class Engine:
         self.container = f"actviz-test-{uuid.uuid4().hex[:10]}"
         if name == "buildah":
             subprocess.run(
-                ["buildah", "from", "--name", self.container, image], check=True, capture_output=True
+                ["buildah", "from", "--name", self.container, image],
+                check=True,
+                capture_output=True,
             )
 
     def _env_args(self, env: dict[str, str]) -> list[str]:
@@ -57,7 +59,9 @@ class Engine:
         with open(log, "wb") as out:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
-    def exec(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def exec(
+        self, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         env_args = self._env_args(env or {})
         if self.name == "docker":
             cmd = ["docker", "exec", *env_args, self.container, *argv]
@@ -75,7 +79,10 @@ class Engine:
             )  # fmt: skip
             return json.loads(out.stdout)
         out = subprocess.run(
-            ["buildah", "inspect", "--type", "image", self.image], check=True, capture_output=True, text=True
+            ["buildah", "inspect", "--type", "image", self.image],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return json.loads(out.stdout)["Docker"]["config"]
 
@@ -98,17 +105,31 @@ class Engine:
         subprocess.run([*cmd, self.container], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The CPU image built by infra/image/build.sh: engine, base, image and build seconds."""
+def build(what: str) -> dict:
+    """infra/image/build.sh WHAT: the engine, base and image it says it used, and its seconds."""
     started = time.monotonic()
     out = subprocess.run(
-        ["bash", str(BUILD), "cpu"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+        ["bash", str(BUILD), what], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
     )
     seconds = time.monotonic() - started
-    assert out.returncode == 0, f"image build failed:\n{out.stderr[-6000:]}"
+    assert out.returncode == 0, f"{what} image build failed:\n{out.stderr[-6000:]}"
     said = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     return {**said, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The CPU worker image."""
+    return build("cpu")
+
+
+@pytest.fixture(scope="module")
+def producer_image():
+    """The producer image (the compose stack's s3-init runs it)."""
+    built = build("producer")
+    engine = Engine(built["engine"], built["image"])
+    yield engine
+    engine.remove()
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +212,9 @@ def in_image(engine, s3, s3_endpoint, redis_url, tmp_path_factory):
 
 def test_the_build_says_which_engine_and_base_it_used(built, capsys):
     assert built["engine"] in ("docker", "buildah")
-    assert built["base"].split()[0] and ("registry" in built["base"] or "mmdebstrap" in built["base"])
+    assert built["base"].split()[0] and (
+        "registry" in built["base"] or "mmdebstrap" in built["base"]
+    )
     with capsys.disabled():
         print(
             f"\nworker image: {built['image']}, built with {built['engine']} in "
@@ -199,12 +222,21 @@ def test_the_build_says_which_engine_and_base_it_used(built, capsys):
         )
 
 
-def test_a_job_submitted_from_the_host_is_served_inside_the_image(in_image, s3, monkeypatch, tmp_path):
+def test_a_job_submitted_from_the_host_is_served_inside_the_image(
+    in_image, s3, monkeypatch, tmp_path
+):
     env = in_image["env"]
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+    for name in (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+    ):
         monkeypatch.setenv(name, env[name])
     client = Client(
-        settings=Settings(broker_url=env["ACTVIZ_BROKER_URL"], storage_url=env["ACTVIZ_STORAGE_URL"])
+        settings=Settings(
+            broker_url=env["ACTVIZ_BROKER_URL"], storage_url=env["ACTVIZ_STORAGE_URL"]
+        )
     )
     from worker.demo import image_path
 
@@ -218,7 +250,9 @@ def test_a_job_submitted_from_the_host_is_served_inside_the_image(in_image, s3, 
     prefix = f"{storage.path.strip('/')}/jobs/{job.id}/"
     stored = {
         obj["Key"].removeprefix(prefix)
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=storage.netloc, Prefix=prefix)
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=storage.netloc, Prefix=prefix
+        )
         for obj in page.get("Contents", [])
     }
     assert "manifest.json" in stored
@@ -237,8 +271,19 @@ def embedded_manifest(image: Path, tmp_path: Path) -> dict:
     store = tmp_path / "embedded"
     env = subprocess_env(ACTVIZ_STORAGE_URL=store.as_uri())
     env.pop("ACTVIZ_BROKER_URL", None)
-    cmd = [str(ACTVIZ), "submit", "--model", "builtin:demo", "--image", str(image), "--layers", ":4"]
-    out = subprocess.run([*cmd, "--wait", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [
+        str(ACTVIZ),
+        "submit",
+        "--model",
+        "builtin:demo",
+        "--image",
+        str(image),
+        "--layers",
+        ":4",
+    ]
+    out = subprocess.run(
+        [*cmd, "--wait", "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     job_id = json.loads(out.stdout.strip().splitlines()[-1])["job_id"]
     return json.loads((store / "jobs" / job_id / "manifest.json").read_text())
@@ -266,3 +311,32 @@ def test_infra_readme_records_the_image_size(engine):
     written = re.search(r"CPU image is about ([\d.]+) GB", INFRA_README.read_text())
     assert written, "infra/README.md does not record the CPU image's size"
     assert float(written.group(1)) * 1e9 == pytest.approx(measured, rel=0.2), measured
+
+
+def test_the_producer_image_runs_the_stacks_storage_set_up(producer_image, tmp_path):
+    """What the compose stack's s3-init does, inside the producer image: the bucket, its
+    lifecycle rules, and both roles' keys checked against a server that enforces IAM."""
+    assert producer_image.config()["User"] == f"{IMAGE_UID}:{IMAGE_UID}"
+    server = StrictS3(tmp_path / "moto.log", 1 + 3 * 3)
+    try:
+        keys = bucket_roles(server, "actviz", "results")
+        server.enforce("no-such-bucket", keys["producer"])
+        env = setup_env(server, keys, "s3://actviz/results")
+        out = producer_image.exec(["python", "-m", "producer.bucket_setup"], env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "bucket-setup: s3://actviz/results ready" in out.stdout
+        rules = server.client("s3", keys["admin"]).get_bucket_lifecycle_configuration(
+            Bucket="actviz"
+        )
+        assert {r["ID"] for r in rules["Rules"]} >= {
+            "actviz-jobs",
+            "actviz-batches",
+            "actviz-inputs",
+        }
+        # The light image carries no TensorFlow.
+        probe = producer_image.exec(
+            ["python", "-c", "import importlib.util as u; print(u.find_spec('tensorflow'))"]
+        )
+        assert probe.stdout.strip() == "None"
+    finally:
+        server.stop()

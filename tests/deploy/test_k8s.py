@@ -99,7 +99,31 @@ def test_dev_objects_are_marked_dev_only():
         for path in (K8S / folder).glob("*.yaml"):
             assert "DEV ONLY" in path.read_text(), f"{folder}/{path.name}"
     base_kinds = {d["metadata"]["name"] for p, d in all_documents() if p.parent.name == "base"}
-    assert not base_kinds & {"redis", "minio", "minio-init"}
+    assert not base_kinds & {"redis", "s3", "s3-init"}
+
+
+def test_the_dev_s3_runs_the_composes_image_and_start_script_and_the_init_job_checks_the_keys():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["s3"]
+    pod = find("Deployment", "s3", folder="dev")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == compose["image"]
+    assert container["command"] == compose["entrypoint"]
+    copy = (K8S / "dev" / "seaweedfs-start.sh").read_bytes()
+    assert copy == (ROOT / "infra" / "s3" / "seaweedfs-start.sh").read_bytes(), "copy out of date"
+    env = {e["name"] for e in container["env"]}
+    assert env == set(compose["environment"])
+    job = find("Job", "s3-init", folder="dev")["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"] == ["python", "-m", "producer.bucket_setup"]
+    keys = {e["name"] for e in job["env"]}
+    assert {
+        f"S3_{r}_{k}_KEY" for r in ("ADMIN", "WORKER", "PRODUCER") for k in ("ACCESS", "SECRET")
+    } <= keys
+    example = (K8S / "dev" / "credentials.env.example").read_text()
+    for e in container["env"] + job["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert re.search(rf"^{ref['key']}=", example, re.M), ref["key"]
+    assert "minio" not in "".join(p.read_text().lower() for p in (K8S / "dev").iterdir())
 
 
 def worker_pod() -> dict:

@@ -85,7 +85,7 @@ def compose_env():
 
 @pytest.fixture(scope="module")
 def compose_bucket(s3, compose_env):
-    """The bucket the compose stack's minio-init creates."""
+    """The bucket the compose stack's s3-init creates."""
     name = urlsplit(compose_env["ACTVIZ_STORAGE_URL"]).netloc
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=name)

@@ -12,16 +12,13 @@ where, leaves nothing half-written, and the worker goes on serving.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import harness
 import pytest
+from stack import StrictS3
 
 from producer import Client, JobFailed, Settings
 from producer.contract import ErrorCode
@@ -32,74 +29,26 @@ BUCKET = "actviz-denied"
 SETUP_ACTIONS = 8  # create the bucket, two users, their policies and keys
 
 
-def _policy(*statements: dict) -> str:
-    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
-
-
 @pytest.fixture(scope="module")
 def strict_s3(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """(endpoint, producer keys, worker keys) of a moto server that enforces IAM."""
-    import boto3
-
-    port = harness.free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("strict-s3") / "moto.log"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_ACTIONS)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(harness.BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def up() -> bool:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
-        return True
-
-    harness.wait_for(up, 30, "moto_server with IAM")
-    root = {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
-    common = {"endpoint_url": endpoint, "region_name": "us-east-1"}
-    boto3.client("s3", **common, **root).create_bucket(Bucket=BUCKET)
-    iam = boto3.client("iam", **common, **root)
+    server = StrictS3(tmp_path_factory.mktemp("strict-s3") / "moto.log", SETUP_ACTIONS)
     everything = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
     read_only = {
         "Effect": "Allow",
         "Action": ["s3:GetObject", "s3:ListBucket"],
         "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"],
     }
-    keys = {}
-    for user, statement in (("producer", everything), ("worker", read_only)):
-        iam.create_user(UserName=user)
-        iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=_policy(statement))
-        key = iam.create_access_key(UserName=user)["AccessKey"]
-        keys[user] = {
-            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+    try:
+        server.client("s3").create_bucket(Bucket=BUCKET)
+        keys = {
+            "producer": server.user("producer", everything),
+            "worker": server.user("worker", read_only),
         }
-    worker_s3 = boto3.client(
-        "s3",
-        **common,
-        aws_access_key_id=keys["worker"]["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=keys["worker"]["AWS_SECRET_ACCESS_KEY"],
-    )
-    # Any unauthenticated action left over is spent here: from now on IAM decides.
-    for attempt in range(SETUP_ACTIONS):
-        try:
-            worker_s3.put_object(Bucket=BUCKET, Key=f"probe-{attempt}", Body=b"")
-        except worker_s3.exceptions.ClientError as exc:
-            assert exc.response["Error"]["Code"] == "AccessDenied"
-            break
-    else:
-        pytest.fail("the S3 server does not enforce IAM policies")
-    yield endpoint, keys
-    proc.terminate()
-    proc.wait(10)
+        server.enforce(BUCKET, keys["worker"])
+        yield server.endpoint, keys
+    finally:
+        server.stop()
 
 
 def test_a_bucket_that_denies_the_workers_writes_fails_the_job_with_storage_error(

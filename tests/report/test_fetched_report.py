@@ -126,3 +126,56 @@ def test_open_prints_a_link_that_signs_every_image_the_report_shows(browser, env
         refs[ref] for ref in refs if ref.endswith((".png", ".svg"))
     )
     assert page.evaluate("document.getElementById('linknote').hidden") is True
+
+
+@pytest.fixture(scope="module")
+def gallery_link(env, worker, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The link `actviz batch --wait` prints for a gallery of three demo jobs, signed for a
+    public endpoint other than the one the producer uses (localhost for 127.0.0.1), as a
+    compose stack's producer signs for http://127.0.0.1:9000 while it talks to s3:9000."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("batch-images")
+    for i in range(3):
+        shutil.copy(image_path(), folder / f"photo-{i}.jpg")
+    public = env["AWS_ENDPOINT_URL_S3"].replace("127.0.0.1", "localhost")
+    out = actviz(
+        {**env, "ACTVIZ_S3_PUBLIC_ENDPOINT": public},
+        "batch", "--model", "builtin:demo", "--layers", ":3", str(folder), "--wait",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr + worker.read_text(errors="replace")[-3000:]
+    (link,) = [
+        line.split("gallery: ", 1)[1] for line in out.stdout.splitlines() if "gallery: " in line
+    ]
+    assert link.startswith(public + "/"), link
+    return link
+
+
+def test_a_gallery_link_loads_every_image_from_the_private_bucket(browser, gallery_link) -> None:
+    from producer.signed import signed_refs
+
+    refs = signed_refs(gallery_link)
+    page = browser.open_url(gallery_link)
+    images = page.evaluate(
+        "Array.from(document.images).map(i => [i.currentSrc, i.complete, i.naturalWidth])"
+    )
+    assert page.errors == []
+    assert len(images) >= 3 * 4  # three inputs, and three grids for each
+    assert all(complete and width > 0 for _, complete, width in images), images
+    assert all(
+        src.startswith(gallery_link.split("/", 3)[0] + "//localhost:") for src, _, _ in images
+    )
+    # Each job's report link is signed too (its own images need `actviz open`, as it says).
+    hrefs = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+    reports = {h for h in hrefs if "/jobs/" in h and "index.html" in h}
+    assert len(reports) == 3 and all("Signature=" in h for h in reports)
+    # What loaded is exactly what the link signed.
+    assert {src for src, _, _ in images} <= set(refs.values())
+
+
+def test_the_same_gallery_without_its_signatures_shows_no_image_and_says_why(browser, gallery_link):
+    """The bucket really is private: the page alone loads, its images are refused."""
+    page = browser.open_url(gallery_link.partition("#")[0])
+    loaded = page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 0).length")
+    assert loaded == 0
+    assert page.evaluate("document.getElementById('linknote').hidden") is False
