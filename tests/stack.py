@@ -83,11 +83,13 @@ def start_worker(
     timeout: float = 90,
     append: bool = False,
     kind: type[W] = WorkerProcess,
+    wait: bool = True,
 ) -> W:
     """Start `actviz worker ARGS` and wait until Celery says it is ready.
 
     `append`: add to `log` (a restarted worker) and wait for a ready line
     after what it already holds. `kind`: the WorkerProcess class to return.
+    `wait=False`: return at once, the worker still starting.
     """
     with log.open("ab" if append else "wb") as out:
         start = out.tell()
@@ -95,6 +97,8 @@ def start_worker(
             [str(ACTVIZ), "worker", *args], env=env, stdout=out, stderr=subprocess.STDOUT
         )
     worker = kind(proc, log)
+    if not wait:
+        return worker
 
     def ready() -> bool:
         if proc.poll() is not None:

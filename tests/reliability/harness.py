@@ -149,10 +149,13 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def start_worker(env: dict[str, str], log: Path, *args: str, timeout: float = 120) -> Worker:
-    """Start `actviz worker ARGS`, appending to `log`; return once Celery logs that it is ready."""
+def start_worker(
+    env: dict[str, str], log: Path, *args: str, timeout: float = 120, wait: bool = True
+) -> Worker:
+    """Start `actviz worker ARGS`, appending to `log`; return once Celery logs that it is ready
+    (`wait=False`: at once)."""
     WORKER_LOGS.append(log)
-    return stack.start_worker(env, log, *args, timeout=timeout, append=True, kind=Worker)
+    return stack.start_worker(env, log, *args, timeout=timeout, append=True, kind=Worker, wait=wait)
 
 
 # ---- a private Redis -------------------------------------------------------

@@ -129,6 +129,7 @@ def run_trials(
     pop_delay: float = 0.05,
     seed: int = 0,
     say=print,  # noqa: ANN001
+    wait_ready: bool = True,
 ) -> Trial:
     from producer import Client, Settings
     from producer.contract import job_key
@@ -153,10 +154,11 @@ def run_trials(
     logs: list[Path] = []
     live: list = []
 
-    def start(n: int, delay: float) -> None:
+    def start(n: int, delay: float, wait: bool = True) -> None:
         log = folder / f"worker-{n:04d}.log"
         logs.append(log)
-        live.append(harness.start_worker({**env, "ACTVIZ_TEST_POP_DELAY_S": str(delay)}, log))
+        worker_env = {**env, "ACTVIZ_TEST_POP_DELAY_S": str(delay)}
+        live.append(harness.start_worker(worker_env, log, wait=wait))
 
     trial = Trial()
     kill_log: list[tuple[float, Path]] = []
@@ -191,7 +193,7 @@ def run_trials(
             victim = live.pop(rng.randrange(len(live)))
             kill_log.append((time.time(), victim.log))
             victim.kill()
-            start(workers + number, pop_delay)
+            start(workers + number, pop_delay, wait=wait_ready)
             if number % 10 == 0 or number == kills:
                 say(f"  {number} kills, {len(submitted)} jobs submitted")
         stop.set()
@@ -252,11 +254,24 @@ def main() -> int:
     parser.add_argument("--gap", default="3,9", help="seconds between kills: MIN,MAX")
     parser.add_argument("--pop-delay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="start each replacement worker without waiting for it to be ready: kills then "
+        "come every --gap seconds (some while a worker starts), not every gap + start-up",
+    )
     args = parser.parse_args()
     low, high = (float(x) for x in args.gap.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         trial = run_trials(
-            Path(tmp), args.kills, args.workers, args.queue, (low, high), args.pop_delay, args.seed
+            Path(tmp),
+            args.kills,
+            args.workers,
+            args.queue,
+            (low, high),
+            args.pop_delay,
+            args.seed,
+            wait_ready=not args.no_wait,
         )
     print("\n".join(trial.lines()))
     ok = not (trial.lost or trial.duplicated or trial.different) and trial.percentile(0.95) <= 60

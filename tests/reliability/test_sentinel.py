@@ -64,6 +64,23 @@ class Node:
             self.proc.wait(10)
 
 
+def stuck_report(
+    submitted: list[str], before: int, seen: list[str], producer: threading.Thread, worker
+) -> str:
+    """What the test saw when no job sent after the kill finished: how many were sent, where
+    the producer thread is, and the worker's last lines."""
+    import sys
+    import traceback
+
+    frame = sys._current_frames().get(producer.ident or -1)
+    stack = "".join(traceback.format_stack(frame)[-12:]) if frame else "(the producer has ended)"
+    tail = "\n".join(worker.log_text().splitlines()[-25:])
+    return (
+        f"no job sent after the kill finished: {len(submitted) - before} sent after it; "
+        f"last errors: {seen[-3:]}\nproducer thread:\n{stack}\nworker log:\n{tail}"
+    )
+
+
 def test_jobs_streamed_through_a_sentinel_failover_each_end_once(
     bucket: str, models: dict[str, str], tmp_path: Path
 ) -> None:
@@ -132,7 +149,7 @@ def test_jobs_streamed_through_a_sentinel_failover_each_end_once(
             try:
                 harness.wait_for(one_after_the_kill_done, 180, "a job sent after the kill", 0.2)
             except TimeoutError:
-                pytest.fail(f"no job sent after the kill finished; last errors: {seen[-3:]}")
+                pytest.fail(stuck_report(submitted, before, seen, producer, worker))
             gap = time.monotonic() - killed_at
             producer.join(timeout=240)
             assert not producer.is_alive(), "the producer is stuck"
