@@ -131,17 +131,21 @@ def noise_png(seed: int, height: int = 40, width: int = 48) -> bytes:
 class StrictS3:
     """A moto server of its own that enforces IAM: users, their policies and keys.
 
-    moto lets the first `free_actions` requests through unauthenticated, for the set-up
-    (`setup` below); `enforce()` then spends any left over, so IAM decides from there on.
+    moto lets the first `free_actions` (+ SLACK) requests through unauthenticated, for the
+    set-up (`setup` below); `enforce()` then spends any left over, so IAM decides from there on.
     """
+
+    # More free requests than the set-up needs: a readiness probe that times out on a
+    # loaded machine may still have been counted; `enforce()` spends what is left.
+    SLACK = 10
 
     def __init__(self, log: Path, free_actions: int) -> None:
         import urllib.error
         import urllib.request
 
-        self.free_actions = free_actions
+        self.free_actions = free_actions + self.SLACK
         self.endpoint = f"http://127.0.0.1:{free_port()}"
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(free_actions)}
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self.free_actions)}
         port = self.endpoint.rsplit(":", 1)[1]
         with log.open("wb") as out:
             self.proc = subprocess.Popen(

@@ -30,6 +30,8 @@ BUILD = ROOT / "infra" / "image" / "build.sh"
 INFRA_README = ROOT / "infra" / "README.md"
 BUILD_TIMEOUT_S = 3600  # a first build downloads TensorFlow into the image
 IMAGE_UID = 10001
+# The suite's 300 s per test would cut a first build short (four minutes on two cores).
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
 
 
 class Engine:
