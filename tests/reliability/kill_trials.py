@@ -60,6 +60,8 @@ class Trial:
     different: list[str] = field(default_factory=list)
     recovered: int = 0
     resent: int = 0
+    # Why the lost jobs did not succeed: their state (and error code) at the end.
+    lost_as: dict[str, int] = field(default_factory=dict)
     back_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -72,7 +74,7 @@ class Trial:
     def lines(self) -> list[str]:
         return [
             f"kills {self.kills} · jobs {self.jobs} · {self.seconds / 60:.1f} min",
-            f"lost {len(self.lost)} · duplicated {len(self.duplicated)} · "
+            f"lost {len(self.lost)} {self.lost_as or ''} · duplicated {len(self.duplicated)} · "
             f"different from an independent run {len(self.different)}",
             f"recovered {self.recovered} (delivered again), of which {self.resent} sent again "
             "by the reconciler (lost between pop and record)",
@@ -204,8 +206,10 @@ def run_trials(
         for job_id, _ in submitted:
             try:
                 client.job(job_id).wait(timeout=max(1.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 (counted as lost below)
+            except Exception as exc:  # noqa: BLE001 (counted as lost below)
                 trial.lost.append(job_id)
+                why = getattr(exc, "code", None) or type(exc).__name__
+                trial.lost_as[str(why)] = trial.lost_as.get(str(why), 0) + 1
         redis = client.redis()
         resent = {job_id for job_id, _ in submitted if redis.hget(job_key(job_id), "resent")}
     finally:
