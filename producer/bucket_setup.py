@@ -29,9 +29,9 @@ import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from producer.settings import Settings
+from producer.storage import split_s3_uri
 
 MODELS_PREFIX = "models/"
 CHECK_DIR = ".actviz-access-check"
@@ -49,17 +49,18 @@ class Target:
 
 
 def target_from(settings: Settings) -> Target:
-    url = urlsplit(settings.storage_url)
-    if url.scheme != "s3" or not url.netloc:
+    try:
+        bucket, prefix = split_s3_uri(settings.storage_url)
+    except ValueError:
         raise SetupFailed(
             f"ACTVIZ_STORAGE_URL must be s3://BUCKET/PREFIX, got {settings.storage_url!r}"
-        )
-    prefix = url.path.strip("/")
+        ) from None
+    prefix = prefix.strip("/")
     if not prefix:
         raise SetupFailed(
             "ACTVIZ_STORAGE_URL needs a prefix (s3://BUCKET/results): the models live beside it"
         )
-    return Target(url.netloc, prefix, max(1, math.ceil(settings.result_expires / 86400)))
+    return Target(bucket, prefix, max(1, math.ceil(settings.result_expires / 86400)))
 
 
 def _code(exc: Exception) -> str:

@@ -146,6 +146,4 @@ def report_link(
             if f != contract.REPORT_FILE and not f.startswith(contract.CHANNELS_DIR)
         ]
         return signed_page_url(store.presign, key, lambda: shown, expires)
-    if store.exists(key):
-        return signed_page_url(store.presign, key, lambda: relative_refs(store.get(key)), expires)
-    return None
+    return signed_page_link(store, key, expires)
