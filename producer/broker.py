@@ -16,6 +16,8 @@ from kombu import Exchange, Queue
 from producer.contract import MAX_PRIORITY, QUEUE_GPU, QUEUES, TASK_NAME
 from producer.settings import RESTORE_EVERY_S, Settings
 
+RESTORE_MUTEX_S = 5
+
 
 def _is_redis(url: str) -> bool:
     return url.startswith(("redis://", "rediss://", "sentinel://"))
@@ -41,6 +43,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # every `actviz_heartbeat` s (the stock transport ignores the option).
             unacked_restore_interval=RESTORE_EVERY_S,
             unacked_restore_throttle=1,
+            # The sweep's lock: kombu keeps it 300 s, so a worker killed during a sweep
+            # (milliseconds) stopped every restore for 5 minutes. Restores are
+            # transactions (WATCH), so two sweeps at once restore each message once.
+            unacked_mutex_expire=RESTORE_MUTEX_S,
             actviz_heartbeat=settings.heartbeat_s,
         )
     if _sentinel(settings.broker_url):

@@ -78,7 +78,8 @@ class Settings:
     time_limit: int = 360
     result_expires: int = 7 * 24 * 3600
     max_retries: int = 5
-    # A job whose worker died this many times is failed with worker_lost, not run again.
+    # A job whose worker processes died this many times while running it (not merely
+    # holding it, worker/runtime/running.py) is failed with worker_lost, not run again.
     max_deliveries: int = 3
     # Seconds within which the jobs a dead worker held are handed to another worker: a
     # live worker re-stamps what it holds every `heartbeat_s` (a sixth of this, 1 to 10 s,

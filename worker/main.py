@@ -157,12 +157,15 @@ def start_sweepers(app: Any, settings: Settings) -> None:
     from celery.backends.redis import RedisBackend
 
     from worker.jobs.batches import start_sweeper
+    from worker.jobs.deliveries import counter_ttl
     from worker.jobs.reconciler import start_reconciler
 
     if isinstance(app.backend, RedisBackend):
         start_sweeper(app.actviz.store, app.backend.client)
         if settings.reconcile_after > 0:
-            start_reconciler(app, app.backend.client, settings.reconcile_after)
+            start_reconciler(
+                app, app.backend.client, settings.reconcile_after, counter_ttl(settings)
+            )
 
 
 def _backend() -> str:

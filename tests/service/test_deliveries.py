@@ -15,6 +15,9 @@ from producer.errors import WorkerLost
 from producer.settings import Settings
 from producer.storage import FileStore
 from worker.jobs.deliveries import admit_delivery
+from worker.runtime import running
+from worker.runtime.running import running_key
+from worker.transport import CONSUMERS_KEY, consumer_key, consumer_name
 
 REDIS_DB = 13
 
@@ -26,11 +29,19 @@ def task(redis_url: str) -> SimpleNamespace:
     return SimpleNamespace(backend=app.backend, request=SimpleNamespace(retries=0))
 
 
+def die_running(client, consumer: str, *job_ids: str) -> None:  # noqa: ANN001
+    """A worker process that was running `job_ids` when it died: listed, running them,
+    its liveness key gone."""
+    client.sadd(CONSUMERS_KEY, consumer)
+    client.sadd(running_key(consumer), *job_ids)
+
+
 def test_a_finished_job_is_not_run_again_and_a_poison_job_stops(
     task: SimpleNamespace, tmp_path: Path
 ) -> None:
     store = FileStore(tmp_path)
     settings = Settings(broker_url="redis://unused", max_deliveries=2)
+    client = task.backend.client
     done = JobSpec(job_id="finished-job", model="builtin:demo", image="s3://b/i.png")
     assert admit_delivery(task, done, store, settings) is None  # first delivery: run it
     store.put(contract.manifest_key(done.job_id), json.dumps({"job_id": done.job_id}).encode())
@@ -38,9 +49,52 @@ def test_a_finished_job_is_not_run_again_and_a_poison_job_stops(
     assert again is not None and again["duplicate"] and again["status"] == "succeeded"
 
     poison = JobSpec(job_id="poison-job", model="builtin:demo", image="s3://b/i.png")
-    assert admit_delivery(task, poison, store, settings) is None
-    assert admit_delivery(task, poison, store, settings) is None  # delivery 2: within the limit
-    with pytest.raises(WorkerLost, match="delivered 3 times"):
+    held = JobSpec(job_id="held-job", model="builtin:demo", image="s3://b/i.png")
+    for spec in (poison, held):
+        assert admit_delivery(task, spec, store, settings) is None
+    # Its worker dies running the poison job; the other job it only held (in its queue,
+    # waiting for a pass) is charged nothing.
+    die_running(client, "node-a:101", poison.job_id)
+    for spec in (poison, held):
+        assert admit_delivery(task, spec, store, settings) is None  # delivery 2: within the limit
+    assert task.request.actviz_deaths == 0  # the held job's
+    assert running.deaths(client, poison.job_id) == 1 and not client.exists(
+        running_key("node-a:101")
+    )
+    die_running(client, "node-b:102", poison.job_id)
+    with pytest.raises(WorkerLost, match="2 worker processes died while running the job"):
         admit_delivery(task, poison, store, settings)
-    task.request.retries = 1  # a retry of a transient fault is a new attempt, counted anew
-    assert admit_delivery(task, poison, store, settings) is None
+    # However often a held job comes back, it is not failed for its workers' deaths.
+    for _ in range(5):
+        assert admit_delivery(task, held, store, settings) is None
+
+
+def test_each_death_is_charged_once(task: SimpleNamespace) -> None:
+    """Two workers that see the same dead consumer (the reconciler and an admission)
+    charge its jobs once; a live consumer's jobs are never charged."""
+    client = task.backend.client
+    die_running(client, "node-c:7", "job-1", "job-2")
+    client.sadd(CONSUMERS_KEY, "node-d:8")
+    client.sadd(running_key("node-d:8"), "job-3")
+    client.set(consumer_key("node-d:8"), "1", ex=60)
+    assert running.charge_dead(client, 60) == ["job-1", "job-2"]
+    assert running.charge_dead(client, 60) == []
+    assert running.charge(client, ["node-c:7"], 60) == []
+    assert [running.deaths(client, j) for j in ("job-1", "job-2", "job-3")] == [1, 1, 0]
+    assert client.ttl(running.suspect_key("job-1")) > 0  # counters expire
+
+
+def test_a_process_marks_the_jobs_it_runs_and_unmarks_them(
+    task: SimpleNamespace, request: pytest.FixtureRequest
+) -> None:
+    client = task.backend.client
+    running.bind(client, 120)
+    request.addfinalizer(running.unbind)
+    key = running_key(consumer_name())
+    running.mark_running(["job-a", None, "job-b"])
+    assert client.smembers(key) == {b"job-a", b"job-b"} and 0 < client.ttl(key) <= 120
+    running.unmark("job-a")
+    pipe = client.pipeline()
+    running.leave(pipe, "job-b")
+    pipe.execute()
+    assert not client.exists(key)

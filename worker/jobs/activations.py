@@ -23,7 +23,7 @@ from worker.engine.forward_pass import cpu_clock
 from worker.jobs.steps import Output, fetch_image, redelivered, report_stage
 from worker.metrics import STAGE_SECONDS
 from worker.report import render_report
-from worker.runtime import WorkerRuntime
+from worker.runtime import WorkerRuntime, running
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def run_image_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
         # that kills its process fails alone and takes no other job with it.
         image = fetch_image(spec, runtime)
         report_stage(task, Progress.FORWARD)
-        log.warning("a worker died holding this job before; it runs in the quarantine process")
+        log.warning("a worker died running this job before; it runs in the quarantine process")
+        running.mark_running([spec.job_id])  # its helper dies with this process
         outcome, cache_event, timings = runtime.quarantine.run(
             spec.model, image, spec.options, spec.kind
         )
@@ -58,6 +59,8 @@ def run_image_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
             raise
         fetch_cpu_ms = (cpu_clock(runtime.settings) - cpu_started) * 1000.0 if measure else None
         report_stage(task, Progress.FORWARD)
+        if runtime.batcher is None:  # run alone, here; a batcher marks its passes' jobs
+            running.mark_running([spec.job_id])
         outcome = runtime.compute(spec.kind, loaded, image, spec.options)
     manifest = dict(outcome.manifest)
     files = dict(outcome.files)

@@ -8,11 +8,14 @@ Late acknowledgement means a job whose worker dies is handed out again
   a duplicate message or a crash after the manifest costs one HEAD request.
   A first delivery skips that check (the delivery counter says it is one).
 - A job that kills its worker every time (out of memory, a crashing kernel,
-  the hard time limit) would otherwise loop forever. Each delivery of an
-  attempt increments `actviz:deliveries:<job_id>:<retry>` in Redis before the
-  job runs; past `settings.max_deliveries` the job fails with `worker_lost`.
-  The retry number is part of the key because Celery's retries of transient
-  faults are new messages, not lost workers.
+  the hard time limit) would otherwise loop forever. Each death of a worker
+  process is charged to the jobs it was *running* then, not to the ones it
+  only held (worker/runtime/running.py); once `settings.max_deliveries`
+  deaths are charged to a job, its next delivery fails with `worker_lost`.
+  Each delivery of an attempt also increments
+  `actviz:deliveries:<job_id>:<retry>`: a first delivery needs no look for a
+  finished result. The retry number is part of that key because Celery's
+  retries of transient faults are new messages, not lost workers.
 
 Celery has no delivery limit for Redis, hence this module.
 """
@@ -29,6 +32,7 @@ from producer.contract import JobSpec
 from producer.errors import WorkerLost
 from producer.settings import Settings
 from producer.storage import Store
+from worker.runtime import running
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +103,20 @@ def admit_delivery(task: Task, spec: JobSpec, store: Store, settings: Settings) 
         if done is not None:
             log.info("job already complete; returning the stored manifest")
             return done
+    task.request.actviz_deaths = 0
     if count > 1:
         log.warning(
             "delivery %d of this job: an earlier one was lost with its worker or is a duplicate",
             count,
         )
-    if count > settings.max_deliveries:
-        raise WorkerLost(
-            f"the job was delivered {count} times and its worker stopped each time "
-            f"(limit ACTVIZ_MAX_DELIVERIES={settings.max_deliveries}); it may need more "
-            "memory or time than a worker has, or crash the model"
-        )
+        client = redis_client(task)
+        # Its last holder may have died since the reconciler's last look: charge it now.
+        running.charge_dead(client, counter_ttl(settings))
+        died = task.request.actviz_deaths = running.deaths(client, spec.job_id)
+        if died >= settings.max_deliveries:
+            raise WorkerLost(
+                f"{died} worker processes died while running the job "
+                f"(limit ACTVIZ_MAX_DELIVERIES={settings.max_deliveries}); it may need more "
+                "memory or time than a worker has, or crash the model"
+            )
     return None

@@ -41,17 +41,19 @@ from producer.errors import (
 from producer.job_registry import mark_ended, mark_started
 from producer.storage import put_many
 from worker.jobs.batches import publish_batch, start_batch_job
-from worker.jobs.deliveries import admit_delivery, redis_client
+from worker.jobs.deliveries import admit_delivery, counter_ttl, redis_client
 from worker.jobs.limits import time_limits
 from worker.jobs.steps import raise_if_cancelled, report_stage, start_progress
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_CPU, STAGE_SECONDS
-from worker.runtime import WorkerRuntime
+from worker.runtime import WorkerRuntime, running
 
 log = logging.getLogger(__name__)
 
 # Faults of the world, not of the input: Celery retries these with backoff and jitter.
 TRANSIENT_ERRORS = transient_errors()
+# Kinds whose images go through `runtime.compute` (a batcher's passes, or alone).
+IMAGE_KINDS = (JobKind.ACTIVATIONS, JobKind.GRADCAM)
 
 
 def parse_spec(message: Any) -> JobSpec:
@@ -99,6 +101,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 # Held (unacked) from here on; the registry checks it until it ends.
                 redis = redis_client(task)
                 if redis is not None:
+                    running.bind(redis, counter_ttl(settings))
                     mark_started(redis, spec.job_id)
                 # A finished job is not run again; a job that keeps killing workers stops.
                 result = admit_delivery(task, spec, runtime.store, settings)
@@ -123,6 +126,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
         except Exception as exc:
             if isinstance(exc, TRANSIENT_ERRORS):
                 if task.request.retries < task.max_retries:
+                    leave_running(redis_client(task), spec.job_id)
                     raise  # Celery retries it (autoretry_for, worker/app.py)
                 error = StorageError(
                     f"storage or broker unreachable through {task.max_retries} retries: {exc}"
@@ -140,6 +144,8 @@ def run_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> dict[str, Any]
     """Run the job's kind, then store what it made: its files first, the manifest last."""
     raise_if_cancelled(task, "before it ran")
     start_batch_job(spec, redis_client(task), runtime.settings)
+    if spec.kind not in IMAGE_KINDS:  # those mark the passes they run in
+        running.mark_running([spec.job_id])
     output = kind_module(spec.kind).run(task, spec, runtime)
     manifest, store = output.manifest, runtime.store
     fill_manifest(manifest, spec, output.cache_event)
@@ -241,6 +247,21 @@ def end_in_registry(redis: Any, job_id: str, state: str) -> None:
     if redis is None:
         return
     try:
-        mark_ended(redis, job_id, state)
+        pipe = redis.pipeline(transaction=False)
+        mark_ended(pipe, job_id, state)
+        running.leave(pipe, job_id)  # no longer this process's to die with
+        pipe.execute()
     except Exception as exc:  # noqa: BLE001 (bookkeeping must not fail an ended job)
         log.warning("could not record the job's end in the registry: %s", exc)
+
+
+def leave_running(redis: Any, job_id: str) -> None:
+    """The job leaves this process without ending (Celery sends it again, as a retry)."""
+    if redis is None:
+        return
+    try:
+        pipe = redis.pipeline(transaction=False)
+        running.leave(pipe, job_id)
+        pipe.execute()
+    except Exception as exc:  # noqa: BLE001 (bookkeeping must not fail a retry)
+        log.warning("could not record the job's retry: %s", exc)

@@ -37,7 +37,7 @@ from producer.job_registry import QUEUED, RECONCILE_KEY, STARTED, due, entries, 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "actviz:reconcile:lock"
-LOCK_S = 60
+LOCK_S = 15  # a pass takes well under a second; a dead holder blocks passes this long
 RECONFIRM_S = 5.0  # a job found nowhere is looked for once more this much later
 MAX_CHECK_EVERY_S = 300.0
 SCAN_CHUNK = 500
@@ -119,10 +119,17 @@ def dead_consumers(client: Any) -> list[str]:
     return dead
 
 
-def reconcile(app: Any, client: Any, now: float | None = None, after: float = 60.0) -> Pass | None:
+def reconcile(
+    app: Any,
+    client: Any,
+    now: float | None = None,
+    after: float = 60.0,
+    charge_ttl: int = 3600,
+) -> Pass | None:
     """One pass over the due checks, or over every registered job when a consumer died
-    since the last pass (it may have popped one). None when another worker holds the
-    lock."""
+    since the last pass (it may have popped one); a dead consumer's running jobs are
+    charged its death, counters living `charge_ttl` s (worker/runtime/running.py). None
+    when another worker holds the lock."""
     token = uuid.uuid4().hex
     if not client.set(LOCK_KEY, token, nx=True, ex=LOCK_S):
         return None
@@ -130,6 +137,10 @@ def reconcile(app: Any, client: Any, now: float | None = None, after: float = 60
         now = time.time() if now is None else now
         dead = dead_consumers(client)
         if dead:
+            # The jobs they were running (not those they only held) may have killed them.
+            from worker.runtime import running
+
+            running.charge(client, dead, charge_ttl)
             log.warning(
                 "worker process(es) gone: %s; looking for every job not ended",
                 ", ".join(dead[:5]),
@@ -223,13 +234,15 @@ def check_every(after: float) -> float:
     return max(1.0, min(RECONFIRM_S, after / 4.0))
 
 
-def start_reconciler(app: Any, client: Any, after: float) -> threading.Thread:
+def start_reconciler(
+    app: Any, client: Any, after: float, charge_ttl: int = 3600
+) -> threading.Thread:
     """A daemon thread that runs `reconcile` every `check_every(after)` seconds."""
 
     def loop() -> None:
         while True:
             try:
-                reconcile(app, client, after=after)
+                reconcile(app, client, after=after, charge_ttl=charge_ttl)
             except Exception as exc:  # noqa: BLE001 (Redis away: the next pass tries again)
                 log.warning("reconciliation pass failed: %s", exc)
             time.sleep(check_every(after))

@@ -11,8 +11,8 @@ from celery import Task
 from producer.contract import JobSpec, cancel_key
 from producer.errors import Cancelled
 from producer.storage import is_s3_uri
-from worker.jobs.deliveries import delivery_key, redis_client
-from worker.runtime import WorkerRuntime
+from worker.jobs.deliveries import redis_client
+from worker.runtime import WorkerRuntime, running
 
 
 @dataclass
@@ -75,9 +75,10 @@ def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
 
 
 def redelivered(task: Task, job_id: str) -> bool:
-    """Whether this attempt of the job was delivered before (see worker/jobs/deliveries.py)."""
+    """Whether a worker process died while running this job before (counted by
+    admit_delivery, see worker/jobs/deliveries.py and worker/runtime/running.py)."""
+    deaths = getattr(task.request, "actviz_deaths", None)
+    if deaths is not None:
+        return deaths > 0
     client = redis_client(task)
-    if client is None:
-        return False
-    count = client.get(delivery_key(job_id, int(task.request.retries or 0)))
-    return int(count or 0) > 1
+    return client is not None and running.deaths(client, job_id) > 0

@@ -48,7 +48,9 @@ from typing import Any
 from producer.contract import JobOptions
 from producer.errors import ActvizError
 from producer.settings import Settings
+from worker.logs import current_job_id
 from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, D2H_BYTES
+from worker.runtime import running
 from worker.runtime.pixel_budget import PixelBudget
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class Pending:
     # The job thread's context (its job id for log lines) follows the image into the render pool.
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
     future: Future = field(default_factory=Future)
+    # Its job, charged if the process dies from the pass on (worker/runtime/running.py).
+    job_id: str | None = field(default_factory=current_job_id)
 
 
 def group_key(extractor: object, shape: tuple[int, ...], render: Hashable = None) -> Hashable:
@@ -284,6 +288,7 @@ class Batcher:
     def _forward(self, batch: list[Pending]) -> None:
         from worker.engine import ForwardPass, PassImage
 
+        running.mark_running(item.job_id for item in batch)
         if isinstance(batch[0].payload, _CamWork):
             self._cam_pass(batch)
             return

@@ -14,7 +14,9 @@ from typing import Any
 from producer.contract import JobKind, JobOptions
 from producer.settings import Settings
 from producer.storage import Store, is_s3_uri, open_store, s3_client
+from worker.logs import current_job_id
 from worker.metrics import STAGE_SECONDS
+from worker.runtime import running
 from worker.runtime.batcher import Batcher, run_alone, run_cam_alone
 from worker.runtime.cache import ModelCache
 from worker.runtime.fetch import fetch_model
@@ -150,10 +152,18 @@ class WorkerRuntime:
             s3 = self.s3 if is_s3_uri(uri) else None
             model_file = fetch_model(uri, self.settings, s3)
             fetched = time.perf_counter()
-            loaded, event = self.cache.get_or_load(
-                model_file.cache_key,
-                lambda: open_model(str(model_file.path), uri=uri, trusted=model_file.trusted),
-            )
+
+            def load() -> Any:
+                # A model that crashes its loader kills the process: the job loading it
+                # is running here (worker/runtime/running.py), the ones waiting are not.
+                job_id = current_job_id()
+                running.mark_running([job_id])
+                try:
+                    return open_model(str(model_file.path), uri=uri, trusted=model_file.trusted)
+                finally:
+                    running.unmark(job_id)
+
+            loaded, event = self.cache.get_or_load(model_file.cache_key, load)
             done = time.perf_counter()
         STAGE_SECONDS.labels(stage="download_model").observe(fetched - started)
         if event == "miss":
