@@ -64,9 +64,12 @@ def test_a_finished_job_is_not_run_again_and_a_poison_job_stops(
     die_running(client, "node-b:102", poison.job_id)
     with pytest.raises(WorkerLost, match="2 worker processes died while running the job"):
         admit_delivery(task, poison, store, settings)
-    # However often a held job comes back, it is not failed for its workers' deaths.
-    for _ in range(5):
+    # A held job is not failed for its workers' deaths (deliveries 3 to 8 here), up to
+    # the backstop: 4 x max_deliveries deliveries that no worker finished.
+    for _ in range(6):
         assert admit_delivery(task, held, store, settings) is None
+    with pytest.raises(WorkerLost, match="delivered 9 times and no worker finished it"):
+        admit_delivery(task, held, store, settings)
 
 
 def test_each_death_is_charged_once(task: SimpleNamespace) -> None:

@@ -38,12 +38,12 @@ def run_image_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     report_stage(task, Progress.LOADING_MODEL)
     fetch_cpu_ms: float | None = None
     if runtime.quarantine is not None and redelivered(task, spec.job_id):
-        # Its worker died holding it: run it in a process of its own, so that a job
-        # that kills its process fails alone and takes no other job with it.
+        # A worker died running it: run it in a process of its own, so that a job that
+        # kills its process fails alone and takes no other job with it. A death of this
+        # worker meanwhile is not charged to it (worker/jobs/deliveries.py).
         image = fetch_image(spec, runtime)
         report_stage(task, Progress.FORWARD)
         log.warning("a worker died running this job before; it runs in the quarantine process")
-        running.mark_running([spec.job_id])  # its helper dies with this process
         outcome, cache_event, timings = runtime.quarantine.run(
             spec.model, image, spec.options, spec.kind
         )

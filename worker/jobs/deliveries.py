@@ -12,6 +12,9 @@ Late acknowledgement means a job whose worker dies is handed out again
   process is charged to the jobs it was *running* then, not to the ones it
   only held (worker/runtime/running.py); once `settings.max_deliveries`
   deaths are charged to a job, its next delivery fails with `worker_lost`.
+  A job run in the quarantine process is not charged its worker's death (the
+  helper, not the worker, runs it; a helper's death fails it at once), so a
+  delivery count of `BACKSTOP` x max_deliveries also ends a job.
   Each delivery of an attempt also increments
   `actviz:deliveries:<job_id>:<retry>`: a first delivery needs no look for a
   finished result. The retry number is part of that key because Celery's
@@ -37,6 +40,10 @@ from worker.runtime import running
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "actviz:deliveries:"
+# Deliveries of one attempt, in units of max_deliveries, after which a job fails whatever
+# it was charged: the stop for a loop no charge sees (a job in the quarantine process
+# whose worker, not its helper, is killed each time).
+BACKSTOP = 4
 
 
 def delivery_key(job_id: str, retry: int) -> str:
@@ -118,5 +125,10 @@ def admit_delivery(task: Task, spec: JobSpec, store: Store, settings: Settings) 
                 f"{died} worker processes died while running the job "
                 f"(limit ACTVIZ_MAX_DELIVERIES={settings.max_deliveries}); it may need more "
                 "memory or time than a worker has, or crash the model"
+            )
+        if count > BACKSTOP * settings.max_deliveries:
+            raise WorkerLost(
+                f"the job was delivered {count} times and no worker finished it "
+                f"(limit {BACKSTOP} x ACTVIZ_MAX_DELIVERIES); its workers keep dying"
             )
     return None
