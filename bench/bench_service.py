@@ -319,9 +319,32 @@ def cpu_tree(root: int, depth: int = 64) -> dict[str, float]:
                 cmdline = b""
             role = "helpers" if b"multiprocessing" in cmdline else "worker"
             found[role] = found.get(role, 0.0) + procs[pid][1]
+            if role == "worker" and depth:
+                found["backend"] = found.get("backend", 0.0) + backend_threads_cpu(pid)
             nxt += [child for child, (parent, _) in procs.items() if parent == pid]
         frontier, level = nxt, level + 1
     return found
+
+
+# Threads the Keras backend starts for its own compute (TensorFlow's "tf_Compute" and
+# friends, XLA's Eigen pool on a CPU): their CPU is the forward pass on a CPU, not
+# bookkeeping, and no job's thread clock sees it.
+BACKEND_THREADS = ("tf_", "XLA", "Eigen", "jax")
+
+
+def backend_threads_cpu(pid: int) -> float:
+    """CPU seconds of process `pid`'s threads named by the backend (BACKEND_THREADS),
+    live ones only (/proc/<pid>/task)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        try:
+            if not (task / "comm").read_text().startswith(BACKEND_THREADS):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def port_free(port: int) -> bool:
@@ -631,7 +654,7 @@ def measure_service(
                         n: (cpu_seconds(pid) - cpu_before[n]) * 1000.0 / len(workload)
                         for n, pid in procs.items()
                     }
-                    for role in ("worker", "helpers"):
+                    for role in ("worker", "helpers", "backend"):
                         spent = tree_after.get(role, 0.0) - tree_before.get(role, 0.0)
                         cpu_ms[role] = spent * 1000.0 / len(workload)
                     passes = max(1.0, after[0] - before[0])
@@ -825,22 +848,27 @@ def main() -> None:
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in owners) + f"{'total':>9}")
     for (batch, conc), load in sorted(loads.items()):
         cells = "".join(f"{load.cpu_ms.get(n, 0.0):>11.1f}" for n in owners)
-        print(f"{batch:>5}{conc:>6}" + cells + f"{sum(load.cpu_ms.values()):>9.1f}")
+        print(
+            f"{batch:>5}{conc:>6}" + cells + f"{sum(load.cpu_ms.get(n, 0.0) for n in owners):>9.1f}"
+        )
     print()
     print(
         "worker CPU per job by stage (ms): the jobs' own cpu_ms (threads doing each stage), "
-        "report helpers' processes, and the rest of the worker processes (Celery's consumer, "
-        "results, Redis calls, logs, metrics: queue + bookkeeping)"
+        "the backend's compute threads (the forward pass on a CPU; `engine` is the host "
+        "thread that dispatches it), report helpers' processes, and the rest of the worker "
+        "processes (Celery's consumer, results, Redis calls, logs, metrics: queue + "
+        "bookkeeping)"
     )
     stages = ("fetch", "preprocess", "engine", "encode", "report", "upload")
-    heads = (*stages, "helpers", "queue+bk", "total", "/ engine")
+    heads = (*stages, "backend", "helpers", "queue+bk", "total", "/ engine")
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in heads))
     for (batch, conc), load in sorted(loads.items()):
         staged = sum(load.cpu_stages.get(n, 0.0) for n in stages)
-        rest = load.cpu_ms.get("worker", 0.0) - staged
+        backend = load.cpu_ms.get("backend", 0.0)
+        rest = load.cpu_ms.get("worker", 0.0) - staged - backend
         total = load.cpu_ms.get("worker", 0.0) + load.cpu_ms.get("helpers", 0.0)
         cells = [load.cpu_stages.get(n, 0.0) for n in stages]
-        cells += [load.cpu_ms.get("helpers", 0.0), rest, total]
+        cells += [backend, load.cpu_ms.get("helpers", 0.0), rest, total]
         print(
             f"{batch:>5}{conc:>6}"
             + "".join(f"{c:>11.1f}" for c in cells)

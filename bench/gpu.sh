@@ -11,7 +11,7 @@ export KERAS_BACKEND="${KERAS_BACKEND:-jax}"
 # Several processes share the card: none may take 75% of it at start-up.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
-PER_DEVICE="${PER_DEVICE:-0}"  # 0: the worker's default (the cores per GPU / 2)
+PER_DEVICE="${PER_DEVICE:-0}"  # 0: the worker's default (3/4 of the cores per GPU)
 out="${1:-bench-gpu}"
 mkdir -p "$out"
 nvidia-smi -L | tee "$out/device.txt" || true

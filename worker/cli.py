@@ -27,7 +27,7 @@ def add_worker_command(sub: Any) -> None:
     p.add_argument(
         "--per-device",
         type=int,
-        help="worker processes sharing each device (default: the cores per GPU / 2; 1 without a GPU)",
+        help="worker processes sharing each device (default: 3/4 of the cores per GPU; 1 without a GPU)",
     )
     p.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
     p.set_defaults(func=cmd_worker)

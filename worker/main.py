@@ -33,12 +33,13 @@ log = logging.getLogger("actviz.worker")
 
 EXIT_CONFIG = 2
 EXIT_PRELOAD = 3
-# Host cores per worker process sharing a GPU. A process's Python (Celery, the job
-# threads, manifests) holds one interpreter lock; its PNG encoding and report helpers
-# use a second core. Measured on an H200 with 16 cores (docs/benchmarks.md): 8
-# processes served the classic CNN at 98 jobs/s, 4 processes at 52.
-CORES_PER_PROCESS = 2
-MAX_PER_DEVICE = 8
+# Worker processes sharing a GPU, per host core of its share. A process's Python
+# (Celery, the job threads, manifests) holds one interpreter lock; its PNG encoding
+# and report helpers use more cores. Measured on an H200 node with 16 cores
+# (docs/benchmarks.md): 12 processes served the classic CNN at 89 jobs/s, 8 at 68-77
+# on the same node (98 on another), 4 at 52.
+PROCESSES_PER_CORE = 0.75
+MAX_PER_DEVICE = 16
 
 EMBEDDED_REFUSAL = (
     "actviz worker needs a shared broker: set ACTVIZ_BROKER_URL=redis://host:6379/0. "
@@ -191,13 +192,13 @@ def usable_cores() -> int:
 
 
 def default_per_device(cores: int, gpus: int, devices: int) -> int:
-    """Worker processes per device the host's cores can feed: one per CORES_PER_PROCESS
-    cores of each device's share, 1 to MAX_PER_DEVICE; 1 without a GPU (the processes
+    """Worker processes per device the host's cores can feed: PROCESSES_PER_CORE per
+    core of each device's share, 1 to MAX_PER_DEVICE; 1 without a GPU (the processes
     would only share the same cores)."""
     if gpus <= 0:
         return 1
     share = cores // max(1, min(gpus, devices))
-    return max(1, min(MAX_PER_DEVICE, share // CORES_PER_PROCESS))
+    return max(1, min(MAX_PER_DEVICE, int(share * PROCESSES_PER_CORE)))
 
 
 def gpu_refusal(settings: Settings, gpus: int) -> str | None:

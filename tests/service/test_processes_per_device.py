@@ -93,12 +93,12 @@ def _free(port: int) -> bool:
 def test_processes_per_device_default_to_what_the_cores_per_gpu_can_feed() -> None:
     from worker.main import default_per_device, visible_gpus
 
-    assert default_per_device(cores=16, gpus=1, devices=1) == 8
-    assert default_per_device(cores=16, gpus=2, devices=2) == 4  # 8 cores per GPU
-    assert default_per_device(cores=16, gpus=2, devices=1) == 8  # one device used
-    assert default_per_device(cores=6, gpus=1, devices=1) == 3
+    assert default_per_device(cores=16, gpus=1, devices=1) == 12
+    assert default_per_device(cores=16, gpus=2, devices=2) == 6  # 8 cores per GPU
+    assert default_per_device(cores=16, gpus=2, devices=1) == 12  # one device used
+    assert default_per_device(cores=6, gpus=1, devices=1) == 4
     assert default_per_device(cores=2, gpus=1, devices=1) == 1
-    assert default_per_device(cores=128, gpus=1, devices=1) == 8  # capped
+    assert default_per_device(cores=128, gpus=1, devices=1) == 16  # capped
     assert default_per_device(cores=64, gpus=0, devices=1) == 1  # no GPU: one process
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
