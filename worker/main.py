@@ -119,7 +119,10 @@ def run_one(settings: Settings, node_name: str | None) -> int:
     service = start_service(settings.metrics_port)
     try:
         registry = load_registry(settings.model_registry)
-        app.actviz.preload([resolve_model(m, registry) for m in settings.preload])
+        app.actviz.preload(
+            [resolve_model(m, registry) for m in settings.preload],
+            every_pass_size=bool(accelerators),
+        )
     except ActvizError as exc:
         print(f"actviz worker: cannot preload: {exc}", file=sys.stderr)
         return EXIT_PRELOAD

@@ -180,3 +180,28 @@ def test_grid_pngs_decode_to_the_canvas_and_its_palette() -> None:
             assert image.mode == "P" and image.size == shape[::-1]
             np.testing.assert_array_equal(np.asarray(image), indices)
             assert bytes(image.getpalette()[:768]) == lut.tobytes()
+
+
+def test_a_warmup_compiles_every_pass_size_a_batch_can_take(loaded_models) -> None:  # noqa: ANN001
+    """Passes are padded to powers of two; warming those sizes leaves no compile to the
+    first jobs of a worker on an accelerator (worker/runtime/process.py)."""
+    from worker.engine import pass_sizes, warmup
+
+    assert pass_sizes(1) == [1]
+    assert pass_sizes(8) == [1, 2, 4, 8]
+    assert pass_sizes(12) == [1, 2, 4, 8, 16]  # a pass of 9 to 12 images is padded to 16
+    loaded = loaded_models("sequential_h5")
+    extractor = loaded.extractor(None)
+    seen: list[int] = []
+    reduce = extractor.reduce
+
+    def spy(batch: np.ndarray, key: RenderKey):  # noqa: ANN202
+        seen.append(batch.shape[0])
+        return reduce(batch, key)
+
+    extractor.reduce = spy
+    try:
+        warmup(loaded, sizes=pass_sizes(4))
+    finally:
+        del extractor.reduce
+    assert seen == [1, 2, 4]

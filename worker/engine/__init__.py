@@ -6,7 +6,7 @@
 Imports Keras (and so the configured backend); only workers import this package.
 """
 
-from worker.engine.analysis import analyze, check_options, prepare_image, warmup
+from worker.engine.analysis import analyze, check_options, pass_sizes, prepare_image, warmup
 from worker.engine.artifacts import Artifacts, ImageRender
 from worker.engine.extract import Extractor, ReducedPass, build_extractor, extract
 from worker.engine.forward_pass import ForwardPass, PassImage
@@ -43,5 +43,6 @@ __all__ = [
     "preprocess",
     "select_layers",
     "stats_from_moments",
+    "pass_sizes",
     "warmup",
 ]

@@ -134,18 +134,33 @@ def analyze(
     return [r for r in results if r is not None]  # every slot is filled above
 
 
+def pass_sizes(images: int) -> list[int]:
+    """The pass sizes `Extractor.reduce` compiles a program for, for passes of 1 to
+    `images` images: it pads each pass to a power of two."""
+    sizes = [1]
+    while sizes[-1] < images:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
 def warmup(
-    loaded: LoadedModel, options: JobOptions | None = None, settings: Settings | None = None
+    loaded: LoadedModel,
+    options: JobOptions | None = None,
+    settings: Settings | None = None,
+    sizes: tuple[int, ...] | list[int] = (1,),
 ) -> None:
-    """Build the extractor for `options.layers` and run its compiled pass once on a gray image."""
+    """Build the extractor for `options.layers` and run its compiled pass on gray images,
+    once per pass size in `sizes` (each size is a program of its own)."""
     options = options or JobOptions()
     settings = settings or Settings()
     check_options(options, loaded.input_shape[2])
     extractor = loaded.extractor(options.layers)
     height, width, channels = loaded.input_shape
     side = min(64, settings.max_side)
-    shape = (1, height or side, width or side, channels)
-    extractor.reduce(np.full(shape, 0.5, dtype=np.float32), RenderKey.of(options, settings))
+    key = RenderKey.of(options, settings)
+    for size in sizes:
+        shape = (size, height or side, width or side, channels)
+        extractor.reduce(np.full(shape, 0.5, dtype=np.float32), key)
 
 
 def _ms_since(started: float) -> float:

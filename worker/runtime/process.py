@@ -171,19 +171,24 @@ class WorkerRuntime:
         timings = {"download_model": (fetched - started) * 1000, "load": (done - fetched) * 1000}
         return loaded, event, timings
 
-    def preload(self, uris: list[str] | tuple[str, ...]) -> None:
-        """Download, load and warm each model before the first job arrives."""
-        from worker.engine import warmup
+    def preload(self, uris: list[str] | tuple[str, ...], every_pass_size: bool = False) -> None:
+        """Download, load and warm each model before the first job arrives: its pass of one
+        image, or with `every_pass_size` (a worker on an accelerator, where each program
+        takes seconds to compile) every pass size its batches can take, so the first
+        jobs of a ready worker wait for no compile."""
+        from worker.engine import pass_sizes, warmup
 
         if self.reports is not None:
             self.reports.start()
+        sizes = pass_sizes(self.settings.batch_size) if every_pass_size else [1]
         for uri in uris:
             loaded, _, timings = self.load_model(uri)
             started = time.perf_counter()
-            warmup(loaded, JobOptions(), self.settings)
+            warmup(loaded, JobOptions(), self.settings, sizes)
             log.info(
-                "preloaded %s (load %.0f ms, warmup %.0f ms)",
+                "preloaded %s (load %.0f ms, warmup of pass sizes %s %.0f ms)",
                 uri,
                 timings["load"],
+                ",".join(map(str, sizes)),
                 (time.perf_counter() - started) * 1000,
             )
