@@ -132,6 +132,17 @@ def consumer_key(consumer: str) -> str:
     return f"actviz:consumer:{consumer}"
 
 
+def expired_consumers(client: Any) -> list[str]:
+    """Consumers listed in CONSUMERS_KEY whose liveness key expired (dead processes)."""
+    members = [m.decode() if isinstance(m, bytes) else m for m in client.smembers(CONSUMERS_KEY)]
+    if not members:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for member in members:
+        pipe.exists(consumer_key(member))
+    return [m for m, alive in zip(members, pipe.execute(), strict=True) if not alive]
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

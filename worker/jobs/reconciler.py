@@ -105,15 +105,9 @@ def held_or_queued(client: Any, wanted: set[str]) -> set[str]:
 def dead_consumers(client: Any) -> list[str]:
     """Consumers (worker processes that pop messages) whose liveness key expired;
     they are forgotten here, so each death is reported once."""
-    from worker.transport import CONSUMERS_KEY, consumer_key
+    from worker.transport import CONSUMERS_KEY, expired_consumers
 
-    members = [m.decode() if isinstance(m, bytes) else m for m in client.smembers(CONSUMERS_KEY)]
-    if not members:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for member in members:
-        pipe.exists(consumer_key(member))
-    dead = [m for m, alive in zip(members, pipe.execute(), strict=True) if not alive]
+    dead = expired_consumers(client)
     if dead:
         client.srem(CONSUMERS_KEY, *dead)
     return dead

@@ -126,15 +126,9 @@ def charge(client: Any, consumers: Iterable[str], ttl_s: int) -> list[str]:
 def charge_dead(client: Any, ttl_s: int) -> list[str]:
     """`charge` every listed consumer whose liveness key expired, leaving it listed (the
     reconciler reports each death once, worker/jobs/reconciler.py)."""
-    from worker.transport import CONSUMERS_KEY, consumer_key
+    from worker.transport import expired_consumers
 
-    members = [m.decode() if isinstance(m, bytes) else m for m in client.smembers(CONSUMERS_KEY)]
-    if not members:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for member in members:
-        pipe.exists(consumer_key(member))
-    dead = [m for m, alive in zip(members, pipe.execute(), strict=True) if not alive]
+    dead = expired_consumers(client)
     return charge(client, dead, ttl_s) if dead else []
 
 
