@@ -62,7 +62,13 @@ from PIL import Image  # noqa: E402
 
 from producer.contract import JobOptions  # noqa: E402
 from producer.settings import Settings  # noqa: E402
-from worker.engine import analyze, manifest_bytes, open_model, preprocess  # noqa: E402
+from worker.engine import (  # noqa: E402
+    RenderKey,
+    analyze,
+    manifest_bytes,
+    open_model,
+    preprocess,
+)
 
 SPECS = (":8", None)  # first 8 layers; every spatial layer (the default)
 IMAGES = 16
@@ -138,6 +144,9 @@ class Floor:
     activation_mb: dict[int, float] = field(default_factory=dict)  # batch -> MB
     d2h_kb: float = 0.0  # KB per image copied from the device to the host, largest batch
     cpu_ms: dict[int, float] = field(default_factory=dict)  # batch -> process CPU ms per image
+    # batch -> process CPU ms per image of the device pass alone (extractor.reduce): on a
+    # CPU, the backend's compute, which runs on threads no job's clock sees
+    pass_cpu_ms: dict[int, float] = field(default_factory=dict)
     classic: float | None = None
 
 
@@ -157,6 +166,13 @@ def measure_floor(
         floor.activation_mb[batch] = batch * extractor.output_bytes(pixels.shape[1:]) / 2**20
         forward = bench_engine.forward_only(extractor)
         floor.forward[batch] = batch / median_s(lambda x=pixels, f=forward: f(x), repeats)
+        key = RenderKey.of(options, settings)
+        extractor.reduce(pixels, key)  # compiled before the clock starts
+        cpu_started = time.process_time()
+        for _ in range(max(3, repeats)):
+            extractor.reduce(pixels, key)
+        spent = time.process_time() - cpu_started
+        floor.pass_cpu_ms[batch] = spent * 1000.0 / (batch * max(3, repeats))
 
         def run(chosen: list[bytes] = chosen) -> list:
             results = analyze(loaded, chosen, options, settings)
@@ -319,32 +335,9 @@ def cpu_tree(root: int, depth: int = 64) -> dict[str, float]:
                 cmdline = b""
             role = "helpers" if b"multiprocessing" in cmdline else "worker"
             found[role] = found.get(role, 0.0) + procs[pid][1]
-            if role == "worker" and depth:
-                found["backend"] = found.get("backend", 0.0) + backend_threads_cpu(pid)
             nxt += [child for child, (parent, _) in procs.items() if parent == pid]
         frontier, level = nxt, level + 1
     return found
-
-
-# Threads the Keras backend starts for its own compute (TensorFlow's "tf_Compute" and
-# friends, XLA's Eigen pool on a CPU): their CPU is the forward pass on a CPU, not
-# bookkeeping, and no job's thread clock sees it.
-BACKEND_THREADS = ("tf_", "XLA", "Eigen", "jax")
-
-
-def backend_threads_cpu(pid: int) -> float:
-    """CPU seconds of process `pid`'s threads named by the backend (BACKEND_THREADS),
-    live ones only (/proc/<pid>/task)."""
-    total = 0.0
-    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
-        try:
-            if not (task / "comm").read_text().startswith(BACKEND_THREADS):
-                continue
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def port_free(port: int) -> bool:
@@ -654,7 +647,7 @@ def measure_service(
                         n: (cpu_seconds(pid) - cpu_before[n]) * 1000.0 / len(workload)
                         for n, pid in procs.items()
                     }
-                    for role in ("worker", "helpers", "backend"):
+                    for role in ("worker", "helpers"):
                         spent = tree_after.get(role, 0.0) - tree_before.get(role, 0.0)
                         cpu_ms[role] = spent * 1000.0 / len(workload)
                     passes = max(1.0, after[0] - before[0])
@@ -854,17 +847,18 @@ def main() -> None:
     print()
     print(
         "worker CPU per job by stage (ms): the jobs' own cpu_ms (threads doing each stage), "
-        "the backend's compute threads (the forward pass on a CPU; `engine` is the host "
-        "thread that dispatches it), report helpers' processes, and the rest of the worker "
-        "processes (Celery's consumer, results, Redis calls, logs, metrics: queue + "
-        "bookkeeping)"
+        "`backend`: the device pass's CPU per image in process less `engine` (on a CPU the "
+        "forward pass runs on the backend's own threads, which no job's clock sees; an "
+        "estimate), report helpers' processes, and the rest of the worker processes "
+        "(Celery's consumer, results, Redis calls, logs, metrics: queue + bookkeeping)"
     )
+    pass_cpu = statistics.mean(f.pass_cpu_ms[b] for f in floors.values())
     stages = ("fetch", "preprocess", "engine", "encode", "report", "upload")
     heads = (*stages, "backend", "helpers", "queue+bk", "total", "/ engine")
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in heads))
     for (batch, conc), load in sorted(loads.items()):
         staged = sum(load.cpu_stages.get(n, 0.0) for n in stages)
-        backend = load.cpu_ms.get("backend", 0.0)
+        backend = max(0.0, pass_cpu - load.cpu_stages.get("engine", 0.0))
         rest = load.cpu_ms.get("worker", 0.0) - staged - backend
         total = load.cpu_ms.get("worker", 0.0) + load.cpu_ms.get("helpers", 0.0)
         cells = [load.cpu_stages.get(n, 0.0) for n in stages]
