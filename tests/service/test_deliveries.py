@@ -97,6 +97,11 @@ def test_a_process_marks_the_jobs_it_runs_and_unmarks_them(
     running.mark_running(["job-a", None, "job-b"])
     assert client.smembers(key) == {b"job-a", b"job-b"} and 0 < client.ttl(key) <= 120
     running.unmark("job-a")
+    with running.running_now("job-b"):  # marked already: it stays so after the block
+        pass
+    with running.running_now("job-c"):  # a model load
+        assert client.sismember(key, "job-c")
+    assert client.smembers(key) == {b"job-b"}
     pipe = client.pipeline()
     running.leave(pipe, "job-b")
     pipe.execute()

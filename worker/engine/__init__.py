@@ -39,10 +39,10 @@ __all__ = [
     "load_model",
     "manifest_bytes",
     "open_model",
+    "pass_sizes",
     "prepare_image",
     "preprocess",
     "select_layers",
     "stats_from_moments",
-    "pass_sizes",
     "warmup",
 ]

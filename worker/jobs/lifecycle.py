@@ -126,7 +126,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
         except Exception as exc:
             if isinstance(exc, TRANSIENT_ERRORS):
                 if task.request.retries < task.max_retries:
-                    leave_running(redis_client(task), spec.job_id)
+                    running.unmark(spec.job_id)  # it leaves this process without ending
                     raise  # Celery retries it (autoretry_for, worker/app.py)
                 error = StorageError(
                     f"storage or broker unreachable through {task.max_retries} retries: {exc}"
@@ -253,15 +253,3 @@ def end_in_registry(redis: Any, job_id: str, state: str) -> None:
         pipe.execute()
     except Exception as exc:  # noqa: BLE001 (bookkeeping must not fail an ended job)
         log.warning("could not record the job's end in the registry: %s", exc)
-
-
-def leave_running(redis: Any, job_id: str) -> None:
-    """The job leaves this process without ending (Celery sends it again, as a retry)."""
-    if redis is None:
-        return
-    try:
-        pipe = redis.pipeline(transaction=False)
-        running.leave(pipe, job_id)
-        pipe.execute()
-    except Exception as exc:  # noqa: BLE001 (bookkeeping must not fail a retry)
-        log.warning("could not record the job's retry: %s", exc)

@@ -156,12 +156,8 @@ class WorkerRuntime:
             def load() -> Any:
                 # A model that crashes its loader kills the process: the job loading it
                 # is running here (worker/runtime/running.py), the ones waiting are not.
-                job_id = current_job_id()
-                running.mark_running([job_id])
-                try:
+                with running.running_now(current_job_id()):
                     return open_model(str(model_file.path), uri=uri, trusted=model_file.trusted)
-                finally:
-                    running.unmark(job_id)
 
             loaded, event = self.cache.get_or_load(model_file.cache_key, load)
             done = time.perf_counter()

@@ -26,7 +26,9 @@ error is logged and the job goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ RUNNING_PREFIX = "actviz:running:"
 SUSPECT_PREFIX = "actviz:suspect:"
 
 _bound: dict[str, Any] = {}
+_marked: set[str] = set()  # what this process has in its running set
+_lock = threading.Lock()
 
 
 def running_key(consumer: str) -> str:
@@ -59,6 +63,8 @@ def bind(client: Any, ttl_s: int) -> None:
 def unbind() -> None:
     """Stop marking (a process that leaves the service, or a test)."""
     _bound.clear()
+    with _lock:
+        _marked.clear()
 
 
 def mark_running(job_ids: Iterable[str | None]) -> None:
@@ -67,6 +73,8 @@ def mark_running(job_ids: Iterable[str | None]) -> None:
     client = _bound.get("client")
     if client is None or not ids:
         return
+    with _lock:
+        _marked.update(ids)
     try:
         pipe = client.pipeline(transaction=False)
         pipe.sadd(_bound["key"], *ids)
@@ -77,19 +85,39 @@ def mark_running(job_ids: Iterable[str | None]) -> None:
 
 
 def unmark(job_id: str | None) -> None:
-    """The job stops running here without ending (its model is loaded; it waits for a pass)."""
+    """The job stops running here without ending (its model is loaded and it waits for a
+    pass, or Celery sends it again as a retry)."""
     client = _bound.get("client")
     if client is None or not job_id:
         return
+    with _lock:
+        _marked.discard(job_id)
     try:
         client.srem(_bound["key"], job_id)
     except Exception as exc:  # noqa: BLE001 (bookkeeping must not fail the job)
         log.warning("could not record the jobs this worker runs: %s", exc)
 
 
+@contextmanager
+def running_now(job_id: str | None) -> Iterator[None]:
+    """The job runs here for the block (a model load); one marked already stays so."""
+    with _lock:
+        already = job_id in _marked
+    if already or not job_id:
+        yield
+        return
+    mark_running([job_id])
+    try:
+        yield
+    finally:
+        unmark(job_id)
+
+
 def leave(pipe: Any, job_id: str) -> None:
     """Queue, on `pipe`, the job's removal from this process's running set."""
     if _bound.get("client") is not None:
+        with _lock:
+            _marked.discard(job_id)
         pipe.srem(_bound["key"], job_id)
 
 
