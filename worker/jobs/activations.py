@@ -37,7 +37,7 @@ def run_image_job(task: Task, spec: JobSpec, runtime: WorkerRuntime) -> Output:
     """Fetch, compute (`runtime.compute` for the job's kind), report: the job's Output."""
     report_stage(task, Progress.LOADING_MODEL)
     fetch_cpu_ms: float | None = None
-    if runtime.quarantine is not None and redelivered(task, spec.job_id):
+    if runtime.quarantine is not None and redelivered(task):
         # A worker died running it: run it in a process of its own, so that a job that
         # kills its process fails alone and takes no other job with it. A death of this
         # worker meanwhile is not charged to it (worker/jobs/deliveries.py).

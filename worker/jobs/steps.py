@@ -12,7 +12,7 @@ from producer.contract import JobSpec, cancel_key
 from producer.errors import Cancelled
 from producer.storage import is_s3_uri
 from worker.jobs.deliveries import redis_client
-from worker.runtime import WorkerRuntime, running
+from worker.runtime import WorkerRuntime
 
 
 @dataclass
@@ -74,11 +74,7 @@ def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
     return read_image(spec.image, runtime.store, runtime.settings, s3)
 
 
-def redelivered(task: Task, job_id: str) -> bool:
-    """Whether a worker process died while running this job before (counted by
-    admit_delivery, see worker/jobs/deliveries.py and worker/runtime/running.py)."""
-    deaths = getattr(task.request, "actviz_deaths", None)
-    if deaths is not None:
-        return deaths > 0
-    client = redis_client(task)
-    return client is not None and running.deaths(client, job_id) > 0
+def redelivered(task: Task) -> bool:
+    """Whether a worker process died while running this job before: admit_delivery
+    counted it for this delivery (worker/jobs/deliveries.py, worker/runtime/running.py)."""
+    return getattr(task.request, "actviz_deaths", 0) > 0
