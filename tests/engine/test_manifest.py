@@ -24,6 +24,13 @@ def test_json_safe_turns_non_finite_floats_into_null_and_numpy_into_python():
     assert json.loads(manifest_bytes(safe)) == safe
 
 
-def test_manifest_bytes_refuses_nan():
-    with pytest.raises(ValueError):
-        manifest_bytes({"x": math.nan})
+def test_manifest_bytes_is_strict_json_whatever_it_is_given():
+    # A NaN or infinity that escaped json_safe is null: a reader never sees NaN.
+    written = manifest_bytes({"x": math.nan, "y": [np.float32(0.5), math.inf], "z": np.arange(2)})
+    assert json.loads(written) == {"x": None, "y": [0.5, None], "z": [0, 1]}
+    assert b"NaN" not in written and b"Infinity" not in written
+
+
+def test_manifest_bytes_refuses_what_json_cannot_hold():
+    with pytest.raises(TypeError):
+        manifest_bytes({"x": object()})

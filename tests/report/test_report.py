@@ -12,6 +12,7 @@ from jobs import analyze_images, photo_crops, publish_job
 from PIL import Image
 
 from worker.report import render_report
+from worker.report.page import significant
 
 LAYERS_JS = "Array.from(document.querySelectorAll('section.layer'))"
 
@@ -222,3 +223,21 @@ def test_report_without_grid_geometry_or_layers_still_renders() -> None:
     out = render_report(manifest)
     assert b"no spatial output" in out["index.html"]
     assert out["depth.svg"].startswith(b"<svg")
+
+
+def test_page_stats_are_the_manifests_to_five_significant_digits() -> None:
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(2000) * 10.0 ** rng.integers(-12, 12, 2000)).tolist()
+    values += [0.0, -0.0, 1.0, 99999.5, 123456789.0, 1.23455, 1e-30, 1e30, None]
+    got = significant(values, 5).tolist()
+    want = [float(f"{v:.5g}") if v is not None else None for v in values]
+    assert got[:-1] == want[:-1] and np.isnan(got[-1])
+    manifest = {
+        "version": 1,
+        "layers": [{"name": "conv", "stats": {"mean": values, "std": [0.5] * len(values)}}],
+    }
+    html = render_report(manifest)["index.html"].decode()
+    payload = html.split('id="actviz-data"', 1)[1].split(">", 1)[1].split("</script>", 1)[0]
+    stats = json.loads(payload)["layers"][0]["stats"]
+    assert stats["mean"] == want  # None (a NaN in the manifest) stays null: strict JSON
+    assert stats["std"] == [0.5] * len(values) and stats["max"] == []

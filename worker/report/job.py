@@ -51,7 +51,11 @@ def render_report(manifest: dict[str, Any]) -> dict[str, bytes]:
     page = render_page(
         "job.html.j2",
         title,
-        {"layers": [grid_data(layer, "") for layer in layers]},
+        {
+            "layers": [grid_data(layer, "") for layer in layers],
+            # The page script outlines each layer's dead channels on their tiles.
+            "dead_mark_limit": DEAD_MARK_LIMIT,
+        },
         model_name=_model_name(manifest),
         job_id=manifest.get("job_id"),
         input_src=safe_href(manifest.get("input")),
@@ -175,14 +179,11 @@ def _layer_view(position: int, layer: dict[str, Any]) -> dict[str, Any]:
         + (" …" if len(dead) > DEAD_LISTED else ""),
         "grid_src": safe_href(grid.get("png")) if grid else None,
         "strip_style": None,
-        "dead_marks": [],
         "caption": _grid_caption(shape),
         "top": [],
         "overlay_src": safe_href(layer.get("overlay")),
     }
     if view["grid_src"] and shape:
-        if len(dead) <= DEAD_MARK_LIMIT:
-            view["dead_marks"] = [_dead_mark(shape, c) for c in dead if c < shape["channels"]]
         if not layer.get("spatial", True):
             # A strip of values (Dense, Flatten): keep it a strip instead of scaling it square.
             width = min(560, max(STRIP_PX, shape["width"] * 2))
@@ -201,18 +202,6 @@ def _grid_caption(shape: dict[str, int] | None) -> str:
     if shape.get("downsample", 1) > 1:
         text += f", every {shape['downsample']}th pixel"
     return text + "; click a tile to enlarge"
-
-
-def _dead_mark(shape: dict[str, int], channel: int) -> dict[str, Any]:
-    row, col = divmod(channel, shape["cols"])
-    step_w = shape["tile_w"] + shape["separator"]
-    step_h = shape["tile_h"] + shape["separator"]
-    left = 100.0 * col * step_w / shape["width"]
-    top = 100.0 * row * step_h / shape["height"]
-    width = 100.0 * shape["tile_w"] / shape["width"]
-    height = 100.0 * shape["tile_h"] / shape["height"]
-    style = f"left:{left:.3f}%;top:{top:.3f}%;width:{width:.3f}%;height:{height:.3f}%"
-    return {"channel": channel, "style": style}
 
 
 def _top_tiles(

@@ -10,13 +10,14 @@ a page is one file. Keys are linked only when they are plain relative paths
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
 from importlib import resources
 from typing import Any
 
 import jinja2
+import numpy as np
+import orjson
 from markupsafe import Markup
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
@@ -42,7 +43,8 @@ def _static(name: str) -> Markup:
 def render_page(template: str, title: str, data: dict[str, Any], **context: Any) -> bytes:
     """A whole page, UTF-8: `template` with `context`, `data` for the page script."""
     # JSON inside <script> must not contain '</script>' or '<!--'.
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    # orjson writes a NaN as null, so the payload is always strict JSON.
+    payload = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY).decode().replace("<", "\\u003c")
     page = (
         environment()
         .get_template(template)
@@ -77,14 +79,38 @@ def grid_data(layer: dict[str, Any], prefix: str) -> dict[str, Any]:
         "name": str(layer.get("name", "")),
         "grid": href,
         "geometry": geometry(grid) if href else None,
-        "stats": {key: [_round(v) for v in stats.get(key) or []] for key in STAT_COLUMNS},
+        "stats": _rounded_columns(stats),
         "dead": stats.get("dead") or [],
     }
 
 
-def _round(value: Any) -> Any:
-    # Five significant digits keep the embedded stats small; the manifest has them all.
-    return float(f"{value:.5g}") if isinstance(value, float) else value
+def _rounded_columns(stats: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The per-channel stat columns, each to five significant digits (the page's
+    lightbox shows four; the manifest keeps them all), rounded in one call."""
+    columns = [list(stats.get(key) or []) for key in STAT_COLUMNS]
+    flat = significant([v for column in columns for v in column], 5)
+    ends = np.cumsum([len(column) for column in columns])
+    return dict(zip(STAT_COLUMNS, np.split(flat, ends[:-1]), strict=True))
+
+
+def significant(values: list[Any], digits: int) -> np.ndarray:
+    """`values` (numbers or None) rounded to `digits` significant digits, None as NaN.
+
+    The same numbers as `float(f"{v:.{digits}g}")` but for the whole list at once
+    (a job's report rounds thousands); each is the double nearest its short
+    decimal, so JSON writes it short. NaN is written as null.
+    """
+    x = np.array(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        magnitude = np.floor(np.log10(np.abs(x)))
+    decimals = digits - 1 - np.where(np.isfinite(magnitude), magnitude, 0.0)
+    # Scale by exact powers of ten: 10**d for d >= 0 (exact to 10**22), 10**-d otherwise.
+    up = decimals >= 0
+    power = 10.0 ** np.abs(np.clip(decimals, -22, 22))
+    with np.errstate(invalid="ignore", over="ignore"):
+        rounded = np.where(up, np.round(x * power) / power, np.round(x / power) * power)
+    # Beyond the exact powers (|x| under 1e-18 or over 1e22), keep the value as it is.
+    return np.where(np.abs(decimals) <= 22, rounded, x)
 
 
 def format_number(value: Any) -> str:

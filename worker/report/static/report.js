@@ -63,6 +63,21 @@ document.querySelectorAll('img.grid').forEach(img=>{
     const c=row*g.cols+col;if(c<g.channels)show(layer,c);
   });
 });
+// A job page outlines each layer's dead channels on their tiles (up to a limit; the
+// text beside the grid lists them all).
+if(!DATA.rows)DATA.layers.forEach((it,layer)=>{
+  const img=gridImg(layer,0),g=it&&it.geometry,dead=(it&&it.dead)||[];
+  if(!img||!g||dead.length>DATA.dead_mark_limit)return;
+  const pct=(v,whole)=>(100*v/whole).toFixed(3)+'%';
+  dead.forEach(c=>{
+    if(c>=g.channels)return;
+    const row=Math.floor(c/g.cols),col=c%g.cols,m=document.createElement('span');
+    m.className='deadmark';m.title='channel '+c+' is dead';
+    m.style.left=pct(col*(g.tile_w+g.separator),g.width);m.style.top=pct(row*(g.tile_h+g.separator),g.height);
+    m.style.width=pct(g.tile_w,g.width);m.style.height=pct(g.tile_h,g.height);
+    img.parentNode.appendChild(m);
+  });
+});
 document.querySelectorAll('button.tile').forEach(b=>{
   const img=gridImg(b.dataset.layer,0);
   if(img)b.style.backgroundImage='url("'+img.src+'")';
