@@ -63,7 +63,6 @@ from PIL import Image  # noqa: E402
 from producer.contract import JobOptions  # noqa: E402
 from producer.settings import Settings  # noqa: E402
 from worker.engine import (  # noqa: E402
-    RenderKey,
     analyze,
     manifest_bytes,
     open_model,
@@ -144,9 +143,6 @@ class Floor:
     activation_mb: dict[int, float] = field(default_factory=dict)  # batch -> MB
     d2h_kb: float = 0.0  # KB per image copied from the device to the host, largest batch
     cpu_ms: dict[int, float] = field(default_factory=dict)  # batch -> process CPU ms per image
-    # batch -> process CPU ms per image of the device pass alone (extractor.reduce): on a
-    # CPU, the backend's compute, which runs on threads no job's clock sees
-    pass_cpu_ms: dict[int, float] = field(default_factory=dict)
     classic: float | None = None
 
 
@@ -166,13 +162,6 @@ def measure_floor(
         floor.activation_mb[batch] = batch * extractor.output_bytes(pixels.shape[1:]) / 2**20
         forward = bench_engine.forward_only(extractor)
         floor.forward[batch] = batch / median_s(lambda x=pixels, f=forward: f(x), repeats)
-        key = RenderKey.of(options, settings)
-        extractor.reduce(pixels, key)  # compiled before the clock starts
-        cpu_started = time.process_time()
-        for _ in range(max(3, repeats)):
-            extractor.reduce(pixels, key)
-        spent = time.process_time() - cpu_started
-        floor.pass_cpu_ms[batch] = spent * 1000.0 / (batch * max(3, repeats))
 
         def run(chosen: list[bytes] = chosen) -> list:
             results = analyze(loaded, chosen, options, settings)
@@ -386,17 +375,23 @@ class Worker:
             raise RuntimeError(f"worker exited {self.proc.returncode}: {self.log.read_text()}")
         return all(http_ok(f"http://127.0.0.1:{port}/readyz") for port in self.ports)
 
-    def batches(self) -> tuple[float, float]:
-        """(forward passes, images) so far, from actviz_forward_batch_images, all processes."""
-        values = {"count": 0.0, "sum": 0.0}
+    def counters(self) -> tuple[float, float, float]:
+        """(forward passes, images, CPU seconds of native threads) so far, all processes:
+        actviz_forward_batch_images and actviz_native_thread_cpu_seconds."""
+        names = {
+            "actviz_forward_batch_images_count": 0,
+            "actviz_forward_batch_images_sum": 1,
+            "actviz_native_thread_cpu_seconds": 2,
+        }
+        values = [0.0, 0.0, 0.0]
         for port in self.ports:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 text = resp.read().decode()
             for line in text.splitlines():
-                for name in ("count", "sum"):
-                    if line.startswith(f"actviz_forward_batch_images_{name} "):
-                        values[name] += float(line.split()[1])
-        return values["count"], values["sum"]
+                name, _, value = line.partition(" ")
+                if name in names:
+                    values[names[name]] += float(value)
+        return values[0], values[1], values[2]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -637,11 +632,11 @@ def measure_service(
                     procs = {**pids, "producers": os.getpid()}
                     cpu_before = {n: cpu_seconds(pid) for n, pid in procs.items()}
                     tree_before = cpu_tree(worker.proc.pid)
-                    before = worker.batches()
+                    before = worker.counters()
                     seconds, latencies, failed, stages, cpu_stages = run_load(
                         settings, workload, concurrency
                     )
-                    after = worker.batches()
+                    after = worker.counters()
                     tree_after = cpu_tree(worker.proc.pid)
                     cpu_ms = {
                         n: (cpu_seconds(pid) - cpu_before[n]) * 1000.0 / len(workload)
@@ -650,6 +645,8 @@ def measure_service(
                     for role in ("worker", "helpers"):
                         spent = tree_after.get(role, 0.0) - tree_before.get(role, 0.0)
                         cpu_ms[role] = spent * 1000.0 / len(workload)
+                    # Of the worker's: its native threads' (the backend's pools).
+                    cpu_ms["native"] = (after[2] - before[2]) * 1000.0 / len(workload)
                     passes = max(1.0, after[0] - before[0])
                     loads[(batch_size, concurrency)] = Load(
                         len(workload),
@@ -847,22 +844,22 @@ def main() -> None:
     print()
     print(
         "worker CPU per job by stage (ms): the jobs' own cpu_ms (threads doing each stage), "
-        "`backend`: the device pass's CPU per image in process less `engine` (on a CPU the "
-        "forward pass runs on the backend's own threads, which no job's clock sees; an "
-        "estimate), report helpers' processes, and the rest of the worker processes "
-        "(Celery's consumer, results, Redis calls, logs, metrics: queue + bookkeeping)"
+        "`native`: the worker's threads that Python did not start, measured "
+        "(actviz_native_thread_cpu_seconds: the backend's own pools, where a CPU runs the "
+        "forward pass and no job's clock sees it), report helpers' processes, and the rest "
+        "of the worker processes (Celery's consumer, results, Redis calls, logs, metrics: "
+        "queue + bookkeeping)"
     )
-    pass_cpu = statistics.mean(f.pass_cpu_ms[b] for f in floors.values())
     stages = ("fetch", "preprocess", "engine", "encode", "report", "upload")
-    heads = (*stages, "backend", "helpers", "queue+bk", "total", "/ engine")
+    heads = (*stages, "native", "helpers", "queue+bk", "total", "/ engine")
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in heads))
     for (batch, conc), load in sorted(loads.items()):
         staged = sum(load.cpu_stages.get(n, 0.0) for n in stages)
-        backend = max(0.0, pass_cpu - load.cpu_stages.get("engine", 0.0))
-        rest = load.cpu_ms.get("worker", 0.0) - staged - backend
+        native = load.cpu_ms.get("native", 0.0)
+        rest = load.cpu_ms.get("worker", 0.0) - staged - native
         total = load.cpu_ms.get("worker", 0.0) + load.cpu_ms.get("helpers", 0.0)
         cells = [load.cpu_stages.get(n, 0.0) for n in stages]
-        cells += [backend, load.cpu_ms.get("helpers", 0.0), rest, total]
+        cells += [native, load.cpu_ms.get("helpers", 0.0), rest, total]
         print(
             f"{batch:>5}{conc:>6}"
             + "".join(f"{c:>11.1f}" for c in cells)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -59,6 +62,12 @@ RECONCILED = Counter(
     "Registered jobs found in no queue and held by no worker, twice, and sent again "
     "(worker/jobs/reconciler.py)",
 )
+NATIVE_THREAD_CPU = Gauge(
+    "actviz_native_thread_cpu_seconds",
+    "CPU seconds of this process's live threads that Python did not start: the backend's "
+    "own pools (TensorFlow's intra- and inter-op threads run the forward pass on a CPU; "
+    "XLA's and the device runtime's on an accelerator). Linux only; read at each scrape",
+)
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(
     "actviz_gpu_memory_peak_bytes", "Peak accelerator memory since process start", ["device"]
@@ -110,3 +119,25 @@ def _jax_memory() -> dict[str, tuple[int, int]]:
             peak = stats.get("peak_bytes_in_use", stats["bytes_in_use"])
             usage[f"GPU:{device.id}"] = (int(stats["bytes_in_use"]), int(peak))
     return usage
+
+
+def sample_native_threads() -> float:
+    """Set NATIVE_THREAD_CPU from /proc/self/task; returns it (0.0 where /proc is absent).
+
+    A thread is Python's when `threading` knows its native id; every other live
+    thread of the process was started by native code. Called on every /metrics
+    scrape. A native thread that exits takes its CPU out of the gauge.
+    """
+    python = {t.native_id for t in threading.enumerate()}
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        if int(stat.parent.name) in python:
+            continue
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended between the listing and the read
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    NATIVE_THREAD_CPU.set(total)
+    return total

@@ -98,3 +98,33 @@ def test_gpu_memory_of_a_jax_gpu_appears_in_metrics(server):
     peak = re.search(r'^actviz_gpu_memory_peak_bytes\{device="GPU:0"\} (\S+)$', body, re.M)
     assert used and float(used.group(1)) >= block.nbytes
     assert peak and float(peak.group(1)) >= float(used.group(1))
+
+
+def test_native_thread_cpu_counts_the_backends_threads_not_pythons():
+    # TensorFlow runs a CPU forward pass on its own pool threads, which no job's
+    # clock sees: the gauge holds their CPU, and none of a busy Python thread's.
+    code = """
+import os, threading, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np, tensorflow as tf
+from worker.metrics import sample_native_threads
+def spin():
+    end = time.thread_time() + 0.5
+    while time.thread_time() < end:
+        pass
+before = sample_native_threads()
+worker = threading.Thread(target=spin)
+worker.start(); worker.join()
+python_added = sample_native_threads() - before
+x = tf.random.uniform((8, 128, 128, 16))
+w = tf.random.uniform((3, 3, 16, 64))
+start_native, start_all = sample_native_threads(), time.process_time()
+for _ in range(40):
+    tf.nn.conv2d(x, w, 1, "SAME").numpy()
+native = sample_native_threads() - start_native
+print(python_added, native, time.process_time() - start_all)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    python_added, native, total = (float(v) for v in out.stdout.split())
+    assert python_added < 0.1, out.stderr  # the 0.5 s of a Python thread is not native
+    assert native > 0.25 * total > 0, (native, total)  # the convolutions ran on TF's threads
