@@ -182,6 +182,33 @@ def test_grid_pngs_decode_to_the_canvas_and_its_palette() -> None:
             assert bytes(image.getpalette()[:768]) == lut.tobytes()
 
 
+def test_gray_and_rgb_pngs_decode_to_their_pixels() -> None:
+    """The up-filtered gray and RGB PNGs (input images, overlays) decode exactly."""
+    import io
+
+    from PIL import Image
+
+    from worker.engine import render
+
+    rng = np.random.default_rng(6)
+    for shape, mode in [
+        ((1, 1), "L"),
+        ((5, 9, 1), "L"),
+        ((64, 48, 3), "RGB"),
+        ((1, 700, 3), "RGB"),
+    ]:
+        pixels = rng.integers(0, 256, shape).astype(np.uint8)
+        with Image.open(io.BytesIO(render.encode_png(pixels))) as image:
+            image.load()
+            assert image.mode == mode and image.size == (shape[1], shape[0])
+            np.testing.assert_array_equal(np.asarray(image).reshape(pixels.shape), pixels)
+    strided = rng.integers(0, 256, (40, 60, 3)).astype(np.uint8)[::2, ::3]  # not contiguous
+    with Image.open(io.BytesIO(render.encode_png(strided))) as image:
+        np.testing.assert_array_equal(np.asarray(image), strided)
+    with pytest.raises(ValueError):
+        render.encode_png(np.zeros((4, 4, 3), dtype=np.float32))
+
+
 def test_a_warmup_compiles_every_pass_size_a_batch_can_take(loaded_models) -> None:  # noqa: ANN001
     """Passes are padded to powers of two; warming those sizes leaves no compile to the
     first jobs of a worker on an accelerator (worker/runtime/process.py)."""
