@@ -62,6 +62,7 @@ from producer.settings import Settings  # noqa: E402
 from worker.engine import RenderKey, analyze, manifest_bytes, open_model, preprocess  # noqa: E402
 from worker.engine.cam_pass import analyze_cam, cam_of  # noqa: E402
 from worker.engine.compiled import compile_program, to_host  # noqa: E402
+from worker.report import render_report  # noqa: E402
 
 SPEC = ":8"
 IMAGES_PER_ROW = 16
@@ -234,6 +235,14 @@ def main() -> None:
         d2h = {n: extractor.reduce(pixels[:n], key).d2h_bytes / n for n in sizes}
         results = analyze(loaded, images[:1], options, settings)
         floats = extractor.output_bytes(pixels.shape[1:])
+        # What the worker adds for each job on the host: its manifest and report page.
+        manifest = results[0].manifest
+        per_job = measure(
+            {
+                "manifest": (lambda: manifest_bytes(manifest), args.repeats),
+                "report": (lambda: render_report(manifest), args.repeats),
+            }
+        )
 
     print(f"actviz engine benchmark  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(
@@ -281,6 +290,11 @@ def main() -> None:
             f"against {c / n:.2f} ms/img); its pass {g / a:.2f}x the forward pass "
             f"(layer {cam.ref.name}, top-1 class)"
         )
+    print(
+        f"per job on the host: manifest JSON {per_job['manifest'][0]:.2f} ms "
+        f"({len(manifest_bytes(manifest)) / 1024:.0f} KB), report page "
+        f"(index.html + depth.svg) {per_job['report'][0]:.2f} ms"
+    )
     stages = results[0].manifest["timings_ms"]
     print(
         "engine stages (one run, one image, ms): "
