@@ -74,6 +74,10 @@ class Settings:
     # (encoding, report, uploads) keeps one process from filling its accelerator.
     # 0: as many as the host's cores per GPU can feed (worker/main.py), 1 without a GPU.
     processes_per_device: int = 0
+    # Worker processes sharing this host's cores, which size each one's encode threads
+    # and report helpers (worker/runtime/cores.py); `actviz worker` sets it for the
+    # processes it starts.
+    host_processes: int = 1
     soft_time_limit: int = 300
     time_limit: int = 360
     result_expires: int = 7 * 24 * 3600

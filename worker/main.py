@@ -28,6 +28,7 @@ from typing import Any
 from producer.errors import ActvizError
 from producer.registry import load_registry, resolve_model
 from producer.settings import Settings, child_environ, redact_url
+from worker.runtime.cores import render_threads, report_helpers, usable_cores
 
 log = logging.getLogger("actviz.worker")
 
@@ -65,6 +66,15 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
         print(
             f"actviz worker: {gpus} GPU(s) visible, {cores} cores: {per_device} process(es) "
             "per device (--per-device / ACTVIZ_PROCESSES_PER_DEVICE to choose)",
+            file=sys.stderr,
+        )
+    processes = max(1, settings.concurrency) * max(1, settings.processes_per_device)
+    if processes > 1:
+        shared = dataclasses.replace(settings, host_processes=processes)
+        print(
+            f"actviz worker: {processes} processes on {usable_cores()} cores, each encoding "
+            f"on {render_threads(shared)} threads with {report_helpers(shared)} report "
+            "helper(s)",
             file=sys.stderr,
         )
     if settings.concurrency * max(1, settings.processes_per_device) > 1:
@@ -188,12 +198,6 @@ def visible_gpus(environ: dict[str, str]) -> int:
     return sum(1 for path in Path("/dev").glob("nvidia[0-9]*") if path.name[6:].isdigit())
 
 
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def default_per_device(cores: int, gpus: int, devices: int) -> int:
     """Worker processes per device the host's cores can feed: PROCESSES_PER_CORE per
     core of each device's share, 1 to MAX_PER_DEVICE; 1 without a GPU (the processes
@@ -258,7 +262,8 @@ def child_plan(settings: Settings, environ: dict[str, str]) -> list[dict[str, st
     # runtime gave it: a container given GPU 3 (or a GPU UUID) pins its child to it.
     ids = device_ids(environ)
     plan = []
-    for index in range(max(1, settings.concurrency) * per_device):
+    total = max(1, settings.concurrency) * per_device
+    for index in range(total):
         device = index // per_device
         env = {
             "CUDA_VISIBLE_DEVICES": ids[device] if device < len(ids) else str(device),
@@ -268,6 +273,8 @@ def child_plan(settings: Settings, environ: dict[str, str]) -> list[dict[str, st
                 settings.metrics_port + index if settings.metrics_port else 0
             ),
             "ACTVIZ_PROCESSES_PER_DEVICE": "1",
+            # Its pools are sized to its share of the cores (worker/runtime/cores.py).
+            "ACTVIZ_HOST_PROCESSES": str(total),
         }
         if per_device > 1 and "XLA_PYTHON_CLIENT_PREALLOCATE" not in environ:
             # JAX takes 75% of a card at start-up by default; processes sharing it cannot.

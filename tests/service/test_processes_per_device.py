@@ -27,6 +27,7 @@ def test_children_are_spread_over_devices_and_told_not_to_preallocate() -> None:
     assert [env["CUDA_VISIBLE_DEVICES"] for env in plan] == ["0", "0", "0", "1", "1", "1"]
     assert [env["ACTVIZ_METRICS_PORT"] for env in plan] == [str(9100 + i) for i in range(6)]
     assert {env["ACTVIZ_PROCESSES_PER_DEVICE"] for env in plan} == {"1"}  # children run one each
+    assert {env["ACTVIZ_HOST_PROCESSES"] for env in plan} == {"6"}  # and know they share cores
     assert {env["XLA_PYTHON_CLIENT_PREALLOCATE"] for env in plan} == {"false"}
     # What the operator set is kept; one process per device needs no change.
     mine = child_plan(settings, {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})
@@ -151,3 +152,14 @@ def test_require_gpu_makes_a_worker_without_one_exit_with_the_reason(
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "ACTVIZ_REQUIRE_GPU is set" in done.stderr and "sees no GPU" in done.stderr
+
+
+def test_each_process_sizes_its_pools_to_its_share_of_the_cores() -> None:
+    from worker.runtime.cores import core_share, render_threads, report_helpers
+
+    # (cores, processes on the host) -> (share, encode threads, report helpers)
+    cases = {(16, 12): (1, 2, 1), (16, 4): (4, 4, 2), (16, 1): (16, 16, 4), (2, 1): (2, 2, 1)}
+    for (cores, processes), expected in cases.items():
+        settings = Settings.from_env({"ACTVIZ_HOST_PROCESSES": str(processes)})
+        got = (core_share(settings, cores), render_threads(settings, cores))
+        assert (*got, report_helpers(settings, cores)) == expected, (cores, processes)

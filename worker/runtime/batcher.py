@@ -163,7 +163,7 @@ class Batcher:
         self._incoming = 0
         self._cond = threading.Condition()
         self._slots = threading.BoundedSemaphore(PIPELINE_DEPTH)
-        threads = render_threads or os.cpu_count() or 1
+        threads = render_threads or os.cpu_count() or 1  # process.py passes its share
         self._render = ThreadPoolExecutor(threads, thread_name_prefix="actviz-render")
         self._batches = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="actviz-forward", daemon=True)

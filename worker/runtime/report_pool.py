@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 # Spawning a helper and importing the report takes a second or two; far longer means stuck.
 START_TIMEOUT_S = 60.0
 
-MAX_PROCESSES = 4
-
 
 def render_in_process(manifest: dict[str, Any]) -> dict[str, bytes]:
     """worker.report.render_report, importable by name in a spawned process."""
@@ -63,11 +61,9 @@ def _ready() -> bool:
 class ReportPool:
     """`render(manifest)` -> {"index.html": ..., "depth.svg": ...} in a helper process."""
 
-    def __init__(self, processes: int | None = None) -> None:
-        # Half the cores this process may run on, at most MAX_PROCESSES: a node's
-        # core count is not a container's CPU limit, and each helper is an interpreter.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.processes = processes or min(MAX_PROCESSES, max(1, (cores or 1) // 2))
+    def __init__(self, processes: int) -> None:
+        # worker/runtime/cores.py sizes it: each helper is an interpreter of its own.
+        self.processes = max(1, processes)
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._disabled = False

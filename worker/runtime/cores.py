@@ -1,0 +1,42 @@
+"""A worker process's share of the host's cores: what its thread and process pools are sized to.
+
+`actviz worker` may run several solo processes on one host (`--concurrency`,
+`--per-device`); it tells each child how many there are
+(`ACTVIZ_HOST_PROCESSES`). A pool sized to every core of the host in each of
+12 processes would start 12 times the threads the cores can run: 192 encode
+threads and 48 report helpers on a 16-core node, contending for the cores and
+for each process's interpreter lock.
+"""
+
+from __future__ import annotations
+
+import os
+
+from producer.settings import Settings
+
+MIN_RENDER_THREADS = 2  # a pass's PNGs are encoded while its next pass's Python runs
+MAX_REPORT_HELPERS = 4
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def core_share(settings: Settings, cores: int | None = None) -> int:
+    """This process's share of `cores` (default: usable_cores()), at least 1."""
+    total = usable_cores() if cores is None else cores
+    return max(1, total // max(1, settings.host_processes))
+
+
+def render_threads(settings: Settings, cores: int | None = None) -> int:
+    """Threads that encode a pass's PNGs: the process's core share, at least 2."""
+    return max(MIN_RENDER_THREADS, core_share(settings, cores))
+
+
+def report_helpers(settings: Settings, cores: int | None = None) -> int:
+    """Helper processes that render reports: half the core share, 1 to 4 (a report is a
+    few ms of a job's CPU; each helper is an interpreter of its own)."""
+    return min(MAX_REPORT_HELPERS, max(1, core_share(settings, cores) // 2))
