@@ -77,7 +77,7 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
             "helper(s)",
             file=sys.stderr,
         )
-    if settings.concurrency * max(1, settings.processes_per_device) > 1:
+    if processes > 1:
         return run_pinned_children(settings)
     return run_one(settings, node_name)
 

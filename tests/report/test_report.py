@@ -241,3 +241,5 @@ def test_page_stats_are_the_manifests_to_five_significant_digits() -> None:
     stats = json.loads(payload)["layers"][0]["stats"]
     assert stats["mean"] == want  # None (a NaN in the manifest) stays null: strict JSON
     assert stats["std"] == [0.5] * len(values) and stats["max"] == []
+    odd = significant([1.234567, "x", [2]], 5)  # what is not a number becomes NaN (null)
+    assert odd[0] == 1.2346 and np.isnan(odd[1:]).all()

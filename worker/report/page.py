@@ -100,7 +100,10 @@ def significant(values: list[Any], digits: int) -> np.ndarray:
     (a job's report rounds thousands); each is the double nearest its short
     decimal, so JSON writes it short. NaN is written as null.
     """
-    x = np.array(values, dtype=np.float64)
+    try:
+        x = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):  # not all numbers: a manifest this engine did not write
+        x = np.array([v if isinstance(v, (int, float)) else None for v in values], np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         magnitude = np.floor(np.log10(np.abs(x)))
     decimals = digits - 1 - np.where(np.isfinite(magnitude), magnitude, 0.0)
