@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +25,7 @@ from producer.errors import (
     StorageUnavailable,
 )
 from producer.registry import load_registry, resolve_model
+from worker.jobs.limits import HARD_LIMIT_EXIT
 from worker.runtime.cache import ModelCache
 from worker.runtime.fetch import check_model_allowed
 
@@ -277,6 +279,48 @@ def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> 
     assert done.returncode == 1, done.stderr[-2000:]
     assert "finished" not in done.stdout
     assert "Timeout" in done.stderr and "in job" in done.stderr  # faulthandler's stack dump
+
+
+def test_hard_limit_ends_a_waiting_job_with_its_own_exit_status() -> None:
+    """The watchdog (not the backstop) ends a process whose job waits past its hard limit."""
+    script = (
+        "import threading, time\n"
+        "from worker.jobs.limits import time_limits\n"
+        "def job():\n"
+        "    with time_limits('slow', 0, 1, may_exit=True):\n"
+        "        time.sleep(30)\n"
+        "t = threading.Thread(target=job)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print('finished')\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == HARD_LIMIT_EXIT, done.stderr[-2000:]
+    assert "finished" not in done.stdout and "hard time limit" in done.stderr
+    assert time.monotonic() - started < 25  # the job's 30 s sleep was cut short
+
+
+def test_deadlines_run_in_order_on_one_thread_and_cancelled_ones_never() -> None:
+    import threading
+
+    from worker.jobs.limits import _Deadlines
+
+    def threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "actviz-deadlines")
+
+    before, deadlines, ran = threads(), _Deadlines(), []
+    deadlines.add(0.3, ran.append, "late")
+    deadlines.add(0.1, ran.append, "early")
+    deadlines.cancel(deadlines.add(0.05, ran.append, "cancelled"))
+    tokens = [deadlines.add(0.2, ran.append, f"job {i}") for i in range(50)]
+    for token in tokens[1:]:
+        deadlines.cancel(token)  # 49 jobs end before their limits
+    time.sleep(0.6)
+    assert ran == ["early", "job 0", "late"]
+    assert threads() == before + 1  # one thread for all 53 deadlines
 
 
 def test_the_consumer_gate_passes_job_messages_and_their_retries_only() -> None:

@@ -6,6 +6,10 @@ and the hard limit is a watchdog that ends the process: the message was not
 acknowledged (acks_late), so the broker hands it out again after the
 visibility timeout, and the orchestrator restarts the worker.
 
+The watchdog, and the soft limit of a job on a pool thread, are deadlines kept
+by one thread per process (`_Deadlines`): starting two `threading.Timer`
+threads per job cost about 0.65 ms of CPU a job, and more under load.
+
 The watchdog is a Python thread, so it needs the interpreter lock; code that
 holds the lock without returning to the interpreter (a C extension, a
 backtracking regex) would keep it from ever running. Behind it stands
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import heapq
 import itertools
 import logging
 import math
@@ -26,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -84,6 +89,61 @@ class _Backstop:
 _backstop = _Backstop()
 
 
+class _Deadlines:
+    """Calls due at monotonic times, made by one daemon thread started at the first.
+
+    `add(seconds, fn, *args)` returns a token; `cancel(token)` takes the call
+    back. A call runs on the deadline thread, after the lock is released.
+    """
+
+    def __init__(self) -> None:
+        self._tokens = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a forked child, which inherits the lists but not the thread.
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._calls: dict[int, tuple[Callable[..., object], tuple[object, ...]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, seconds: float, fn: Callable[..., object], *args: object) -> int:
+        token = next(self._tokens)
+        with self._cond:
+            self._calls[token] = (fn, args)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="actviz-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][1] == token:  # earlier than what the thread waits for
+                self._cond.notify()
+        return token
+
+    def cancel(self, token: int) -> None:
+        with self._cond:
+            self._calls.pop(token, None)  # its heap entry is skipped when it comes up
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][1] not in self._calls:
+                        heapq.heappop(self._heap)
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    if wait is not None and wait <= 0:
+                        _, token = heapq.heappop(self._heap)
+                        fn, args = self._calls.pop(token)
+                        break
+                    self._cond.wait(wait)
+            fn(*args)
+
+
+_deadlines = _Deadlines()
+os.register_at_fork(after_in_child=_deadlines._reset)
+
+
 def _raise_soft_limit(signum: int, frame: object) -> None:
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 
@@ -113,17 +173,13 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
     use_alarm = in_main and soft > 0 and hasattr(signal, "setitimer")
     watchdog = backstop = None
     if may_exit and hard > 0:
-        watchdog = threading.Timer(hard, _end_process, args=(job_id, hard))
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog = _deadlines.add(hard, _end_process, job_id, hard)
         backstop = _backstop.add(hard)
     soft_timer = None
     if may_exit and soft > 0 and not in_main:
         # A job on a pool thread (a batching worker): the exception is raised in
         # that thread at its next Python instruction.
-        soft_timer = threading.Timer(soft, _raise_in_thread, args=(threading.get_ident(),))
-        soft_timer.daemon = True
-        soft_timer.start()
+        soft_timer = _deadlines.add(soft, _raise_in_thread, threading.get_ident())
     previous = None
     if use_alarm:
         previous = signal.signal(signal.SIGALRM, _raise_soft_limit)
@@ -135,7 +191,7 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
         if watchdog is not None:
-            watchdog.cancel()
+            _deadlines.cancel(watchdog)
             _backstop.remove(backstop)
         if soft_timer is not None:
-            soft_timer.cancel()
+            _deadlines.cancel(soft_timer)
