@@ -303,24 +303,26 @@ def test_hard_limit_ends_a_waiting_job_with_its_own_exit_status() -> None:
     assert time.monotonic() - started < 25  # the job's 30 s sleep was cut short
 
 
-def test_deadlines_run_in_order_on_one_thread_and_cancelled_ones_never() -> None:
-    import threading
-
-    from worker.jobs.limits import _Deadlines
-
-    def threads() -> int:
-        return sum(1 for t in threading.enumerate() if t.name == "actviz-deadlines")
-
-    before, deadlines, ran = threads(), _Deadlines(), []
-    deadlines.add(0.3, ran.append, "late")
-    deadlines.add(0.1, ran.append, "early")
-    deadlines.cancel(deadlines.add(0.05, ran.append, "cancelled"))
-    tokens = [deadlines.add(0.2, ran.append, f"job {i}") for i in range(50)]
-    for token in tokens[1:]:
-        deadlines.cancel(token)  # 49 jobs end before their limits
-    time.sleep(0.6)
-    assert ran == ["early", "job 0", "late"]
-    assert threads() == before + 1  # one thread for all 53 deadlines
+def test_time_limits_of_many_jobs_share_one_timer_and_ended_jobs_never_fire() -> None:
+    """50 jobs on pool threads end before their limits; none of their limits fires later."""
+    script = (
+        "import threading, time\n"
+        "from worker.jobs.limits import time_limits\n"
+        "def job():\n"
+        "    with time_limits('quick', 0.5, 1, may_exit=True):\n"
+        "        pass\n"
+        "for _ in range(50):\n"
+        "    t = threading.Thread(target=job)\n"
+        "    t.start()\n"
+        "    t.join()\n"
+        "time.sleep(4)  # past every hard limit, and the timer's longest sleep\n"
+        "print(sum(1 for t in threading.enumerate() if t.name.startswith('Timer-')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1"]  # one timer thread for 100 deadlines
 
 
 def test_the_consumer_gate_passes_job_messages_and_their_retries_only() -> None:

@@ -6,9 +6,10 @@ and the hard limit is a watchdog that ends the process: the message was not
 acknowledged (acks_late), so the broker hands it out again after the
 visibility timeout, and the orchestrator restarts the worker.
 
-The watchdog, and the soft limit of a job on a pool thread, are deadlines kept
-by one thread per process (`_Deadlines`): starting two `threading.Timer`
-threads per job cost about 0.65 ms of CPU a job, and more under load.
+The watchdog, and the soft limit of a job on a pool thread, are entries of one
+timer thread per process (Celery's `timer2.Timer`): starting two
+`threading.Timer` threads per job cost about 0.65 ms of CPU a job, and more
+under load. An entry may fire up to 2 s late (the timer's longest sleep).
 
 The watchdog is a Python thread, so it needs the interpreter lock; code that
 holds the lock without returning to the interpreter (a C extension, a
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
-import heapq
 import itertools
 import logging
 import math
@@ -31,10 +31,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.timer2 import Timer
 
 log = logging.getLogger(__name__)
 
@@ -89,59 +90,8 @@ class _Backstop:
 _backstop = _Backstop()
 
 
-class _Deadlines:
-    """Calls due at monotonic times, made by one daemon thread started at the first.
-
-    `add(seconds, fn, *args)` returns a token; `cancel(token)` takes the call
-    back. A call runs on the deadline thread, after the lock is released.
-    """
-
-    def __init__(self) -> None:
-        self._tokens = itertools.count()
-        self._reset()
-
-    def _reset(self) -> None:
-        # Also in a forked child, which inherits the lists but not the thread.
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int]] = []
-        self._calls: dict[int, tuple[Callable[..., object], tuple[object, ...]]] = {}
-        self._thread: threading.Thread | None = None
-
-    def add(self, seconds: float, fn: Callable[..., object], *args: object) -> int:
-        token = next(self._tokens)
-        with self._cond:
-            self._calls[token] = (fn, args)
-            heapq.heappush(self._heap, (time.monotonic() + seconds, token))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="actviz-deadlines", daemon=True
-                )
-                self._thread.start()
-            elif self._heap[0][1] == token:  # earlier than what the thread waits for
-                self._cond.notify()
-        return token
-
-    def cancel(self, token: int) -> None:
-        with self._cond:
-            self._calls.pop(token, None)  # its heap entry is skipped when it comes up
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    while self._heap and self._heap[0][1] not in self._calls:
-                        heapq.heappop(self._heap)
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
-                    if wait is not None and wait <= 0:
-                        _, token = heapq.heappop(self._heap)
-                        fn, args = self._calls.pop(token)
-                        break
-                    self._cond.wait(wait)
-            fn(*args)
-
-
-_deadlines = _Deadlines()
-os.register_at_fork(after_in_child=_deadlines._reset)
+# Celery's timer thread (a heap of entries, one thread), started at its first entry.
+_timer = Timer()
 
 
 def _raise_soft_limit(signum: int, frame: object) -> None:
@@ -173,13 +123,13 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
     use_alarm = in_main and soft > 0 and hasattr(signal, "setitimer")
     watchdog = backstop = None
     if may_exit and hard > 0:
-        watchdog = _deadlines.add(hard, _end_process, job_id, hard)
+        watchdog = _timer.call_after(hard, _end_process, (job_id, hard))
         backstop = _backstop.add(hard)
     soft_timer = None
     if may_exit and soft > 0 and not in_main:
         # A job on a pool thread (a batching worker): the exception is raised in
         # that thread at its next Python instruction.
-        soft_timer = _deadlines.add(soft, _raise_in_thread, threading.get_ident())
+        soft_timer = _timer.call_after(soft, _raise_in_thread, (threading.get_ident(),))
     previous = None
     if use_alarm:
         previous = signal.signal(signal.SIGALRM, _raise_soft_limit)
@@ -191,7 +141,7 @@ def time_limits(job_id: str, soft: float, hard: float, *, may_exit: bool) -> Ite
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
         if watchdog is not None:
-            _deadlines.cancel(watchdog)
+            watchdog.cancel()
             _backstop.remove(backstop)
         if soft_timer is not None:
-            _deadlines.cancel(soft_timer)
+            soft_timer.cancel()
