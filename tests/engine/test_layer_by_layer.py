@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 from sample_images import image_bytes
 
 from producer.contract import JobOptions
@@ -76,7 +77,18 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
                 continue  # compressed archives carry timestamps
             assert have.files[name] == data, name
         for mine, theirs in zip(have.manifest["layers"], want.manifest["layers"], strict=True):
-            assert mine["stats"] == theirs["stats"] and mine["summary"] == theirs["summary"]
+            # TensorFlow's CPU reductions are not bitwise repeatable from pass to pass (a
+            # std once differed in its last float32 bit): equal to float32 rounding.
+            assert set(mine["stats"]) == set(theirs["stats"])
+            for key, values in theirs["stats"].items():
+                if key == "dead":
+                    assert mine["stats"][key] == values
+                else:
+                    np.testing.assert_allclose(mine["stats"][key], values, rtol=1e-6, atol=1e-9)
+            assert mine["summary"]["top_k"] == theirs["summary"]["top_k"]
+            for key, value in theirs["summary"].items():
+                if key != "top_k":
+                    assert mine["summary"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
 def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, monkeypatch):
