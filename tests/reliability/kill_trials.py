@@ -19,8 +19,9 @@ prints, and `run_trials` returns:
 
   lost          jobs that never succeeded
   duplicated    jobs run to completion more than once ("job done" twice)
-  different     jobs whose manifest (ids and timings aside) or grids differ from
-                the reference run of their image
+  different     jobs whose grids differ from the reference run of their image, or
+                whose manifest does (ids and timings aside; statistics beyond
+                float32 rounding, see `same_outputs`)
   recovered     jobs delivered more than once (held by a killed worker), and of
                 those, sent again by the reconciler (lost in the window)
   kill -> again p50/p95 seconds from a kill to the next delivery of each job
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import tempfile
@@ -120,6 +122,26 @@ def outputs(store: Path, job_id: str) -> tuple[dict, dict[str, bytes]]:
     manifest = json.loads((folder / "manifest.json").read_text())
     grids = {p.name: p.read_bytes() for p in sorted((folder / "layers").glob("*.png"))}
     return comparable(manifest), grids
+
+
+def same_outputs(got: tuple[dict, dict[str, bytes]], want: tuple[dict, dict[str, bytes]]) -> bool:
+    """Grids byte for byte, manifests equal with statistics to float32 rounding.
+
+    On a CPU, oneDNN's convolutions are not bitwise repeatable under load: the
+    last image of an unpadded pass of 4 has come out with a few statistics a
+    float32 ulp or two away from the same image's elsewhere (its grids equal).
+    """
+    return got[1] == want[1] and _close(got[0], want[0])
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
 
 
 def run_trials(
@@ -223,7 +245,7 @@ def run_trials(
             trial.duplicated.append(job_id)
         if sum(kind == "received" for _, _, kind in seen) > 1 or job_id in resent:
             trial.recovered += 1
-        if job_id not in trial.lost and outputs(store, job_id) != reference[image]:
+        if job_id not in trial.lost and not same_outputs(outputs(store, job_id), reference[image]):
             trial.different.append(job_id)
     trial.resent = len(resent)
     windows = set()
