@@ -260,22 +260,33 @@ def test_urls_are_redacted_whatever_the_password_holds() -> None:
     assert "redis://***@127.0.0.1:6379/0" in line
 
 
-def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> None:
-    """A backtracking regex on a pool thread: no Python watchdog can run, faulthandler's can."""
+def run_limited(
+    limits: str, body: str, jobs: int = 1, after: str = ""
+) -> subprocess.CompletedProcess:
+    """A Python process that runs `jobs` jobs one after another, each `body` under
+    `time_limits(<limits>, may_exit=True)` on a thread of its own, then `after` and
+    prints 'finished'."""
     script = (
-        "import re, threading\n"
+        "import re, threading, time\n"
         "from worker.jobs.limits import time_limits\n"
         "def job():\n"
-        "    with time_limits('stuck', 1, 2, may_exit=True):\n"
-        "        re.match(r'(.*){30}!', 'a' * 40)\n"
-        "t = threading.Thread(target=job)\n"
-        "t.start()\n"
-        "t.join()\n"
+        f"    with time_limits({limits}, may_exit=True):\n"
+        f"        {body}\n"
+        f"for _ in range({jobs}):\n"
+        "    t = threading.Thread(target=job)\n"
+        "    t.start()\n"
+        "    t.join()\n"
+        f"{after}\n"
         "print('finished')\n"
     )
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
+
+
+def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> None:
+    """A backtracking regex on a pool thread: no Python watchdog can run, faulthandler's can."""
+    done = run_limited("'stuck', 1, 2", "re.match(r'(.*){30}!', 'a' * 40)")
     assert done.returncode == 1, done.stderr[-2000:]
     assert "finished" not in done.stdout
     assert "Timeout" in done.stderr and "in job" in done.stderr  # faulthandler's stack dump
@@ -283,21 +294,8 @@ def test_hard_limit_ends_a_process_whose_thread_holds_the_interpreter_lock() -> 
 
 def test_hard_limit_ends_a_waiting_job_with_its_own_exit_status() -> None:
     """The watchdog (not the backstop) ends a process whose job waits past its hard limit."""
-    script = (
-        "import threading, time\n"
-        "from worker.jobs.limits import time_limits\n"
-        "def job():\n"
-        "    with time_limits('slow', 0, 1, may_exit=True):\n"
-        "        time.sleep(30)\n"
-        "t = threading.Thread(target=job)\n"
-        "t.start()\n"
-        "t.join()\n"
-        "print('finished')\n"
-    )
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
+    done = run_limited("'slow', 0, 1", "time.sleep(30)")
     assert done.returncode == HARD_LIMIT_EXIT, done.stderr[-2000:]
     assert "finished" not in done.stdout and "hard time limit" in done.stderr
     assert time.monotonic() - started < 25  # the job's 30 s sleep was cut short
@@ -305,24 +303,15 @@ def test_hard_limit_ends_a_waiting_job_with_its_own_exit_status() -> None:
 
 def test_time_limits_of_many_jobs_share_one_timer_and_ended_jobs_never_fire() -> None:
     """50 jobs on pool threads end before their limits; none of their limits fires later."""
-    script = (
-        "import threading, time\n"
-        "from worker.jobs.limits import time_limits\n"
-        "def job():\n"
-        "    with time_limits('quick', 0.5, 1, may_exit=True):\n"
-        "        pass\n"
-        "for _ in range(50):\n"
-        "    t = threading.Thread(target=job)\n"
-        "    t.start()\n"
-        "    t.join()\n"
-        "time.sleep(4)  # past every hard limit, and the timer's longest sleep\n"
-        "print(sum(1 for t in threading.enumerate() if t.name.startswith('Timer-')))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    done = run_limited(
+        "'quick', 0.5, 1",
+        "pass",
+        jobs=50,
+        # Past every hard limit and the timer's longest sleep; then count timer threads.
+        after="time.sleep(4); print(sum(t.name.startswith('Timer-') for t in threading.enumerate()))",
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["1"]  # one timer thread for 100 deadlines
+    assert done.stdout.split() == ["1", "finished"]  # one timer thread for 100 deadlines
 
 
 def test_the_consumer_gate_passes_job_messages_and_their_retries_only() -> None:
