@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Hashable
@@ -50,7 +49,7 @@ from producer.errors import ActvizError
 from producer.settings import Settings
 from worker.logs import current_job_id
 from worker.metrics import ACTIVATION_BYTES, BATCH_IMAGES, D2H_BYTES
-from worker.runtime import running
+from worker.runtime import cores, running
 from worker.runtime.pixel_budget import PixelBudget
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ class Batcher:
         self._incoming = 0
         self._cond = threading.Condition()
         self._slots = threading.BoundedSemaphore(PIPELINE_DEPTH)
-        threads = render_threads or os.cpu_count() or 1  # process.py passes its share
+        threads = render_threads or cores.render_threads(settings)  # its share of the cores
         self._render = ThreadPoolExecutor(threads, thread_name_prefix="actviz-render")
         self._batches = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="actviz-forward", daemon=True)

@@ -19,7 +19,7 @@ from worker.metrics import STAGE_SECONDS
 from worker.runtime import running
 from worker.runtime.batcher import Batcher, run_alone, run_cam_alone
 from worker.runtime.cache import ModelCache
-from worker.runtime.cores import render_threads, report_helpers
+from worker.runtime.cores import report_helpers
 from worker.runtime.fetch import fetch_model
 from worker.runtime.pool import batching
 from worker.runtime.report_pool import ReportPool
@@ -52,7 +52,7 @@ class WorkerRuntime:
             return None
         with self._lock:
             if self._batcher is None:
-                self._batcher = Batcher(self.settings, render_threads(self.settings))
+                self._batcher = Batcher(self.settings)
         return self._batcher
 
     @property
