@@ -13,6 +13,13 @@ content, a bounded body of the shape our producer sends, and no canvas
 (callbacks, chains, chords), and no ETA beyond the retries' backoff. A message that fails is dead-lettered
 (worker/dead_letters.py) and acknowledged; the worker goes on. The job's own
 fields are checked later, by the task, against the contract.
+
+Celery's remote control ("pidbox") is a fanout channel on the same broker, so
+whoever can queue a job can also broadcast `shutdown`, `cancel_consumer` or
+`revoke` to every worker. `Control` answers only the commands that read
+(`READ_ONLY_COMMANDS`: ping, stats, active, ...); any other is refused with
+an error reply, counted and logged. The in-process `memory://` broker, which
+only its own process can write, keeps every command (it cancels by `revoke`).
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.control import Control as CeleryControl
 from vine import promise
 
 from producer.contract import MAX_ENVELOPE_BYTES, TASK_NAME, valid_job_id
 from worker.dead_letters import dead_letter, log, record
+from worker.metrics import MESSAGES_REFUSED
 
 JSON = "application/json"
 _KNOWN_TYPES = {
@@ -39,6 +48,25 @@ _EMPTY_HEADERS = ("group", "chord")
 # holds ETA messages in memory until they are due, so a far one is refused.
 MAX_ETA_S = 900
 _EMPTY_EMBED = ("callbacks", "errbacks", "chain", "chord")
+# Remote-control commands that only read a worker's state, and cheaply, plus
+# `enable_events`, which turns on what `actviz worker` already sends (a bare
+# `celery flower` broadcasts it every 5 s). Refused, among the reading ones: `conf` and
+# `report` print settings, `memdump`/`objgraph` cost seconds, `hello` merges revoked ids.
+READ_ONLY_COMMANDS = frozenset(
+    {
+        "enable_events",
+        "ping",
+        "stats",
+        "active",
+        "active_queues",
+        "clock",
+        "registered",
+        "reserved",
+        "revoked",
+        "scheduled",
+        "query_task",
+    }
+)
 
 
 def refusal(headers: Any, content_type: str | None, body: Any) -> tuple[str, str] | None:
@@ -97,8 +125,42 @@ def _body_refusal(body: Any) -> tuple[str, str] | None:
     return None
 
 
+class _ReadOnlyPanel(dict):
+    """Celery's remote-control handlers, less those that change a worker."""
+
+    def __missing__(self, name: Any) -> Any:
+        return lambda state, **_: _refuse_command(name)
+
+
+def _refuse_command(name: Any) -> dict[str, str]:
+    MESSAGES_REFUSED.labels(reason="control").inc()
+    log.warning("remote control command %.80r refused: only read-only commands run", name)
+    return {"error": f"remote control command {str(name)[:80]!r} is refused by actviz"}
+
+
+def read_only_panel(handlers: dict[str, Any]) -> dict[str, Any]:
+    """`handlers` (name -> function) with only READ_ONLY_COMMANDS; the rest refuse."""
+    return _ReadOnlyPanel({k: v for k, v in handlers.items() if k in READ_ONLY_COMMANDS})
+
+
+class Control(CeleryControl):
+    """Celery's remote-control step, answering only READ_ONLY_COMMANDS off `memory://`."""
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        if not str(c.app.conf.broker_url or "").startswith("memory://"):
+            node = self.box.node
+            node.handlers = read_only_panel(node.handlers)
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer with `refusal` in front of every task message."""
+
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [
+            "worker.consumer:Control" if step.endswith(":Control") else step
+            for step in CeleryConsumer.Blueprint.default_steps
+        ]
 
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)

@@ -265,3 +265,37 @@ def test_options_of_the_wrong_type_fail_as_invalid_job_at_submit_and_in_the_work
         client.app.send_task(TASK_NAME, args=[message], task_id=job_id)
         expect_code(client.job(job_id), ErrorCode.INVALID_JOB)
     still_serves(worker, client, models, 10)
+
+
+def test_remote_control_cannot_stop_the_worker_or_drop_jobs(
+    worker, client: Client, models: dict, metrics_port: int
+) -> None:
+    """Celery's remote control is a fanout message on the same Redis: anyone who can
+    write there could send `shutdown` to every worker. Only read-only commands answer."""
+    control = client.app.control
+    before = refused_count(metrics_port, "control")
+    assert control.ping(timeout=3), "ping (read-only) must still answer"
+    stats = control.inspect(timeout=3).stats()
+    assert stats and all("pool" in reply for reply in stats.values())
+    # Commands that change a worker answer with an error and change nothing.
+    replies = control.broadcast(
+        "cancel_consumer", arguments={"queue": "gpu"}, reply=True, timeout=3
+    )
+    assert replies and all("error" in r for reply in replies for r in reply.values()), replies
+    control.revoke("revoked-probe")
+    control.rate_limit(TASK_NAME, "1/h")
+    control.time_limit(TASK_NAME, soft=1, hard=2)
+    control.broadcast("pool_restart", arguments={"reload": True})
+    control.broadcast("shutdown")
+    time.sleep(3)
+    assert worker.alive(), worker.log_text()[-3000:]
+    image = harness.random_png(6, 16, 16)
+    jobs = [client.submit(models["tiny"], image, job_id="revoked-probe")]
+    jobs += [client.submit(models["tiny"], image) for _ in range(3)]
+    assert [job.wait(timeout=60).layers for job in jobs] == [GOOD_LAYERS] * 4
+    log = worker.log_text()
+    for command in ("cancel_consumer", "revoke", "rate_limit", "time_limit", "shutdown"):
+        assert f"command '{command}' refused" in log
+    assert "Warm shutdown" not in log
+    assert refused_count(metrics_port, "control") >= before + 6
+    harness.record("Security", "remote control: shutdown, revoke, cancel_consumer", "refused")
