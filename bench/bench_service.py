@@ -607,6 +607,8 @@ def measure_service(
             "ACTVIZ_LOG_LEVEL": "WARNING",
             # Each job's cpu_ms, for the table by stage (--no-stage-cpu: the bare worker).
             "ACTVIZ_STAGE_CPU": "1" if args.stage_cpu else "0",
+            # Celery's task events, as a worker watched by Flower sends them.
+            "ACTVIZ_TASK_EVENTS": "1" if args.task_events else "0",
         }
         source = ImageSource(images, args.reuse_images)
         warm = [(uris[m], images[0], spec) for m in uris for spec in args.specs]
@@ -729,6 +731,11 @@ def main() -> None:
         dest="stage_cpu",
         action="store_false",
         help="run the worker without measuring each stage's CPU (its clock reads cost a little)",
+    )
+    parser.add_argument(
+        "--task-events",
+        action="store_true",
+        help="the worker sends Celery's task events (as when Flower watches it)",
     )
     parser.add_argument(
         "--reuse-images",

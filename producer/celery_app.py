@@ -3,6 +3,7 @@
     celery -A producer.celery_app inspect ping       # every worker answers, even mid-job
     celery -A producer.celery_app inspect active     # the jobs each worker is running
     celery -A producer.celery_app purge -Q gpu -f    # every priority list of the queue
+    celery -A producer.celery_app control enable_events  # off unless asked (or Flower runs)
     celery -A producer.celery_app events --dump      # task-received/started/succeeded...
     celery -A producer.celery_app flower             # its broker view counts every list
 

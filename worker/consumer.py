@@ -17,7 +17,7 @@ fields are checked later, by the task, against the contract.
 Celery's remote control ("pidbox") is a fanout channel on the same broker, so
 whoever can queue a job can also broadcast `shutdown`, `cancel_consumer` or
 `revoke` to every worker. `Control` answers only the commands that read
-(`READ_ONLY_COMMANDS`: ping, stats, active, ...); any other is refused with
+(`ANSWERED_COMMANDS`: ping, stats, active, ..., and enable_events); any other is refused with
 an error reply, counted and logged. The in-process `memory://` broker, which
 only its own process can write, keeps every command (it cancels by `revoke`).
 """
@@ -48,11 +48,11 @@ _EMPTY_HEADERS = ("group", "chord")
 # holds ETA messages in memory until they are due, so a far one is refused.
 MAX_ETA_S = 900
 _EMPTY_EMBED = ("callbacks", "errbacks", "chain", "chord")
-# Remote-control commands that only read a worker's state, and cheaply, plus
-# `enable_events`, which turns on what `actviz worker` already sends (a bare
-# `celery flower` broadcasts it every 5 s). Refused, among the reading ones: `conf` and
-# `report` print settings, `memdump`/`objgraph` cost seconds, `hello` merges revoked ids.
-READ_ONLY_COMMANDS = frozenset(
+# The remote-control commands a worker answers: those that only read its state, and
+# cheaply, plus `enable_events`, which Flower sends every worker it sees to get task
+# events (off unless asked, ACTVIZ_TASK_EVENTS). Refused among the reading ones: `conf`
+# and `report` print settings, `memdump`/`objgraph` cost seconds, `hello` merges revoked ids.
+ANSWERED_COMMANDS = frozenset(
     {
         "enable_events",
         "ping",
@@ -134,23 +134,23 @@ class _ReadOnlyPanel(dict):
 
 def _refuse_command(name: Any) -> dict[str, str]:
     MESSAGES_REFUSED.labels(reason="control").inc()
-    log.warning("remote control command %.80r refused: only read-only commands run", name)
+    log.warning("remote control command %.80r refused: only commands that read are answered", name)
     return {"error": f"remote control command {str(name)[:80]!r} is refused by actviz"}
 
 
-def read_only_panel(handlers: dict[str, Any]) -> dict[str, Any]:
-    """`handlers` (name -> function) with only READ_ONLY_COMMANDS; the rest refuse."""
-    return _ReadOnlyPanel({k: v for k, v in handlers.items() if k in READ_ONLY_COMMANDS})
+def answering_panel(handlers: dict[str, Any]) -> dict[str, Any]:
+    """`handlers` (name -> function) with only ANSWERED_COMMANDS; the rest refuse."""
+    return _ReadOnlyPanel({k: v for k, v in handlers.items() if k in ANSWERED_COMMANDS})
 
 
 class Control(CeleryControl):
-    """Celery's remote-control step, answering only READ_ONLY_COMMANDS off `memory://`."""
+    """Celery's remote-control step, answering only ANSWERED_COMMANDS off `memory://`."""
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         if not str(c.app.conf.broker_url or "").startswith("memory://"):
             node = self.box.node
-            node.handlers = read_only_panel(node.handlers)
+            node.handlers = answering_panel(node.handlers)
 
 
 class Consumer(CeleryConsumer):

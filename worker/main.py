@@ -147,7 +147,6 @@ def run_one(settings: Settings, node_name: str | None) -> int:
         f"--queues={','.join(settings.queues)}",
         f"--loglevel={settings.log_level}",
         f"--hostname={node_name or 'actviz@%h'}",
-        "--task-events",
         # Gossip and mingle listen to other workers' messages on the broker (election
         # requests that send tasks, revoked ids to merge); actviz needs neither.
         "--without-gossip",

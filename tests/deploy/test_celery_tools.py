@@ -2,7 +2,8 @@
 
 `celery -A producer.celery_app ...` as an operator runs it: `inspect ping` and
 `inspect active` answer while the worker runs a long job, `purge -Q gpu` empties
-every priority list of the queue, and `events --dump` shows the job's events.
+every priority list of the queue, and `events --dump` shows the job's events once
+`control enable_events` asked for them (workers send none unless asked).
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def test_inspect_answers_while_a_long_job_runs_and_events_show_it(
         text=True,
     )
     try:
+        # Workers send task events only when asked, as Flower asks (one of the few remote
+        # control commands they answer); asked before the job, its events reach the dump.
+        wait_for(
+            lambda: (
+                "task events enabled" in celery(env, "control", "enable_events", "--json").stdout
+            ),
+            90,
+            "the worker to turn on its task events",
+        )
         # Several seconds on 2 cores: 6 wide convolutions at 768 x 768, a PNG per channel.
         job = client.submit(env["MODEL"], noise_png(4, 768, 768), layers=None, channel_pngs=True)
         wait_for(lambda: job.status() == "started", 90, "the job to start")

@@ -141,9 +141,8 @@ def test_flower_on_5555_watches_the_same_broker(services):
     )
     # The actviz app's priority steps (tests/deploy/test_celery_tools.py runs this command).
     assert flower["entrypoint"][:4] == ["celery", "-A", "producer.celery_app", "flower"]
-    # Workers send task events themselves (`actviz worker` runs Celery with --task-events);
-    # Flower need not broadcast enable_events to every worker every 5 s.
-    assert "--enable_events=False" in flower["entrypoint"]
+    # Workers send task events only when asked (ACTVIZ_TASK_EVENTS off): Flower asks.
+    assert "--enable_events=True" in flower["entrypoint"]
     assert flower["build"]["dockerfile"] == "producer/Dockerfile"
 
 
