@@ -3,6 +3,7 @@
 # GPU node with the JAX backend (docs/benchmarks.md, "On a GPU").
 #
 #   bash bench/gpu.sh [OUT_DIR]        # PYTHON, JOBS, PER_DEVICE ("8" or "4,8"), BATCH override
+#   SERVICE_ARGS=--task-events bash bench/gpu.sh   # more bench_service.py options
 #
 # Needs the package installed (`pip install -e '.[worker]'` plus jax[cuda]) and
 # redis-server on the PATH; results and models go to a local folder (no S3 server).
@@ -20,6 +21,6 @@ nvidia-smi -L | tee "$out/device.txt" || true
 for per_device in ${PER_DEVICE//,/ }; do
     "$py" bench/bench_service.py --storage file --models classic --specs :8 \
         --jobs "${JOBS:-2000}" --batch-sizes "${BATCH:-32}" --concurrency 64 \
-        --per-device "$per_device" --repeats 10 --classic-repeats 1 \
+        --per-device "$per_device" --repeats 10 --classic-repeats 1 ${SERVICE_ARGS:-} \
         | tee "$out/service-per-device-$per_device.txt"
 done
