@@ -138,6 +138,34 @@ def _refuse_command(name: Any) -> dict[str, str]:
     return {"error": f"remote control command {str(name)[:80]!r} is refused by actviz"}
 
 
+def control_refusal(body: Any) -> str | None:
+    """Why a remote-control message is not of the shape Celery's clients send, else None.
+
+    Celery's pidbox resets its consumer on a message it cannot dispatch (a body that is
+    not an object), and a reset consumer heard no later command here.
+    """
+    if not isinstance(body, dict):
+        return "the body is not an object"
+    if not isinstance(body.get("method"), str):
+        return "the command name is not a string"
+    if not isinstance(body.get("arguments") or {}, dict):
+        return "the arguments are not an object"
+    destination = body.get("destination")
+    if destination is not None and not (
+        isinstance(destination, list) and all(isinstance(d, str) for d in destination)
+    ):
+        return "the destination is not a list of names"
+    if body.get("matcher") not in (None, "glob"):  # 'pcre' compiles the sender's regex
+        return "only glob patterns select workers"
+    reply_to = body.get("reply_to")
+    if reply_to is not None and not (
+        isinstance(reply_to, dict)
+        and all(isinstance(reply_to.get(k), str) for k in ("exchange", "routing_key"))
+    ):
+        return "reply_to is not an exchange and routing key"
+    return None
+
+
 def answering_panel(handlers: dict[str, Any]) -> dict[str, Any]:
     """`handlers` (name -> function) with only ANSWERED_COMMANDS; the rest refuse."""
     return _ReadOnlyPanel({k: v for k, v in handlers.items() if k in ANSWERED_COMMANDS})
@@ -149,8 +177,19 @@ class Control(CeleryControl):
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         if not str(c.app.conf.broker_url or "").startswith("memory://"):
-            node = self.box.node
-            node.handlers = answering_panel(node.handlers)
+            box = self.box
+            box.node.handlers = answering_panel(box.node.handlers)
+            dispatch = box.on_message
+
+            def on_message(body: Any, message: Any) -> None:
+                refused = control_refusal(body)
+                if refused is None:
+                    return dispatch(body, message)
+                MESSAGES_REFUSED.labels(reason="control").inc()
+                log.warning("remote control message refused: %s", refused)
+                return None
+
+            box.on_message = on_message  # what Pidbox.start subscribes
 
 
 class Consumer(CeleryConsumer):

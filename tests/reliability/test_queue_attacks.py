@@ -286,7 +286,20 @@ def test_remote_control_cannot_stop_the_worker_or_drop_jobs(
     control.rate_limit(TASK_NAME, "1/h")
     control.time_limit(TASK_NAME, soft=1, hard=2)
     control.broadcast("pool_restart", arguments={"reload": True})
+    bodies = (  # what no Celery client sends
+        ["shutdown"],
+        "shutdown",
+        {"method": ["shutdown"]},
+        {"method": 7},
+        {"method": "stats", "arguments": ["not", "a", "dict"]},
+        {"method": "ping", "matcher": "pcre", "pattern": "(a+)+$"},
+    )
+    with Connection(client.settings.broker_url) as conn:
+        mailbox = Producer(conn, exchange=Exchange("celery.pidbox", type="fanout"))
+        for body in bodies:
+            mailbox.publish(body, serializer="json")
     control.broadcast("shutdown")
+    assert control.ping(timeout=3), "remote control still listens after malformed bodies"
     time.sleep(3)
     assert worker.alive(), worker.log_text()[-3000:]
     image = harness.random_png(6, 16, 16)
@@ -297,5 +310,6 @@ def test_remote_control_cannot_stop_the_worker_or_drop_jobs(
     for command in ("cancel_consumer", "revoke", "rate_limit", "time_limit", "shutdown"):
         assert f"command '{command}' refused" in log
     assert "Warm shutdown" not in log
-    assert refused_count(metrics_port, "control") >= before + 6
+    assert "remote control message refused" in log
+    assert refused_count(metrics_port, "control") >= before + 6 + len(bodies)
     harness.record("Security", "remote control: shutdown, revoke, cancel_consumer", "refused")
