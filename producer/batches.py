@@ -81,26 +81,48 @@ def record_start(client: Any, batch_id: str, job_id: str, ttl: int) -> None:
     pipe.execute()
 
 
+# One step: a worker killed anywhere around it leaves the end either unrecorded (the
+# job's next delivery records it) or recorded with all that follows from it. As two
+# steps, a worker killed after the first left the job counted as ended but not in the
+# count, or the batch's last end recorded with its finalization never marked pending:
+# a census whose page was never written.
+_END = """
+if redis.call('sadd', KEYS[3], ARGV[1]) == 0 then return -1 end
+local length = redis.call('rpush', KEYS[2], ARGV[2])
+redis.call('hincrby', KEYS[1], ARGV[3], 1)
+for i = 1, 3 do redis.call('expire', KEYS[i], ARGV[4]) end
+if ARGV[6] ~= '' and length == tonumber(ARGV[5]) then
+  redis.call('set', KEYS[4], ARGV[6], 'EX', ARGV[4])
+  redis.call('sadd', KEYS[5], ARGV[7])
+end
+return length
+"""
+
+
 def record_end(
-    client: Any, batch_id: str, index: int, job_id: str, succeeded: bool, ttl: int
+    client: Any,
+    batch_id: str,
+    index: int,
+    job_id: str,
+    succeeded: bool,
+    ttl: int,
+    total: int = 0,
+    finalize: str = "",
 ) -> int:
     """Count job `index` of the batch as finished; returns how many have finished.
 
     A job is counted once (a set of finished ids guards the count), and each
-    count is returned to exactly one caller (the list's length after RPUSH is
-    atomic), so exactly one caller sees the last.
+    count is returned to exactly one caller, so exactly one caller sees the last.
+    With `finalize` (a small JSON text, see `pending_finalizations`) the end that
+    makes `total` marks the batch's finalization pending in the same atomic step.
+    Returns -1 for a job recorded already.
     """
     counts, _, done = batch_progress_keys(batch_id)
-    finished = f"{counts}:finished"
-    if not client.sadd(finished, job_id):
-        return -1  # already recorded
-    pipe = client.pipeline()
-    pipe.rpush(done, f"{index}:{job_id}")
-    pipe.hincrby(counts, "succeeded" if succeeded else "failed", 1)
-    for key in (counts, done, finished):
-        pipe.expire(key, ttl)
-    length, *_ = pipe.execute()
-    return int(length)
+    key, _ = _finalize_keys(batch_id)
+    keys = (counts, done, f"{counts}:finished", key, PENDING_FINALIZE)
+    state = "succeeded" if succeeded else "failed"
+    args = (job_id, f"{index}:{job_id}", state, ttl, total, finalize, batch_id)
+    return int(client.eval(_END, len(keys), *keys, *args))
 
 
 def finished_jobs(client: Any, batch_id: str, cursor: int = 0) -> list[tuple[int, str]]:
@@ -153,15 +175,6 @@ PENDING_FINALIZE = "actviz:finalize:pending"
 def _finalize_keys(batch_id: str) -> tuple[str, str]:
     base = batch_progress_keys(batch_id)[0]
     return f"{base}:finalize", f"{base}:finalize:lease"
-
-
-def mark_finalize(client: Any, batch_id: str, what: str, ttl: int) -> None:
-    """Record that batch `batch_id` needs its finalization `what` (a small JSON text)."""
-    key, _ = _finalize_keys(batch_id)
-    pipe = client.pipeline()
-    pipe.set(key, what, ex=ttl)
-    pipe.sadd(PENDING_FINALIZE, batch_id)
-    pipe.execute()
 
 
 def claim_finalize(client: Any, batch_id: str, owner: str, lease_s: int) -> str | None:

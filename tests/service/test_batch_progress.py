@@ -78,6 +78,29 @@ def test_each_end_is_counted_once_and_one_caller_sees_the_last(client) -> None: 
     assert 0 < client.ttl(f"actviz:batch:{batch}") <= TTL
 
 
+def test_the_last_end_marks_the_finalization_pending_in_the_same_step(client) -> None:  # noqa: ANN001
+    """No state has the batch's last end recorded and its finalization not pending: a
+    worker killed right after recording it left a census that was never written."""
+    from producer.batches import pending_finalizations
+
+    batch = uuid.uuid4().hex
+    what = '{"census": 3}'
+    assert record_end(client, batch, 0, "j0", True, TTL, 2, what) == 1
+    assert batch not in pending_finalizations(client)  # not the last
+    assert record_end(client, batch, 1, "j1", False, TTL, 2, what) == 2
+    assert batch in pending_finalizations(client)
+    assert client.get(f"actviz:batch:{batch}:finalize") == what.encode()
+    assert 0 < client.ttl(f"actviz:batch:{batch}:finalize") <= TTL
+    # The job delivered again (its worker died after recording it) changes nothing.
+    assert record_end(client, batch, 1, "j1", True, TTL, 2, what) == -1
+    look = read_progress(client, batch)
+    assert (look.succeeded, look.failed) == (1, 1)
+    client.srem("actviz:finalize:pending", batch)
+    other = uuid.uuid4().hex  # without `finalize`, nothing is marked
+    assert record_end(client, other, 0, "j0", True, TTL, 1) == 1
+    assert other not in pending_finalizations(client)
+
+
 @pytest.mark.parametrize("with_redis", [True, False])
 def test_the_last_job_to_end_writes_the_gallery_once(client, tmp_path, with_redis) -> None:  # noqa: ANN001
     from producer.contract import FAILED, JobSpec, batch_key
@@ -269,7 +292,7 @@ def test_a_batch_whose_finalizer_died_is_finalized_by_another_worker(client, tmp
     import json
     import time
 
-    from producer.batches import claim_finalize, mark_finalize, pending_finalizations
+    from producer.batches import claim_finalize, pending_finalizations
     from producer.contract import batch_key, census_key
     from producer.storage import FileStore
     from worker.jobs.batches import sweep_finalizations
@@ -278,8 +301,7 @@ def test_a_batch_whose_finalizer_died_is_finalized_by_another_worker(client, tmp
     batch = uuid.uuid4().hex
     record_total(client, batch, 2, 60)
     for index, job_id in enumerate(("j0", "j1")):
-        record_end(client, batch, index, job_id, True, 60)
-    mark_finalize(client, batch, json.dumps({"census": 3}), 60)
+        record_end(client, batch, index, job_id, True, 60, 2, json.dumps({"census": 3}))
     assert claim_finalize(client, batch, "the-worker-that-dies", 1) is not None
     assert sweep_finalizations(store, client) == []  # its lease still holds
     assert not store.exists(census_key(batch))

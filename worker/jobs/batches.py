@@ -26,7 +26,6 @@ from producer.batches import (
     claim_finalize,
     finish_finalize,
     finished_jobs,
-    mark_finalize,
     pending_finalizations,
     record_end,
     record_start,
@@ -70,17 +69,24 @@ def publish_batch(
         if redis is not None:
             ttl = (settings or Settings()).result_expires
             succeeded = status == contract.SUCCEEDED
+            # The last end marks the finalization pending in the same step: if this
+            # worker dies before it is written, another takes it over
+            # (`sweep_finalizations`).
+            what = json.dumps({"census": census_top_k(spec)})
             finished = record_end(
-                redis, spec.batch_id, spec.batch_index, spec.job_id, succeeded, ttl
+                redis,
+                spec.batch_id,
+                spec.batch_index,
+                spec.job_id,
+                succeeded,
+                ttl,
+                total=spec.batch_total,
+                finalize=what,
             )
             if finished != spec.batch_total:
                 return False
             # After the job, not inside it: the last job's result is not held up by
-            # the gallery (one page of PAGE_SIZE images at a time, whatever N is). Marked
-            # pending first: if this worker dies before it is written, another takes it
-            # over (`sweep_finalizations`).
-            what = json.dumps({"census": census_top_k(spec)})
-            mark_finalize(redis, spec.batch_id, what, ttl)
+            # the gallery (one page of PAGE_SIZE images at a time, whatever N is).
             finalize_later(spec.batch_id, store, redis)
             return True
         marker = contract.batch_member_key(spec.batch_id, spec.batch_index, spec.job_id)
