@@ -125,7 +125,7 @@ def _body_refusal(body: Any) -> tuple[str, str] | None:
     return None
 
 
-class _ReadOnlyPanel(dict):
+class _AnsweringPanel(dict):
     """Celery's remote-control handlers, less those that change a worker."""
 
     def __missing__(self, name: Any) -> Any:
@@ -168,7 +168,7 @@ def control_refusal(body: Any) -> str | None:
 
 def answering_panel(handlers: dict[str, Any]) -> dict[str, Any]:
     """`handlers` (name -> function) with only ANSWERED_COMMANDS; the rest refuse."""
-    return _ReadOnlyPanel({k: v for k, v in handlers.items() if k in ANSWERED_COMMANDS})
+    return _AnsweringPanel({k: v for k, v in handlers.items() if k in ANSWERED_COMMANDS})
 
 
 class Control(CeleryControl):
