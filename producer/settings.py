@@ -108,8 +108,9 @@ class Settings:
     # default: a thread-CPU clock read is a system call made holding the interpreter lock.
     stage_cpu: bool = False
     # Send Celery's task events (received, started, succeeded...) from the start. Off: about
-    # 3 ms of interpreter time a job that nobody reads without a monitor; Flower turns them
-    # on in every worker it sees (enable_events), and so does `celery control enable_events`.
+    # 3.5 ms of worker CPU a job on 2 cores (docs/benchmarks.md) that nobody reads without a
+    # monitor; Flower turns them on in every worker it sees (enable_events), and so does
+    # `celery control enable_events`.
     task_events: bool = False
     batch_size: int = 8
     batch_wait_ms: int = 15

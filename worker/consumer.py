@@ -126,16 +126,20 @@ def _body_refusal(body: Any) -> tuple[str, str] | None:
 
 
 class _AnsweringPanel(dict):
-    """Celery's remote-control handlers, less those that change a worker."""
+    """Celery's remote-control handlers, ANSWERED_COMMANDS only; any other name refuses."""
 
     def __missing__(self, name: Any) -> Any:
         return lambda state, **_: _refuse_command(name)
 
 
 def _refuse_command(name: Any) -> dict[str, str]:
-    MESSAGES_REFUSED.labels(reason="control").inc()
-    log.warning("remote control command %.80r refused: only commands that read are answered", name)
+    _count_refusal(f"command {str(name)[:80]!r} refused: only commands that read are answered")
     return {"error": f"remote control command {str(name)[:80]!r} is refused by actviz"}
+
+
+def _count_refusal(what: str) -> None:
+    MESSAGES_REFUSED.labels(reason="control").inc()
+    log.warning("remote control %s", what)
 
 
 def control_refusal(body: Any) -> str | None:
@@ -185,8 +189,7 @@ class Control(CeleryControl):
                 refused = control_refusal(body)
                 if refused is None:
                     return dispatch(body, message)
-                MESSAGES_REFUSED.labels(reason="control").inc()
-                log.warning("remote control message refused: %s", refused)
+                _count_refusal(f"message refused: {refused}")
                 return None
 
             box.on_message = on_message  # what Pidbox.start subscribes
