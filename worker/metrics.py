@@ -126,7 +126,9 @@ def sample_native_threads() -> float:
 
     A thread is Python's when `threading` knows its native id; every other live
     thread of the process was started by native code. Called on every /metrics
-    scrape. A native thread that exits takes its CPU out of the gauge.
+    scrape. A native thread that exits takes its CPU out of the gauge. A Python thread
+    sampled in the instant between leaving `threading`'s list and its exit from the
+    kernel counts as native in that one sample.
     """
     python = {t.native_id for t in threading.enumerate()}
     ticks = os.sysconf("SC_CLK_TCK")

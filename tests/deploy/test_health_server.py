@@ -108,14 +108,19 @@ import os, threading, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np, tensorflow as tf
 from worker.metrics import sample_native_threads
+spun, release = threading.Event(), threading.Event()
 def spin():
     end = time.thread_time() + 0.5
     while time.thread_time() < end:
         pass
+    spun.set(); release.wait()
 before = sample_native_threads()
 worker = threading.Thread(target=spin)
-worker.start(); worker.join()
+worker.start(); spun.wait()
+# Sampled while the thread lives: once `threading` has dropped it, the kernel may still
+# list it for an instant, and a sample then would count it (see sample_native_threads).
 python_added = sample_native_threads() - before
+release.set(); worker.join()
 x = tf.random.uniform((8, 128, 128, 16))
 w = tf.random.uniform((3, 3, 16, 64))
 start_native, start_all = sample_native_threads(), time.process_time()
