@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from producer.contract import QUEUE_GPU
+from producer.errors import ConfigurationError
 
 EMBEDDED_BROKER = "memory://"
 # Shorter passwords are not masked in free text: they would blank common words.
@@ -32,6 +33,9 @@ def _bool(value: str) -> bool:
 
 
 RESTORE_EVERY_S = 1  # how often a Redis consumer re-queues expired unacked messages
+# The shortest redelivery (s) whose visibility timeout, a whole number of seconds, still
+# spans two heartbeats: 4 s gives beats of 2/3 s and a 2 s timeout.
+MIN_REDELIVER_AFTER = 4
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,13 @@ class Settings:
     # holding it, worker/runtime/running.py) is failed with worker_lost, not run again.
     max_deliveries: int = 3
     # Seconds within which the jobs a dead worker held are handed to another worker: a
-    # live worker re-stamps what it holds every `heartbeat_s` (a sixth of this, 1 to 10 s,
-    # worker/transport.py), and Redis re-queues what was not re-stamped for
+    # live worker re-stamps what it holds every `heartbeat_s` (a sixth of this, at most
+    # 10 s, worker/transport.py), and Redis re-queues what was not re-stamped for
     # `visibility_timeout` (this, less one heartbeat and one restore sweep), so a dead
-    # worker's jobs come back within it and a live worker's long job never runs twice.
-    # 0: derived from the hard time limit (2 x limit + 60 s), for consumers that do not
-    # re-stamp.
+    # worker's jobs come back within it and a live worker's long job never runs twice:
+    # the timeout spans at least two beats, so one late beat hands nothing out again.
+    # At least MIN_REDELIVER_AFTER; 0: derived from the hard time limit (2 x limit +
+    # 60 s), for consumers that do not re-stamp.
     redeliver_after: int = 60
     # Seconds after its submission that a job no worker has started is looked for in the
     # queues and in what workers hold, then again at doubling intervals (at most 300 s);
@@ -135,10 +140,19 @@ class Settings:
             return self.result_backend
         return "cache+memory://" if self.embedded else self.broker_url
 
+    def __post_init__(self) -> None:
+        if 0 < self.redeliver_after < MIN_REDELIVER_AFTER or self.redeliver_after < 0:
+            raise ConfigurationError(
+                f"ACTVIZ_REDELIVER_AFTER={self.redeliver_after}: use 0 or at least "
+                f"{MIN_REDELIVER_AFTER} s (the visibility timeout must span two heartbeats, "
+                "or a live worker's jobs could run twice)"
+            )
+
     @property
     def heartbeat_s(self) -> float:
-        """Seconds between a worker's re-stamps of the messages it holds."""
-        return max(1.0, min(10.0, self.redeliver_after / 6.0)) if self.redeliver_after > 0 else 15.0
+        """Seconds between a worker's re-stamps of the messages it holds: a sixth of
+        `redeliver_after`, at most 10 (below 1 s only for the shortest, as tests use)."""
+        return min(10.0, self.redeliver_after / 6.0) if self.redeliver_after > 0 else 15.0
 
     @property
     def visibility_timeout(self) -> int:
@@ -157,7 +171,12 @@ class Settings:
             raw = env.get("ACTVIZ_" + f.name.upper())
             if raw is None or raw == "":
                 continue
-            values[f.name] = _parse(f.type, raw)
+            try:
+                values[f.name] = _parse(f.type, raw)
+            except ValueError:
+                raise ConfigurationError(
+                    f"ACTVIZ_{f.name.upper()}={raw!r}: not a valid {f.type}"
+                ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -135,7 +135,7 @@ def test_the_jobs_a_worker_holds_are_exported_for_autoscaling(
     from stack import free_port
 
     port = free_port()
-    env = {**env, "ACTVIZ_METRICS_PORT": str(port), "ACTVIZ_REDELIVER_AFTER": "4"}  # 1 s beats
+    env = {**env, "ACTVIZ_METRICS_PORT": str(port), "ACTVIZ_REDELIVER_AFTER": "4"}  # 2/3 s beats
     client = Client(settings=Settings.from_env(environ=env))
 
     def held() -> float:

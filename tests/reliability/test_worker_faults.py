@@ -216,8 +216,8 @@ def test_a_live_workers_long_jobs_are_not_handed_out_again(
     waiting behind each other, every held message outlives the timeout many
     times: only the worker's heartbeat (worker/transport.py) keeps Redis from
     handing them to the second worker that is up and polling meanwhile.
-    ACTVIZ_REDELIVER_AFTER=5 makes that timeout (5 less a 1 s beat and a 1 s sweep):
-    3 gave a 1 s timeout with 1 s beats, no margin at all under load.
+    ACTVIZ_REDELIVER_AFTER=5 makes that timeout (5 less a 5/6 s beat and a 1 s sweep,
+    whole seconds): more than three beats of margin.
     """
     import redis as redis_py
 

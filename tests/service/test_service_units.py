@@ -17,6 +17,7 @@ from producer.broker import celery_config
 from producer.client import sniff_extension
 from producer.contract import TASK_NAME
 from producer.errors import (
+    ConfigurationError,
     InputNotFound,
     InvalidJob,
     ModelNotAllowed,
@@ -25,6 +26,7 @@ from producer.errors import (
     StorageUnavailable,
 )
 from producer.registry import load_registry, resolve_model
+from producer.settings import MIN_REDELIVER_AFTER
 from worker.jobs.limits import HARD_LIMIT_EXIT
 from worker.runtime.cache import ModelCache
 from worker.runtime.fetch import check_model_allowed
@@ -132,6 +134,25 @@ def test_image_names_follow_their_content() -> None:
     assert sniff_extension(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
     assert sniff_extension(b"????", "photo.TIFF") == "tiff"
     assert sniff_extension(b"????") == "bin"
+
+
+def test_the_visibility_timeout_spans_two_heartbeats_at_every_redelivery_time() -> None:
+    """A live worker's held jobs outlast one late heartbeat (the timeout is at least two
+    beats), and a dead worker's come back within ACTVIZ_REDELIVER_AFTER (one beat, the
+    timeout and a 1 s sweep), for every value the settings accept."""
+    for after in range(MIN_REDELIVER_AFTER, 601):
+        settings = Settings(redeliver_after=after)
+        assert settings.visibility_timeout >= 2 * settings.heartbeat_s, after
+        assert settings.visibility_timeout + settings.heartbeat_s + 1 <= after, after
+    assert Settings(redeliver_after=4).heartbeat_s == pytest.approx(4 / 6)
+    assert Settings(redeliver_after=4).visibility_timeout == 2
+    for after in (1, 2, 3, -1):
+        with pytest.raises(ConfigurationError, match="ACTVIZ_REDELIVER_AFTER"):
+            Settings(redeliver_after=after)
+    with pytest.raises(ConfigurationError, match="ACTVIZ_REDELIVER_AFTER=3"):
+        Settings.from_env(environ={"ACTVIZ_REDELIVER_AFTER": "3"})
+    with pytest.raises(ConfigurationError, match="ACTVIZ_BATCH_SIZE='eight'"):
+        Settings.from_env(environ={"ACTVIZ_BATCH_SIZE": "eight"})
 
 
 def test_broker_config_is_json_only_with_one_visibility_timeout() -> None:
