@@ -292,6 +292,22 @@ def services(folder: Path, s3: bool = True) -> Iterator[dict[str, str]]:
             proc.wait(10)
 
 
+def redis_commands(url: str) -> dict[str, float]:
+    """Calls so far by command name, all clients (Redis's INFO commandstats)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {
+        name.removeprefix("cmdstat_"): float(value["calls"])
+        for name, value in stats.items()
+        if name.startswith("cmdstat_") and name not in ("cmdstat_info",)
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds one process has used."""
     return sum(cpu_tree(pid, depth=0).values())
@@ -414,6 +430,7 @@ class Load:
     stages: dict[str, float]
     cpu_ms: dict[str, float]  # CPU ms per job, by process
     cpu_stages: dict[str, float]  # CPU ms per job by stage, from the jobs' own cpu_ms
+    redis_calls: dict[str, float] = field(default_factory=dict)  # commands per job, by name
 
     @property
     def rate(self) -> float:
@@ -636,9 +653,11 @@ def measure_service(
                     cpu_before = {n: cpu_seconds(pid) for n, pid in procs.items()}
                     tree_before = cpu_tree(worker.proc.pid)
                     before = worker.counters()
+                    calls_before = redis_commands(settings.broker_url)
                     seconds, latencies, failed, stages, cpu_stages = run_load(
                         settings, workload, concurrency
                     )
+                    calls_after = redis_commands(settings.broker_url)
                     after = worker.counters()
                     tree_after = cpu_tree(worker.proc.pid)
                     cpu_ms = {
@@ -661,6 +680,11 @@ def measure_service(
                         stages,
                         cpu_ms,
                         cpu_stages,
+                        {
+                            name: (calls - calls_before.get(name, 0.0)) / len(workload)
+                            for name, calls in calls_after.items()
+                            if calls > calls_before.get(name, 0.0)
+                        },
                     )
                     print(
                         f"  batch {batch_size:>2} concurrency {concurrency:>2}: "
@@ -877,6 +901,15 @@ def main() -> None:
         "(/ engine: the worker's CPU per job over the engine's in-process CPU per image; "
         "target <= 1.5x on 2 CPU cores)"
     )
+    print()
+    print(
+        "Redis commands per job (INFO commandstats, every client: producers, their result "
+        "watcher's MGET every 5 ms, the worker, its heartbeat and restore sweeps):"
+    )
+    for (batch, conc), load in sorted(loads.items()):
+        calls = sorted(load.redis_calls.items(), key=lambda kv: -kv[1])
+        top_calls = ", ".join(f"{name} {n:.2f}" for name, n in calls if n >= 0.05)
+        print(f"{batch:>5}{conc:>6}  {sum(load.redis_calls.values()):6.1f} in all; {top_calls}")
     print()
     top = max(args.concurrency)
     low = min(args.concurrency)

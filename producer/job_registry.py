@@ -88,7 +88,8 @@ def mark_started(client: Any, job_id: str) -> None:
     """A worker runs the job. Its checks go on until it ends: a job held by a live
     worker is found among the unacknowledged messages, and one whose unacknowledged
     record was lost (a failover replicates asynchronously) is found nowhere and sent
-    again. One round trip; an expired entry stays gone."""
+    again. One command (a delivery's admission pipelines it); an expired entry stays
+    gone."""
     client.eval(_START, 1, job_key(job_id), STARTED)
 
 

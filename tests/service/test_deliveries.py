@@ -106,3 +106,34 @@ def test_a_process_marks_the_jobs_it_runs_and_unmarks_them(
     running.leave(pipe, "job-b")
     pipe.execute()
     assert not client.exists(key)
+
+
+def test_admission_marks_the_job_started_and_reads_its_cancel_mark_in_one_round_trip(
+    task: SimpleNamespace, tmp_path: Path
+) -> None:
+    """A delivery's admission counts it, marks the registry entry started and reads the
+    cancel mark in one transaction; the first cancel check after it uses what it read,
+    and later checks ask Redis again."""
+    from producer.errors import Cancelled
+    from producer.job_registry import job_key
+    from worker.jobs.steps import raise_if_cancelled
+
+    client = task.backend.client
+    store = FileStore(tmp_path)
+    settings = Settings(broker_url="redis://unused")
+    spec = JobSpec(job_id="admitted-job", model="builtin:demo", image="s3://b/i.png")
+    task.request.id = spec.job_id
+    client.hset(job_key(spec.job_id), mapping={"state": "queued"})
+    before = client.info("commandstats")
+    assert admit_delivery(task, spec, store, settings) is None
+    after = client.info("commandstats")
+    assert after["cmdstat_exec"]["calls"] - before.get("cmdstat_exec", {"calls": 0})["calls"] == 1
+    assert client.hget(job_key(spec.job_id), "state") == b"started"
+    assert task.request.actviz_cancelled is False
+    client.set(contract.cancel_key(spec.job_id), "1")
+    raise_if_cancelled(task, "before it ran")  # what admission read: not cancelled then
+    with pytest.raises(Cancelled, match="before its render stage"):
+        raise_if_cancelled(task, "before its render stage")  # asks Redis: cancelled now
+    assert admit_delivery(task, spec, store, settings) is None  # the next delivery reads it
+    with pytest.raises(Cancelled, match="before it ran"):
+        raise_if_cancelled(task, "before it ran")

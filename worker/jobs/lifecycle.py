@@ -38,7 +38,7 @@ from producer.errors import (
     TimeLimit,
     transient_errors,
 )
-from producer.job_registry import mark_ended, mark_started
+from producer.job_registry import mark_ended
 from producer.storage import put_many
 from worker.engine.manifest import manifest_bytes
 from worker.jobs.batches import publish_batch, start_batch_job
@@ -103,8 +103,8 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 redis = redis_client(task)
                 if redis is not None:
                     running.bind(redis, counter_ttl(settings))
-                    mark_started(redis, spec.job_id)
                 # A finished job is not run again; a job that keeps killing workers stops.
+                # Also marks it started in the job registry, in the same round trip.
                 result = admit_delivery(task, spec, runtime.store, settings)
                 if result is not None:
                     # Complete already (a duplicate, or a census submitted again): its

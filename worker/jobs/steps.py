@@ -49,10 +49,20 @@ def report_stage(task: Task, stage: str) -> None:
 def raise_if_cancelled(task: Task, when: str) -> None:
     """Raise Cancelled (cancelled) when the job was marked cancelled (Job.cancel, actviz cancel).
 
-    One Redis read; nothing without Redis (the embedded mode revokes instead).
+    One Redis read, or none for the first check after this delivery's admission read
+    the mark (worker/jobs/deliveries.py count_delivery); nothing without Redis (the
+    embedded mode revokes instead).
     """
-    client = redis_client(task)
-    if client is not None and task.request.id and client.exists(cancel_key(task.request.id)):
+    read_at_admission = getattr(task.request, "actviz_cancelled", None)
+    if read_at_admission is not None:
+        task.request.actviz_cancelled = None  # later checks ask Redis again
+        cancelled = read_at_admission
+    else:
+        client = redis_client(task)
+        cancelled = bool(
+            client is not None and task.request.id and client.exists(cancel_key(task.request.id))
+        )
+    if cancelled:
         raise Cancelled(f"the job was cancelled {when}")
 
 
