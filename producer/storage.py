@@ -11,8 +11,8 @@ import contextlib
 import contextvars
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -44,13 +44,9 @@ def content_type_for(key: str) -> str:
     return CONTENT_TYPES.get(Path(key).suffix.lower(), "application/octet-stream")
 
 
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()  # read once, at import: os.umask is process-wide
+# A stored file is created as a plain open() would make it (0o666 less the umask: 0644
+# under umask 022), so a web server or another user can read reports.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
@@ -153,19 +149,28 @@ class FileStore:
         return self.root.joinpath(*[part for part in parts if part not in ("", ".")])
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """Write a hidden file beside the object, then rename it over the object: a
+        reader sees the old bytes or the new, never a part. The folder is made on the
+        first write into it (a missing folder is the only reason to try twice)."""
         path = self._path(key)
-        tmp = None
+        tmp = os.path.join(path.parent, f".tmp-{secrets.token_hex(8)}")
+        created = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                # mkstemp makes 0600; a stored file gets the mode a plain open() would
-                # (0644 under umask 022), so a web server or another user can read reports.
-                os.fchmod(fh.fileno(), FILE_MODE)
-                fh.write(data)
+            try:
+                fd = os.open(tmp, _CREATE, 0o666)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, _CREATE, 0o666)
+            created = True
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            if tmp is not None:
+            if created:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
             raise refused_write("write", self.uri(key), exc) from None

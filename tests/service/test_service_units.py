@@ -491,6 +491,9 @@ def test_file_store_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None
     mode = stat.S_IMODE(os.stat(tmp_path / "store" / "jobs" / "a" / "index.html").st_mode)
     assert mode == 0o666 & ~mask  # 0644 under the usual umask 022, not mkstemp's 0600
     assert mode != 0o600 or mask == 0o177
+    store.put("jobs/a/index.html", b"<html>again")  # replaced whole, nothing left beside it
+    assert store.get("jobs/a/index.html") == b"<html>again"
+    assert os.listdir(tmp_path / "store" / "jobs" / "a") == ["index.html"]
 
 
 def test_a_model_folder_is_read_in_place_and_a_plain_folder_is_not_called_missing(
