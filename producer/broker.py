@@ -14,7 +14,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from producer.contract import MAX_PRIORITY, QUEUE_GPU, QUEUES, TASK_NAME
-from producer.settings import RESTORE_EVERY_S, Settings
+from producer.settings import RESTORE_EVERY_S, Settings, redact_url
 
 RESTORE_MUTEX_S = 5
 
@@ -105,3 +105,18 @@ def create_app(settings: Settings, name: str = "actviz") -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+SHOWN_FIELDS = ("job_id", "kind", "model", "image", "batch_id")
+
+
+def arguments_shown(message: dict[str, Any]) -> str:
+    """What monitors (Flower, `celery events`) show as a job's arguments: its id, kind,
+    model and image, URLs without their passwords. Celery would otherwise walk the whole
+    message with its safe repr, about a fifth of a submit's CPU."""
+    fields = message if isinstance(message, dict) else {}
+    shown = {name: fields[name] for name in SHOWN_FIELDS if fields.get(name) is not None}
+    for name in ("model", "image"):
+        if isinstance(shown.get(name), str):
+            shown[name] = redact_url(shown[name])
+    return repr([shown])

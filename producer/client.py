@@ -31,7 +31,7 @@ from producer.batches import (
     record_jobs,
     record_total,
 )
-from producer.broker import create_app
+from producer.broker import arguments_shown, create_app
 from producer.contract import (
     FAILED,
     MAX_PRIORITY,
@@ -480,7 +480,13 @@ class Client:
                         self.settings.reconcile_after or None,
                     )
                 self.app.send_task(
-                    TASK_NAME, args=[message], task_id=job_id, queue=queue, priority=priority
+                    TASK_NAME,
+                    args=[message],
+                    task_id=job_id,
+                    queue=queue,
+                    priority=priority,
+                    argsrepr=arguments_shown(message),
+                    kwargsrepr="{}",
                 )
 
         self.through_broker_outages(enqueue)

@@ -17,6 +17,7 @@ import harness
 import pytest
 
 from producer import Client, Settings
+from producer.broker import arguments_shown
 from producer.contract import job_key
 from producer.job_registry import RECONCILE_KEY, STARTED, mark_ended, mark_started
 from worker.jobs.reconciler import LOCK_KEY, RECONFIRM_S, reconcile
@@ -59,6 +60,11 @@ def test_a_job_is_registered_with_its_message_and_a_check_before_it_is_sent(clie
     assert 0 < redis.ttl(job_key(job_id)) <= client.settings.result_expires
     assert redis.zscore(RECONCILE_KEY, job_id) == pytest.approx(before + AFTER, abs=5)
     assert [task_id(m) for m in redis.lrange("cpu", 0, -1)] == [job_id]
+    # Monitors see the job's id, kind, model and image, not Celery's repr of the message.
+    headers = json.loads(redis.lrange("cpu", 0, -1)[0])["headers"]
+    assert headers["argsrepr"] == arguments_shown(json.loads(entry["message"]))
+    assert job_id in headers["argsrepr"] and "builtin:demo" in headers["argsrepr"]
+    assert headers["kwargsrepr"] == "{}"
 
 
 def test_a_job_lost_between_pop_and_record_is_sent_again_once(client, redis) -> None:  # noqa: ANN001
@@ -87,6 +93,7 @@ def test_a_job_lost_between_pop_and_record_is_sent_again_once(client, redis) -> 
     assert sorted(queued) == sorted([waiting, lost])  # sent again under its own id, once
     resent = next(json.loads(m) for m in redis.lrange("cpu", 0, -1) if task_id(m) == lost)
     assert resent["headers"]["task"] == "actviz.extract"
+    assert lost in resent["headers"]["argsrepr"]  # the job's summary, as its first send's
     assert redis.hget(job_key(lost), "resent") == b"1"
     # Its next look finds it queued: nothing more is sent.
     third = reconcile(client.app, redis, now=t0 + 3 * AFTER, after=AFTER)

@@ -741,3 +741,22 @@ def test_an_unreachable_broker_fails_a_submit_with_broker_unavailable(tmp_path) 
     )
     assert done.returncode == 2 and "broker_unavailable" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_monitors_see_a_jobs_summary_without_passwords() -> None:
+    """Celery puts a repr of a task's arguments in its message for Flower and `celery
+    events`; a job's is its id, kind, model and image, with URL passwords removed."""
+    from producer.broker import arguments_shown
+
+    message = {
+        "job_id": "j1",
+        "kind": "activations",
+        "model": "https://user:s3cret@models.example/m.keras",
+        "image": "s3://bucket/in.png",
+        "options": {"labels": ["cat"] * 1000},
+    }
+    shown = arguments_shown(message)
+    assert shown.startswith("[{") and "'j1'" in shown and "s3://bucket/in.png" in shown
+    assert "s3cret" not in shown and "models.example/m.keras" in shown
+    assert "labels" not in shown and len(shown) < 200
+    assert arguments_shown("not a message") == "[{}]"

@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.broker import arguments_shown
 from producer.contract import MAX_PRIORITY, QUEUES, TASK_NAME, job_key
 from producer.job_registry import QUEUED, RECONCILE_KEY, STARTED, due, entries, message
 
@@ -219,6 +220,8 @@ def _resend(app: Any, client: Any, job_id: str, entry: dict[str, str]) -> bool:
         task_id=job_id,
         queue=entry.get("queue") or None,
         priority=int(entry["priority"]) if entry.get("priority") else None,
+        argsrepr=arguments_shown(kept),
+        kwargsrepr="{}",
     )
     return True
 
