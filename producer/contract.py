@@ -597,7 +597,8 @@ class JobSpec:
             )
 
     def to_message(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Every field but `options` is a scalar: no deep copy but the options' own.
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["options"] = self.options.to_dict()
         data["version"] = MANIFEST_VERSION
         return data
