@@ -1,9 +1,11 @@
-"""Cancel reaches queued jobs with no worker up, stops nothing that has ended, and a batch at once."""
+"""Cancel reaches queued jobs with no worker up, stops nothing that has ended, and a batch at
+once; a running job shows its stages once it has run ACTVIZ_PROGRESS_AFTER_MS."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -86,11 +88,53 @@ def test_a_running_job_stops_at_its_next_stage_once_cancelled(redis_url: str) ->
     def job(self) -> None:  # noqa: ANN001
         return None
 
-    job.push_request(id="running-job", actviz_progress=(0.0, 0.0))  # shows its stages
+    job.push_request(id="running-job")  # no start recorded: every stage is shown
     try:
         report_stage(job, "forward")  # not cancelled: reported
         redis_lib.Redis.from_url(redis_url).set(cancel_key("running-job"), b"1")
         with pytest.raises(Cancelled, match="before its rendering stage"):
             report_stage(job, "rendering")
+    finally:
+        job.pop_request()
+
+
+def test_a_stage_reached_early_shows_once_the_job_has_run_long_enough(redis_url: str) -> None:
+    """ACTVIZ_PROGRESS_AFTER_MS: a stage reached sooner is written when the job has run
+    that long if it is still the job's stage (a long forward pass after a warm model's
+    load), a later stage replaces it, and nothing is written after the job's end."""
+    from celery import Celery
+
+    from worker.jobs.steps import job_progress, report_stage
+
+    app = Celery("progress-test", broker=redis_url, backend=redis_url)
+
+    @app.task(bind=True)
+    def job(self) -> None:  # noqa: ANN001
+        return None
+
+    def stage_of(job_id: str) -> str | None:
+        meta = app.AsyncResult(job_id)
+        return meta.info.get("stage") if meta.state == "STARTED" else None
+
+    job.push_request(id="slow-job")
+    try:
+        with job_progress(job, 300) as reports:
+            report_stage(job, "loading_model")  # early: deferred
+            report_stage(job, "forward")  # early too: it replaces loading_model
+            assert stage_of("slow-job") is None  # nothing written yet
+            wait_for(lambda: stage_of("slow-job") == "forward", 5, "the deferred stage")
+            assert time.monotonic() - reports.started >= 0.3
+            report_stage(job, "rendering")  # due: written at once
+            assert stage_of("slow-job") == "rendering"
+    finally:
+        job.pop_request()
+
+    job.push_request(id="fast-job")
+    try:
+        with job_progress(job, 300):
+            report_stage(job, "forward")
+        app.backend.mark_as_failure("fast-job", RuntimeError("its end"))  # the job's end
+        time.sleep(0.5)  # past the stage's time: its write was cancelled with the job
+        assert app.AsyncResult("fast-job").state == "FAILURE"
     finally:
         job.pop_request()

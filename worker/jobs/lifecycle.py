@@ -44,7 +44,7 @@ from worker.engine.manifest import manifest_bytes
 from worker.jobs.batches import publish_batch, start_batch_job
 from worker.jobs.deliveries import admit_delivery, counter_ttl, redis_client
 from worker.jobs.limits import time_limits
-from worker.jobs.steps import raise_if_cancelled, report_stage, start_progress
+from worker.jobs.steps import job_progress, raise_if_cancelled, report_stage
 from worker.logs import job_context
 from worker.metrics import JOBS, QUEUE_WAIT, STAGE_CPU, STAGE_SECONDS
 from worker.runtime import WorkerRuntime, running
@@ -88,8 +88,7 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
     except ActvizError as exc:
         JOBS.labels(status="failed", code=exc.code).inc()
         raise
-    with job_context(spec.job_id):
-        start_progress(task, settings.progress_after_ms)
+    with job_context(spec.job_id), job_progress(task, settings.progress_after_ms):
         if spec.enqueued_at:
             QUEUE_WAIT.observe(max(0.0, time.time() - spec.enqueued_at))
         try:

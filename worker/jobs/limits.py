@@ -94,6 +94,11 @@ _backstop = _Backstop()
 _timer = Timer()
 
 
+def process_timer() -> Timer:
+    """The process's one timer thread, for short deferred work (time limits, stage reports)."""
+    return _timer
+
+
 def _raise_soft_limit(signum: int, frame: object) -> None:
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +16,10 @@ from producer.contract import JobSpec, cancel_key
 from producer.errors import Cancelled
 from producer.storage import is_s3_uri
 from worker.jobs.deliveries import redis_client
+from worker.jobs.limits import process_timer
 from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,20 +37,90 @@ class Output:
     summary: str = ""
 
 
+class StageReports:
+    """When a job's stages reach the result backend (`Job.state().stage`).
+
+    A stage is written once the job has run `after_s` (ACTVIZ_PROGRESS_AFTER_MS):
+    each write is a result-backend read and write, which a job that ends sooner
+    would spend on stages nobody has time to see. A stage reached sooner is
+    written when the job has run that long, by the process's timer thread, if it
+    is still the job's stage then: a long stage that began early (the forward
+    pass and encoding, after a warm model's load) shows. Writes are serialized,
+    and `close()` at the job's end cancels what is pending and waits for a write
+    under way, so no stage lands after the job's final state.
+    """
+
+    def __init__(self, task: Task, after_s: float, now: float | None = None) -> None:
+        self.task = task
+        self.request = task.request  # this job's, read from the timer thread too
+        self.started = time.monotonic() if now is None else now
+        self.after_s = max(0.0, after_s)
+        self._lock = threading.Lock()
+        self._pending: str | None = None
+        self._entry: Any = None
+        self._closed = False
+
+    def due(self, now: float) -> bool:
+        return stage_due(self.started, self.after_s, now)
+
+    def write(self, stage: str) -> None:
+        """Write `stage` now (the job's thread); a deferred one is dropped."""
+        with self._lock:
+            self._pending = None
+            if not self._closed:
+                self._store(stage)
+
+    def defer(self, stage: str) -> None:
+        """Write `stage` once the job has run `after_s`, unless a later stage or the
+        job's end comes first."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pending = stage
+            if self._entry is None:
+                delay = max(0.0, self.started + self.after_s - time.monotonic())
+                self._entry = process_timer().call_after(delay, self._write_pending)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, self._pending = True, None
+            if self._entry is not None:
+                self._entry.cancel()
+
+    def _write_pending(self) -> None:
+        with self._lock:
+            stage, self._pending = self._pending, None
+            if stage is None or self._closed:
+                return
+            try:
+                self._store(stage)
+            except Exception as exc:  # noqa: BLE001 (progress only: the job goes on)
+                log.warning("could not report the job's %s stage: %s", stage, exc)
+
+    def _store(self, stage: str) -> None:
+        self.task.backend.store_result(
+            self.request.id, {"stage": stage}, "STARTED", request=self.request
+        )
+
+
 def report_stage(task: Task, stage: str) -> None:
     """Let `Job.state()` show progress; a no-op when run outside a worker.
 
-    Only once the job has run `settings.progress_after_ms` (see `start_progress`):
-    each report is a result-backend read and write, which a job that ends sooner
-    would spend on stages nobody has time to see.
+    A stage reached before the job has run `settings.progress_after_ms` waits until
+    it has (see StageReports); a job with no record of its start reports every stage.
     """
     if not task.request.id:
         return
-    started, after = getattr(task.request, "actviz_progress", (None, 0.0))
-    if stage_due(started, after, time.monotonic()):
-        # A job long enough to show its stages is long enough to be cancelled between them.
-        raise_if_cancelled(task, f"before its {stage} stage")
+    reports = getattr(task.request, "actviz_progress", None)
+    if reports is not None and not reports.due(time.monotonic()):
+        reports.defer(stage)
+        return
+    # A job long enough to show its stages is long enough to be cancelled between them.
+    raise_if_cancelled(task, f"before its {stage} stage")
+    if reports is None:
         task.update_state(state="STARTED", meta={"stage": stage})
+    else:
+        reports.write(stage)
 
 
 def raise_if_cancelled(task: Task, when: str) -> None:
@@ -66,9 +143,15 @@ def raise_if_cancelled(task: Task, when: str) -> None:
         raise Cancelled(f"the job was cancelled {when}")
 
 
-def start_progress(task: Task, after_ms: int) -> None:
-    """The job starts now: its stages are reported from `after_ms` on."""
-    task.request.actviz_progress = (time.monotonic(), max(0, after_ms) / 1000.0)
+@contextmanager
+def job_progress(task: Task, after_ms: int) -> Iterator[StageReports]:
+    """The job runs in the block: its stages are written from `after_ms` on, and none
+    after the block."""
+    reports = task.request.actviz_progress = StageReports(task, max(0, after_ms) / 1000.0)
+    try:
+        yield reports
+    finally:
+        reports.close()
 
 
 def stage_due(started: float | None, after_s: float, now: float) -> bool:
