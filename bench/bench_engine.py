@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import itertools
 import os
 import platform
 import statistics
@@ -59,6 +60,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from producer.contract import JobOptions  # noqa: E402
 from producer.settings import Settings  # noqa: E402
+from producer.storage import FileStore  # noqa: E402
 from worker.engine import RenderKey, analyze, manifest_bytes, open_model, preprocess  # noqa: E402
 from worker.engine.cam_pass import analyze_cam, cam_of  # noqa: E402
 from worker.engine.compiled import compile_program, to_host  # noqa: E402
@@ -235,12 +237,26 @@ def main() -> None:
         d2h = {n: extractor.reduce(pixels[:n], key).d2h_bytes / n for n in sizes}
         results = analyze(loaded, images[:1], options, settings)
         floats = extractor.output_bytes(pixels.shape[1:])
-        # What the worker adds for each job on the host: its manifest and report page.
+        # What the worker adds for each job on the host: its manifest, its report page,
+        # and storing its files (one thread; the worker stores a job's files on several).
         manifest = results[0].manifest
+        job_files = {
+            **results[0].files,
+            **render_report(manifest),
+            "manifest.json": manifest_bytes(manifest),
+        }
+        stored = itertools.count()
+
+        def store_job() -> None:
+            store, prefix = FileStore(Path(tmp) / "store"), f"jobs/{next(stored)}/"
+            for name, data in job_files.items():
+                store.put(prefix + name, data)
+
         per_job = measure(
             {
                 "manifest": (lambda: manifest_bytes(manifest), args.repeats),
                 "report": (lambda: render_report(manifest), args.repeats),
+                "store": (store_job, args.repeats),
             }
         )
 
@@ -293,7 +309,9 @@ def main() -> None:
     print(
         f"per job on the host: manifest JSON {per_job['manifest'][0]:.2f} ms "
         f"({len(manifest_bytes(manifest)) / 1024:.0f} KB), report page "
-        f"(index.html + depth.svg) {per_job['report'][0]:.2f} ms"
+        f"(index.html + depth.svg) {per_job['report'][0]:.2f} ms, storing its "
+        f"{len(job_files)} files ({sum(map(len, job_files.values())) / 1024:.0f} KB) in a "
+        f"local folder {per_job['store'][0]:.2f} ms"
     )
     stages = results[0].manifest["timings_ms"]
     print(
