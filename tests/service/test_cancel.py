@@ -104,6 +104,7 @@ def test_a_stage_reached_early_shows_once_the_job_has_run_long_enough(redis_url:
     load), a later stage replaces it, and nothing is written after the job's end."""
     from celery import Celery
 
+    from worker.jobs.limits import process_timer
     from worker.jobs.steps import job_progress, report_stage
 
     app = Celery("progress-test", broker=redis_url, backend=redis_url)
@@ -116,18 +117,23 @@ def test_a_stage_reached_early_shows_once_the_job_has_run_long_enough(redis_url:
         meta = app.AsyncResult(job_id)
         return meta.info.get("stage") if meta.state == "STARTED" else None
 
+    # The timer thread sleeps towards a far entry (a job's hard limit) meanwhile: the
+    # deferred stage is still written on time, not when that sleep ends.
+    far = process_timer().call_after(60, lambda: None)
+    time.sleep(0.2)
     job.push_request(id="slow-job")
     try:
         with job_progress(job, 300) as reports:
             report_stage(job, "loading_model")  # early: deferred
             report_stage(job, "forward")  # early too: it replaces loading_model
             assert stage_of("slow-job") is None  # nothing written yet
-            wait_for(lambda: stage_of("slow-job") == "forward", 5, "the deferred stage")
+            wait_for(lambda: stage_of("slow-job") == "forward", 1.5, "the deferred stage")
             assert time.monotonic() - reports.started >= 0.3
             report_stage(job, "rendering")  # due: written at once
             assert stage_of("slow-job") == "rendering"
     finally:
         job.pop_request()
+        far.cancel()
 
     job.push_request(id="fast-job")
     try:
