@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from stack import start_worker, subprocess_env
+from stack import start_worker, subprocess_env, wait_for
 
 from producer import Client, Settings
+from producer.batches import PENDING_FINALIZE
 from worker.jobs.deliveries import KEY_PREFIX as DELIVERIES
 
 REDIS_DB = 8
@@ -44,6 +45,12 @@ def test_per_job_keys_expire_and_leave_only_bounded_delivery_counters(
         jobs = client.submit_many(saved_models["seq"].as_uri(), images, layers="conv2d_1")
         for job in jobs:
             job.wait(timeout=90)
+        # The batch's gallery is written after its last job, on a thread of the worker
+        # that ended it; until then the batch is listed as pending (a set of every
+        # batch's, with no expiry of its own).
+        gallery = tmp_path / "store" / "batches" / jobs[0].batch_id / "index.html"
+        wait_for(gallery.is_file, 30, "the batch gallery")
+        wait_for(lambda: not redis.exists(PENDING_FINALIZE), 30, "the batch's finalization")
         per_job = set(redis.keys()) - idle
         assert per_job, "jobs leave state in Redis while their results live"
         settings = Settings.from_env(environ=env)
