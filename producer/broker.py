@@ -110,6 +110,19 @@ def create_app(settings: Settings, name: str = "actviz") -> Celery:
 SHOWN_FIELDS = ("job_id", "kind", "model", "image", "batch_id")
 
 
+def send_job(app: Celery, message: dict[str, Any], job_id: str, **options: Any) -> None:
+    """Queue a job's message under its id (`options`: queue, priority), with the summary
+    of it that monitors show (`arguments_shown`)."""
+    app.send_task(
+        TASK_NAME,
+        args=[message],
+        task_id=job_id,
+        argsrepr=arguments_shown(message),
+        kwargsrepr="{}",
+        **options,
+    )
+
+
 def arguments_shown(message: dict[str, Any]) -> str:
     """What monitors (Flower, `celery events`) show as a job's arguments: its id, kind,
     model and image, URLs without their passwords. Celery would otherwise walk the whole

@@ -31,7 +31,7 @@ from producer.batches import (
     record_jobs,
     record_total,
 )
-from producer.broker import arguments_shown, create_app
+from producer.broker import create_app, send_job
 from producer.contract import (
     FAILED,
     MAX_PRIORITY,
@@ -39,7 +39,6 @@ from producer.contract import (
     QUEUES,
     STARTED,
     SUCCEEDED,
-    TASK_NAME,
     UNKNOWN,
     ErrorCode,
     JobKind,
@@ -479,15 +478,7 @@ class Client:
                         self.settings.result_expires,
                         self.settings.reconcile_after or None,
                     )
-                self.app.send_task(
-                    TASK_NAME,
-                    args=[message],
-                    task_id=job_id,
-                    queue=queue,
-                    priority=priority,
-                    argsrepr=arguments_shown(message),
-                    kwargsrepr="{}",
-                )
+                send_job(self.app, message, job_id, queue=queue, priority=priority)
 
         self.through_broker_outages(enqueue)
         return Job(self, job_id, batch_id)

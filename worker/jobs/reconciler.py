@@ -31,8 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.broker import arguments_shown
-from producer.contract import MAX_PRIORITY, QUEUES, TASK_NAME, job_key
+from producer.broker import send_job
+from producer.contract import MAX_PRIORITY, QUEUES, job_key
 from producer.job_registry import QUEUED, RECONCILE_KEY, STARTED, due, entries, message
 
 log = logging.getLogger(__name__)
@@ -214,14 +214,12 @@ def _resend(app: Any, client: Any, job_id: str, entry: dict[str, str]) -> bool:
     kept = message(client, job_id)
     if kept is None:
         return False
-    app.send_task(
-        TASK_NAME,
-        args=[kept],
-        task_id=job_id,
+    send_job(
+        app,
+        kept,
+        job_id,
         queue=entry.get("queue") or None,
         priority=int(entry["priority"]) if entry.get("priority") else None,
-        argsrepr=arguments_shown(kept),
-        kwargsrepr="{}",
     )
     return True
 
