@@ -141,7 +141,7 @@ class Settings:
         return "cache+memory://" if self.embedded else self.broker_url
 
     def __post_init__(self) -> None:
-        if 0 < self.redeliver_after < MIN_REDELIVER_AFTER or self.redeliver_after < 0:
+        if self.redeliver_after != 0 and self.redeliver_after < MIN_REDELIVER_AFTER:
             raise ConfigurationError(
                 f"ACTVIZ_REDELIVER_AFTER={self.redeliver_after}: use 0 or at least "
                 f"{MIN_REDELIVER_AFTER} s (the visibility timeout must span two heartbeats, "
