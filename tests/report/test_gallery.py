@@ -110,3 +110,10 @@ def test_gallery_rejects_an_unsafe_batch_or_job_id() -> None:
         render_gallery("../b1", [])
     with pytest.raises(ValueError):
         render_gallery("b1", [("../escape", None)])
+
+
+def test_pages_declare_their_icon_so_no_favicon_is_fetched() -> None:
+    """A page opened over HTTP (a bucket's signed link) with no icon of its own makes the
+    browser ask the server for /favicon.ico: a 404 in the console of every report."""
+    html = render_gallery("b1", []).decode()
+    assert '<link rel="icon" href="data:,">' in html.split("</head>", 1)[0]
