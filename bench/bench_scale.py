@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import redis as redis_lib  # noqa: E402
-from bench_service import Worker, cpu_tree, services, wait_until  # noqa: E402
+from bench_service import Worker, cpu_tree, process_tree, services, wait_until  # noqa: E402
 from PIL import Image  # noqa: E402
 from redis.client import Pipeline  # noqa: E402
 
@@ -144,20 +144,10 @@ def folder_bytes(root: Path) -> tuple[int, int, int]:
 
 def rss_bytes(root: int) -> int:
     """Resident bytes of `root` and its descendants (/proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    total, frontier = 0, [root]
-    page = os.sysconf("SC_PAGE_SIZE")
-    while frontier:
-        pid = frontier.pop()
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for pid in process_tree(root):
         with contextlib.suppress(OSError, IndexError, ValueError):  # a process just ended
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
-        frontier += children.get(pid, [])
     return total
 
 

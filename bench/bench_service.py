@@ -308,6 +308,23 @@ def redis_commands(url: str) -> dict[str, float]:
     }
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    out, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        out.append(pid)
+        frontier += children.get(pid, [])
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds one process has used."""
     return sum(cpu_tree(pid, depth=0).values())

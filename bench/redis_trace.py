@@ -62,23 +62,6 @@ def socket_ports(pid: int, redis_port: int) -> set[int]:
     return ports
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and its descendants."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    out, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        out.append(pid)
-        frontier += parents.get(pid, [])
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default=":8", help="the job's layer spec")
@@ -119,7 +102,7 @@ def main() -> None:
                     job.wait(timeout=120)
                     ended = time.time()
                     sides = {p: "producer" for p in socket_ports(os.getpid(), port)}
-                    for pid in process_tree(worker.proc.pid):
+                    for pid in bench_service.process_tree(worker.proc.pid):
                         sides.update({p: "worker" for p in socket_ports(pid, port)})
                     time.sleep(0.2)
                     monitor.terminate()
