@@ -50,10 +50,10 @@ class StageReports:
     under way, so no stage lands after the job's final state.
     """
 
-    def __init__(self, task: Task, after_s: float, now: float | None = None) -> None:
+    def __init__(self, task: Task, after_s: float) -> None:
         self.task = task
         self.request = task.request  # this job's, read from the timer thread too
-        self.started = time.monotonic() if now is None else now
+        self.started = time.monotonic()
         self.after_s = max(0.0, after_s)
         self._lock = threading.Lock()
         self._pending: str | None = None
