@@ -84,7 +84,7 @@ def test_a_running_job_stops_at_its_next_stage_once_cancelled(redis_url: str) ->
 
     app = Celery("cancel-test", broker=redis_url, backend=redis_url)
 
-    @app.task(bind=True)
+    @app.task(bind=True, name="cancel-test.job")
     def job(self) -> None:  # noqa: ANN001
         return None
 
@@ -109,7 +109,7 @@ def test_a_stage_reached_early_shows_once_the_job_has_run_long_enough(redis_url:
 
     app = Celery("progress-test", broker=redis_url, backend=redis_url)
 
-    @app.task(bind=True)
+    @app.task(bind=True, name="progress-test.job")
     def job(self) -> None:  # noqa: ANN001
         return None
 
