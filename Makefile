@@ -4,13 +4,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint services bench bench-service bench-census bench-scale bench-gpu test-reliability clean
+.PHONY: install lock demo test lint services bench bench-service bench-census bench-scale bench-gpu test-reliability clean
 
-$(STAMP): pyproject.toml
+LOCK   := infra/dev/constraints.txt
+
+# The versions in $(LOCK) are the ones the suite last ran green with; `make lock` renews them.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[worker,test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[worker,test]'
 	touch $(STAMP)
+
+# The newest versions pyproject.toml allows, resolved in a virtualenv of their own and
+# written to $(LOCK); then `make test` says whether they may stay.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q -e '.[worker,test]'
+	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 install: $(STAMP)
 
