@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install lock demo test lint services bench bench-service bench-census bench-scale bench-gpu test-reliability clean
 
-LOCK   := infra/dev/constraints.txt
+LOCK   := infra/constraints.txt
 
 # The versions in $(LOCK) are the ones the suite last ran green with; `make lock` renews them.
 $(STAMP): pyproject.toml $(LOCK)

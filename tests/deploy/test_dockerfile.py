@@ -56,7 +56,9 @@ def test_tensorflow_is_pinned_gpu_by_default_and_inside_the_supported_range():
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG VARIANT=gpu$", text, re.M)
     version = re.search(r"^ARG TF_VERSION=(\S+)$", text, re.M).group(1)
-    installs = dict(re.findall(r'^\s*(gpu|cpu)\) pip install "([^"]+)"', text, re.M))
+    installs = dict(
+        re.findall(r'^\s*(gpu|cpu)\) pip install -c /opt/constraints.txt "([^"]+)"', text, re.M)
+    )
     assert installs == {
         "gpu": "tensorflow[and-cuda]==${TF_VERSION}",
         "cpu": "tensorflow==${TF_VERSION}",
@@ -67,6 +69,9 @@ def test_tensorflow_is_pinned_gpu_by_default_and_inside_the_supported_range():
     pin = re.search(r'"(tensorflow[<>=!~][^"]*)"', (ROOT / "pyproject.toml").read_text())
     tf = Requirement(pin.group(1))
     assert tf.specifier.contains(version), f"{version} outside pyproject's {tf.specifier}"
+    # The version the suite ran with (make lock), or the image's pip refuses the pair.
+    locked = re.search(r"^tensorflow==(\S+)$", (ROOT / "infra/constraints.txt").read_text(), re.M)
+    assert locked and locked.group(1) == version, (locked, version)
 
 
 def test_healthcheck_probes_healthz_with_python_and_command_is_actviz_worker():
@@ -87,7 +92,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build():
     # Deny-all first, then only what the image installs is let back in.
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "producer", "worker"}
+    assert allowed == {"pyproject.toml", "infra/constraints.txt", "README.md", "producer", "worker"}
     copied = {
         source.rstrip("/").removeprefix("./")
         for word, args in instructions()
