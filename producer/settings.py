@@ -106,8 +106,9 @@ class Settings:
     # Seconds a submit keeps trying while the broker is unreachable (a Redis restart, a
     # Sentinel failover) before it fails with broker_unavailable.
     submit_retry_s: int = 30
-    # A job reports its stages (Job.state().stage) once it has run this long: a fast job
-    # skips them (each is a result-backend read and write), a slow one shows its progress.
+    # A job reports its stages (Job.state().stage) once it has run this long, then at most
+    # once per this interval: a fast job skips them (each is a result-backend read and
+    # write), a slow one shows its progress, each stage at most this late.
     progress_after_ms: int = 250
     # Measure each job stage's CPU (manifest cpu_ms, actviz_stage_cpu_seconds_total). Off by
     # default: a thread-CPU clock read is a system call made holding the interpreter lock.

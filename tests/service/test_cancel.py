@@ -98,10 +98,13 @@ def test_a_running_job_stops_at_its_next_stage_once_cancelled(redis_url: str) ->
         job.pop_request()
 
 
-def test_a_stage_reached_early_shows_once_the_job_has_run_long_enough(redis_url: str) -> None:
-    """ACTVIZ_PROGRESS_AFTER_MS: a stage reached sooner is written when the job has run
-    that long if it is still the job's stage (a long forward pass after a warm model's
-    load), a later stage replaces it, and nothing is written after the job's end."""
+def test_stages_show_at_most_once_per_progress_interval_and_never_after_the_end(
+    redis_url: str,
+) -> None:
+    """ACTVIZ_PROGRESS_AFTER_MS: the first stage is written once the job has run that
+    long, if it is still the job's stage (a long forward pass after a warm model's load),
+    and later ones at most once per that interval, each replaced by a stage reached
+    before its time; nothing is written after the job's end."""
     from celery import Celery
 
     from worker.jobs.limits import process_timer
@@ -129,8 +132,14 @@ def test_a_stage_reached_early_shows_once_the_job_has_run_long_enough(redis_url:
             assert stage_of("slow-job") is None  # nothing written yet
             wait_for(lambda: stage_of("slow-job") == "forward", 1.5, "the deferred stage")
             assert time.monotonic() - reports.started >= 0.3
-            report_stage(job, "rendering")  # due: written at once
-            assert stage_of("slow-job") == "rendering"
+            report_stage(job, "rendering")  # within 300 ms of that write: deferred
+            report_stage(job, "uploading")  # it replaces rendering
+            assert stage_of("slow-job") == "forward"
+            wait_for(lambda: stage_of("slow-job") == "uploading", 1.5, "the next stage")
+            assert reports.written == 2  # forward, uploading: never the stages replaced
+            time.sleep(0.35)
+            report_stage(job, "rendering")  # its time has come: written at once
+            assert stage_of("slow-job") == "rendering" and reports.written == 3
     finally:
         job.pop_request()
         far.cancel()

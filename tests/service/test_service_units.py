@@ -457,15 +457,6 @@ def test_celery_failures_map_to_codes_by_class() -> None:
     assert error_of(KeyError("x"))["code"] == "internal"
 
 
-def test_stages_are_reported_only_once_a_job_has_run_long_enough() -> None:
-    from worker.jobs.steps import stage_due
-
-    assert not stage_due(10.0, 0.25, 10.1)  # a fast job: no result-backend round trip
-    assert stage_due(10.0, 0.25, 10.25)
-    assert stage_due(10.0, 0.0, 10.0)  # ACTVIZ_PROGRESS_AFTER_MS=0: every stage
-    assert stage_due(None, 0.25, 10.0)  # no start recorded: report
-
-
 def test_file_store_keys_stay_inside_the_root(tmp_path) -> None:  # noqa: ANN001
     from producer.storage import FileStore
 

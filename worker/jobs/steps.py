@@ -40,14 +40,16 @@ class Output:
 class StageReports:
     """When a job's stages reach the result backend (`Job.state().stage`).
 
-    A stage is written once the job has run `after_s` (ACTVIZ_PROGRESS_AFTER_MS):
-    each write is a result-backend read and write, which a job that ends sooner
-    would spend on stages nobody has time to see. A stage reached sooner is
-    written when the job has run that long, by the process's timer thread, if it
-    is still the job's stage then: a long stage that began early (the forward
-    pass and encoding, after a warm model's load) shows. Writes are serialized,
-    and `close()` at the job's end cancels what is pending and waits for a write
-    under way, so no stage lands after the job's final state.
+    Stages are written at most once per `after_s` (ACTVIZ_PROGRESS_AFTER_MS), the
+    first once the job has run that long: each write is a result-backend read and
+    write and a cancel check, which stages nobody has time to see would spend (a
+    job in a loaded worker's passes reaches its four stages within a few hundred
+    ms). A stage reached before its time is written then, by the process's timer
+    thread, if it is still the job's stage: a long stage that began early (the
+    forward pass and encoding, after a warm model's load) shows, at most `after_s`
+    late, and a shorter one that a later stage replaced meanwhile does not. Writes
+    are serialized, and `close()` at the job's end cancels what is pending and
+    waits for a write under way, so no stage lands after the job's final state.
     """
 
     def __init__(self, task: Task, after_s: float) -> None:
@@ -55,41 +57,48 @@ class StageReports:
         self.request = task.request  # this job's, read from the timer thread too
         self.started = time.monotonic()
         self.after_s = max(0.0, after_s)
+        self.written = 0  # stages written so far
+        self._next = self.started + self.after_s  # the earliest time of the next write
         self._lock = threading.Lock()
         self._pending: str | None = None
         self._entry: Any = None
         self._closed = False
 
     def due(self, now: float) -> bool:
-        return stage_due(self.started, self.after_s, now)
+        return now >= self._next
 
     def write(self, stage: str) -> None:
         """Write `stage` now (the job's thread); a deferred one is dropped."""
         with self._lock:
             self._pending = None
+            self._cancel_entry()
             if not self._closed:
                 self._store(stage)
 
     def defer(self, stage: str) -> None:
-        """Write `stage` once the job has run `after_s`, unless a later stage or the
-        job's end comes first."""
+        """Write `stage` when the next write is due, unless a later stage or the job's
+        end comes first."""
         with self._lock:
             if self._closed:
                 return
             self._pending = stage
             if self._entry is None:
-                delay = max(0.0, self.started + self.after_s - time.monotonic())
+                delay = max(0.0, self._next - time.monotonic())
                 self._entry = process_timer().call_after(delay, self._write_pending)
 
     def close(self) -> None:
         with self._lock:
             self._closed, self._pending = True, None
-            if self._entry is not None:
-                self._entry.cancel()
+            self._cancel_entry()
+
+    def _cancel_entry(self) -> None:
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = None
 
     def _write_pending(self) -> None:
         with self._lock:
-            stage, self._pending = self._pending, None
+            stage, self._pending, self._entry = self._pending, None, None
             if stage is None or self._closed:
                 return
             try:
@@ -98,6 +107,8 @@ class StageReports:
                 log.warning("could not report the job's %s stage: %s", stage, exc)
 
     def _store(self, stage: str) -> None:
+        self._next = time.monotonic() + self.after_s
+        self.written += 1
         self.task.backend.store_result(
             self.request.id, {"stage": stage}, "STARTED", request=self.request
         )
@@ -106,8 +117,9 @@ class StageReports:
 def report_stage(task: Task, stage: str) -> None:
     """Let `Job.state()` show progress; a no-op when run outside a worker.
 
-    A stage reached before the job has run `settings.progress_after_ms` waits until
-    it has (see StageReports); a job with no record of its start reports every stage.
+    Stages are written at most once per `settings.progress_after_ms`, the first once
+    the job has run that long; one reached sooner waits for its time (see
+    StageReports). A job with no record of its start reports every stage.
     """
     if not task.request.id:
         return
@@ -152,11 +164,6 @@ def job_progress(task: Task, after_ms: int) -> Iterator[StageReports]:
         yield reports
     finally:
         reports.close()
-
-
-def stage_due(started: float | None, after_s: float, now: float) -> bool:
-    """Whether a stage reached at `now` is reported for a job started at `started`."""
-    return started is None or now - started >= after_s
 
 
 def fetch_image(spec: JobSpec, runtime: WorkerRuntime) -> bytes:
