@@ -24,7 +24,7 @@ from worker.report.page import (
     format_number,
     format_shape,
     geometry,
-    grid_data,
+    grids_data,
     render_page,
     safe_href,
     tile_style,
@@ -52,7 +52,7 @@ def render_report(manifest: dict[str, Any]) -> dict[str, bytes]:
         "job.html.j2",
         title,
         {
-            "layers": [grid_data(layer, "") for layer in layers],
+            "layers": grids_data(layers, ""),
             # The page script outlines each layer's dead channels on their tiles.
             "dead_mark_limit": DEAD_MARK_LIMIT,
         },

@@ -72,25 +72,42 @@ def safe_href(key: Any, prefix: str = "") -> str | None:
 
 def grid_data(layer: dict[str, Any], prefix: str) -> dict[str, Any]:
     """What the page script needs about one layer: name, grid href + geometry, stats."""
-    grid = layer.get("grid") or None
-    href = safe_href(grid.get("png"), prefix) if grid else None
-    stats = layer.get("stats") or {}
-    return {
-        "name": str(layer.get("name", "")),
-        "grid": href,
-        "geometry": geometry(grid) if href else None,
-        "stats": _rounded_columns(stats),
-        "dead": stats.get("dead") or [],
-    }
+    return grids_data([layer], prefix)[0]
 
 
-def _rounded_columns(stats: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The per-channel stat columns, each to five significant digits (the page's
-    lightbox shows four; the manifest keeps them all), rounded in one call."""
-    columns = [list(stats.get(key) or []) for key in STAT_COLUMNS]
+def grids_data(layers: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """`grid_data` of each layer; their stats rounded together, in one call."""
+    stats = [layer.get("stats") or {} for layer in layers]
+    columns = _rounded_columns(stats)
+    items = []
+    for layer, layer_stats, layer_columns in zip(layers, stats, columns, strict=True):
+        grid = layer.get("grid") or None
+        href = safe_href(grid.get("png"), prefix) if grid else None
+        items.append(
+            {
+                "name": str(layer.get("name", "")),
+                "grid": href,
+                "geometry": geometry(grid) if href else None,
+                "stats": layer_columns,
+                "dead": layer_stats.get("dead") or [],
+            }
+        )
+    return items
+
+
+def _rounded_columns(stats: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """Each layer's per-channel stat columns, to five significant digits (the page's
+    lightbox shows four; the manifest keeps them all), every layer's in one call."""
+    if not stats:
+        return []
+    columns = [list(layer.get(key) or []) for layer in stats for key in STAT_COLUMNS]
     flat = significant([v for column in columns for v in column], 5)
-    ends = np.cumsum([len(column) for column in columns])
-    return dict(zip(STAT_COLUMNS, np.split(flat, ends[:-1]), strict=True))
+    parts = np.split(flat, np.cumsum([len(column) for column in columns])[:-1])
+    width = len(STAT_COLUMNS)
+    return [
+        dict(zip(STAT_COLUMNS, parts[i : i + width], strict=True))
+        for i in range(0, len(parts), width)
+    ]
 
 
 def significant(values: list[Any], digits: int) -> np.ndarray:
