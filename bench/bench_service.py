@@ -49,7 +49,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -144,6 +144,17 @@ class Floor:
     d2h_kb: float = 0.0  # KB per image copied from the device to the host, largest batch
     cpu_ms: dict[int, float] = field(default_factory=dict)  # batch -> process CPU ms per image
     classic: float | None = None
+
+
+def mean_floor(first: Floor, second: Floor) -> Floor:
+    """Two in-process references, taken before and after the service rows, averaged: a
+    shared machine drifts over a run, and the service is compared with their mean."""
+
+    def mean(name: str) -> dict[int, float]:
+        ours, theirs = getattr(first, name), getattr(second, name)
+        return {b: (ours[b] + theirs[b]) / 2 for b in ours}
+
+    return replace(first, forward=mean("forward"), analyze=mean("analyze"), cpu_ms=mean("cpu_ms"))
 
 
 def measure_floor(
@@ -726,9 +737,12 @@ def weighted_rate(rates: list[float]) -> float:
     return len(rates) / sum(1.0 / r for r in rates)
 
 
-def print_floor(floors: dict[tuple[str, str], Floor], batches: tuple[int, ...]) -> None:
+def print_floor(
+    floors: dict[tuple[str, str], Floor], batches: tuple[int, ...], twice: bool = False
+) -> None:
     heads = [f"fwd b={b}" for b in batches] + [f"analyze b={b}" for b in batches]
-    print("in-process, no queue, no storage (images/s):")
+    when = ", the mean of runs before and after the service rows" if twice else ""
+    print(f"in-process, no queue, no storage (images/s{when}):")
     print(f"{'model':<9}{'layers':<9}" + "".join(f"{h:>14}" for h in heads) + f"{'classic':>10}")
     for (model, spec), floor in floors.items():
         cells = [floor.forward[b] for b in batches] + [floor.analyze[b] for b in batches]
@@ -818,8 +832,16 @@ def main() -> None:
         if classic is not None:
             classic.classic = measure_classic(paths["classic"], images[0], args.classic_repeats)
         loads, cold = ({}, {})
+        drift: list[tuple[Floor, Floor]] = []
         if not args.in_process_only:
             loads, cold = measure_service(args, paths, images, folder)
+            for (name, spec_label), first in list(floors.items()):
+                spec = next(s for s in args.specs if spec_name(s) == spec_label)
+                second = measure_floor(paths[name], images, spec, batches, args.repeats)
+                drift.append((first, second))
+                floors[(name, spec_label)] = replace(
+                    mean_floor(first, second), classic=first.classic
+                )
 
     print(f"actviz service benchmark  {now:%Y-%m-%d %H:%M} UTC")
     print(f"machine: {bench_engine.machine()}")
@@ -835,7 +857,7 @@ def main() -> None:
         f"(150x150x3); layer specs: {', '.join(spec_name(s) for s in args.specs)}"
     )
     print()
-    print_floor(floors, batches)
+    print_floor(floors, batches, twice=bool(drift))
     b = service_batch
     floor_fwd = weighted_rate([f.forward[b] for f in floors.values()])
     floor_all = weighted_rate([f.analyze[b] for f in floors.values()])
@@ -882,6 +904,14 @@ def main() -> None:
     print(
         f"engine CPU per image in-process (analyze, batch {b}, workload mix): {engine_cpu:.1f} ms"
     )
+    if drift:
+        cpu = [statistics.mean(pair[i].cpu_ms[b] for pair in drift) for i in (0, 1)]
+        rate = [weighted_rate([pair[i].analyze[b] for pair in drift]) for i in (0, 1)]
+        print(
+            f"  the mean of the in-process references before and after the service rows: "
+            f"{cpu[0]:.1f} / {cpu[1]:.1f} ms, {rate[0]:.1f} / {rate[1]:.1f} images/s "
+            f"(the machine drifted {abs(cpu[1] / cpu[0] - 1):.0%} between them)"
+        )
     print(f"CPU per job by process (ms; the machine has {os.cpu_count() or 1} cores):")
     owners = ("worker", "helpers", "s3 server", "redis", "producers")
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>11}" for n in owners) + f"{'total':>9}")
