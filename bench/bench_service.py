@@ -486,12 +486,15 @@ class Watcher:
 
     Polling each job from its own producer thread would cost the producers
     more CPU than the worker on a small machine; Celery's pub/sub result
-    consumer is not safe to share between threads.
+    consumer is not safe to share between threads. A result is decoded only when
+    its bytes changed since the last poll: a job stays STARTED for hundreds of
+    polls, and decoding each one was most of the producers' CPU.
     """
 
     def __init__(self, app: object) -> None:
         self.backend = app.backend
         self._waiting: dict[str, tuple[threading.Event, list[str]]] = {}
+        self._seen: dict[str, bytes] = {}  # each job's result as last decoded
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -517,10 +520,12 @@ class Watcher:
                 continue
             keys = [self.backend.get_key_for_task(i) for i in ids]
             for job_id, raw in zip(ids, self.backend.client.mget(keys), strict=True):
-                if raw is None:
+                if raw is None or self._seen.get(job_id) == raw:
                     continue
+                self._seen[job_id] = raw
                 meta = self.backend.decode_result(raw)
                 if meta["status"] in ("SUCCESS", "FAILURE"):
+                    del self._seen[job_id]
                     with self._lock:
                         event, state = self._waiting.pop(job_id)
                     result = meta.get("result")
