@@ -827,12 +827,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="actviz-bench-service-") as tmp:
         folder = Path(tmp)
         paths = {name: path for name, path in save_models(folder).items() if name in args.models}
-        floors: dict[tuple[str, str], Floor] = {}
-        for name, path in paths.items():
-            for spec in args.specs:
-                floors[(name, spec_name(spec))] = measure_floor(
-                    path, images, spec, batches, args.repeats
-                )
+
+        def references() -> dict[tuple[str, str], Floor]:
+            return {
+                (name, spec_name(spec)): measure_floor(path, images, spec, batches, args.repeats)
+                for name, path in paths.items()
+                for spec in args.specs
+            }
+
+        floors = references()
         classic = floors.get(("classic", ":8"))
         if classic is not None:
             classic.classic = measure_classic(paths["classic"], images[0], args.classic_repeats)
@@ -840,13 +843,9 @@ def main() -> None:
         drift: list[tuple[Floor, Floor]] = []
         if not args.in_process_only:
             loads, cold = measure_service(args, paths, images, folder)
-            for (name, spec_label), first in list(floors.items()):
-                spec = next(s for s in args.specs if spec_name(s) == spec_label)
-                second = measure_floor(paths[name], images, spec, batches, args.repeats)
-                drift.append((first, second))
-                floors[(name, spec_label)] = replace(
-                    mean_floor(first, second), classic=first.classic
-                )
+            later = references()
+            drift = [(floors[key], later[key]) for key in floors]
+            floors = {key: mean_floor(floors[key], later[key]) for key in floors}
 
     print(f"actviz service benchmark  {now:%Y-%m-%d %H:%M} UTC")
     print(f"machine: {bench_engine.machine()}")
