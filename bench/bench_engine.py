@@ -63,7 +63,14 @@ from producer.settings import Settings  # noqa: E402
 from producer.storage import FileStore  # noqa: E402
 from worker.engine import RenderKey, analyze, manifest_bytes, open_model, preprocess  # noqa: E402
 from worker.engine.cam_pass import analyze_cam, cam_of  # noqa: E402
-from worker.engine.compiled import compile_program, to_host  # noqa: E402
+from worker.engine.compiled import (  # noqa: E402
+    accelerated,
+    compile_program,
+    padded_size,
+    run_sized,
+    split_sizes,
+    to_host,
+)
 from worker.report import render_report  # noqa: E402
 
 SPEC = ":8"
@@ -233,6 +240,15 @@ def main() -> None:
             rows = np.array([cam_row] * n, dtype=np.int32)
             cases[f"g{n}"] = (lambda n=n, r=rows: cam.run(pixels[:n], r, cam_key), args.repeats)
             cases[f"j{n}"] = (cam_job(n), args.repeats)
+        # A pass whose size is no power of two (the batcher forms them under load): padded
+        # with blank images to one program, or split into powers of two.
+        odd = max(sizes) - 3
+        if odd >= 3:
+            for policy, pad in (("pad", True), ("split", False)):
+                cases[policy] = (
+                    lambda pad=pad: run_sized(extractor.program(key), (pixels[:odd],), (0.0,), pad),
+                    args.repeats,
+                )
         timed = measure(cases)
         d2h = {n: extractor.reduce(pixels[:n], key).d2h_bytes / n for n in sizes}
         results = analyze(loaded, images[:1], options, settings)
@@ -305,6 +321,13 @@ def main() -> None:
             f"batch {n}: a Grad-CAM job costs {j / c:.2f}x an activations job ({j / n:.2f} "
             f"against {c / n:.2f} ms/img); its pass {g / a:.2f}x the forward pass "
             f"(layer {cam.ref.name}, top-1 class)"
+        )
+    if "pad" in timed:
+        pad, split = timed["pad"][0] / odd, timed["split"][0] / odd
+        print(
+            f"a pass of {odd} (device pass, ms/img): padded to {padded_size(odd)} {pad:.2f}, "
+            f"split {' + '.join(map(str, split_sizes(odd)))} {split:.2f}; split / padded "
+            f"{split / pad:.2f}x (this device: {'padded' if accelerated() else 'split'})"
         )
     print(
         f"per job on the host: manifest JSON {per_job['manifest'][0]:.2f} ms "

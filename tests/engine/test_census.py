@@ -13,7 +13,7 @@ from sample_images import image_bytes
 from producer.contract import JobOptions
 from worker.engine import analyze, open_model, preprocess
 from worker.engine.census import Census
-from worker.engine.compiled import compile_program, to_host
+from worker.engine.compiled import compile_program, run_sized
 from worker.engine.receptive import crop_box, measure_radii
 
 IMAGES = 12
@@ -34,12 +34,12 @@ def census_run(model_files):  # noqa: ANN001, ANN201
     results = analyze(loaded, data, options, settings)
     pixels = np.stack([preprocess(d, loaded.input_shape, options, settings).pixels for d in data])
     extractor = loaded.extractor(None)
-    # The activations as the engine's compiled pass computes them (padded to 16 images,
-    # as the pass is), not an eager call's, whose float32 rounding differs.
+    # The activations as the engine's compiled pass computes them (on the same pass
+    # sizes: 16 padded, or 8 + 4 on a CPU), not an eager call's, whose float32 rounding
+    # differs.
     program = compile_program(extractor.model, lambda outputs: outputs)
-    padded = np.concatenate([pixels, np.zeros((16 - IMAGES, *pixels.shape[1:]), np.float32)])
-    outputs = to_host(program(padded))
-    activations = [np.asarray(a, dtype=np.float64)[:IMAGES] for a in outputs]
+    outputs = run_sized(program, (pixels,), (0.0,))
+    activations = [np.asarray(a, dtype=np.float64) for a in outputs]
     manifests = {f"job{i:02d}": r.manifest for i, r in enumerate(results)}
     return extractor, activations, manifests
 

@@ -147,19 +147,38 @@ def test_only_uint8_grids_and_statistics_cross_unless_a_job_asks(loaded_models) 
         full.layer(0, 0)
 
 
-def test_a_pass_of_three_compiles_for_four_and_returns_three(loaded_models) -> None:
+@pytest.mark.parametrize(("pad", "runs"), [(True, [4]), (False, [2, 1])])
+def test_a_pass_of_three_runs_on_powers_of_two_and_returns_three(
+    loaded_models,  # noqa: ANN001
+    pad: bool,
+    runs: list[int],
+) -> None:
+    """Padded to 4 (an accelerator) or split into 2 + 1 (a CPU): the same three results."""
+    from worker.engine.compiled import run_sized
+    from worker.engine.extract import ReducedPass
+
     loaded = loaded_models("sequential_h5")
     extractor = loaded.extractor(None)
     batch = pixels_for(loaded, count=3)
     key = RenderKey.of(JobOptions(), Settings())
-    three = extractor.reduce(batch, key)
-    one = extractor.reduce(batch[2:], key)
-    assert three.count == 3
+    program, seen = extractor.program(key), []
+
+    def spy(pixels: np.ndarray):  # noqa: ANN202
+        seen.append(int(pixels.shape[0]))
+        return program(pixels)
+
+    plans = extractor.reduce(batch[:1], key).plans
+    three = ReducedPass(run_sized(spy, (batch,), (0.0,), pad=pad), plans, 3)
+    assert seen == runs
     for index in range(len(three)):
-        a, b = three.layer(index, 2), one.layer(index, 0)
-        np.testing.assert_allclose(a.moments, b.moments, rtol=1e-5, atol=1e-6)
-        if a.canvas is not None:
-            assert np.abs(a.canvas.astype(int) - b.canvas.astype(int)).max() <= 1
+        for image in range(3):
+            a = three.layer(index, image)
+            b = extractor.reduce(batch[image : image + 1], key).layer(index, 0)
+            np.testing.assert_allclose(a.moments, b.moments, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(a.zeros, b.zeros)
+            if a.canvas is not None:
+                assert np.abs(a.canvas.astype(int) - b.canvas.astype(int)).max() <= 1
+    assert extractor.reduce(batch, key).count == 3
 
 
 def test_grid_pngs_decode_to_the_canvas_and_its_palette() -> None:
@@ -210,13 +229,15 @@ def test_gray_and_rgb_pngs_decode_to_their_pixels() -> None:
 
 
 def test_a_warmup_compiles_every_pass_size_a_batch_can_take(loaded_models) -> None:  # noqa: ANN001
-    """Passes are padded to powers of two; warming those sizes leaves no compile to the
+    """Passes run on powers of two; warming those sizes leaves no compile to the
     first jobs of a worker on an accelerator (worker/runtime/process.py)."""
     from worker.engine import pass_sizes, warmup
 
-    assert pass_sizes(1) == [1]
-    assert pass_sizes(8) == [1, 2, 4, 8]
-    assert pass_sizes(12) == [1, 2, 4, 8, 16]  # a pass of 9 to 12 images is padded to 16
+    assert pass_sizes(1, pad=True) == [1]
+    assert pass_sizes(8, pad=True) == [1, 2, 4, 8]
+    assert pass_sizes(12, pad=True) == [1, 2, 4, 8, 16]  # 9 to 12 images are padded to 16
+    assert pass_sizes(12, pad=False) == [1, 2, 4, 8]  # a CPU runs 12 as 8 + 4
+    assert pass_sizes(7, pad=False) == [1, 2, 4]
     loaded = loaded_models("sequential_h5")
     extractor = loaded.extractor(None)
     seen: list[int] = []

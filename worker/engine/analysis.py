@@ -22,6 +22,7 @@ from producer.contract import JobOptions
 from producer.errors import ActivationsTooLarge, ActvizError
 from producer.settings import Settings
 from worker.engine.artifacts import Artifacts
+from worker.engine.compiled import accelerated, padded_size, split_sizes
 from worker.engine.extract import Extractor
 from worker.engine.forward_pass import ForwardPass, PassImage, cpu_clock
 from worker.engine.loading import LoadedModel
@@ -134,13 +135,13 @@ def analyze(
     return [r for r in results if r is not None]  # every slot is filled above
 
 
-def pass_sizes(images: int) -> list[int]:
+def pass_sizes(images: int, pad: bool | None = None) -> list[int]:
     """The pass sizes `Extractor.reduce` compiles a program for, for passes of 1 to
-    `images` images: it pads each pass to a power of two."""
-    sizes = [1]
-    while sizes[-1] < images:
-        sizes.append(sizes[-1] * 2)
-    return sizes
+    `images` images: powers of two, up to the one a pass of `images` is padded to
+    on an accelerator, or the largest one in it on a CPU (`pad`, default
+    `accelerated()`; worker/engine/compiled.py)."""
+    top = padded_size(images) if (accelerated() if pad is None else pad) else split_sizes(images)[0]
+    return [1 << bit for bit in range(top.bit_length())]
 
 
 def warmup(

@@ -13,10 +13,21 @@ trace cache keyed by shape):
 
 `to_host(tree)` copies a result tree to numpy in one go (one device-to-host
 transfer per array on JAX, started together).
+
+`run_sized(program, inputs, fills)` runs a program only on power-of-two pass
+sizes, so at most log2(batch size) + 1 programs are compiled per input shape:
+
+- on an accelerator, a pass is padded with blank images up to the next power
+  of two and run once: the blanks ride in the same kernels, nearly free;
+- on the host's CPU, a blank image costs as much as a real one (a pass of 5
+  padded to 8 took 23.4 ms of CPU an image against 13.7 for a pass of 4, the
+  classic CNN's first 8 layers on 2 cores), so the pass is run as its binary
+  decomposition instead (7 = 4 + 2 + 1) and the pieces' results joined.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -99,3 +110,63 @@ def to_host(tree: Any) -> Any:
 
         return jax.device_get(tree)
     return keras.tree.map_structure(keras.ops.convert_to_numpy, tree)
+
+
+@functools.cache
+def accelerated() -> bool:
+    """Whether the backend's programs run on an accelerator (a GPU), not the host's CPU."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def padded_size(count: int) -> int:
+    """The power of two a pass of `count` images is padded to on an accelerator."""
+    return 1 << max(0, count - 1).bit_length()
+
+
+def split_sizes(count: int) -> list[int]:
+    """`count` as distinct powers of two, largest first: the passes a CPU runs (7 -> 4, 2, 1)."""
+    return [1 << bit for bit in range(count.bit_length() - 1, -1, -1) if count >> bit & 1]
+
+
+def run_sized(
+    program: Callable[..., Any],
+    inputs: tuple[np.ndarray, ...],
+    fills: tuple[float, ...],
+    pad: bool | None = None,
+) -> Any:
+    """`program(*inputs)` as a host tree, every leaf N first, run on power-of-two sizes only.
+
+    `inputs` share their first dimension N; `fills` is each one's blank value.
+    `pad` (default: `accelerated()`) pads to one pass; otherwise N is split into
+    passes of distinct powers of two.
+    """
+    count = int(inputs[0].shape[0])
+    if accelerated() if pad is None else pad:
+        size = padded_size(count)
+        if size > count:
+            inputs = tuple(
+                np.concatenate([x, np.full((size - count, *x.shape[1:]), fill, x.dtype)])
+                for x, fill in zip(inputs, fills, strict=True)
+            )
+            return to_host(keras.tree.map_structure(lambda t: t[:count], program(*inputs)))
+        return to_host(program(*inputs))
+    pieces, start = [], 0
+    for size in split_sizes(count):
+        pieces.append(to_host(program(*(x[start : start + size] for x in inputs))))
+        start += size
+    if len(pieces) == 1:
+        return pieces[0]
+    return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *pieces)

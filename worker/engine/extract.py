@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from worker.engine.compiled import compile_program, to_host
+from worker.engine.compiled import compile_program, run_sized
 from worker.engine.layers import LayerRef, is_graph_model
 from worker.engine.reduce import HostLayer, LayerPlan, RenderKey, reduce_outputs
 
@@ -101,20 +101,12 @@ class Extractor:
     def reduce(self, batch: np.ndarray, key: RenderKey) -> ReducedPass:
         """One compiled pass over (N, H, W, C) `batch`; only reduced results reach the host.
 
-        N is padded with blank images to the next power of two, so a program
-        is compiled for at most log2(batch size) + 1 sizes per input shape.
+        It runs on power-of-two pass sizes only (worker/engine/compiled.py
+        `run_sized`): padded with blank images on an accelerator, split on a CPU.
         """
-        count = int(batch.shape[0])
-        size = 1 << max(0, count - 1).bit_length()
-        if size > count:
-            blank = np.zeros((size - count, *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, blank])
-        result = self.program(key)(batch)
-        if size > count:
-            result = keras.tree.map_structure(lambda t: t[:count], result)
-        host = to_host(result)
+        host = run_sized(self.program(key), (batch,), (0.0,))
         plans = [LayerPlan.of(s, key.max_side) for s in self.output_shapes(batch.shape[1:])]
-        return ReducedPass(host, plans, count)
+        return ReducedPass(host, plans, int(batch.shape[0]))
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every selected layer's float32 output on the host (an eager pass; not the pipeline's)."""

@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from producer.errors import InvalidJob, NotDifferentiable
-from worker.engine.compiled import tf_function, to_host
+from worker.engine.compiled import run_sized, tf_function
 from worker.engine.extract import KNOWN_SHAPES, trace
 from worker.engine.layers import LayerRef, select_layers
 
@@ -138,17 +138,12 @@ class CamModel:
         maps (N, K, h, w) float32 in [0, 1], peaks (N, K) (each map's maximum
         before normalizing), classes (N, K), class_scores (N, K),
         top_classes (N, P), top_scores (N, P).
-        The batch is padded to a power of two, as the extractor's is.
+        It runs on power-of-two pass sizes only, as the extractor's pass does
+        (worker/engine/compiled.py `run_sized`); a blank image requests no class (-1).
         """
-        count = int(batch.shape[0])
-        size = 1 << max(0, count - 1).bit_length()
         requested = np.asarray(requested, dtype=np.int32)
-        if size > count:
-            batch = np.concatenate([batch, np.zeros((size - count, *batch.shape[1:]), batch.dtype)])
-            pad = np.full((size - count, key.count), -1, dtype=np.int32)
-            requested = np.concatenate([requested, pad])
-        host = to_host(self.program(key)(batch, requested))
-        return {name: np.asarray(array)[:count] for name, array in host.items()}
+        host = run_sized(self.program(key), (batch, requested), (0.0, -1))
+        return {name: np.asarray(array) for name, array in host.items()}
 
 
 def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[LayerRef], Any]:
