@@ -420,15 +420,16 @@ class Worker:
             raise RuntimeError(f"worker exited {self.proc.returncode}: {self.log.read_text()}")
         return all(http_ok(f"http://127.0.0.1:{port}/readyz") for port in self.ports)
 
-    def counters(self) -> tuple[float, float, float]:
-        """(forward passes, images, CPU seconds of native threads) so far, all processes:
-        actviz_forward_batch_images and actviz_native_thread_cpu_seconds."""
+    def counters(self) -> dict[str, float]:
+        """So far, all processes: "passes", "images" (actviz_forward_batch_images),
+        "native" (CPU seconds, actviz_native_thread_cpu_seconds) and, per bucket
+        bound `le` of the passes' histogram, "le=<bound>": passes of at most that size."""
         names = {
-            "actviz_forward_batch_images_count": 0,
-            "actviz_forward_batch_images_sum": 1,
-            "actviz_native_thread_cpu_seconds": 2,
+            "actviz_forward_batch_images_count": "passes",
+            "actviz_forward_batch_images_sum": "images",
+            "actviz_native_thread_cpu_seconds": "native",
         }
-        values = [0.0, 0.0, 0.0]
+        values = dict.fromkeys(names.values(), 0.0)
         for port in self.ports:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 text = resp.read().decode()
@@ -436,7 +437,10 @@ class Worker:
                 name, _, value = line.partition(" ")
                 if name in names:
                     values[names[name]] += float(value)
-        return values[0], values[1], values[2]
+                elif name.startswith('actviz_forward_batch_images_bucket{le="'):
+                    bound = "le=" + name.split('"')[1]
+                    values[bound] = values.get(bound, 0.0) + float(value)
+        return values
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -447,6 +451,21 @@ class Worker:
             self.proc.wait(5)
 
 
+def pass_shares(before: dict[str, float], after: dict[str, float]) -> dict[int, float]:
+    """{size: share of the passes between two `counters()` readings} for every size the
+    histogram's buckets tell apart (consecutive whole bounds: 1 to 8)."""
+    bounds = sorted(int(float(k[3:])) for k in after if k.startswith("le=") and k[3:] != "+Inf")
+    counts = {b: after[f"le={b}.0"] - before.get(f"le={b}.0", 0.0) for b in bounds}
+    total = after["passes"] - before["passes"]
+    shares, below = {}, 0.0
+    for bound in bounds:
+        if bound - 1 not in counts and bound != 1:
+            break
+        shares[bound] = (counts[bound] - below) / total if total else 0.0
+        below = counts[bound]
+    return shares
+
+
 @dataclass
 class Load:
     jobs: int
@@ -455,6 +474,7 @@ class Load:
     groups: list[str]  # "model spec" of each latency
     failed: int
     images_per_forward: float
+    pass_sizes: dict[int, float]  # share of the forward passes by their size in images
     stages: dict[str, float]
     cpu_ms: dict[str, float]  # CPU ms per job, by process
     cpu_stages: dict[str, float]  # CPU ms per job by stage, from the jobs' own cpu_ms
@@ -701,15 +721,16 @@ def measure_service(
                         spent = tree_after.get(role, 0.0) - tree_before.get(role, 0.0)
                         cpu_ms[role] = spent * 1000.0 / len(workload)
                     # Of the worker's: its native threads' (the backend's pools).
-                    cpu_ms["native"] = (after[2] - before[2]) * 1000.0 / len(workload)
-                    passes = max(1.0, after[0] - before[0])
+                    cpu_ms["native"] = (after["native"] - before["native"]) * 1000.0 / len(workload)
+                    passes = max(1.0, after["passes"] - before["passes"])
                     loads[(batch_size, concurrency)] = Load(
                         len(workload),
                         seconds,
                         [latency for _, latency in latencies],
                         [group for group, _ in latencies],
                         failed,
-                        (after[1] - before[1]) / passes,
+                        (after["images"] - before["images"]) / passes,
+                        pass_shares(before, after),
                         stages,
                         cpu_ms,
                         cpu_stages,
@@ -896,6 +917,9 @@ def main() -> None:
             f"{load.images_per_forward:>9.1f}{load.rate / floor_all:>9.0%}"
             f"{load.rate / floor_fwd:>8.0%}{load.failed:>8}"
         )
+    for (batch, conc), load in sorted(loads.items()):
+        shares = ", ".join(f"{size} {share:.0%}" for size, share in load.pass_sizes.items())
+        print(f"passes by size in images at batch {batch}, concurrency {conc}: {shares}")
     print()
     print("where a job's time goes in the worker (mean ms per job; forward is its batch's pass):")
     names = ("batch_wait", "preprocess", "forward", "render", "stats", "report", "upload")

@@ -40,7 +40,8 @@ CACHE_MODELS = Gauge("actviz_model_cache_models", "Models held by the warm model
 BATCH_IMAGES = Histogram(
     "actviz_forward_batch_images",
     "Images per forward pass",
-    buckets=(1, 2, 4, 8, 16, 32, 64),
+    # Every size to 8 (how full a default batch runs), then coarser.
+    buckets=(1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64),
 )
 ACTIVATION_BYTES = Histogram(
     "actviz_batch_activation_bytes",

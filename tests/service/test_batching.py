@@ -92,3 +92,8 @@ def test_jobs_queued_together_share_forward_passes_and_a_bad_image_fails_alone(
     assert max(sizes) > 1
     numbers = {r.manifest["batch"]["number"] for r in results}
     assert len(numbers) == passes
+    # The histogram tells each pass size to 8 apart, as the manifests count them.
+    size_of = {r.manifest["batch"]["number"]: r.manifest["batch"]["size"] for r in results}
+    for bound in range(1, 9):
+        bucket = f'actviz_forward_batch_images_bucket{{le="{bound}.0"}}'
+        assert metric(metrics, bucket) == sum(size <= bound for size in size_of.values())
