@@ -22,7 +22,7 @@ from producer.contract import JobOptions
 from producer.errors import ActivationsTooLarge, ActvizError
 from producer.settings import Settings
 from worker.engine.artifacts import Artifacts
-from worker.engine.compiled import accelerated, padded_size, split_sizes
+from worker.engine.compiled import padded_size, pads, split_sizes
 from worker.engine.extract import Extractor
 from worker.engine.forward_pass import ForwardPass, PassImage, cpu_clock
 from worker.engine.loading import LoadedModel
@@ -138,9 +138,9 @@ def analyze(
 def pass_sizes(images: int, pad: bool | None = None) -> list[int]:
     """The pass sizes `Extractor.reduce` compiles a program for, for passes of 1 to
     `images` images: powers of two, up to the one a pass of `images` is padded to
-    on an accelerator, or the largest one in it on a CPU (`pad`, default
-    `accelerated()`; worker/engine/compiled.py)."""
-    top = padded_size(images) if (accelerated() if pad is None else pad) else split_sizes(images)[0]
+    on an accelerator, or the largest one in it on a CPU (`pad`: see
+    worker/engine/compiled.py `pads`)."""
+    top = padded_size(images) if pads(pad) else split_sizes(images)[0]
     return [1 << bit for bit in range(top.bit_length())]
 
 

@@ -131,6 +131,11 @@ def accelerated() -> bool:
     return False
 
 
+def pads(pad: bool | None = None) -> bool:
+    """Whether a pass is padded to one program (`pad`, default: on an accelerator)."""
+    return accelerated() if pad is None else pad
+
+
 def padded_size(count: int) -> int:
     """The power of two a pass of `count` images is padded to on an accelerator."""
     return 1 << max(0, count - 1).bit_length()
@@ -150,11 +155,11 @@ def run_sized(
     """`program(*inputs)` as a host tree, every leaf N first, run on power-of-two sizes only.
 
     `inputs` share their first dimension N; `fills` is each one's blank value.
-    `pad` (default: `accelerated()`) pads to one pass; otherwise N is split into
-    passes of distinct powers of two.
+    Padded to one pass where `pads(pad)` (on an accelerator, unless `pad` says);
+    otherwise N is split into passes of distinct powers of two.
     """
     count = int(inputs[0].shape[0])
-    if accelerated() if pad is None else pad:
+    if pads(pad):
         size = padded_size(count)
         if size > count:
             inputs = tuple(
