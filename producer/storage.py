@@ -109,10 +109,12 @@ def put_many(
 
     `pool`: a long-lived executor to run the uploads on (a worker keeps one
     for all its jobs); without one, a pool of `workers` threads is made for
-    this call.
+    this call. A store whose `concurrent_puts` is false (a local folder) is
+    written in the calling thread, one object after another.
     """
     items = list(objects)
-    if len(items) <= 1 or (workers <= 1 and pool is None):
+    sequential = not getattr(store, "concurrent_puts", True)
+    if sequential or len(items) <= 1 or (workers <= 1 and pool is None):
         for key, data in items:
             store.put(key, data)
         return
@@ -135,6 +137,11 @@ def _put_all(pool: Executor, store: Store, items: list[tuple[str, bytes]]) -> No
 
 class FileStore:
     """A folder on a local or shared filesystem, written atomically per object."""
+
+    # A write here is a few system calls: handing each object to a thread cost more
+    # than writing it. A job's 12 files (830 KB) on 2 CPU cores: 0.6-1.4 ms of CPU in
+    # the calling thread, 2.0-3.2 through a pool of 8 threads, and no sooner done.
+    concurrent_puts = False
 
     def __init__(self, root: str | Path, url: str | None = None) -> None:
         self.root = Path(root).resolve()
@@ -386,6 +393,8 @@ def _not_found(exc: Exception) -> bool:
 
 class S3Store:
     """An S3 bucket and key prefix: `s3://bucket/some/prefix`."""
+
+    concurrent_puts = True  # each PUT waits a round trip: a job's objects go together
 
     def __init__(
         self,

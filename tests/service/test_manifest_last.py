@@ -16,7 +16,10 @@ from worker.runtime import WorkerRuntime
 
 
 class RecordingStore(FileStore):
-    """A local folder that remembers the order in which keys were written."""
+    """A local folder that remembers the order in which keys were written, through the
+    worker's upload pool as an S3 store's objects are (their order is the question)."""
+
+    concurrent_puts = True
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)

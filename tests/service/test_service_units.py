@@ -469,6 +469,38 @@ def test_file_store_keys_stay_inside_the_root(tmp_path) -> None:  # noqa: ANN001
     assert not (tmp_path / "out").exists()
 
 
+def test_a_local_folder_is_written_in_the_calling_thread_and_s3_through_the_pool(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from producer.storage import FileStore, S3Store, put_many
+
+    class Writers(FileStore):
+        """A local folder that records which thread wrote each object."""
+
+        threads: list[str]
+
+        def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+            super().put(key, data, content_type)
+            self.threads.append(threading.current_thread().name)
+
+    objects = [(f"jobs/a/layers/{i:02d}.png", bytes([i]) * 100) for i in range(12)]
+    with ThreadPoolExecutor(4, thread_name_prefix="upload") as pool:
+        local = Writers(tmp_path / "local")
+        local.threads = []
+        put_many(local, objects, pool=pool)
+        assert local.threads == [threading.current_thread().name] * 12
+        assert local.get("jobs/a/layers/11.png") == bytes([11]) * 100
+        pooled = Writers(tmp_path / "pooled")
+        pooled.threads = []
+        pooled.concurrent_puts = S3Store.concurrent_puts  # what an S3 store declares
+        put_many(pooled, objects, pool=pool)
+        assert len(pooled.threads) == 12
+        assert all(name.startswith("upload") for name in pooled.threads)
+
+
 def test_file_store_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None:  # noqa: ANN001
     import os
     import stat
