@@ -69,6 +69,8 @@ class Store(Protocol):
     """
 
     url: str
+    # Whether a job's objects go to `put` from several threads at once (`put_many`).
+    concurrent_puts: bool
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
     def get(self, key: str) -> bytes: ...
@@ -113,8 +115,7 @@ def put_many(
     written in the calling thread, one object after another.
     """
     items = list(objects)
-    sequential = not getattr(store, "concurrent_puts", True)
-    if sequential or len(items) <= 1 or (workers <= 1 and pool is None):
+    if not store.concurrent_puts or len(items) <= 1 or (workers <= 1 and pool is None):
         for key, data in items:
             store.put(key, data)
         return

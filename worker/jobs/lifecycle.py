@@ -187,7 +187,7 @@ class CpuMeteredStore:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.concurrent_puts = getattr(store, "concurrent_puts", True)
+        self.concurrent_puts = store.concurrent_puts
         self.cpu_s = 0.0
         self._lock = threading.Lock()
 
