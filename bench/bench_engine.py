@@ -296,14 +296,13 @@ def main() -> None:
                 time.clock_gettime(time.pthread_getcpuclockid(t)) for t in pool_threads
             )
 
+        class PooledFolder(FileStore):
+            concurrent_puts = True  # put_many sends its objects through the pool
+
         def store_job(pool: ThreadPoolExecutor | None = None) -> None:
-            store, prefix = FileStore(Path(tmp) / "store"), f"jobs/{next(stored)}/"
-            objects = [(prefix + name, data) for name, data in job_files.items()]
-            if pool is None:
-                put_many(store, objects)
-            else:
-                for future in [pool.submit(store.put, key, data) for key, data in objects]:
-                    future.result()
+            store = (FileStore if pool is None else PooledFolder)(Path(tmp) / "store")
+            prefix = f"jobs/{next(stored)}/"
+            put_many(store, [(prefix + name, data) for name, data in job_files.items()], pool=pool)
 
         per_job = measure(
             {
