@@ -69,6 +69,7 @@ from worker.engine.compiled import (  # noqa: E402
     accelerated,
     compile_program,
     padded_size,
+    reduces_on_host,
     run_sized,
     split_sizes,
     to_host,
@@ -239,6 +240,11 @@ def main() -> None:
 
             return run
 
+        def reduced(batch: np.ndarray, on_host: bool | None = None) -> list[object]:
+            """The pass with every (layer, image) taken: reduced wherever this device does."""
+            done = extractor.reduce(batch, key, on_host)
+            return [done.layer(i, p) for i in range(len(done)) for p in range(len(batch))]
+
         def engine(n: int) -> Callable[[], bytes]:
             def run() -> bytes:
                 return b"".join(
@@ -257,7 +263,7 @@ def main() -> None:
         for n in sizes:
             cases[f"a{n}"] = (lambda n=n: forward(pixels[:n]), args.repeats)
             cases[f"e{n}"] = (lambda n=n: extractor(pixels[:n]), args.repeats)
-            cases[f"d{n}"] = (lambda n=n: extractor.reduce(pixels[:n], key), args.repeats)
+            cases[f"d{n}"] = (lambda n=n: reduced(pixels[:n]), args.repeats)
             cases[f"c{n}"] = (engine(n), args.repeats)
             rows = np.array([cam_row] * n, dtype=np.int32)
             cases[f"g{n}"] = (lambda n=n, r=rows: cam.run(pixels[:n], r, cam_key), args.repeats)
@@ -272,6 +278,18 @@ def main() -> None:
                     args.repeats,
                 )
         timed = measure(cases)
+        # The pass at the largest batch, reduced by the program and on the host: wall time
+        # and the whole process's CPU (both use TensorFlow's pools, the host's loops not).
+        top = max(sizes)
+        where = cpu_per_call(
+            {
+                side: lambda on_host=on_host: reduced(pixels[:top], on_host)
+                for side, on_host in (("program", False), ("host", True))
+            },
+            time.process_time,
+            rounds=max(3, args.repeats // 2),
+            calls=1,
+        )
         d2h = {n: extractor.reduce(pixels[:n], key).d2h_bytes / n for n in sizes}
         results = analyze(loaded, images[:1], options, settings)
         floats = extractor.output_bytes(pixels.shape[1:])
@@ -329,7 +347,9 @@ def main() -> None:
     labels = {
         "e": "e  eager forward + float32 copy (before)",
         "a": "a  forward (compiled, outputs on device)",
-        "d": "d  device pass (forward + reduce + copy)",
+        "d": "d  device pass (forward + reduce + copy)"
+        if accelerated()
+        else "d  pass (forward, reduce on the host)",
         "c": "c  engine: analyze() + manifest bytes",
         "g": "g  Grad-CAM pass (forward + backward + copy)",
         "j": "j  Grad-CAM job: analyze_cam() + manifest",
@@ -340,6 +360,8 @@ def main() -> None:
             kb = {"d": f"{d2h[n] / 1024:>12.1f}", "e": f"{floats / 1024:>12.1f}"}.get(case, "")
             print(f"{label:<44}{n:>6}{med / n:>9.2f}{low / n:>8.2f}{1000 * n / med:>9.1f}{kb}")
     print("(D2H for e: the float32 copy of every layer, which the engine no longer makes)")
+    if not accelerated():
+        print("(D2H for d on a CPU: its float32 outputs, reduced on the host where they are)")
     print()
     c1, a1 = timed["c1"][0], timed["a1"][0]
     print(f"b / c = {b[0] / c1:6.1f}x   (target >= 10: engine vs classic, one image)")
@@ -360,6 +382,13 @@ def main() -> None:
             f"against {c / n:.2f} ms/img); its pass {g / a:.2f}x the forward pass "
             f"(layer {cam.ref.name}, top-1 class)"
         )
+    program, host = where["program"], where["host"]
+    print(
+        f"batch {top}, the pass reduced in its program: {program[0] / top:.2f} ms/img "
+        f"({program[1] / top:.2f} of CPU); on the host: {host[0] / top:.2f} ms/img "
+        f"({host[1] / top:.2f} of CPU); host / program CPU {host[1] / program[1]:.2f}x "
+        f"(this device: {'host' if reduces_on_host() else 'program'})"
+    )
     if "pad" in timed:
         pad, split = timed["pad"][0] / odd, timed["split"][0] / odd
         print(

@@ -1,10 +1,12 @@
-"""The on-device reduction equals the host reference, on every model kind the engine serves.
+"""Both reductions equal the numpy reference, on every model kind the engine serves.
 
 The device program (worker/engine/reduce.py) computes statistics, normalizes,
-quantizes and tiles where the activations are; the reference is numpy on the
-float32 activations of an eager pass, statistics in float64. Palette indices
-may differ by one (float32 rounding in another order); separators and
-geometry must be equal; statistics agree within 1e-4 relative.
+quantizes and tiles where the activations are; a CPU does the same in fused
+host loops (worker/engine/host_reduce.py), and each test runs both
+(`on_host`). The reference is numpy on the float32 activations of an eager
+pass, statistics in float64. Palette indices may differ by one (float32
+rounding in another order); separators and geometry must be equal;
+statistics agree within 1e-4 relative.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from worker.engine.render import (
 
 MODELS = ["sequential_h5", "gray", "residual", "nested", "fully_conv", "wide", "wide_dense"]
 MODES = ["channel", "layer", "meanstd", "percentile"]
+WHERE = pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
 
 
 def pixels_for(loaded, count: int = 2, side: int = 80) -> np.ndarray:  # noqa: ANN001
@@ -58,13 +61,14 @@ def assert_close(have: np.ndarray, want: np.ndarray, scale: float, what: str) ->
     assert worst <= 0, f"{what}: off by {worst} beyond tolerance"
 
 
+@WHERE
 @pytest.mark.parametrize("name", MODELS)
-def test_device_statistics_match_float64_numpy(loaded_models, name: str) -> None:
+def test_statistics_match_float64_numpy(loaded_models, name: str, on_host: bool) -> None:
     loaded = loaded_models(name)
     extractor = loaded.extractor(None)
     batch = pixels_for(loaded)
     floats = extractor(batch)
-    reduced = extractor.reduce(batch, RenderKey.of(JobOptions(), Settings()))
+    reduced = extractor.reduce(batch, RenderKey.of(JobOptions(), Settings()), on_host=on_host)
     assert len(reduced) == len(floats) > 0
     for index, act in enumerate(floats):
         for position in range(batch.shape[0]):
@@ -77,16 +81,22 @@ def test_device_statistics_match_float64_numpy(loaded_models, name: str) -> None
             assert layer.count == act[position].size // act.shape[-1]
 
 
+@WHERE
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
-def test_device_grids_match_the_numpy_reference(loaded_models, name: str, mode: str) -> None:
+def test_grids_match_the_numpy_reference(
+    loaded_models,  # noqa: ANN001
+    name: str,
+    mode: str,
+    on_host: bool,
+) -> None:
     loaded = loaded_models(name)
     extractor = loaded.extractor(None)
     batch = pixels_for(loaded)
     floats = extractor(batch)
     settings = Settings(max_grid_side=256)  # downsampling on the larger maps too
     options = JobOptions(normalize=mode, percentile=97.5)
-    reduced = extractor.reduce(batch, RenderKey.of(options, settings))
+    reduced = extractor.reduce(batch, RenderKey.of(options, settings), on_host=on_host)
     grids = 0
     for index, act in enumerate(floats):
         for position in range(batch.shape[0]):
@@ -121,7 +131,7 @@ def test_only_uint8_grids_and_statistics_cross_unless_a_job_asks(loaded_models) 
     extractor = loaded.extractor(None)
     batch = pixels_for(loaded, count=3)
     settings = Settings()
-    plain = extractor.reduce(batch, RenderKey.of(JobOptions(), settings))
+    plain = extractor.reduce(batch, RenderKey.of(JobOptions(), settings), on_host=False)
     floats_bytes = sum(a.nbytes for a in extractor(batch))
     assert plain.activation_bytes == floats_bytes
     expected = 0
@@ -137,7 +147,9 @@ def test_only_uint8_grids_and_statistics_cross_unless_a_job_asks(loaded_models) 
             expected += layer.values.nbytes
     assert plain.d2h_bytes == 3 * expected
     assert plain.d2h_bytes < floats_bytes / 3  # bytes, not floats
-    full = extractor.reduce(batch, RenderKey.of(JobOptions(save_npz=True, overlay=True), settings))
+    full = extractor.reduce(
+        batch, RenderKey.of(JobOptions(save_npz=True, overlay=True), settings), on_host=False
+    )
     half = full.layer(0, 1).half
     assert half is not None and half.dtype == np.float16
     np.testing.assert_allclose(half, extractor(batch)[0][1], rtol=1e-3, atol=1e-3)
@@ -173,12 +185,48 @@ def test_a_pass_of_three_runs_on_powers_of_two_and_returns_three(
     for index in range(len(three)):
         for image in range(3):
             a = three.layer(index, image)
-            b = extractor.reduce(batch[image : image + 1], key).layer(index, 0)
+            b = extractor.reduce(batch[image : image + 1], key, on_host=False).layer(index, 0)
             np.testing.assert_allclose(a.moments, b.moments, rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(a.zeros, b.zeros)
             if a.canvas is not None:
                 assert np.abs(a.canvas.astype(int) - b.canvas.astype(int)).max() <= 1
     assert extractor.reduce(batch, key).count == 3
+
+
+@pytest.mark.parametrize("name", ["residual", "fully_conv", "wide_dense", "gray"])
+def test_the_host_reduces_what_a_job_asks_besides_as_the_device_does(
+    loaded_models,  # noqa: ANN001
+    name: str,
+) -> None:
+    """Overlay means, float16 activations, strips and census peaks: the same from both paths;
+    on the host path the program returns the float32 outputs and nothing else."""
+    loaded = loaded_models(name)
+    extractor = loaded.extractor(None)
+    batch = pixels_for(loaded, count=3)
+    options = JobOptions(save_npz=True, overlay=True, census=True)
+    key = RenderKey.of(options, Settings())
+    device = extractor.reduce(batch, key, on_host=False)
+    host = extractor.reduce(batch, key, on_host=True)
+    floats = extractor(batch)
+    assert host.d2h_bytes == host.activation_bytes == sum(a.nbytes for a in floats)
+    for index, act in enumerate(floats):
+        for position in range(3):
+            want, have = device.layer(index, position), host.layer(index, position)
+            assert have.plan == want.plan
+            for field in ("canvas", "values", "mean_map", "half", "peaks"):
+                a, b = getattr(have, field), getattr(want, field)
+                assert (a is None) == (b is None), f"{name} layer {index}: {field}"
+                if a is None:
+                    continue
+                assert a.shape == b.shape and a.dtype == b.dtype, f"{name} {index} {field}"
+                if field == "peaks":  # the first position of each channel's maximum
+                    flat = act[position].reshape(-1, act.shape[-1])
+                    np.testing.assert_array_equal(a, np.argmax(flat, axis=0))
+                elif field == "canvas":
+                    assert np.abs(a.astype(int) - b.astype(int)).max(initial=0) <= 1
+                else:
+                    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+            assert have.peaks is not None
 
 
 def test_grid_pngs_decode_to_the_canvas_and_its_palette() -> None:

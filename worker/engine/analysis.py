@@ -151,7 +151,8 @@ def warmup(
     sizes: tuple[int, ...] | list[int] = (1,),
 ) -> None:
     """Build the extractor for `options.layers` and run its compiled pass on gray images,
-    once per pass size in `sizes` (each size is a program of its own)."""
+    once per pass size in `sizes` (each size is a program of its own), each layer
+    reduced."""
     options = options or JobOptions()
     settings = settings or Settings()
     check_options(options, loaded.input_shape[2])
@@ -161,7 +162,9 @@ def warmup(
     key = RenderKey.of(options, settings)
     for size in sizes:
         shape = (size, height or side, width or side, channels)
-        extractor.reduce(np.full(shape, 0.5, dtype=np.float32), key)
+        reduced = extractor.reduce(np.full(shape, 0.5, dtype=np.float32), key)
+        for index in range(len(reduced)):  # a CPU's host loops compile on first use
+            reduced.layer(index, 0)
 
 
 def _ms_since(started: float) -> float:

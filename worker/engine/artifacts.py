@@ -88,6 +88,14 @@ class ImageRender:
         self._lock = threading.Lock()
         self._render_ms = self._stats_ms = 0.0
 
+    def add_reduction(self, wall_ms: float, cpu_ms: float) -> None:
+        """Count a layer's reduction on the host (a CPU's pass, worker/engine/host_reduce.py):
+        its time in `render`, as the pass's other work on this image, and its CPU in `engine`."""
+        with self._lock:
+            self._render_ms += wall_ms
+            if self.cpu is not None:
+                self.cpu["engine"] = self.cpu.get("engine", 0.0) + cpu_ms
+
     def add_layer(self, index: int, ref: LayerRef, layer: HostLayer) -> None:
         """Encode and measure layer `index` (`ref`) from its reduced results for this image."""
         files: dict[str, bytes] = {}

@@ -23,6 +23,9 @@ sizes, so at most log2(batch size) + 1 programs are compiled per input shape:
   padded to 8 took 23.4 ms of CPU an image against 13.7 for a pass of 4, the
   classic CNN's first 8 layers on 2 cores), so the pass is run as its binary
   decomposition instead (7 = 4 + 2 + 1) and the pieces' results joined.
+
+`reduces_on_host()` says where a pass's outputs are reduced: by the program
+itself on an accelerator, by fused host loops on a CPU (worker/engine/extract.py).
 """
 
 from __future__ import annotations
@@ -134,6 +137,13 @@ def accelerated() -> bool:
 def pads(pad: bool | None = None) -> bool:
     """Whether a pass is padded to one program (`pad`, default: on an accelerator)."""
     return accelerated() if pad is None else pad
+
+
+def reduces_on_host(on_host: bool | None = None) -> bool:
+    """Whether a pass's outputs come to the host as float32 and are reduced there
+    (worker/engine/host_reduce.py): on the host's CPU, unless `on_host` says. An
+    accelerator reduces them in the pass's own program (worker/engine/reduce.py)."""
+    return not accelerated() if on_host is None else on_host
 
 
 def padded_size(count: int) -> int:

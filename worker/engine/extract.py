@@ -11,6 +11,7 @@ Only Keras APIs are used, so any Keras backend runs it.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from worker.engine.compiled import compile_program, run_sized
+from worker.engine.compiled import compile_program, reduces_on_host, run_sized
+from worker.engine.host_reduce import reduce_image
 from worker.engine.layers import LayerRef, is_graph_model
 from worker.engine.reduce import HostLayer, LayerPlan, RenderKey, reduce_outputs
 
@@ -33,9 +35,11 @@ def _dims(shape: tuple[int | None, ...]) -> list[int]:
 class Extractor:
     """The selected layers of one model: one multi-output `keras.Model`.
 
-    `reduce(batch, key)` is the pipeline's pass: the forward pass and the
-    on-device reduction in one compiled program per `RenderKey`, with only
-    uint8 grids and statistics coming back. `extractor(batch)` is a plain
+    `reduce(batch, key)` is the pipeline's pass. On an accelerator, the forward
+    pass and the on-device reduction are one compiled program per `RenderKey`,
+    with only uint8 grids and statistics coming back; on a CPU, the program is
+    the forward pass alone and each (layer, image) is reduced on the host when
+    it is taken (worker/engine/host_reduce.py). `extractor(batch)` is a plain
     eager pass that returns every layer as float32 (N, *output_shape), in the
     order of `refs`. `batch` is (N, H, W, C) float32, already preprocessed.
     """
@@ -89,24 +93,29 @@ class Extractor:
         """Float32 bytes one image of preprocessed `shape` (H, W, C) makes: input + outputs."""
         return 4 * math.prod(int(s) for s in shape) + self.output_bytes(shape)
 
-    def program(self, key: RenderKey) -> Any:
-        """The compiled forward pass + reduction for `key`, built once per key."""
+    def program(self, key: RenderKey | None) -> Any:
+        """The compiled forward pass + reduction for `key`, built once per key; for `None`,
+        the forward pass alone, every output as float32."""
         with self._lock:
             found = self._programs.get(key)
             if found is None:
-                found = compile_program(self.model, lambda outs: reduce_outputs(outs, key))
-                self._programs[key] = found
+                tail = _as_float32 if key is None else functools.partial(reduce_outputs, key=key)
+                found = self._programs[key] = compile_program(self.model, tail)
         return found
 
-    def reduce(self, batch: np.ndarray, key: RenderKey) -> ReducedPass:
-        """One compiled pass over (N, H, W, C) `batch`; only reduced results reach the host.
+    def reduce(self, batch: np.ndarray, key: RenderKey, on_host: bool | None = None) -> ReducedPass:
+        """One compiled pass over (N, H, W, C) `batch`, reduced for `key`.
 
-        It runs on power-of-two pass sizes only (worker/engine/compiled.py
-        `run_sized`): padded with blank images on an accelerator, split on a CPU.
+        Reduced in the program, only its results reaching the host, on an
+        accelerator; on the host, layer by layer as they are taken, on a CPU
+        (`on_host`: see worker/engine/compiled.py `reduces_on_host`). It runs on
+        power-of-two pass sizes only (`run_sized`): padded with blank images on
+        an accelerator, split on a CPU.
         """
-        host = run_sized(self.program(key), (batch,), (0.0,))
+        host_side = reduces_on_host(on_host)
+        outputs = run_sized(self.program(None if host_side else key), (batch,), (0.0,))
         plans = [LayerPlan.of(s, key.max_side) for s in self.output_shapes(batch.shape[1:])]
-        return ReducedPass(host, plans, int(batch.shape[0]))
+        return ReducedPass(outputs, plans, int(batch.shape[0]), key if host_side else None)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every selected layer's float32 output on the host (an eager pass; not the pipeline's)."""
@@ -117,18 +126,29 @@ class Extractor:
 
 
 class ReducedPass:
-    """The host copy of one reduced pass: per layer, per image, a `HostLayer`.
+    """The host copy of one pass: per layer, per image, a `HostLayer`.
 
+    Each layer is either the program's reduced arrays (a dict, N first), or,
+    when `key` is given, the layer's float32 output (N, *shape), which
+    `layer(i, position)` reduces for that image on the calling thread.
     `release(i)` drops layer i once every image has taken it. `d2h_bytes` is
-    what crossed from the device to the host; `activation_bytes` what the
-    pass's float32 outputs held where they were computed.
+    what the program returned to the host; `activation_bytes` what the pass's
+    float32 outputs held where they were computed.
     """
 
-    def __init__(self, layers: list[dict[str, np.ndarray]], plans: list[LayerPlan], count: int):
-        self._layers: list[dict[str, np.ndarray] | None] = list(layers)
+    def __init__(
+        self,
+        layers: list[Any],
+        plans: list[LayerPlan],
+        count: int,
+        key: RenderKey | None = None,
+    ):
+        self._layers: list[Any] = list(layers)
         self.plans = plans
         self.count = count
-        self.d2h_bytes = int(sum(a.nbytes for layer in layers for a in layer.values()))
+        self.key = key
+        arrays = layers if key is not None else [a for layer in layers for a in layer.values()]
+        self.d2h_bytes = int(sum(a.nbytes for a in arrays))
         # What the pass's outputs hold on the device, float32, every layer and image.
         self.activation_bytes = 4 * count * sum(math.prod(p.shape) for p in plans)
 
@@ -139,11 +159,19 @@ class ReducedPass:
         arrays = self._layers[i]
         if arrays is None:
             raise RuntimeError(f"layer output {i} was released")
+        if self.key is not None:
+            return HostLayer(
+                plan=self.plans[i], **reduce_image(arrays[position], self.plans[i], self.key)
+            )
         picked = {name: array[position] for name, array in arrays.items()}
         return HostLayer(plan=self.plans[i], **picked)
 
     def release(self, i: int) -> None:
         self._layers[i] = None
+
+
+def _as_float32(outputs: list[Any]) -> list[Any]:
+    return [keras.ops.cast(x, "float32") for x in outputs]
 
 
 def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:

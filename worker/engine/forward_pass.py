@@ -6,7 +6,10 @@ layer set, shape and render key go through one compiled program (the
 forward pass and the on-device reduction, worker/engine/reduce.py), whose
 uint8 grids and statistics come to the host; then every (layer, image) is
 encoded and its statistics made JSON, layer-major, so a layer's host copy
-is dropped as soon as every image has taken it. The encode tasks go through
+is dropped as soon as every image has taken it. On a CPU, the program
+returns the float32 outputs, and each (layer, image) is reduced on the host
+by the task that encodes it (worker/engine/host_reduce.py): its time counts
+in the image's `render`, its CPU in `engine`. The encode tasks go through
 `submit`: the batcher's and `analyze`'s thread pools, over the cores.
 
 Each image's result arrives on its own Future: its Artifacts, or the first
@@ -128,8 +131,15 @@ class ForwardPass:
         assert self.outputs is not None
         try:
             if self._errors[position] is None:
-                layer = self.outputs.layer(index, position)
-                self.renders[position].add_layer(index, self.extractor.refs[index], layer)
+                render = self.renders[position]
+                started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
+                layer = self.outputs.layer(index, position)  # on a CPU, reduced here
+                if self.outputs.key is not None:
+                    render.add_reduction(
+                        (time.perf_counter() - started) * 1000.0,
+                        (cpu_clock(self.settings) - cpu_started) * 1000.0,
+                    )
+                render.add_layer(index, self.extractor.refs[index], layer)
         except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
             self._errors[position] = self._errors[position] or exc
         with self._lock:
