@@ -161,12 +161,14 @@ def run_sized(
     inputs: tuple[np.ndarray, ...],
     fills: tuple[float, ...],
     pad: bool | None = None,
+    join: bool = True,
 ) -> Any:
     """`program(*inputs)` as a host tree, every leaf N first, run on power-of-two sizes only.
 
     `inputs` share their first dimension N; `fills` is each one's blank value.
     Padded to one pass where `pads(pad)` (on an accelerator, unless `pad` says);
-    otherwise N is split into passes of distinct powers of two.
+    otherwise N is split into passes of distinct powers of two. With `join`
+    False, the pieces' trees come as a list, in order, instead of joined (no copy).
     """
     count = int(inputs[0].shape[0])
     if pads(pad):
@@ -176,12 +178,16 @@ def run_sized(
                 np.concatenate([x, np.full((size - count, *x.shape[1:]), fill, x.dtype)])
                 for x, fill in zip(inputs, fills, strict=True)
             )
-            return to_host(keras.tree.map_structure(lambda t: t[:count], program(*inputs)))
-        return to_host(program(*inputs))
+            result = to_host(keras.tree.map_structure(lambda t: t[:count], program(*inputs)))
+        else:
+            result = to_host(program(*inputs))
+        return result if join else [result]
     pieces, start = [], 0
     for size in split_sizes(count):
         pieces.append(to_host(program(*(x[start : start + size] for x in inputs))))
         start += size
+    if not join:
+        return pieces
     if len(pieces) == 1:
         return pieces[0]
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *pieces)

@@ -112,10 +112,14 @@ class Extractor:
         power-of-two pass sizes only (`run_sized`): padded with blank images on
         an accelerator, split on a CPU.
         """
-        host_side = reduces_on_host(on_host)
-        outputs = run_sized(self.program(None if host_side else key), (batch,), (0.0,))
         plans = [LayerPlan.of(s, key.max_side) for s in self.output_shapes(batch.shape[1:])]
-        return ReducedPass(outputs, plans, int(batch.shape[0]), key if host_side else None)
+        if not reduces_on_host(on_host):
+            outputs = run_sized(self.program(key), (batch,), (0.0,))
+            return ReducedPass(outputs, plans, int(batch.shape[0]))
+        # Each layer as its images' float32 outputs, views into the passes' own arrays.
+        pieces = run_sized(self.program(None), (batch,), (0.0,), join=False)
+        layers = [[image for piece in pieces for image in piece[i]] for i in range(len(plans))]
+        return ReducedPass(layers, plans, int(batch.shape[0]), key)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every selected layer's float32 output on the host (an eager pass; not the pipeline's)."""
@@ -129,7 +133,7 @@ class ReducedPass:
     """The host copy of one pass: per layer, per image, a `HostLayer`.
 
     Each layer is either the program's reduced arrays (a dict, N first), or,
-    when `key` is given, the layer's float32 output (N, *shape), which
+    when `key` is given, its images' float32 outputs (a list), which
     `layer(i, position)` reduces for that image on the calling thread.
     `release(i)` drops layer i once every image has taken it. `d2h_bytes` is
     what the program returned to the host; `activation_bytes` what the pass's
@@ -147,8 +151,8 @@ class ReducedPass:
         self.plans = plans
         self.count = count
         self.key = key
-        arrays = layers if key is not None else [a for layer in layers for a in layer.values()]
-        self.d2h_bytes = int(sum(a.nbytes for a in arrays))
+        parts = (layer if key is not None else layer.values() for layer in layers)
+        self.d2h_bytes = int(sum(a.nbytes for part in parts for a in part))
         # What the pass's outputs hold on the device, float32, every layer and image.
         self.activation_bytes = 4 * count * sum(math.prod(p.shape) for p in plans)
 

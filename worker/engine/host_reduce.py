@@ -10,9 +10,11 @@ compiled loops (numba) instead:
 
 - the first pass: per channel, the sum, min, max and count of exact zeros
   (and, for a census, the position of the maximum);
-- the second: the squared deviations from the mean, and the grid: each
-  position's channels normalized, quantized to palette indices and written
-  to their tiles.
+- the second: the squared deviations from the mean and, in the same loop
+  where the grid is not downsampled and is normalized by min and max (the
+  default), the grid: each position's channels normalized, quantized to
+  palette indices and written to their tiles; otherwise the grid takes a
+  pass of its own over the (strided) maps.
 
 Its results are those of `reduce_layer` for one image, a dict of numpy
 arrays: statistics in float64 before their float32 rows (the tests compare
@@ -24,7 +26,6 @@ worker's render threads reduce layers on every core while others encode.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import numpy as np
@@ -32,23 +33,41 @@ import numpy as np
 from worker.engine.reduce import MEANSTD_CENTRE, MEANSTD_GAIN, LayerPlan, RenderKey
 from worker.engine.render import LEVELS, SEPARATOR, Grid
 
+BLOCK = 32  # positions of a tile row quantized before their bytes go to the channels' tiles
+
 
 def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np.ndarray]:
     """One image's layer output (its own shape, any float dtype) -> the arrays a `HostLayer`
     takes: moments (4, C) float32, zeros (C,) int32, and canvas, values, mean_map, half,
     peaks as `key` and `plan` ask (see worker/engine/reduce.py `reduce_layer`)."""
-    x = np.asarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0:
         x = x.reshape(1)
     channels = int(x.shape[-1])
-    flat = np.ascontiguousarray(x).reshape(-1, channels)
+    flat = x.reshape(-1, channels)
     kernels = _kernels()
-    moments = np.empty((4, channels), np.float32)
+    total = np.zeros(channels)
+    low = np.empty(channels, np.float32)
+    high = np.empty(channels, np.float32)
     zeros = np.empty(channels, np.int32)
-    kernels.moments(flat, moments, zeros)
-    out: dict[str, np.ndarray] = {"moments": moments, "zeros": zeros}
-    if plan.grid is not None:
-        out["canvas"] = _canvas(np.ascontiguousarray(x), plan.grid, key, moments, kernels)
+    kernels.first_pass(flat, total, low, high, zeros)
+    count = max(1, flat.shape[0])
+    mean = total / count
+    spread = np.zeros(channels)
+    out: dict[str, np.ndarray] = {"zeros": zeros}
+    grid = plan.grid
+    if grid is not None and grid.downsample == 1 and key.normalize in ("channel", "layer"):
+        # The grid needs only min and max: the deviations are summed in its own pass.
+        out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, spread)
+    else:
+        kernels.deviations(flat, mean, spread)
+        if grid is not None:
+            std = np.sqrt(spread / count).astype(np.float32)
+            out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, std=std)
+    if flat.shape[0] == 0:
+        low[:], high[:] = np.nan, np.nan
+    out["moments"] = np.stack([mean, np.sqrt(spread / count), low, high]).astype(np.float32)
+    if grid is not None:
         if key.overlay:
             out["mean_map"] = x.mean(axis=-1, dtype=np.float32)
     elif plan.strip:
@@ -62,29 +81,40 @@ def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np
     return out
 
 
-def _canvas(x: np.ndarray, grid: Grid, key: RenderKey, moments: np.ndarray, kernels: Any) -> Any:
-    """(H, W, C) float32 -> (grid.height, grid.width) uint8, as reduce.py's `_canvas`."""
+def _canvas(
+    x: np.ndarray,
+    grid: Grid,
+    key: RenderKey,
+    low: np.ndarray,
+    high: np.ndarray,
+    kernels: Any,
+    mean: np.ndarray,
+    spread: np.ndarray | None = None,
+    std: np.ndarray | None = None,
+) -> np.ndarray:
+    """(H, W, C) float32 -> (grid.height, grid.width) uint8, as reduce.py's `_canvas`.
+
+    `low`, `high`, `mean` and `std` are the full maps' statistics. With `spread`
+    (the downsample factor is 1), the tiling pass also adds each channel's
+    squared deviations from `mean` to it.
+    """
     factor = grid.downsample
     strided = x[::factor, ::factor] if factor > 1 else x
     channels = grid.channels
     centre = np.float32(0.0)
     if key.normalize == "meanstd":
-        if factor == 1:
-            low, std = moments[0], moments[1]
-        else:
+        if factor > 1:
             sample = strided.reshape(-1, channels)
-            low, std = sample.mean(axis=0, dtype=np.float64), sample.std(axis=0, dtype=np.float64)
-        low, std = low.astype(np.float32), std.astype(np.float32)
-        gain = _gain(np.float32(MEANSTD_GAIN), std)
+            mean, std = sample.mean(axis=0, dtype=np.float64), sample.std(axis=0, dtype=np.float64)
+        low = np.asarray(mean, np.float32)
+        gain = _gain(np.float32(MEANSTD_GAIN), np.asarray(std, np.float32))
         centre = np.float32(MEANSTD_CENTRE)
     else:
         if key.normalize == "percentile":
             sample = strided.reshape(-1, channels)
             qs = [(100.0 - key.percentile) / 100.0, key.percentile / 100.0]
             low, high = np.quantile(sample, qs, axis=0).astype(np.float32)
-        elif factor == 1:
-            low, high = moments[2], moments[3]
-        else:
+        elif factor > 1:
             low, high = strided.min(axis=(0, 1)), strided.max(axis=(0, 1))
         if key.normalize == "layer":
             low = np.full(channels, low.min(), np.float32)
@@ -94,9 +124,10 @@ def _canvas(x: np.ndarray, grid: Grid, key: RenderKey, moments: np.ndarray, kern
     positions = np.arange(channels)
     top = (positions // grid.cols * (grid.tile_h + grid.separator)).astype(np.int64)
     left = (positions % grid.cols * (grid.tile_w + grid.separator)).astype(np.int64)
+    sums = spread is not None
     kernels.tile(
         x, factor, np.ascontiguousarray(low, np.float32), gain, centre, top, left, grid.tile_h,
-        grid.tile_w, canvas,
+        grid.tile_w, canvas, mean, spread if sums else np.zeros(channels), sums,
     )  # fmt: skip
     return canvas
 
@@ -117,36 +148,32 @@ def _kernels() -> Any:
     compile_ = njit(nogil=True, error_model="numpy", cache=False)
 
     @compile_
-    def moments(flat: Any, out: Any, zeros: Any) -> None:  # pragma: no cover (compiled)
+    def first_pass(
+        flat: Any, total: Any, low: Any, high: Any, zeros: Any
+    ) -> None:  # pragma: no cover
         count, channels = flat.shape
-        total = np.zeros(channels)
-        low = np.full(channels, np.inf, np.float32)
-        high = np.full(channels, -np.inf, np.float32)
-        nulls = np.zeros(channels, np.int32)
+        for c in range(channels):
+            low[c], high[c], zeros[c] = np.inf, -np.inf, 0
         for p in range(count):
             row = flat[p]
-            for c in range(channels):
+            for c in range(channels):  # contiguous: vectorized
                 v = row[c]
                 total[c] += v
                 low[c] = min(low[c], v)
                 high[c] = max(high[c], v)
-                nulls[c] += v == 0.0
-        mean = total / count
-        spread = np.zeros(channels)
+                zeros[c] += v == 0.0
+
+    @compile_
+    def deviations(flat: Any, mean: Any, spread: Any) -> None:  # pragma: no cover
+        count, channels = flat.shape
         for p in range(count):
             row = flat[p]
             for c in range(channels):
                 d = row[c] - mean[c]
                 spread[c] += d * d
-        for c in range(channels):
-            out[0, c] = mean[c]
-            out[1, c] = math.sqrt(spread[c] / count)
-            out[2, c] = low[c] if count else np.nan
-            out[3, c] = high[c] if count else np.nan
-            zeros[c] = nulls[c]
 
     @compile_
-    def peaks(flat: Any, out: Any) -> None:  # pragma: no cover (compiled)
+    def peaks(flat: Any, out: Any) -> None:  # pragma: no cover
         count, channels = flat.shape
         best = np.full(channels, -np.inf, np.float32)
         for c in range(channels):
@@ -170,19 +197,32 @@ def _kernels() -> Any:
         tile_h: int,
         tile_w: int,
         canvas: Any,
-    ) -> None:  # pragma: no cover (compiled)
+        mean: Any,
+        spread: Any,
+        sums: bool,
+    ) -> None:  # pragma: no cover
         channels = x.shape[2]
         half = np.float32(0.5)
         ceiling = np.float32(LEVELS - 1)
-        levels = np.empty(channels, np.uint8)
+        block = np.empty((BLOCK, channels), np.uint8)
         for i in range(tile_h):
             source = x[i * factor]
-            for j in range(tile_w):
-                pixel = source[j * factor]
-                for c in range(channels):  # contiguous: vectorized
-                    level = (pixel[c] - low[c]) * gain[c] + centre + half
-                    levels[c] = np.uint8(min(max(level, np.float32(0.0)), ceiling))
-                for c in range(channels):  # one byte to each channel's tile
-                    canvas[top[c] + i, left[c] + j] = levels[c]
+            for start in range(0, tile_w, BLOCK):
+                width = min(BLOCK, tile_w - start)
+                for j in range(width):
+                    pixel = source[(start + j) * factor]
+                    levels = block[j]
+                    for c in range(channels):  # contiguous: vectorized
+                        v = pixel[c]
+                        if sums:
+                            d = v - mean[c]
+                            spread[c] += d * d
+                        level = (v - low[c]) * gain[c] + centre + half
+                        levels[c] = np.uint8(min(max(level, np.float32(0.0)), ceiling))
+                for c in range(channels):  # a run of bytes in each channel's tile row
+                    row = canvas[top[c] + i]
+                    at = left[c] + start
+                    for j in range(width):
+                        row[at + j] = block[j, c]
 
-    return SimpleNamespace(moments=moments, peaks=peaks, tile=tile)
+    return SimpleNamespace(first_pass=first_pass, deviations=deviations, peaks=peaks, tile=tile)
