@@ -16,7 +16,8 @@ inside the one compiled program that also runs the forward pass
   the host).
 
 So what crosses from the device to the host is uint8 grids and statistics
-vectors; no float32 activation map does. `worker/engine/render.py` holds the
+vectors; no float32 activation map does. On a CPU, where nothing crosses,
+worker/engine/host_reduce.py computes the same on the host instead, fused. `worker/engine/render.py` holds the
 host-side numpy reference of the same normalization and tiling (the tests
 compare both), and the palette PNG encoding.
 """
