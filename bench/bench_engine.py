@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import io
 import itertools
 import os
@@ -280,11 +281,15 @@ def main() -> None:
         timed = measure(cases)
         # The pass at the largest batch, reduced by the program and on the host: wall time
         # and the whole process's CPU (both use TensorFlow's pools, the host's loops not).
+        # A GPU node's kit (bench/gpu_kit.sh) carries no numba: its workers reduce on the device.
         top = max(sizes)
+        sides = [("program", False)]
+        if importlib.util.find_spec("numba") is not None:
+            sides.append(("host", True))
         where = cpu_per_call(
             {
                 side: lambda on_host=on_host: reduced(pixels[:top], on_host)
-                for side, on_host in (("program", False), ("host", True))
+                for side, on_host in sides
             },
             time.process_time,
             rounds=max(3, args.repeats // 2),
@@ -382,12 +387,17 @@ def main() -> None:
             f"against {c / n:.2f} ms/img); its pass {g / a:.2f}x the forward pass "
             f"(layer {cam.ref.name}, top-1 class)"
         )
-    program, host = where["program"], where["host"]
+    program, host = where["program"], where.get("host")
     print(
         f"batch {top}, the pass reduced in its program: {program[0] / top:.2f} ms/img "
-        f"({program[1] / top:.2f} of CPU); on the host: {host[0] / top:.2f} ms/img "
-        f"({host[1] / top:.2f} of CPU); host / program CPU {host[1] / program[1]:.2f}x "
-        f"(this device: {'host' if reduces_on_host() else 'program'})"
+        f"({program[1] / top:.2f} of CPU); "
+        + (
+            f"on the host: {host[0] / top:.2f} ms/img ({host[1] / top:.2f} of CPU); "
+            f"host / program CPU {host[1] / program[1]:.2f}x "
+            if host
+            else "on the host: not measured (numba is not installed) "
+        )
+        + f"(this device: {'host' if reduces_on_host() else 'program'})"
     )
     if "pad" in timed:
         pad, split = timed["pad"][0] / odd, timed["split"][0] / odd
