@@ -158,7 +158,13 @@ def test_each_process_sizes_its_pools_to_its_share_of_the_cores() -> None:
     from worker.runtime.cores import core_share, render_threads, report_helpers
 
     # (cores, processes on the host) -> (share, encode threads, report helpers)
-    cases = {(16, 12): (1, 2, 1), (16, 4): (4, 4, 2), (16, 1): (16, 16, 4), (2, 1): (2, 2, 1)}
+    cases = {
+        (16, 12): (1, 2, 0),  # below a share of 4 cores, reports render in the job's thread
+        (16, 5): (3, 3, 0),
+        (16, 4): (4, 4, 2),
+        (16, 1): (16, 16, 4),
+        (2, 1): (2, 2, 0),
+    }
     for (cores, processes), expected in cases.items():
         settings = Settings.from_env({"ACTVIZ_HOST_PROCESSES": str(processes)})
         got = (core_share(settings, cores), render_threads(settings, cores))

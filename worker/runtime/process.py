@@ -71,12 +71,14 @@ class WorkerRuntime:
 
     @property
     def reports(self) -> ReportPool | None:
-        """Helper processes that render job reports when batching, else None (in-thread)."""
-        if not batching(self.settings):
+        """Helper processes that render job reports when batching on a share of 4 cores or
+        more, else None (in the job's thread; worker/runtime/cores.py report_helpers)."""
+        helpers = report_helpers(self.settings)
+        if not batching(self.settings) or helpers == 0:
             return None
         with self._lock:
             if self._reports is None:
-                self._reports = ReportPool(report_helpers(self.settings))
+                self._reports = ReportPool(helpers)
         return self._reports
 
     def expect_image(self) -> None:

@@ -10,8 +10,10 @@ render reports instead: the job sends its manifest (pickled through a pipe;
 the page links its images, so no image crosses) and gets index.html and
 depth.svg back.
 
-Only batching workers use it; with batch size 1 the job would wait for its
-report anyway.
+Only batching workers with a share of 4 cores or more use it
+(worker/runtime/cores.py `report_helpers`): with batch size 1 the job would
+wait for its report anyway, and on fewer cores the cores, not the lock, are
+what a job waits for, and the pipe costs more than it frees.
 """
 
 from __future__ import annotations
