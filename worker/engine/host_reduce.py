@@ -64,9 +64,10 @@ def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np
         if grid is not None:
             std = np.sqrt(spread / count).astype(np.float32)
             out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, std=std)
-    if flat.shape[0] == 0:
-        low[:], high[:] = np.nan, np.nan
-    out["moments"] = np.stack([mean, np.sqrt(spread / count), low, high]).astype(np.float32)
+    moments = np.stack([mean, np.sqrt(spread / count), low, high]).astype(np.float32)
+    if flat.shape[0] == 0:  # no position: no statistic, as the device's mean of nothing
+        moments[:] = np.nan
+    out["moments"] = moments
     if grid is not None:
         if key.overlay:
             out["mean_map"] = x.mean(axis=-1, dtype=np.float32)
