@@ -301,3 +301,16 @@ def test_a_warmup_compiles_every_pass_size_a_batch_can_take(loaded_models) -> No
     finally:
         del extractor.reduce
     assert seen == [1, 2, 4]
+
+
+def test_an_output_with_no_position_has_no_statistics_on_the_host() -> None:
+    """As the device's mean of nothing: NaN rows, no zeros counted, no grid or strip."""
+    from worker.engine.host_reduce import reduce_image
+    from worker.engine.reduce import LayerPlan
+
+    empty = np.zeros((0, 4), np.float32)
+    plan = LayerPlan.of(empty.shape, 512)
+    out = reduce_image(empty, plan, RenderKey.of(JobOptions(), Settings()))
+    assert out["moments"].shape == (4, 4) and np.isnan(out["moments"]).all()
+    np.testing.assert_array_equal(out["zeros"], [0, 0, 0, 0])
+    assert plan.grid is None and not plan.strip and "canvas" not in out and "values" not in out
