@@ -9,7 +9,7 @@ forward pass on 2 cores. Here one image's layer is reduced in two passes of
 compiled loops (numba) instead:
 
 - the first pass: per channel, the sum, min, max and count of exact zeros
-  (and, for a census, the position of the maximum);
+  (a census's positions of the maxima take a pass of their own);
 - the second: the squared deviations from the mean and, in the same loop
   where the grid is not downsampled and is normalized by min and max (the
   default), the grid: each position's channels normalized, quantized to
