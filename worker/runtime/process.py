@@ -39,6 +39,7 @@ class WorkerRuntime:
         self._s3: object | None = None
         self._batcher: Batcher | None = None
         self._reports: ReportPool | None = None
+        self._report_helpers = report_helpers(settings)  # the host's cores, read once
         self._uploads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         # One fetch-and-load per model at a time: the pool's threads of a cold
@@ -73,12 +74,11 @@ class WorkerRuntime:
     def reports(self) -> ReportPool | None:
         """Helper processes that render job reports when batching on a share of 4 cores or
         more, else None (in the job's thread; worker/runtime/cores.py report_helpers)."""
-        helpers = report_helpers(self.settings)
-        if not batching(self.settings) or helpers == 0:
+        if not batching(self.settings) or self._report_helpers == 0:
             return None
         with self._lock:
             if self._reports is None:
-                self._reports = ReportPool(helpers)
+                self._reports = ReportPool(self._report_helpers)
         return self._reports
 
     def expect_image(self) -> None:
