@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine.reduce import MEANSTD_CENTRE, MEANSTD_GAIN, LayerPlan, RenderKey
-from worker.engine.render import LEVELS, SEPARATOR, Grid
+from worker.engine.render import LEVELS, SEPARATOR, Grid, level_gain, tile_origins
 
 BLOCK = 32  # positions of a tile row quantized before their bytes go to the channels' tiles
 
@@ -108,7 +108,7 @@ def _canvas(
             sample = strided.reshape(-1, channels)
             mean, std = sample.mean(axis=0, dtype=np.float64), sample.std(axis=0, dtype=np.float64)
         low = np.asarray(mean, np.float32)
-        gain = _gain(np.float32(MEANSTD_GAIN), np.asarray(std, np.float32))
+        gain = level_gain(MEANSTD_GAIN, np.asarray(std, np.float32))
         centre = np.float32(MEANSTD_CENTRE)
     else:
         if key.normalize == "percentile":
@@ -120,23 +120,15 @@ def _canvas(
         if key.normalize == "layer":
             low = np.full(channels, low.min(), np.float32)
             high = np.full(channels, high.max(), np.float32)
-        gain = _gain(np.float32(LEVELS - 1), (high - low).astype(np.float32))
+        gain = level_gain(LEVELS - 1, (high - low).astype(np.float32))
     canvas = np.full((grid.height, grid.width), SEPARATOR, np.uint8)
-    positions = np.arange(channels)
-    top = (positions // grid.cols * (grid.tile_h + grid.separator)).astype(np.int64)
-    left = (positions % grid.cols * (grid.tile_w + grid.separator)).astype(np.int64)
+    top, left = tile_origins(grid)
     sums = spread is not None
     kernels.tile(
         x, factor, np.ascontiguousarray(low, np.float32), gain, centre, top, left, grid.tile_h,
         grid.tile_w, canvas, mean, spread if sums else np.zeros(channels), sums,
     )  # fmt: skip
     return canvas
-
-
-def _gain(scale: np.float32, spread: np.ndarray) -> np.ndarray:
-    """scale / spread per channel in float32, 0 where spread is 0 (a flat tile)."""
-    safe = np.where(spread > 0, spread, np.float32(1.0)).astype(np.float32)
-    return ((scale / safe) * (spread > 0)).astype(np.float32)
 
 
 @functools.cache

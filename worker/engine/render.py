@@ -117,7 +117,7 @@ def normalize_maps(maps: np.ndarray, mode: str, percentile: float = 99.0) -> np.
     if mode == "meanstd":
         mean = x.mean(axis=0)
         std = x.std(axis=0)
-        gain = np.divide(64.0 * (LEVELS - 1) / 255.0, std, out=np.zeros_like(std), where=std > 0)
+        gain = level_gain(64.0 * (LEVELS - 1) / 255.0, std)
         out = (x - mean) * gain
         out += np.float32(128.0 * (LEVELS - 1) / 255.0)
     else:
@@ -131,12 +131,18 @@ def normalize_maps(maps: np.ndarray, mode: str, percentile: float = 99.0) -> np.
         else:
             raise InvalidJob(f"unknown normalize '{mode}'")
         span = high - low
-        gain = np.divide(LEVELS - 1, span, out=np.zeros_like(span), where=span > 0)
+        gain = level_gain(LEVELS - 1, span)
         out = x - low
         out *= gain
     out += np.float32(0.5)  # round half up when truncating to uint8
     np.clip(out, 0, LEVELS - 1, out=out)
     return out.astype(np.uint8).reshape(maps.shape)
+
+
+def level_gain(scale: float, spread: np.ndarray) -> np.ndarray:
+    """`scale` / `spread` per channel, in `spread`'s dtype; 0 where spread is not positive
+    (a flat channel renders as one level)."""
+    return np.divide(scale, spread, out=np.zeros_like(spread), where=spread > 0)
 
 
 def grid_layout(channels: int) -> tuple[int, int]:
@@ -193,11 +199,21 @@ def render_channel(indices: np.ndarray, colormap: str) -> bytes:
     return encode_palette_png(np.ascontiguousarray(indices), colormap_lut(colormap))
 
 
+@functools.lru_cache(maxsize=256)
+def tile_origins(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(top, left) int64 arrays: where each channel's tile starts in the canvas (read-only)."""
+    channels = np.arange(grid.channels, dtype=np.int64)
+    top = channels // grid.cols * (grid.tile_h + grid.separator)
+    left = channels % grid.cols * (grid.tile_w + grid.separator)
+    top.setflags(write=False)
+    left.setflags(write=False)
+    return top, left
+
+
 def channel_tile(canvas: np.ndarray, grid: Grid, channel: int) -> np.ndarray:
     """Channel `channel`'s (tile_h, tile_w) tile of a grid canvas (a view)."""
-    row, col = divmod(channel, grid.cols)
-    top = row * (grid.tile_h + grid.separator)
-    left = col * (grid.tile_w + grid.separator)
+    tops, lefts = tile_origins(grid)
+    top, left = int(tops[channel]), int(lefts[channel])
     return canvas[top : top + grid.tile_h, left : left + grid.tile_w]
 
 
