@@ -156,6 +156,14 @@ class StorageUnavailable(TransientError):
     pass
 
 
+class HelperUnavailable(TransientError):
+    """A worker's helper process (the quarantine process) did not start in time.
+
+    The job is retried like any fault of the world; through every retry it fails
+    with worker_lost, since no process could be found to run it.
+    """
+
+
 # Storage's own outcomes, which callers map to job errors (input_not_found, ...).
 class ObjectNotFound(LookupError):
     """The key (or URI) does not exist in storage."""

@@ -89,6 +89,10 @@ class Settings:
     # A job whose worker processes died this many times while running it (not merely
     # holding it, worker/runtime/running.py) is failed with worker_lost, not run again.
     max_deliveries: int = 3
+    # Seconds a quarantine process (worker/runtime/quarantine.py) may take to start (spawn,
+    # the backend's import) before it is killed and another is started; when the second
+    # does not start either, the job is retried later, as for a storage fault.
+    quarantine_start_s: int = 60
     # Seconds within which the jobs a dead worker held are handed to another worker: a
     # live worker re-stamps what it holds every `heartbeat_s` (a sixth of this, at most
     # 10 s, worker/transport.py), and Redis re-queues what was not re-stamped for

@@ -31,11 +31,13 @@ from producer import contract
 from producer.contract import JobKind, JobSpec, Progress
 from producer.errors import (
     ActvizError,
+    HelperUnavailable,
     Internal,
     InvalidJob,
     PayloadTooLarge,
     StorageError,
     TimeLimit,
+    WorkerLost,
     transient_errors,
 )
 from producer.job_registry import mark_ended
@@ -128,9 +130,12 @@ def extract(task: Task, message: dict[str, Any], runtime: WorkerRuntime) -> dict
                 if task.request.retries < task.max_retries:
                     running.unmark(spec.job_id)  # it leaves this process without ending
                     raise  # Celery retries it (autoretry_for, worker/app.py)
-                error = StorageError(
-                    f"storage or broker unreachable through {task.max_retries} retries: {exc}"
-                )
+                if isinstance(exc, HelperUnavailable):
+                    error = WorkerLost(f"{exc}, through {task.max_retries} retries")
+                else:
+                    error = StorageError(
+                        f"storage or broker unreachable through {task.max_retries} retries: {exc}"
+                    )
             else:
                 log.exception("job failed unexpectedly")
                 error = Internal(f"{type(exc).__name__}: {exc}")

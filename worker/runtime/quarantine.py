@@ -12,7 +12,11 @@ jobs go on, and the next redelivered job gets a fresh helper.
 
 The helper is spawned (never forked: TensorFlow and CUDA do not survive a
 fork), keeps its own model cache while it lives, and dies with its worker
-(PR_SET_PDEATHSIG on Linux).
+(PR_SET_PDEATHSIG on Linux). It says when it is ready (its backend imported,
+its runtime built), and a job is sent only then: a helper that does not say
+so within `Settings.quarantine_start_s`, or that dies first, is the world's
+fault, not the job's. It is killed and another is started; when that one does
+not start either, the job is retried later (HelperUnavailable), not failed.
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from producer.contract import JobOptions
-from producer.errors import ActvizError, Internal, TransientError, WorkerLost, error_from_dict
+from producer.errors import (
+    ActvizError,
+    HelperUnavailable,
+    Internal,
+    TransientError,
+    WorkerLost,
+    error_from_dict,
+)
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # How often the waiting job thread wakes, so a soft time limit can interrupt it.
 POLL_S = 0.1
+# Helpers started for one job before it is retried later instead.
+START_ATTEMPTS = 2
+READY = "ready"
 
 
 class Quarantine:
@@ -51,16 +66,17 @@ class Quarantine:
         computed in the helper.
 
         Raises the job's ActvizError; WorkerLost (worker_lost) when the helper
-        died while running it; TransientError for a fault of the world.
+        died while running it; HelperUnavailable when no helper started;
+        TransientError for a fault of the world.
         """
         with self._lock:
-            self._start()
             try:
+                self._start()
                 self._conn.send((model_uri, image, options, kind))
                 status, value = self._wait()
             except BaseException:
-                # The helper died, or a time limit or a shutdown interrupted the wait:
-                # the helper may be mid-job.
+                # No helper started, the helper died, or a time limit or a shutdown
+                # interrupted the wait: the helper may be starting or mid-job.
                 self._stop()
                 raise
 
@@ -75,17 +91,54 @@ class Quarantine:
             self._stop()
 
     def _start(self) -> None:
+        """A helper that said it is ready; raises HelperUnavailable when none did."""
         if self._process is not None and self._process.is_alive():
             return
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=serve, args=(child, self.settings), name="actviz-quarantine", daemon=True
+        self._stop()
+        deadline_s = self.settings.quarantine_start_s
+        for attempt in range(1, START_ATTEMPTS + 1):
+            context = multiprocessing.get_context("spawn")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=serve, args=(child, self.settings), name="actviz-quarantine", daemon=True
+            )
+            process.start()
+            child.close()
+            self._process, self._conn = process, parent
+            log.info("started a quarantine process (pid %d) for redelivered jobs", process.pid)
+            failure = self._ready(deadline_s)
+            if failure is None:
+                return
+            log.warning(
+                "the quarantine process (pid %d) %s; %s",
+                process.pid,
+                failure,
+                "starting another" if attempt < START_ATTEMPTS else "the job is retried later",
+            )
+            self._stop()
+        raise HelperUnavailable(
+            f"no quarantine process started for this job ({START_ATTEMPTS} tried, "
+            f"{deadline_s} s each: ACTVIZ_QUARANTINE_START_S)"
         )
-        process.start()
-        child.close()
-        self._process, self._conn = process, parent
-        log.info("started a quarantine process (pid %d) for redelivered jobs", process.pid)
+
+    def _ready(self, deadline_s: float) -> str | None:
+        """None once the helper says it is ready; else what went wrong."""
+        started = time.monotonic()
+        while not self._conn.poll(POLL_S):
+            if not self._process.is_alive():
+                self._process.join(5)
+                return f"ended while starting ({_describe_exit(self._process.exitcode)})"
+            if time.monotonic() - started > deadline_s:
+                return f"did not start within {deadline_s} s"
+        try:
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            return f"ended while starting ({_describe_exit(self._process.exitcode)})"
+        if message != READY:
+            return f"sent {message!r} before it was ready"
+        log.info("the quarantine process (pid %d) is ready", self._process.pid)
+        return None
 
     def _wait(self) -> tuple[str, Any]:
         """The helper's reply; raises WorkerLost (worker_lost) when it died first."""
@@ -141,6 +194,7 @@ def serve(conn: Any, settings: Settings) -> None:
     configure_logging(settings)
     configure_accelerator()
     runtime = WorkerRuntime(settings)
+    conn.send(READY)
     while True:
         try:
             model_uri, image, options, kind = conn.recv()
