@@ -57,6 +57,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def registry_in_backend(settings: Settings) -> bool:
+    """Whether the result backend is Redis, where the job registry (producer/job_registry.py)
+    records each job's submission, start and end."""
+    return settings.backend_url.split("://", 1)[0].lower() in ("redis", "rediss", "sentinel")
+
+
 def backend_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if _sentinel(settings.backend_url):
@@ -85,7 +91,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_expires,
         "result_extended": True,
         "broker_connection_retry_on_startup": True,
-        "task_track_started": True,
+        # Celery's own STARTED write (a GET and a MULTI a job, and a message to every
+        # watcher) only where no job registry records each job's start (the embedded
+        # mode): with Redis, Job.state() reads "started" from the registry, which the
+        # worker marks in the round trip that admits the job (worker/jobs/deliveries.py).
+        "task_track_started": not registry_in_backend(settings),
         "timezone": "UTC",
     }
     if settings.broker_url.startswith("rediss://") and "ssl_cert_reqs" not in settings.broker_url:

@@ -64,7 +64,7 @@ from producer.errors import (
     error_from_dict,
     transient_errors,
 )
-from producer.job_registry import forget, register
+from producer.job_registry import forget, register, registered_state
 from producer.labels import read_labels
 from producer.registry import load_registry, registry_labels, resolve_model
 from producer.settings import Settings, redact_url
@@ -239,6 +239,10 @@ class Job:
     def state(self, check_storage: bool = True) -> JobState:
         """The job's state from the result backend, falling back to storage.
 
+        With Redis, a job a worker has admitted but that reports no stage yet is
+        started by its job registry entry: Celery writes no STARTED of its own
+        (producer/broker.py).
+
         Storage decides when the backend has forgotten the job (expired or
         flushed): a manifest means succeeded, an error.json means failed.
         In embedded mode, a client that has not started its in-process worker
@@ -257,13 +261,19 @@ class Job:
             return JobState(self.id, FAILED, error=self._failure(celery_state, info))
         if state == SUCCEEDED:
             return JobState(self.id, SUCCEEDED, info=info if isinstance(info, dict) else None)
-        if state == QUEUED and check_storage:
-            stored = self.client.stored_state(self.id)
-            if stored is not None:
-                return stored
+        if state == QUEUED:
             redis = self.client.redis()
-            if redis is not None and not redis.exists(contract.job_key(self.id)):
-                return JobState(self.id, UNKNOWN)  # no producer submitted this id
+            registered = registered_state(redis, self.id) if redis is not None else None
+            if celery_state == "PENDING" and registered == STARTED:
+                # Running: with Redis, Celery records no start; the registry does
+                # (producer/broker.py, task_track_started).
+                return JobState(self.id, STARTED)
+            if check_storage:
+                stored = self.client.stored_state(self.id)
+                if stored is not None:
+                    return stored
+                if redis is not None and registered is None:
+                    return JobState(self.id, UNKNOWN)  # no producer submitted this id
         stage = info.get("stage") if isinstance(info, dict) else None
         if celery_state == "RETRY":
             stage = "retrying"

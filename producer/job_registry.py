@@ -93,6 +93,13 @@ def mark_started(client: Any, job_id: str) -> None:
     client.eval(_START, 1, job_key(job_id), STARTED)
 
 
+def registered_state(client: Any, job_id: str) -> str | None:
+    """The job's state in the registry (queued, started, succeeded, failed), or None
+    for an id nobody submitted or whose entry has expired."""
+    value = client.hget(job_key(job_id), "state")
+    return None if value is None else _text(value)
+
+
 def mark_ended(client: Any, job_id: str, state: str) -> None:
     """The job ended (`succeeded` or `failed`): its kept message and its checks go."""
     client.eval(_END, 2, job_key(job_id), RECONCILE_KEY, job_id, state)

@@ -137,3 +137,28 @@ def test_admission_marks_the_job_started_and_reads_its_cancel_mark_in_one_round_
     assert admit_delivery(task, spec, store, settings) is None  # the next delivery reads it
     with pytest.raises(Cancelled, match="before it ran"):
         raise_if_cancelled(task, "before it ran")
+
+
+def test_a_running_job_is_started_from_its_admission_without_celerys_own_start_write(
+    task: SimpleNamespace, redis_url: str, tmp_path: Path, png_bytes: bytes
+) -> None:
+    """With Redis, Celery records no STARTED state (one backend read and write, and a
+    message to every watcher, a job): the admission's registry mark is what `Job.state()`
+    reads as started. The embedded mode, which has no registry, keeps Celery's."""
+    from producer import Client
+    from producer.broker import celery_config
+
+    settings = Settings(broker_url=redis_url, storage_url=tmp_path.as_uri())
+    assert celery_config(settings)["task_track_started"] is False
+    assert celery_config(Settings())["task_track_started"] is True  # embedded
+    producer = Client(settings=settings)
+    job = producer.submit("builtin:demo", png_bytes, queue="cpu")
+    assert job.status() == "queued"
+    task.request.id = job.id
+    spec = JobSpec(job_id=job.id, model="builtin:demo", image="s3://b/i.png")
+    assert admit_delivery(task, spec, FileStore(tmp_path), settings) is None
+    assert job.state().state == "started"
+    assert job.state(check_storage=False).state == "started"
+    assert producer.app.AsyncResult(job.id).state == "PENDING"  # nothing written by Celery
+    unknown = producer.job("nobody-submitted-this")
+    assert unknown.status() == "unknown"
