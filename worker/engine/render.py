@@ -234,13 +234,18 @@ def render_overlay(
 def encode_palette_png(indices: np.ndarray, lut: np.ndarray) -> bytes:
     """(H, W) uint8 indices + (256, 3) LUT -> palette PNG bytes (colour type 3).
 
-    Rows with filter type 0 (none; palette images are not filtered), deflated
-    with run-length matching: see `_png`.
+    Every row with filter type 1 (sub: the byte to the left subtracted, modulo
+    256), deflated with run-length matching (see `_png`). A tile's flat areas
+    become runs of zeros and its gradients small numbers: the classic CNN's 8
+    grids of an image came out at 572 KB against 682 unfiltered, in the same
+    CPU time (5.47 against 5.58 ms; filter up: 509 KB, but 7.38 ms). Filters
+    work on bytes, so every PNG reader applies them to palette indices too.
     """
     height, width = indices.shape
     rows = np.empty((height, width + 1), dtype=np.uint8)
-    rows[:, 0] = 0  # filter type none
-    rows[:, 1:] = indices
+    rows[:, 0] = 1  # filter type sub
+    rows[:, 1] = indices[:, 0]  # the first byte has zero to its left
+    np.subtract(indices[:, 1:], indices[:, :-1], out=rows[:, 2:])  # uint8: modulo 256
     return _png(width, height, 3, rows, lut.tobytes())
 
 
