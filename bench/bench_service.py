@@ -921,8 +921,13 @@ def main() -> None:
         shares = ", ".join(f"{size} {share:.0%}" for size, share in load.pass_sizes.items())
         print(f"passes by size in images at batch {batch}, concurrency {conc}: {shares}")
     print()
-    print("where a job's time goes in the worker (mean ms per job; forward is its batch's pass):")
-    names = ("batch_wait", "preprocess", "forward", "render", "stats", "report", "upload")
+    print(
+        "where a job's time goes in the worker (mean ms per job; forward is its batch's pass; "
+        "render_wall: from the pass's end to the image's last layer, waits included):"
+    )
+    names = (
+        "batch_wait", "preprocess", "forward", "render", "stats", "render_wall", "report", "upload"
+    )  # fmt: skip
     print(f"{'batch':>5}{'conc':>6}" + "".join(f"{n:>12}" for n in names))
     for (batch, conc), load in sorted(loads.items()):
         cells = "".join(f"{load.stages.get(n, 0.0):>12.1f}" for n in names)

@@ -334,6 +334,7 @@ def test_manifest_is_complete_and_json_safe(loaded_models, settings):
     assert manifest["preprocessing"]["size"] == [32, 32]
     assert manifest["colormap"] == "viridis"
     assert set(manifest["timings_ms"]) >= {"preprocess", "forward", "render", "stats"}
+    assert manifest["timings_ms"]["render_wall"] > 0  # the pass's end to the last layer
     assert manifest["files"] == sorted(result.files)
     for layer in manifest["layers"]:
         assert layer["grid"]["png"] in result.files

@@ -99,7 +99,8 @@ class ForwardPass:
         measure = self.settings.stage_cpu
         started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
         self.outputs = outputs = self.extractor.reduce(pixels, key)
-        forward_ms = (time.perf_counter() - started) * 1000.0
+        self._forward_end = time.perf_counter()
+        forward_ms = (self._forward_end - started) * 1000.0
         # The pass's host CPU (dispatch, copy), shared by its images.
         engine_cpu_ms = (cpu_clock(self.settings) - cpu_started) * 1000.0 / len(self.images)
         del pixels
@@ -163,6 +164,10 @@ class ForwardPass:
                 info["number"] = self.number
             info["activation_bytes"] = self.outputs.activation_bytes
             info["d2h_bytes"] = self.outputs.d2h_bytes
+            # Wall time from the pass's end to this image's last layer: its own layers'
+            # work (`render`, `stats`) and their wait behind the pass's other images.
+            wall_ms = (time.perf_counter() - self._forward_end) * 1000.0
+            self.images[position].timings["render_wall"] = wall_ms
             radii = None
             if self.images[position].options.census:
                 radii = self.extractor.receptive_radii(self.images[position].image.pixels.shape)
