@@ -57,12 +57,6 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def registry_in_backend(settings: Settings) -> bool:
-    """Whether the result backend is Redis, where the job registry (producer/job_registry.py)
-    records each job's submission, start and end."""
-    return settings.backend_url.split("://", 1)[0].lower() in ("redis", "rediss", "sentinel")
-
-
 def backend_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if _sentinel(settings.backend_url):
@@ -93,9 +87,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # Celery's own STARTED write (a GET and a MULTI a job, and a message to every
         # watcher) only where no job registry records each job's start (the embedded
-        # mode): with Redis, Job.state() reads "started" from the registry, which the
-        # worker marks in the round trip that admits the job (worker/jobs/deliveries.py).
-        "task_track_started": not registry_in_backend(settings),
+        # mode): with a Redis backend, Job.state() reads "started" from the registry
+        # (producer/job_registry.py), which the worker marks in the round trip that
+        # admits the job (worker/jobs/deliveries.py).
+        "task_track_started": not _is_redis(settings.backend_url),
         "timezone": "UTC",
     }
     if settings.broker_url.startswith("rediss://") and "ssl_cert_reqs" not in settings.broker_url:

@@ -47,6 +47,8 @@ POLL_S = 0.1
 # Helpers started for one job before it is retried later instead.
 START_ATTEMPTS = 2
 READY = "ready"
+# What `_receive` returns instead of a message.
+_ENDED, _LATE = object(), object()
 
 
 class Quarantine:
@@ -96,8 +98,8 @@ class Quarantine:
             return
         self._stop()
         deadline_s = self.settings.quarantine_start_s
+        context = multiprocessing.get_context("spawn")
         for attempt in range(1, START_ATTEMPTS + 1):
-            context = multiprocessing.get_context("spawn")
             parent, child = context.Pipe()
             process = context.Process(
                 target=serve, args=(child, self.settings), name="actviz-quarantine", daemon=True
@@ -123,17 +125,10 @@ class Quarantine:
 
     def _ready(self, deadline_s: float) -> str | None:
         """None once the helper says it is ready; else what went wrong."""
-        started = time.monotonic()
-        while not self._conn.poll(POLL_S):
-            if not self._process.is_alive():
-                self._process.join(5)
-                return f"ended while starting ({_describe_exit(self._process.exitcode)})"
-            if time.monotonic() - started > deadline_s:
-                return f"did not start within {deadline_s} s"
-        try:
-            message = self._conn.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
+        message = self._receive(deadline_s)
+        if message is _LATE:
+            return f"did not start within {deadline_s} s"
+        if message is _ENDED:
             return f"ended while starting ({_describe_exit(self._process.exitcode)})"
         if message != READY:
             return f"sent {message!r} before it was ready"
@@ -142,15 +137,9 @@ class Quarantine:
 
     def _wait(self) -> tuple[str, Any]:
         """The helper's reply; raises WorkerLost (worker_lost) when it died first."""
-        while not self._conn.poll(POLL_S):
-            if not self._process.is_alive():
-                break
-        try:
-            if self._conn.poll(0):
-                return self._conn.recv()
-        except (EOFError, OSError):
-            pass
-        self._process.join(5)
+        reply = self._receive()
+        if reply is not _ENDED:
+            return reply
         ending = _describe_exit(self._process.exitcode)
         log.warning("the quarantine process ended (%s) while running a job", ending)
         raise WorkerLost(
@@ -158,6 +147,23 @@ class Quarantine:
             f"with it ({ending}); it needs more memory or time than a worker has, "
             "or its model crashes on this input"
         )
+
+    def _receive(self, deadline_s: float | None = None) -> Any:
+        """The helper's next message; _ENDED when it died first (after what it sent
+        before dying), _LATE when `deadline_s` passed first."""
+        started = time.monotonic()
+        while not self._conn.poll(POLL_S):
+            if not self._process.is_alive():
+                break
+            if deadline_s is not None and time.monotonic() - started > deadline_s:
+                return _LATE
+        try:
+            if self._conn.poll(0):
+                return self._conn.recv()
+        except (EOFError, OSError):
+            pass
+        self._process.join(5)
+        return _ENDED
 
     def _stop(self) -> None:
         if self._process is not None:
