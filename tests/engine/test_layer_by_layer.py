@@ -54,7 +54,7 @@ def test_analyze_reports_what_its_pass_returned_to_the_host(loaded_models, setti
 
 
 def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
-    """Four jobs through the batcher's layer-major pool: the same files and stats as analyze."""
+    """Four jobs through the batcher's render pool: the same files and stats as analyze."""
     loaded = loaded_models("residual")
     settings = Settings(batch_size=4, batch_wait_ms=2000)
     options = JobOptions(channel_pngs=True, save_npz=True, overlay=True, top_k=3)

@@ -5,8 +5,10 @@ run their images through `ForwardPass`: preprocessed images of one model,
 layer set, shape and render key go through one compiled program (the
 forward pass and the on-device reduction, worker/engine/reduce.py), whose
 uint8 grids and statistics come to the host; then every (layer, image) is
-encoded and its statistics made JSON, layer-major, so a layer's host copy
-is dropped as soon as every image has taken it. On a CPU, the program
+encoded and its statistics made JSON, image-major, so the pass's images
+finish one after another rather than all at its end (a job's wait on the
+render threads is about half as long), and a layer's host copy is dropped
+as soon as every image has taken it. On a CPU, the program
 returns the float32 outputs, and each (layer, image) is reduced on the host
 by the task that encodes it (worker/engine/host_reduce.py): its time counts
 in the image's `render`, its CPU in `engine`. The encode tasks go through
@@ -120,10 +122,12 @@ class ForwardPass:
             for position in range(count):
                 self._finish(position)
             return self.futures
-        # Layer-major: layer 0 of every image first, so each layer's host copy is dropped
-        # early instead of every layer living to the pass's end.
-        for index in range(len(outputs)):
-            for position in range(count):
+        # Image-major: every layer of the first image, then of the next, so the pass's
+        # images finish one after another (the first after about 1/count of the pass's
+        # rendering) instead of all at its end; the pool's threads still share each
+        # image's layers. A layer's host copy is dropped when its last image took it.
+        for position in range(count):
+            for index in range(len(outputs)):
                 submit(self._layer, index, position)
         return self.futures
 

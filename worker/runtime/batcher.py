@@ -21,9 +21,10 @@ At most `PIPELINE_DEPTH` batches are alive at once.
 
 Memory: a pass's float32 outputs live on the device only; what reaches the
 host is uint8 grid canvases and statistics vectors (plus the float16
-activations of jobs that ask for the npz). The pool encodes layer by layer
-across the batch's images (one task per layer and image, layer-major), and a
-layer's host copy is dropped as soon as every image has taken it. Each
+activations of jobs that ask for the npz). The pool encodes one task per
+layer and image, image-major (an image's layers, then the next image's: the
+batch's images finish one after another), and a layer's host copy is dropped
+as soon as every image has taken it. Each
 manifest's `batch` reports `activation_bytes` (every layer of the pass,
 float32, on the device) and `d2h_bytes` (what the pass copied to the host).
 A pass's size is bounded in bytes as well as in images: a pass takes at most
