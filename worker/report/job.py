@@ -206,14 +206,17 @@ def _grid_caption(shape: dict[str, int] | None) -> str:
 
 def _top_tiles(
     shape: dict[str, int], top: list[int], stats: dict[str, Any]
-) -> list[dict[str, Any]]:
+) -> list[tuple[int, str, str]]:
+    """(channel, tile style, mean) of each top channel: tuples, unpacked by the template's
+    loop (a job's page draws dozens of tiles; a dict's keys would each be looked up as an
+    attribute first)."""
     means = stats.get("mean") or []
     return [
-        {
-            "channel": channel,
-            "style": tile_style(shape, channel, TOP_TILE_PX),
-            "mean": format_number(means[channel]) if channel < len(means) else "–",
-        }
+        (
+            channel,
+            tile_style(shape, channel, TOP_TILE_PX),
+            format_number(means[channel]) if channel < len(means) else "–",
+        )
         for channel in top
         if 0 <= channel < shape["channels"]
     ]
