@@ -98,6 +98,39 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
                     assert mine["summary"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
+def test_a_pass_renders_image_by_image_so_its_first_image_finishes_first(loaded_models):
+    """The render tasks are queued image-major: a one-thread pool finishes image 0 (its
+    future done, its manifest complete) before it takes any layer of image 1."""
+    from worker.engine.analysis import prepare_image
+    from worker.engine.forward_pass import ForwardPass, PassImage
+
+    loaded = loaded_models("residual")
+    settings = Settings()
+    options = JobOptions()
+    extractor = loaded.extractor(options.layers)
+    images = [
+        PassImage(prepare_image(image_bytes(seed=s), loaded, extractor, options, settings), options)
+        for s in (41, 42, 43)
+    ]
+    forward = ForwardPass(loaded, extractor, images, settings)
+    order: list[tuple[int, int]] = []
+    done_before: dict[int, list[bool]] = {}
+
+    def submit(fn, index: int, position: int) -> None:  # noqa: ANN001
+        order.append((index, position))
+        done_before.setdefault(position, [f.done() for f in forward.futures])
+        fn(index, position)
+
+    futures = forward.run(submit)
+    layers = len(extractor.refs)
+    assert layers > 2
+    assert order == [(index, position) for position in range(3) for index in range(layers)]
+    assert done_before[1] == [True, False, False]
+    assert done_before[2] == [True, True, False]
+    results = [future.result() for future in futures]
+    assert all(len(r.manifest["layers"]) == layers for r in results)
+
+
 def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, monkeypatch):
     """The other images of the pass succeed, and the pass's pipeline slot is freed."""
     import hashlib
