@@ -23,6 +23,7 @@ from worker.engine.render import (
     channel_tile,
     downsample_factor,
     normalize_maps,
+    palette_rows,
     tile_indices,
 )
 
@@ -119,6 +120,11 @@ def test_grids_match_the_numpy_reference(
             assert diff.max(initial=0) <= 1, f"{name} layer {index} {mode}: off by {diff.max()}"
             # Off by one is float32 rounding at a level's edge: rare, not systematic.
             assert (diff == 0).mean() >= 0.99, f"{name} layer {index} {mode}: {diff.mean()}"
+            # Where the host tiled the default grid, the same loop made its PNG rows.
+            fused = on_host and factor == 1 and mode in ("channel", "layer")
+            assert (layer.rows is not None) == fused
+            if fused:
+                np.testing.assert_array_equal(layer.rows, palette_rows(have))
             # A channel's tile, cut from the canvas, is that channel's indices.
             last = maps.shape[-1] - 1
             tile = channel_tile(have, layer.plan.grid, last)

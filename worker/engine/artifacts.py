@@ -201,7 +201,7 @@ def _render_layer(
         "grid": None,
     }
     if grid is not None and layer.canvas is not None:
-        files[key] = encode_palette_png(layer.canvas, colormap_lut(options.colormap))
+        files[key] = encode_palette_png(layer.canvas, colormap_lut(options.colormap), layer.rows)
         entry["grid"] = {"png": key, **grid.to_dict()}
         if options.channel_pngs:
             entry["channels_dir"] = channels_dir(ref.index, ref.name)

@@ -16,6 +16,11 @@ compiled loops (numba) instead:
   palette indices and written to their tiles; otherwise the grid takes a
   pass of its own over the (strided) maps.
 
+The default grid's two passes and its PNG rows (filtered `sub`, as
+render.py's `palette_rows`) are one compiled call (`fused`): a render task
+gives the interpreter lock up and takes it back once for them, where each
+hand-off under load cost a wait behind the worker's other threads.
+
 Its results are those of `reduce_layer` for one image, a dict of numpy
 arrays: statistics in float64 before their float32 rows (the tests compare
 both paths with the numpy reference), palette indices by the same float32
@@ -50,20 +55,29 @@ def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np
     low = np.empty(channels, np.float32)
     high = np.empty(channels, np.float32)
     zeros = np.empty(channels, np.int32)
-    kernels.first_pass(flat, total, low, high, zeros)
     count = max(1, flat.shape[0])
-    mean = total / count
     spread = np.zeros(channels)
     out: dict[str, np.ndarray] = {"zeros": zeros}
     grid = plan.grid
     if grid is not None and grid.downsample == 1 and key.normalize in ("channel", "layer"):
-        # The grid needs only min and max: the deviations are summed in its own pass.
-        out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, spread)
+        # The default: both passes, the grid and its PNG rows in one compiled call, so the
+        # render thread gives the interpreter lock up (and waits to take it back) once.
+        top, left = tile_origins(grid)
+        canvas = np.empty((grid.height, grid.width), np.uint8)
+        rows = np.empty((grid.height, grid.width + 1), np.uint8)
+        kernels.fused(
+            x, key.normalize == "layer", top, left, grid.tile_h, grid.tile_w,
+            canvas, rows, total, low, high, zeros, spread,
+        )  # fmt: skip
+        mean = total / count
+        out["canvas"], out["rows"] = canvas, rows
     else:
+        kernels.first_pass(flat, total, low, high, zeros)
+        mean = total / count
         kernels.deviations(flat, mean, spread)
         if grid is not None:
             std = np.sqrt(spread / count).astype(np.float32)
-            out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, std=std)
+            out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, std)
     moments = np.stack([mean, np.sqrt(spread / count), low, high]).astype(np.float32)
     if flat.shape[0] == 0:  # no position: no statistic, as the device's mean of nothing
         moments[:] = np.nan
@@ -90,15 +104,11 @@ def _canvas(
     high: np.ndarray,
     kernels: Any,
     mean: np.ndarray,
-    spread: np.ndarray | None = None,
-    std: np.ndarray | None = None,
+    std: np.ndarray,
 ) -> np.ndarray:
-    """(H, W, C) float32 -> (grid.height, grid.width) uint8, as reduce.py's `_canvas`.
-
-    `low`, `high`, `mean` and `std` are the full maps' statistics. With `spread`
-    (the downsample factor is 1), the tiling pass also adds each channel's
-    squared deviations from `mean` to it.
-    """
+    """(H, W, C) float32 -> (grid.height, grid.width) uint8, as reduce.py's `_canvas`, for
+    the grids `fused` does not make (downsampled, or normalized otherwise than by min and
+    max). `low`, `high`, `mean` and `std` are the full maps' statistics."""
     factor = grid.downsample
     strided = x[::factor, ::factor] if factor > 1 else x
     channels = grid.channels
@@ -123,10 +133,9 @@ def _canvas(
         gain = level_gain(LEVELS - 1, (high - low).astype(np.float32))
     canvas = np.full((grid.height, grid.width), SEPARATOR, np.uint8)
     top, left = tile_origins(grid)
-    sums = spread is not None
     kernels.tile(
         x, factor, np.ascontiguousarray(low, np.float32), gain, centre, top, left, grid.tile_h,
-        grid.tile_w, canvas, mean, spread if sums else np.zeros(channels), sums,
+        grid.tile_w, canvas, mean, np.zeros(channels), False,
     )  # fmt: skip
     return canvas
 
@@ -218,4 +227,50 @@ def _kernels() -> Any:
                     for j in range(width):
                         row[at + j] = block[j, c]
 
-    return SimpleNamespace(first_pass=first_pass, deviations=deviations, peaks=peaks, tile=tile)
+    @compile_
+    def fused(
+        x: Any,
+        layer_wide: bool,
+        top: Any,
+        left: Any,
+        tile_h: int,
+        tile_w: int,
+        canvas: Any,
+        rows: Any,
+        total: Any,
+        low: Any,
+        high: Any,
+        zeros: Any,
+        spread: Any,
+    ) -> None:  # pragma: no cover
+        """`first_pass`, then `tile` normalized by min and max (per channel, or over the
+        layer with `layer_wide`) summing the deviations, then the canvas's PNG rows
+        filtered `sub` (render.py `palette_rows`): what reduce_image and _canvas do for
+        the default grid, in one call."""
+        channels = x.shape[2]
+        flat = x.reshape(-1, channels)
+        first_pass(flat, total, low, high, zeros)
+        mean = total / max(1, flat.shape[0])
+        lo = low.copy()
+        hi = high.copy()
+        if layer_wide:
+            lo[:] = low.min()
+            hi[:] = high.max()
+        gain = np.zeros(channels, np.float32)
+        scale = np.float32(LEVELS - 1)
+        for c in range(channels):  # render.py `level_gain`, in float32
+            width = hi[c] - lo[c]
+            if width > 0:
+                gain[c] = scale / width
+        canvas[:] = SEPARATOR
+        tile(x, 1, lo, gain, np.float32(0.0), top, left, tile_h, tile_w, canvas, mean, spread, True)
+        for i in range(canvas.shape[0]):
+            row, out = canvas[i], rows[i]
+            out[0] = 1
+            out[1] = row[0]
+            for j in range(1, row.shape[0]):
+                out[j + 1] = (np.int32(row[j]) - np.int32(row[j - 1])) & 0xFF
+
+    return SimpleNamespace(
+        first_pass=first_pass, deviations=deviations, peaks=peaks, tile=tile, fused=fused
+    )

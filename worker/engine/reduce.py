@@ -186,6 +186,7 @@ class HostLayer:
     moments: np.ndarray  # (4, C) mean, std, min, max
     zeros: np.ndarray  # (C,) int
     canvas: np.ndarray | None = None  # (grid.height, grid.width) uint8
+    rows: np.ndarray | None = None  # the canvas's PNG rows, filtered (where the host made them)
     values: np.ndarray | None = None  # strip values, float32
     mean_map: np.ndarray | None = None  # (H, W) float32 channel mean, for the overlay
     half: np.ndarray | None = None  # float16 activations, for the npz

@@ -231,8 +231,12 @@ def render_overlay(
     return encode_png(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
 
-def encode_palette_png(indices: np.ndarray, lut: np.ndarray) -> bytes:
+def encode_palette_png(
+    indices: np.ndarray, lut: np.ndarray, rows: np.ndarray | None = None
+) -> bytes:
     """(H, W) uint8 indices + (256, 3) LUT -> palette PNG bytes (colour type 3).
+
+    `rows`: the indices' `palette_rows`, where the caller has them already.
 
     Every row with filter type 1 (sub: the byte to the left subtracted, modulo
     256), deflated with run-length matching (see `_png`). A tile's flat areas
@@ -242,11 +246,21 @@ def encode_palette_png(indices: np.ndarray, lut: np.ndarray) -> bytes:
     work on bytes, so every PNG reader applies them to palette indices too.
     """
     height, width = indices.shape
+    if rows is None:
+        rows = palette_rows(indices)
+    return _png(width, height, 3, rows, lut.tobytes())
+
+
+def palette_rows(indices: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (H, W + 1) PNG rows, each its filter byte (1, sub) and its bytes
+    less the byte to their left, modulo 256. worker/engine/host_reduce.py makes the same
+    rows in the loop that tiles a grid."""
+    height, width = indices.shape
     rows = np.empty((height, width + 1), dtype=np.uint8)
     rows[:, 0] = 1  # filter type sub
     rows[:, 1] = indices[:, 0]  # the first byte has zero to its left
     np.subtract(indices[:, 1:], indices[:, :-1], out=rows[:, 2:])  # uint8: modulo 256
-    return _png(width, height, 3, rows, lut.tobytes())
+    return rows
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
