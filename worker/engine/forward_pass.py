@@ -6,9 +6,9 @@ layer set, shape and render key go through one compiled program (the
 forward pass and the on-device reduction, worker/engine/reduce.py), whose
 uint8 grids and statistics come to the host; then every (layer, image) is
 encoded and its statistics made JSON, image-major, so the pass's images
-finish one after another rather than all at its end (a job's wait on the
-render threads is about half as long), and a layer's host copy is dropped
-as soon as every image has taken it. On a CPU, the program
+finish one after another rather than all at its end (their jobs report and
+upload while the rest of the pass renders), and a layer's host copy is
+dropped as soon as every image has taken it. On a CPU, the program
 returns the float32 outputs, and each (layer, image) is reduced on the host
 by the task that encodes it (worker/engine/host_reduce.py): its time counts
 in the image's `render`, its CPU in `engine`. The encode tasks go through
