@@ -251,11 +251,10 @@ def _kernels() -> Any:
         flat = x.reshape(-1, channels)
         first_pass(flat, total, low, high, zeros)
         mean = total / max(1, flat.shape[0])
-        lo = low.copy()
-        hi = high.copy()
-        if layer_wide:
-            lo[:] = low.min()
-            hi[:] = high.max()
+        lo, hi = low, high
+        if layer_wide:  # as _canvas: every channel between the layer's min and max
+            lo = np.full(channels, low.min(), np.float32)
+            hi = np.full(channels, high.max(), np.float32)
         gain = np.zeros(channels, np.float32)
         scale = np.float32(LEVELS - 1)
         for c in range(channels):  # render.py `level_gain`, in float32
