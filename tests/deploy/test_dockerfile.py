@@ -100,3 +100,23 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build():
         for source in args.split()[:-1]
     }
     assert copied and copied <= allowed
+
+
+def test_every_cache_the_worker_writes_is_made_under_the_one_cache_folder():
+    """Keras, matplotlib, numba's compiled loops and the models: a read-only root
+    filesystem then needs one writable mount, /home/actviz/.cache."""
+    ins = instructions()
+    # The stage the runtime images build on (the last FROM of a Python image).
+    start = max(
+        i for i, (w, a) in enumerate(ins) if w == "FROM" and a.startswith("${PYTHON_IMAGE}")
+    )
+    final = ins[start:]
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(args for word, args in final if word == "ENV")))
+    caches = {name: env.get(name) for name in CACHE_VARIABLES}
+    assert all(path and path.startswith("/home/actviz/.cache/") for path in caches.values()), caches
+    made = " ".join(args for word, args in final if word == "RUN" and args.startswith("mkdir"))
+    assert all(path in made.split() for path in caches.values()), (caches, made)
+
+
+# Where Keras, matplotlib, numba (worker/engine/host_kernels.py) and the model cache write.
+CACHE_VARIABLES = ("KERAS_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR", "ACTVIZ_MODEL_CACHE_DIR")

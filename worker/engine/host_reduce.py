@@ -30,7 +30,6 @@ worker's render threads reduce layers on every core while others encode.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ import numpy as np
 from worker.engine.reduce import MEANSTD_CENTRE, MEANSTD_GAIN, LayerPlan, RenderKey
 from worker.engine.render import LEVELS, SEPARATOR, Grid, level_gain, tile_origins
 
-BLOCK = 32  # positions of a tile row quantized before their bytes go to the channels' tiles
+CEILING = np.float32(LEVELS - 1)  # the highest palette index of a level
 
 
 def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np.ndarray]:
@@ -67,7 +66,7 @@ def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np
         rows = np.empty((grid.height, grid.width + 1), np.uint8)
         kernels.fused(
             x, key.normalize == "layer", top, left, grid.tile_h, grid.tile_w,
-            canvas, rows, total, low, high, zeros, spread,
+            canvas, rows, total, low, high, zeros, spread, CEILING, SEPARATOR,
         )  # fmt: skip
         mean = total / count
         out["canvas"], out["rows"] = canvas, rows
@@ -135,141 +134,14 @@ def _canvas(
     top, left = tile_origins(grid)
     kernels.tile(
         x, factor, np.ascontiguousarray(low, np.float32), gain, centre, top, left, grid.tile_h,
-        grid.tile_w, canvas, mean, np.zeros(channels), False,
+        grid.tile_w, canvas, mean, np.zeros(channels), False, CEILING,
     )  # fmt: skip
     return canvas
 
 
-@functools.cache
 def _kernels() -> Any:
-    """The compiled loops, built on first use (numba compiles each once per process)."""
-    from types import SimpleNamespace
+    """The compiled loops (worker/engine/host_kernels.py), imported on first use: numba
+    is imported only where a pass is reduced on the host."""
+    from worker.engine import host_kernels
 
-    from numba import njit
-
-    compile_ = njit(nogil=True, error_model="numpy", cache=False)
-
-    @compile_
-    def first_pass(
-        flat: Any, total: Any, low: Any, high: Any, zeros: Any
-    ) -> None:  # pragma: no cover
-        count, channels = flat.shape
-        for c in range(channels):
-            low[c], high[c], zeros[c] = np.inf, -np.inf, 0
-        for p in range(count):
-            row = flat[p]
-            for c in range(channels):  # contiguous: vectorized
-                v = row[c]
-                total[c] += v
-                low[c] = min(low[c], v)
-                high[c] = max(high[c], v)
-                zeros[c] += v == 0.0
-
-    @compile_
-    def deviations(flat: Any, mean: Any, spread: Any) -> None:  # pragma: no cover
-        count, channels = flat.shape
-        for p in range(count):
-            row = flat[p]
-            for c in range(channels):
-                d = row[c] - mean[c]
-                spread[c] += d * d
-
-    @compile_
-    def peaks(flat: Any, out: Any) -> None:  # pragma: no cover
-        count, channels = flat.shape
-        best = np.full(channels, -np.inf, np.float32)
-        for c in range(channels):
-            out[c] = 0
-        for p in range(count):
-            row = flat[p]
-            for c in range(channels):
-                if row[c] > best[c]:  # the first position of the maximum, as argmax
-                    best[c] = row[c]
-                    out[c] = p
-
-    @compile_
-    def tile(
-        x: Any,
-        factor: int,
-        low: Any,
-        gain: Any,
-        centre: Any,
-        top: Any,
-        left: Any,
-        tile_h: int,
-        tile_w: int,
-        canvas: Any,
-        mean: Any,
-        spread: Any,
-        sums: bool,
-    ) -> None:  # pragma: no cover
-        channels = x.shape[2]
-        half = np.float32(0.5)
-        ceiling = np.float32(LEVELS - 1)
-        block = np.empty((BLOCK, channels), np.uint8)
-        for i in range(tile_h):
-            source = x[i * factor]
-            for start in range(0, tile_w, BLOCK):
-                width = min(BLOCK, tile_w - start)
-                for j in range(width):
-                    pixel = source[(start + j) * factor]
-                    levels = block[j]
-                    for c in range(channels):  # contiguous: vectorized
-                        v = pixel[c]
-                        if sums:
-                            d = v - mean[c]
-                            spread[c] += d * d
-                        level = (v - low[c]) * gain[c] + centre + half
-                        levels[c] = np.uint8(min(max(level, np.float32(0.0)), ceiling))
-                for c in range(channels):  # a run of bytes in each channel's tile row
-                    row = canvas[top[c] + i]
-                    at = left[c] + start
-                    for j in range(width):
-                        row[at + j] = block[j, c]
-
-    @compile_
-    def fused(
-        x: Any,
-        layer_wide: bool,
-        top: Any,
-        left: Any,
-        tile_h: int,
-        tile_w: int,
-        canvas: Any,
-        rows: Any,
-        total: Any,
-        low: Any,
-        high: Any,
-        zeros: Any,
-        spread: Any,
-    ) -> None:  # pragma: no cover
-        """`first_pass`, then `tile` normalized by min and max (per channel, or over the
-        layer with `layer_wide`) summing the deviations, then the canvas's PNG rows
-        filtered `sub` (render.py `palette_rows`): what reduce_image and _canvas do for
-        the default grid, in one call."""
-        channels = x.shape[2]
-        flat = x.reshape(-1, channels)
-        first_pass(flat, total, low, high, zeros)
-        mean = total / max(1, flat.shape[0])
-        lo, hi = low, high
-        if layer_wide:  # as _canvas: every channel between the layer's min and max
-            lo = np.full(channels, low.min(), np.float32)
-            hi = np.full(channels, high.max(), np.float32)
-        gain = np.zeros(channels, np.float32)
-        scale = np.float32(LEVELS - 1)
-        for c in range(channels):  # render.py `level_gain`, in float32
-            width = hi[c] - lo[c]
-            if width > 0:
-                gain[c] = scale / width
-        canvas[:] = SEPARATOR
-        tile(x, 1, lo, gain, np.float32(0.0), top, left, tile_h, tile_w, canvas, mean, spread, True)
-        for i in range(canvas.shape[0]):
-            row, out = canvas[i], rows[i]
-            out[0] = 1
-            out[1] = row[0]
-            for j in range(1, row.shape[0]):
-                out[j + 1] = (np.int32(row[j]) - np.int32(row[j - 1])) & 0xFF
-
-    return SimpleNamespace(
-        first_pass=first_pass, deviations=deviations, peaks=peaks, tile=tile, fused=fused
-    )
+    return host_kernels

@@ -1,0 +1,166 @@
+"""The host reduction's compiled loops (numba), cached on disk.
+
+worker/engine/host_reduce.py calls these; they are a module of their own so
+that numba is imported only where a pass is reduced on the host (a CPU
+worker), and so that their machine code is cached: compiling them took 3.6 s
+of a CPU worker's start (and of each `actviz demo` run, and of every worker
+a test starts) on 2 cores, where loading them from the cache takes a small
+fraction of that (docs/benchmarks.md).
+
+The cache is numba's own (`cache=True`): `NUMBA_CACHE_DIR` where it is set,
+else `__pycache__` beside this file where that is writable, else the user's
+cache folder (`~/.cache/numba`). Its index is keyed by this file's
+modification time and size, the numba version, the argument types and the
+CPU's model and features, so a changed file or another machine compiles
+afresh. The loops read no constant of another module (each comes as an
+argument), which this file's key would not see change. Where no folder is
+writable, they compile in memory in each process, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+BLOCK = 32  # positions of a tile row quantized before their bytes go to the channels' tiles
+
+
+def _compiled(fn: Any) -> Any:
+    """`fn` compiled without the GIL, its machine code cached on disk where it can be."""
+    try:
+        return njit(nogil=True, error_model="numpy", cache=True)(fn)
+    except RuntimeError:  # numba found no writable cache folder
+        return njit(nogil=True, error_model="numpy")(fn)
+
+
+@_compiled
+def first_pass(flat: Any, total: Any, low: Any, high: Any, zeros: Any) -> None:  # pragma: no cover
+    count, channels = flat.shape
+    for c in range(channels):
+        low[c], high[c], zeros[c] = np.inf, -np.inf, 0
+    for p in range(count):
+        row = flat[p]
+        for c in range(channels):  # contiguous: vectorized
+            v = row[c]
+            total[c] += v
+            low[c] = min(low[c], v)
+            high[c] = max(high[c], v)
+            zeros[c] += v == 0.0
+
+
+@_compiled
+def deviations(flat: Any, mean: Any, spread: Any) -> None:  # pragma: no cover
+    count, channels = flat.shape
+    for p in range(count):
+        row = flat[p]
+        for c in range(channels):
+            d = row[c] - mean[c]
+            spread[c] += d * d
+
+
+@_compiled
+def peaks(flat: Any, out: Any) -> None:  # pragma: no cover
+    count, channels = flat.shape
+    best = np.full(channels, -np.inf, np.float32)
+    for c in range(channels):
+        out[c] = 0
+    for p in range(count):
+        row = flat[p]
+        for c in range(channels):
+            if row[c] > best[c]:  # the first position of the maximum, as argmax
+                best[c] = row[c]
+                out[c] = p
+
+
+@_compiled
+def tile(
+    x: Any,
+    factor: int,
+    low: Any,
+    gain: Any,
+    centre: Any,
+    top: Any,
+    left: Any,
+    tile_h: int,
+    tile_w: int,
+    canvas: Any,
+    mean: Any,
+    spread: Any,
+    sums: bool,
+    ceiling: Any,
+) -> None:  # pragma: no cover
+    """Normalize, quantize to levels 0..`ceiling` and write each channel of `x` (every
+    `factor`-th position) to its tile of `canvas`; with `sums`, add each position's
+    squared deviation from `mean` to `spread` on the way."""
+    channels = x.shape[2]
+    half = np.float32(0.5)
+    block = np.empty((BLOCK, channels), np.uint8)
+    for i in range(tile_h):
+        source = x[i * factor]
+        for start in range(0, tile_w, BLOCK):
+            width = min(BLOCK, tile_w - start)
+            for j in range(width):
+                pixel = source[(start + j) * factor]
+                levels = block[j]
+                for c in range(channels):  # contiguous: vectorized
+                    v = pixel[c]
+                    if sums:
+                        d = v - mean[c]
+                        spread[c] += d * d
+                    level = (v - low[c]) * gain[c] + centre + half
+                    levels[c] = np.uint8(min(max(level, np.float32(0.0)), ceiling))
+            for c in range(channels):  # a run of bytes in each channel's tile row
+                row = canvas[top[c] + i]
+                at = left[c] + start
+                for j in range(width):
+                    row[at + j] = block[j, c]
+
+
+@_compiled
+def fused(
+    x: Any,
+    layer_wide: bool,
+    top: Any,
+    left: Any,
+    tile_h: int,
+    tile_w: int,
+    canvas: Any,
+    rows: Any,
+    total: Any,
+    low: Any,
+    high: Any,
+    zeros: Any,
+    spread: Any,
+    ceiling: Any,
+    separator: int,
+) -> None:  # pragma: no cover
+    """`first_pass`, then `tile` normalized by min and max (per channel, or over the
+    layer with `layer_wide`) summing the deviations, then the canvas's PNG rows
+    filtered `sub` (render.py `palette_rows`): what reduce_image and _canvas do for
+    the default grid, in one call."""
+    channels = x.shape[2]
+    flat = x.reshape(-1, channels)
+    first_pass(flat, total, low, high, zeros)
+    mean = total / max(1, flat.shape[0])
+    lo, hi = low, high
+    if layer_wide:  # as _canvas: every channel between the layer's min and max
+        lo = np.full(channels, low.min(), np.float32)
+        hi = np.full(channels, high.max(), np.float32)
+    gain = np.zeros(channels, np.float32)
+    for c in range(channels):  # render.py `level_gain`, in float32
+        width = hi[c] - lo[c]
+        if width > 0:
+            gain[c] = ceiling / width
+    canvas[:] = separator
+    tile(
+        x, 1, lo, gain, np.float32(0.0), top, left, tile_h, tile_w, canvas, mean, spread, True,
+        ceiling,
+    )  # fmt: skip
+    for i in range(canvas.shape[0]):
+        row, out = canvas[i], rows[i]
+        out[0] = 1
+        out[1] = row[0]
+        for j in range(1, row.shape[0]):
+            out[j + 1] = (np.int32(row[j]) - np.int32(row[j - 1])) & 0xFF
