@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import itertools
 import os
 import secrets
 import shutil
@@ -47,6 +48,11 @@ def content_type_for(key: str) -> str:
 # A stored file is created as a plain open() would make it (0o666 less the umask: 0644
 # under umask 022), so a web server or another user can read reports.
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# A temporary file's name: this import's random prefix (hosts sharing a folder), the
+# process (forked workers share the prefix) and a count: unique without a system call
+# for randomness on every object.
+_TMP_PREFIX = secrets.token_hex(4)
+_tmp_numbers = itertools.count()
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
@@ -161,7 +167,7 @@ class FileStore:
         reader sees the old bytes or the new, never a part. The folder is made on the
         first write into it (a missing folder is the only reason to try twice)."""
         path = self._path(key)
-        tmp = os.path.join(path.parent, f".tmp-{secrets.token_hex(8)}")
+        tmp = os.path.join(path.parent, f".tmp-{_TMP_PREFIX}-{os.getpid()}-{next(_tmp_numbers)}")
         created = False
         try:
             try:

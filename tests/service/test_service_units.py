@@ -519,6 +519,43 @@ def test_file_store_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None
     assert os.listdir(tmp_path / "store" / "jobs" / "a") == ["index.html"]
 
 
+def test_writers_of_one_folder_in_threads_and_processes_never_share_a_temporary_file(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    """Threads of this process and forked processes (whose imports are shared, as a
+    worker's --per-device children's are) writing one key at once: every write
+    lands whole, none is refused, and nothing is left beside the object."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from producer.storage import FileStore
+
+    store = FileStore(tmp_path / "store")
+    bodies = {bytes([i]) * 4096 for i in range(16)}
+
+    def write_all() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda body: store.put("jobs/a/manifest.json", body), sorted(bodies)))
+
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child's outcome is its exit status)
+            code = 1
+            try:
+                write_all()
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    write_all()
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get("jobs/a/manifest.json") in bodies
+    assert os.listdir(tmp_path / "store" / "jobs" / "a") == ["manifest.json"]
+
+
 def test_a_model_folder_is_read_in_place_and_a_plain_folder_is_not_called_missing(
     tmp_path,  # noqa: ANN001
 ) -> None:

@@ -52,6 +52,7 @@ from worker.metrics import JOBS, QUEUE_WAIT, STAGE_CPU, STAGE_SECONDS
 from worker.runtime import WorkerRuntime, running
 
 log = logging.getLogger(__name__)
+HOST = socket.gethostname()  # in every manifest; read once, not per job
 
 # Faults of the world, not of the input: Celery retries these with backoff and jitter.
 TRANSIENT_ERRORS = transient_errors()
@@ -221,7 +222,7 @@ def fill_manifest(manifest: dict[str, Any], spec: JobSpec, cache_event: str) -> 
     manifest.setdefault("model", {})["uri"] = spec.model
     if spec.batch_id:
         manifest["batch_id"] = spec.batch_id
-    manifest["worker"] = {"host": socket.gethostname(), "model_cache": cache_event}
+    manifest["worker"] = {"host": HOST, "model_cache": cache_event}
 
 
 def fail_job(

@@ -31,6 +31,8 @@ def environment() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        # The templates are the package's own files: no stat of each on every page.
+        auto_reload=False,
     )
 
 
