@@ -205,6 +205,31 @@ def test_layer_names_from_the_model_are_escaped(browser, tmp_path: Path) -> None
     assert page.errors == []
 
 
+def test_top_tiles_written_unescaped_hold_numbers_whatever_the_manifest_says() -> None:
+    """The template writes the top-k tiles without escaping them (a page draws dozens):
+    a manifest whose means are markup still yields numbers and '–' only there."""
+    hostile = "<script>alert(1)</script>"
+    grid = {"rows": 1, "cols": 3, "tile_h": 4, "tile_w": 4, "separator": 1, "channels": 3}
+    grid |= {"width": 14, "height": 4, "png": "layers/00-conv.png"}
+    manifest = {
+        "version": 1,
+        "layers": [
+            {
+                "name": "conv",
+                "grid": grid,
+                "stats": {"mean": [hostile, 2.5, ["<b>"]]},
+                "summary": {"mean": 1.0, "top_k": [1, 0, 2]},
+            }
+        ],
+    }
+    html = render_report(manifest)["index.html"].decode()
+    assert hostile not in html and "<b>" not in html
+    figures = html.split('<div class="topk">', 1)[1].split("</div>", 1)[0]
+    captions = [part.split("</figcaption>")[0] for part in figures.split("<figcaption>")[1:]]
+    assert captions == ["#1 · mean 2.5", "#0 · mean –", "#2 · mean –"]
+    assert figures.count('data-layer="0"') == 3
+
+
 def test_report_without_grid_geometry_or_layers_still_renders() -> None:
     manifest = {
         "version": 1,

@@ -209,14 +209,23 @@ def _top_tiles(
 ) -> list[tuple[int, str, str]]:
     """(channel, tile style, mean) of each top channel: tuples, unpacked by the template's
     loop (a job's page draws dozens of tiles; a dict's keys would each be looked up as an
-    attribute first)."""
+    attribute first). The template writes them unescaped, so each is a number or CSS made
+    of numbers whatever the manifest holds: an int, `tile_style` of ints, and the mean's
+    text or '–' where it is not a number."""
     means = stats.get("mean") or []
     return [
         (
-            channel,
+            int(channel),
             tile_style(shape, channel, TOP_TILE_PX),
-            format_number(means[channel]) if channel < len(means) else "–",
+            _number_text(means[channel]) if channel < len(means) else "–",
         )
         for channel in top
         if 0 <= channel < shape["channels"]
     ]
+
+
+def _number_text(value: Any) -> str:
+    """`format_number` of an int or a float; '–' for anything else (a string, a list)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–"
+    return format_number(value)
