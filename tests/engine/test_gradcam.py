@@ -173,6 +173,26 @@ def test_a_job_writes_png_heatmaps_overlays_float16_values_and_a_manifest_sectio
     json.dumps(result.manifest, allow_nan=False)
 
 
+def test_a_pass_records_each_images_wall_from_its_end_waits_included(model_files, settings):  # noqa: ANN001
+    """`gradcam_render_wall`: from the pass's end to the image's files, so an image
+    rendered after the others (one thread, in order) waited for theirs."""
+    from worker.engine.cam_pass import CamPass
+    from worker.engine.forward_pass import PassImage, run_inline
+
+    loaded = open_model(model_files["softmax"])
+    options = JobOptions()
+    cam, key, row = cam_of(loaded, options)
+    items = [
+        PassImage(prepare_cam_image(d, loaded, cam, key, options, settings), options)
+        for d in images(3)
+    ]
+    futures = CamPass(loaded, cam, key, items, [row] * 3, settings).run(run_inline)
+    timings = [future.result().manifest["timings_ms"] for future in futures]
+    renders = [t["gradcam_render"] for t in timings]
+    for position, t in enumerate(timings):
+        assert t["gradcam_render_wall"] >= sum(renders[: position + 1]) > 0, timings
+
+
 def test_grad_cam_plus_plus_and_a_second_layer_compile_their_own_programs(model_files):  # noqa: ANN001
     loaded = open_model(model_files["residual"])
     assert loaded.cam("stem") is loaded.cam("stem")  # kept warm

@@ -81,6 +81,8 @@ def test_grad_cam_jobs_share_passes_write_their_files_and_fail_alone(
                 assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
         report = s3.get_object(Bucket=bucket, Key=f"results/jobs/{job.id}/index.html")
         assert b"Grad-CAM at conv_b" in report["Body"].read()
+        timings = manifest["timings_ms"]  # the pass's end to the image's files, waits included
+        assert timings["gradcam_render_wall"] >= timings["gradcam_render"] > 0, timings
 
     assert failed.value.code == ErrorCode.INVALID_JOB
     assert "the model has 4 classes" in failed.value.message
@@ -92,6 +94,7 @@ def test_grad_cam_jobs_share_passes_write_their_files_and_fail_alone(
     assert manifest["kind"] == "activations" and len(manifest["layers"]) == 3
     assert [c["class"] for c in manifest["gradcam"]["classes"]] == [1]
     assert manifest["gradcam"]["classes"][0]["heatmap"] in manifest["files"]
+    assert {"render_wall", "gradcam", "gradcam_render_wall"} <= set(manifest["timings_ms"])
     report = s3.get_object(Bucket=bucket, Key=f"results/jobs/{both.id}/index.html")
     page = report["Body"].read()
     assert b"Grad-CAM at conv_b" in page and b"Sparsity and mean activation by depth" in page

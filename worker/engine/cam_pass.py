@@ -143,7 +143,8 @@ class CamPass:
         pixels = np.stack([item.image.pixels for item in self.images])
         started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
         self.result = self.cam.run(pixels, np.asarray(self.rows, dtype=np.int32), self.key)
-        forward_ms = (time.perf_counter() - started) * 1000.0
+        self._pass_end = time.perf_counter()
+        forward_ms = (self._pass_end - started) * 1000.0
         engine_cpu_ms = (cpu_clock(self.settings) - cpu_started) * 1000.0 / len(self.images)
         for item in self.images:
             item.timings["gradcam"] = forward_ms
@@ -161,7 +162,11 @@ class CamPass:
             cpu_started = cpu_clock(self.settings)
             picked = {name: array[position] for name, array in self.result.items()}
             section, files = cam_section(self.cam, picked, item.image, item.options)
-            item.timings["gradcam_render"] = (time.perf_counter() - started) * 1000.0
+            done = time.perf_counter()
+            item.timings["gradcam_render"] = (done - started) * 1000.0
+            # From the pass's end: its own rendering and its wait behind the pass's other
+            # images (as an activations pass's `render_wall`).
+            item.timings["gradcam_render_wall"] = (done - self._pass_end) * 1000.0
             if self.settings.stage_cpu:
                 spent = (cpu_clock(self.settings) - cpu_started) * 1000.0
                 item.cpu["encode"] = item.cpu.get("encode", 0.0) + spent
@@ -213,7 +218,7 @@ def merge_cam(activations: Artifacts, cam: Artifacts) -> Artifacts:
     manifest["gradcam"] = cam.manifest["gradcam"]
     manifest["files"] = sorted(files)
     timings = dict(manifest.get("timings_ms") or {})
-    for stage in ("gradcam", "gradcam_render"):
+    for stage in ("gradcam", "gradcam_render", "gradcam_render_wall"):
         if stage in cam.manifest["timings_ms"]:
             timings[stage] = cam.manifest["timings_ms"][stage]
     manifest["timings_ms"] = timings

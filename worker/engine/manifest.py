@@ -20,7 +20,8 @@ Shapes are (H, W[, C]) lists throughout; sizes in pixels, times in ms.
               "stats": {"mean", "std", "min", "max", "sparsity": [per channel], "dead": [c]},
               "summary": {"mean", "std", "min", "max", "sparsity", "dead_count", "top_k"}}],
   "files": [every file key of the job besides manifest.json],
-  "timings_ms": {"preprocess", "forward", "render", "stats", "render_wall"?},
+  "timings_ms": {"preprocess", "forward", "render", "stats", "render_wall"?,
+                 "gradcam"?, "gradcam_render"?, "gradcam_render_wall"?},
   "cpu_ms": {"preprocess", "engine", "encode"},  # this process's CPU for the image; the
                                                  # worker adds fetch, report, upload
   "batch": {"size", "position"},   # the forward pass this image shared
@@ -29,7 +30,9 @@ Shapes are (H, W[, C]) lists throughout; sizes in pixels, times in ms.
 `timings_ms.forward` is the whole forward pass of the batch the image was in;
 `render` and `stats` sum the image's own layers' work, and `render_wall` (a pass
 of activations) is the wall time from the pass's end to the image's last layer,
-its wait behind the pass's other images on the render threads included.
+its wait behind the pass's other images on the render threads included. A
+Grad-CAM's `gradcam` is its whole pass, `gradcam_render` the image's own heatmaps
+and files, and `gradcam_render_wall` the wall time from its pass's end to them.
 Grid tile of channel c: row c // cols, col c % cols, top-left pixel at
 (row * (tile_h + separator), col * (tile_w + separator)).
 """
