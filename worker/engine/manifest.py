@@ -93,8 +93,23 @@ def build_manifest(
     return safe
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})  # JSON as they are
+
+
 def json_safe(value: Any) -> Any:
-    """Recursively: numpy scalars -> Python, NaN/inf -> None, tuples -> lists."""
+    """Recursively: numpy scalars -> Python, NaN/inf -> None, tuples -> lists.
+
+    The exact built-in types, which are most of a manifest, are taken first by their
+    type alone; subclasses and numpy's go the general way."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is dict:
+        return {k if type(k) is str else str(k): json_safe(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
