@@ -11,7 +11,7 @@ a page is one file. Keys are linked only when they are plain relative paths
 from __future__ import annotations
 
 import re
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -158,13 +158,37 @@ def tile_style(grid: dict[str, Any], channel: int, long_side: int) -> str:
     positioned so only that tile shows; the page script sets the grid image
     itself (from the layer's <img>, so an embedded grid is not repeated).
     """
-    tile_h, tile_w = int(grid["tile_h"]), int(grid["tile_w"])
-    step_h, step_w = tile_h + int(grid["separator"]), tile_w + int(grid["separator"])
-    row, col = divmod(channel, int(grid["cols"]))
+    return _tile_style(
+        int(grid["tile_h"]),
+        int(grid["tile_w"]),
+        int(grid["separator"]),
+        int(grid["cols"]),
+        int(grid["width"]),
+        int(grid["height"]),
+        int(channel),
+        int(long_side),
+    )
+
+
+@lru_cache(maxsize=8192)
+def _tile_style(
+    tile_h: int,
+    tile_w: int,
+    separator: int,
+    cols: int,
+    width: int,
+    height: int,
+    channel: int,
+    long_side: int,
+) -> str:
+    # Kept: every job of a model draws the same tiles (its grids' geometry and, mostly,
+    # its top channels), and five float formats per tile were most of a page's tiles.
+    step_h, step_w = tile_h + separator, tile_w + separator
+    row, col = divmod(channel, cols)
     scale = long_side / max(tile_h, tile_w)
     return (
         f"width:{tile_w * scale:.1f}px;height:{tile_h * scale:.1f}px;"
-        f"background-size:{int(grid['width']) * scale:.1f}px {int(grid['height']) * scale:.1f}px;"
+        f"background-size:{width * scale:.1f}px {height * scale:.1f}px;"
         f"background-position:-{col * step_w * scale:.1f}px -{row * step_h * scale:.1f}px"
     )
 
