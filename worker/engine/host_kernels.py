@@ -2,10 +2,11 @@
 
 worker/engine/host_reduce.py calls these; they are a module of their own so
 that numba is imported only where a pass is reduced on the host (a CPU
-worker), and so that their machine code is cached: compiling them took 3.6 s
-of a CPU worker's start (and of each `actviz demo` run, and of every worker
-a test starts) on 2 cores, where loading them from the cache takes a small
-fraction of that (docs/benchmarks.md).
+worker), and so that their machine code is cached. Compiled in the process,
+they made a process's first pass of the classic CNN take 3.5 s on 2 cores,
+against 0.7 s loaded from the cache (TensorFlow's own tracing included); a
+CPU worker's start, each `actviz demo` run and every worker a test starts
+paid that (docs/benchmarks.md).
 
 The cache is numba's own (`cache=True`): `NUMBA_CACHE_DIR` where it is set,
 else `__pycache__` beside this file where that is writable, else the user's
