@@ -55,7 +55,7 @@ def layer_summary(stats: dict[str, Any], top_k: int) -> dict[str, Any]:
     deviation = mean - layer_mean
     # The mean over channels of each one's variance plus its squared distance from the
     # layer's mean: the layer's variance, as every channel has the same count.
-    variance = (float(np.dot(std, std)) + float(np.dot(deviation, deviation))) / channels
+    variance = (float(np.dot(std, std)) + float(np.dot(deviation, deviation))) / max(1, channels)
     zeros = stats["zeros"]
     return {
         "mean": layer_mean,
