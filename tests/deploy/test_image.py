@@ -299,6 +299,18 @@ def test_the_worker_runs_as_the_images_non_root_user(in_image, engine):
     assert engine.exec(["id", "-u"]).stdout.strip() == str(IMAGE_UID)
 
 
+def test_the_workers_compiled_loops_are_cached_under_the_images_cache_folder(in_image, engine):
+    """The CPU image's worker reduces its passes on the host; its warm-up (the compose
+    default preloads the demo model) compiled those loops, and numba wrote their machine
+    code to NUMBA_CACHE_DIR, as the worker's user: a restarted container loads it."""
+    env = dict(item.split("=", 1) for item in engine.config()["Env"])
+    folder = env["NUMBA_CACHE_DIR"]
+    assert folder.startswith("/home/actviz/.cache/")
+    found = engine.exec(["find", folder, "-name", "host_kernels.*.nbi", "-user", str(IMAGE_UID)])
+    assert found.returncode == 0, found.stderr
+    assert "host_kernels.fused-" in found.stdout, found.stdout
+
+
 def test_the_images_healthcheck_passes_inside_it_and_fails_without_a_worker(in_image, engine):
     check = engine.config()["Healthcheck"]["Test"]
     assert check[0] == "CMD", check
