@@ -12,6 +12,8 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "worker" / "Dockerfile"
+# Where Keras, matplotlib, numba (worker/engine/host_kernels.py) and the model cache write.
+CACHE_VARIABLES = ("KERAS_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR", "ACTVIZ_MODEL_CACHE_DIR")
 
 
 def hadolint() -> str:
@@ -116,7 +118,3 @@ def test_every_cache_the_worker_writes_is_made_under_the_one_cache_folder():
     assert all(path and path.startswith("/home/actviz/.cache/") for path in caches.values()), caches
     made = " ".join(args for word, args in final if word == "RUN" and args.startswith("mkdir"))
     assert all(path in made.split() for path in caches.values()), (caches, made)
-
-
-# Where Keras, matplotlib, numba (worker/engine/host_kernels.py) and the model cache write.
-CACHE_VARIABLES = ("KERAS_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR", "ACTVIZ_MODEL_CACHE_DIR")
