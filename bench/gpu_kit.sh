@@ -22,7 +22,7 @@ packages=(
     celery kombu billiard vine amqp click click-didyoumean click-plugins click-repl
     prompt_toolkit wcwidth tzlocal tzdata redis
     boto3 botocore s3transfer jmespath
-    google-re2 zlib-ng orjson
+    google-re2 isal orjson
 )
 rm -rf "$kit"
 mkdir -p "$kit/redis/bin" "$kit/redis/lib"

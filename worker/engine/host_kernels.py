@@ -139,7 +139,7 @@ def fused(
 ) -> None:  # pragma: no cover
     """`first_pass`, then `tile` normalized by min and max (per channel, or over the
     layer with `layer_wide`) summing the deviations, then the canvas's PNG rows
-    filtered `sub` (render.py `palette_rows`): what reduce_image and _canvas do for
+    filtered `up` (render.py `palette_rows`): what reduce_image and _canvas do for
     the default grid, in one call."""
     channels = x.shape[2]
     flat = x.reshape(-1, channels)
@@ -161,7 +161,11 @@ def fused(
     )  # fmt: skip
     for i in range(canvas.shape[0]):
         row, out = canvas[i], rows[i]
-        out[0] = 1
-        out[1] = row[0]
-        for j in range(1, row.shape[0]):
-            out[j + 1] = (np.int32(row[j]) - np.int32(row[j - 1])) & 0xFF
+        out[0] = 2
+        if i == 0:  # the first row has zeros above it
+            for j in range(row.shape[0]):
+                out[j + 1] = row[j]
+        else:
+            above = canvas[i - 1]
+            for j in range(row.shape[0]):  # contiguous: vectorized
+                out[j + 1] = (np.int32(row[j]) - np.int32(above[j])) & 0xFF

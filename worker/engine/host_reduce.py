@@ -16,7 +16,7 @@ compiled loops (numba) instead:
   palette indices and written to their tiles; otherwise the grid takes a
   pass of its own over the (strided) maps.
 
-The default grid's two passes and its PNG rows (filtered `sub`, as
+The default grid's two passes and its PNG rows (filtered `up`, as
 render.py's `palette_rows`) are one compiled call (`fused`): one hand-off of
 the interpreter lock for them where there were five (two loops, three numpy
 calls), and no numpy pass of its own for the row filter.

@@ -27,23 +27,26 @@ from PIL import Image
 
 from producer.errors import InvalidJob
 
-try:  # zlib-ng: the same deflate format, faster (see encode_palette_png)
-    from zlib_ng import zlib_ng as _zlib
+try:  # ISA-L's deflate: the same format, about twice zlib-ng's speed on our grids (see _png)
+    from isal import igzip_lib as _igzip
+    from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover (the worker extra installs it)
-    _zlib = zlib  # type: ignore[assignment]
+    _igzip = None
+    _crc32 = zlib.crc32
 
 LEVELS = 255  # colour levels; palette index 255 is the separator
 SEPARATOR = 255
 SEPARATOR_RGB = (255, 255, 255)
-PNG_COMPRESS_LEVEL = 1  # grids are regenerated per job: favour speed over size
-# zlib's run-length strategy: a grid is rows of equal or slowly changing indices, which
-# RLE finds at about half the cost of level-1 deflate, for about 2% more bytes (13 grids
-# of the deep benchmark CNN: 17 vs 32 ms, 1.55 vs 1.52 MB); an up-filtered photo is
-# mostly runs of small differences, which it finds too.
+# ISA-L's level 1: grids are regenerated per job, so speed before size. Its level 0 was
+# about 10% faster for 35% more bytes; 2 and 3 no smaller, 3 three times slower.
+PNG_ISAL_LEVEL = 1
+# Where ISA-L is not installed, zlib at level 1 with its run-length strategy: a grid is
+# rows of equal or slowly changing indices, which RLE finds at about half the cost of
+# level-1 deflate, for about 2% more bytes (13 grids of the deep benchmark CNN: 17 vs
+# 32 ms, 1.55 vs 1.52 MB); and the most memory, so that a grid is coded in half as many
+# blocks (the classic CNN's 8 grids of an image: 4.51 against 5.26 ms at 8).
+PNG_COMPRESS_LEVEL = 1
 PNG_STRATEGY = zlib.Z_RLE
-# The most memory deflate may use: its symbol buffer holds twice as many symbols, so a
-# grid is coded in half as many blocks, each with a Huffman tree to build (the classic
-# CNN's 8 grids of an image: 4.51 against 5.26 ms of CPU at 8, the same 666 KB).
 PNG_MEM_LEVEL = 9
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STRIP_MAX_VALUES = 4096
@@ -238,12 +241,13 @@ def encode_palette_png(
 
     `rows`: the indices' `palette_rows`, where the caller has them already.
 
-    Every row with filter type 1 (sub: the byte to the left subtracted, modulo
-    256), deflated with run-length matching (see `_png`). A tile's flat areas
-    become runs of zeros and its gradients small numbers: the classic CNN's 8
-    grids of an image came out at 572 KB against 682 unfiltered, in the same
-    CPU time (5.47 against 5.58 ms; filter up: 509 KB, but 7.38 ms). Filters
-    work on bytes, so every PNG reader applies them to palette indices too.
+    Every row with filter type 2 (up: the byte above subtracted, modulo 256).
+    A tile's flat areas become runs of zeros, and where a map changes slowly
+    down its rows, small numbers. With ISA-L's deflate, the grids of 5 images
+    (the classic CNN's `:8`, the trained demo model's every layer) came out at
+    548 and 630 KB an image filtered up, 585 and 676 filtered sub, 673 and 751
+    unfiltered, each in 3.0-3.9 ms. Filters work on bytes, so every PNG reader
+    applies them to palette indices too.
     """
     height, width = indices.shape
     if rows is None:
@@ -251,26 +255,26 @@ def encode_palette_png(
     return _png(width, height, 3, rows, lut.tobytes())
 
 
-def palette_rows(indices: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 -> (H, W + 1) PNG rows, each its filter byte (1, sub) and its bytes
-    less the byte to their left, modulo 256. worker/engine/host_reduce.py makes the same
-    rows in the loop that tiles a grid."""
-    height, width = indices.shape
+def palette_rows(raw: np.ndarray) -> np.ndarray:
+    """(H, N) uint8 -> (H, N + 1) PNG rows, each its filter byte (2, up) and its bytes
+    less the bytes above them, modulo 256. worker/engine/host_reduce.py makes a grid's
+    rows in the loop that tiles it."""
+    height, width = raw.shape
     rows = np.empty((height, width + 1), dtype=np.uint8)
-    rows[:, 0] = 1  # filter type sub
-    rows[:, 1] = indices[:, 0]  # the first byte has zero to its left
-    np.subtract(indices[:, 1:], indices[:, :-1], out=rows[:, 2:])  # uint8: modulo 256
+    rows[:, 0] = 2  # filter type up
+    rows[:1, 1:] = raw[:1]  # the first row has zeros above it
+    np.subtract(raw[1:], raw[:-1], out=rows[1:, 1:])  # uint8: modulo 256
     return rows
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """(H, W) or (H, W, 1|3) uint8 -> PNG bytes (gray or RGB).
 
-    Every row with filter type 2 (up: the byte above subtracted, modulo 256),
-    computed in one numpy subtraction. On photos at model input size that is
-    about as small as Pillow's per-row choice of filters at level 1 (37.7
-    against 41.7 KB for the benchmark's 150x150 input, 93.7 against 92.8 KB
-    for the demo photo at 224x224) in a third to a fifth of its time.
+    Every row with filter type 2 (up), as the grids. On photos at model input
+    size that is about as small as Pillow's per-row choice of filters at
+    level 1 (37.7 against 41.7 KB for the benchmark's 150x150 input, 93.7
+    against 92.8 KB for the demo photo at 224x224) in a third to a fifth of
+    its time.
     """
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
@@ -279,11 +283,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
             f"encode_png takes (H, W) or (H, W, 1|3) uint8, not {pixels.dtype} {pixels.shape}"
         )
     height, width = pixels.shape[:2]
-    raw = pixels.reshape(height, -1)
-    rows = np.empty((height, raw.shape[1] + 1), dtype=np.uint8)
-    rows[:, 0] = 2  # filter type up
-    rows[:1, 1:] = raw[:1]  # the first row has zeros above it
-    np.subtract(raw[1:], raw[:-1], out=rows[1:, 1:])  # uint8: modulo 256
+    rows = palette_rows(pixels.reshape(height, -1))
     return _png(width, height, 2 if pixels.ndim == 3 else 0, rows)
 
 
@@ -291,13 +291,15 @@ def _png(width: int, height: int, colour_type: int, rows: np.ndarray, plte: byte
     """The plainest valid 8-bit PNG: IHDR, PLTE (palette images), one IDAT, IEND.
 
     `rows` holds each row's filter byte and filtered bytes. Written here rather
-    than by Pillow so that the deflate is zlib-ng's when it is installed (about
-    1.5x faster than zlib at level 1 with Z_RLE on our grids, same bytes);
-    Pillow's encoder is tied to the zlib it was built with. Any PNG reader
-    decodes it; the tests read them back with Pillow.
+    than by Pillow so that the deflate is ISA-L's (python-isal) where it is
+    installed; Pillow's encoder is tied to the zlib it was built with. On the
+    grids of 5 images (2 cores, the classic CNN's `:8` and the trained demo
+    model's every layer) ISA-L's level 1 took 3.2 and 3.8 ms an image against
+    zlib-ng's 6.1 and 7.3 (level 1, Z_RLE), for 3-5% more bytes (585 against
+    566 KB, 676 against 644). Any PNG reader decodes it; the tests read them
+    back with Pillow.
     """
-    deflate = _zlib.compressobj(PNG_COMPRESS_LEVEL, _zlib.DEFLATED, 15, PNG_MEM_LEVEL, PNG_STRATEGY)
-    data = deflate.compress(rows.data) + deflate.flush()
+    data = _deflate(rows.data)
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     chunks = [PNG_SIGNATURE, _chunk(b"IHDR", header)]
     if plte:
@@ -306,6 +308,15 @@ def _png(width: int, height: int, colour_type: int, rows: np.ndarray, plte: byte
     return b"".join(chunks)
 
 
+def _deflate(data: memoryview) -> bytes:
+    """`data` as a zlib stream (PNG's IDAT): ISA-L's where it is installed, else zlib's.
+    Both release the GIL, so the render threads deflate on every core."""
+    if _igzip is not None:
+        return _igzip.compress(data, PNG_ISAL_LEVEL, _igzip.COMP_ZLIB)
+    deflate = zlib.compressobj(PNG_COMPRESS_LEVEL, zlib.DEFLATED, 15, PNG_MEM_LEVEL, PNG_STRATEGY)
+    return deflate.compress(data) + deflate.flush()
+
+
 def _chunk(kind: bytes, body: bytes) -> bytes:
-    crc = _zlib.crc32(body, _zlib.crc32(kind)) & 0xFFFFFFFF
+    crc = _crc32(body, _crc32(kind)) & 0xFFFFFFFF
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
