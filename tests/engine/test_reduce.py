@@ -326,3 +326,33 @@ def test_an_output_with_no_position_has_no_statistics_on_the_host() -> None:
     assert out["moments"].shape == (4, 4) and np.isnan(out["moments"]).all()
     np.testing.assert_array_equal(out["zeros"], [0, 0, 0, 0])
     assert plan.grid is None and not plan.strip and "canvas" not in out and "values" not in out
+
+
+@pytest.mark.parametrize("normalize", ["channel", "meanstd"])
+def test_a_nan_in_a_channel_makes_its_statistics_nan_on_the_host_as_in_numpy(
+    normalize: str,
+) -> None:
+    """numpy's min and max propagate NaN, and so do the host's loops: a channel holding a
+    NaN has NaN statistics and renders flat, and the other channels are untouched."""
+    from worker.engine.host_reduce import reduce_image
+    from worker.engine.reduce import LayerPlan
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((9, 7, 3)).astype(np.float32)
+    x[4, 2, 1] = np.nan
+    key = RenderKey.of(JobOptions(normalize=normalize), Settings())
+    plan = LayerPlan.of(x.shape, 512)
+    out = reduce_image(x, plan, key)
+    mean, std, low, high = out["moments"]
+    assert np.isnan([mean[1], std[1], low[1], high[1]]).all()
+    flat = x.reshape(-1, 3)
+    for c in (0, 2):
+        np.testing.assert_allclose(low[c], flat[:, c].min())
+        np.testing.assert_allclose(high[c], flat[:, c].max())
+        np.testing.assert_allclose(mean[c], flat[:, c].mean(), rtol=1e-6)
+    with np.errstate(invalid="ignore"):  # the NaN channel's cast to uint8
+        reference = normalize_maps(x, normalize)
+    tiles = [channel_tile(out["canvas"], plan.grid, c) for c in range(3)]
+    for c in (0, 2):
+        assert np.abs(tiles[c].astype(int) - reference[:, :, c]).max() <= 1
+    assert len(np.unique(tiles[1])) == 1

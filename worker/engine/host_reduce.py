@@ -1,25 +1,26 @@
-"""The reduction of worker/engine/reduce.py, fused into two passes on the host's CPU.
+"""The reduction of worker/engine/reduce.py, in compiled loops on the host's CPU.
 
 On an accelerator, the pass's layer outputs are reduced where they were
 computed, by `keras.ops` in the same compiled program, and only uint8 grids
 and statistics cross to the host. On a CPU there is nothing to cross, and
 each of those ops is a pass of its own over the float32 maps: the classic
 CNN's first 8 layers took 11.2 ms of CPU an image to reduce after a 4.9 ms
-forward pass on 2 cores. Here one image's layer is reduced in two passes of
-compiled loops (numba) instead:
+forward pass on 2 cores. Here one image's layer is reduced by compiled loops
+(numba, worker/engine/host_kernels.py) instead, each over the maps while
+they are in the core's cache:
 
-- the first pass: per channel, the sum, min, max and count of exact zeros
-  (a census's positions of the maxima take a pass of their own);
-- the second: the squared deviations from the mean and, in the same loop
-  where the grid is not downsampled and is normalized by min and max (the
-  default), the grid: each position's channels normalized, quantized to
-  palette indices and written to their tiles; otherwise the grid takes a
-  pass of its own over the (strided) maps.
+- per channel, the min and max (a loop each), the sum and the count of
+  exact zeros (a census's positions of the maxima take a loop of their own);
+- the squared deviations from the mean;
+- the grid: each position's channels normalized, quantized to palette
+  indices and written to their tiles (over the strided maps where the grid
+  is downsampled).
 
-The default grid's two passes and its PNG rows (filtered `up`, as
-render.py's `palette_rows`) are one compiled call (`fused`): one hand-off of
-the interpreter lock for them where there were five (two loops, three numpy
-calls), and no numpy pass of its own for the row filter.
+The default grid's loops (not downsampled, normalized by min and max) and
+its PNG rows (filtered `up`, as render.py's `palette_rows`) are one compiled
+call (`fused`): one hand-off of the interpreter lock for them where there
+were five (two loops, three numpy calls), and no numpy pass of its own for
+the row filter.
 
 Its results are those of `reduce_layer` for one image, a dict of numpy
 arrays: statistics in float64 before their float32 rows (the tests compare
@@ -134,7 +135,7 @@ def _canvas(
     top, left = tile_origins(grid)
     kernels.tile(
         x, factor, np.ascontiguousarray(low, np.float32), gain, centre, top, left, grid.tile_h,
-        grid.tile_w, canvas, mean, np.zeros(channels), False, CEILING,
+        grid.tile_w, canvas, CEILING,
     )  # fmt: skip
     return canvas
 
