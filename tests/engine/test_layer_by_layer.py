@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import threading
 
 import numpy as np
 import pytest
+from PIL import Image
 from sample_images import image_bytes
 
 from producer.contract import JobOptions
@@ -113,22 +115,31 @@ def test_a_pass_renders_image_by_image_so_its_first_image_finishes_first(loaded_
         for s in (41, 42, 43)
     ]
     forward = ForwardPass(loaded, extractor, images, settings)
-    order: list[tuple[int, int]] = []
+    order: list[tuple[str, tuple[int, ...]]] = []
     done_before: dict[int, list[bool]] = {}
 
-    def submit(fn, index: int, position: int) -> None:  # noqa: ANN001
-        order.append((index, position))
-        done_before.setdefault(position, [f.done() for f in forward.futures])
-        fn(index, position)
+    def submit(fn, *args: int) -> None:  # noqa: ANN001
+        order.append((fn.__name__, args))
+        done_before.setdefault(args[-1], [f.done() for f in forward.futures])
+        fn(*args)
 
     futures = forward.run(submit)
     layers = len(extractor.refs)
     assert layers > 2
-    assert order == [(index, position) for position in range(3) for index in range(layers)]
+    # Each image's layers in order, its input's PNG as a task of its own after the first.
+    expected = []
+    for position in range(3):
+        expected.append(("_layer", (0, position)))
+        expected.append(("_input", (position,)))
+        expected += [("_layer", (index, position)) for index in range(1, layers)]
+    assert order == expected
     assert done_before[1] == [True, False, False]
     assert done_before[2] == [True, True, False]
     results = [future.result() for future in futures]
     assert all(len(r.manifest["layers"]) == layers for r in results)
+    for item, result in zip(images, results, strict=True):
+        with Image.open(io.BytesIO(result.files["input.png"])) as png:
+            np.testing.assert_array_equal(np.asarray(png), item.image.display)
 
 
 def test_a_failure_while_rendering_one_image_fails_only_that_job(loaded_models, monkeypatch):

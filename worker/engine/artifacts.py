@@ -87,6 +87,7 @@ class ImageRender:
         self._npz: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._render_ms = self._stats_ms = 0.0
+        self._input_png: bytes | None = None
 
     def add_reduction(self, wall_ms: float, cpu_ms: float) -> None:
         """Count a layer's reduction on the host (a CPU's pass, worker/engine/host_reduce.py):
@@ -95,6 +96,16 @@ class ImageRender:
             self._render_ms += wall_ms
             if self.cpu is not None:
                 self.cpu["engine"] = self.cpu.get("engine", 0.0) + cpu_ms
+
+    def add_input(self) -> None:
+        """Encode the input image's PNG now (a task of its own beside the layers', so that
+        `finish` does not encode it after the last layer); `finish` encodes it otherwise."""
+        cpu_started = _cpu_now(self.cpu)
+        png = encode_png(self.image.display)
+        with self._lock:
+            self._input_png = png
+            if self.cpu is not None:
+                self.cpu["encode"] = self.cpu.get("encode", 0.0) + _ms_since_cpu(cpu_started)
 
     def add_layer(self, index: int, ref: LayerRef, layer: HostLayer) -> None:
         """Encode and measure layer `index` (`ref`) from its reduced results for this image."""
@@ -136,7 +147,7 @@ class ImageRender:
             layer["receptive_radius"] = radius
         # Files in model order, whatever order the layers were rendered in.
         cpu_started = _cpu_now(self.cpu)
-        files = {INPUT_FILE: encode_png(self.image.display)}
+        files = {INPUT_FILE: self._input_png or encode_png(self.image.display)}
         for index in range(len(refs)):
             files.update(self._files[index])
         if self.options.save_npz:

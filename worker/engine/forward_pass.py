@@ -92,7 +92,8 @@ class ForwardPass:
         self._lock = threading.Lock()
 
     def run(self, submit: Submit = run_inline) -> list[Future]:
-        """The forward pass here; renders through `submit(fn, *args)`. Returns the futures.
+        """The forward pass here; renders through `submit(fn, *args)`, whose last argument is
+        always the image's position in the pass. Returns the futures.
 
         A forward-pass error propagates to the caller (it concerns every image).
         """
@@ -115,7 +116,7 @@ class ForwardPass:
             self.renders.append(ImageRender(item.image, item.options, item.timings, cpu))
         count = len(self.images)
         self._layers_left = [count] * len(outputs)  # images still to take each layer
-        self._images_left = [len(outputs)] * count  # layers still to render per image
+        self._images_left = [len(outputs) + 1] * count  # tasks still to run per image
         self._errors: list[BaseException | None] = [None] * count
         self._unfinished = count
         if not len(outputs):  # no layer to render: the images are done already
@@ -126,10 +127,27 @@ class ForwardPass:
         # images finish one after another (the first after about 1/count of the pass's
         # rendering) instead of all at its end; the pool's threads still share each
         # image's layers. A layer's host copy is dropped when its last image took it.
+        # The input's PNG is a task of its own, after the first (largest) layer's, so
+        # that another thread encodes it while that one renders, not after the last.
         for position in range(count):
             for index in range(len(outputs)):
                 submit(self._layer, index, position)
+                if index == 0:
+                    submit(self._input, position)
         return self.futures
+
+    def _input(self, position: int) -> None:
+        """Encode image `position`'s input PNG; finish the image if it was its last task."""
+        try:
+            if self._errors[position] is None:
+                self.renders[position].add_input()
+        except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
+            self._errors[position] = self._errors[position] or exc
+        with self._lock:
+            self._images_left[position] -= 1
+            done = self._images_left[position] == 0
+        if done:
+            self._finish(position)
 
     def _layer(self, index: int, position: int) -> None:
         """Encode layer `index` of image `position`; finish the image after its last layer."""

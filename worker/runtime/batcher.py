@@ -312,8 +312,8 @@ class Batcher:
         # log lines); a context is entered by one thread at a time.
         contexts = [item.context for item in batch]
 
-        def submit(fn: Any, index: int, position: int) -> None:
-            self._render.submit(contexts[position].copy().run, fn, index, position)
+        def submit(fn: Any, *args: int) -> None:  # the image's position last
+            self._render.submit(contexts[args[-1]].copy().run, fn, *args)
 
         forward.run(submit)
         outputs = forward.outputs
