@@ -295,9 +295,9 @@ def _png(width: int, height: int, colour_type: int, rows: np.ndarray, plte: byte
     installed; Pillow's encoder is tied to the zlib it was built with. On the
     grids of 5 images (2 cores, the classic CNN's `:8` and the trained demo
     model's every layer) ISA-L's level 1 took 3.2 and 3.8 ms an image against
-    zlib-ng's 6.1 and 7.3 (level 1, Z_RLE), for 3-5% more bytes (585 against
-    566 KB, 676 against 644). Any PNG reader decodes it; the tests read them
-    back with Pillow.
+    zlib-ng's 6.1 and 7.3 (level 1, Z_RLE), and filtered up its files are
+    smaller than zlib-ng's were filtered sub (548 against 566 KB, 630 against
+    644). Any PNG reader decodes it; the tests read them back with Pillow.
     """
     data = _deflate(rows.data)
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
