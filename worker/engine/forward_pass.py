@@ -138,40 +138,43 @@ class ForwardPass:
 
     def _input(self, position: int) -> None:
         """Encode image `position`'s input PNG; finish the image if it was its last task."""
-        try:
-            if self._errors[position] is None:
-                self.renders[position].add_input()
-        except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
-            self._errors[position] = self._errors[position] or exc
-        with self._lock:
-            self._images_left[position] -= 1
-            done = self._images_left[position] == 0
-        if done:
-            self._finish(position)
+        self._run(position, None, self.renders[position].add_input)
 
     def _layer(self, index: int, position: int) -> None:
-        """Encode layer `index` of image `position`; finish the image after its last layer."""
+        """Encode layer `index` of image `position`; finish the image if it was its last task."""
+        self._run(position, index, self._render_layer, index, position)
+
+    def _render_layer(self, index: int, position: int) -> None:
+        assert self.outputs is not None
+        render = self.renders[position]
+        started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
+        layer = self.outputs.layer(index, position)  # on a CPU, reduced here
+        if self.outputs.key is not None:
+            render.add_reduction(
+                (time.perf_counter() - started) * 1000.0,
+                (cpu_clock(self.settings) - cpu_started) * 1000.0,
+            )
+        render.add_layer(index, self.extractor.refs[index], layer)
+
+    def _run(self, position: int, layer: int | None, work: Callable[..., None], *args: int) -> None:
+        """One task of image `position`: `work(*args)` unless the image failed already (its
+        first error goes to its job); then drop layer `layer`'s host copy once every image
+        has taken it, and finish the image after its last task."""
         assert self.outputs is not None
         try:
             if self._errors[position] is None:
-                render = self.renders[position]
-                started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
-                layer = self.outputs.layer(index, position)  # on a CPU, reduced here
-                if self.outputs.key is not None:
-                    render.add_reduction(
-                        (time.perf_counter() - started) * 1000.0,
-                        (cpu_clock(self.settings) - cpu_started) * 1000.0,
-                    )
-                render.add_layer(index, self.extractor.refs[index], layer)
+                work(*args)
         except BaseException as exc:  # noqa: BLE001 (the image's own job gets the error)
             self._errors[position] = self._errors[position] or exc
+        release = False
         with self._lock:
-            self._layers_left[index] -= 1
-            release = self._layers_left[index] == 0
+            if layer is not None:
+                self._layers_left[layer] -= 1
+                release = self._layers_left[layer] == 0
             self._images_left[position] -= 1
             done = self._images_left[position] == 0
         if release:
-            self.outputs.release(index)
+            self.outputs.release(layer)
         if done:
             self._finish(position)
 
