@@ -280,9 +280,12 @@ _PATTERN_MEMORY = 1 << 20
 PATTERN_PREFIX = "re:"
 
 
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def has_control_chars(text: str) -> bool:
     """Whether `text` holds an ASCII control character (newline, NUL, DEL, ...)."""
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+    return _CONTROL_CHAR.search(text) is not None
 
 
 def layer_tokens(spec: str | list[str] | None) -> list[str]:

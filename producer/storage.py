@@ -14,6 +14,7 @@ import itertools
 import os
 import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -90,6 +91,7 @@ class Store(Protocol):
     def presign(self, key: str, expires: int = 3600) -> str: ...
     def download(self, key: str, path: Path) -> None: ...
     def holds(self, uri: str) -> bool: ...
+    def holds_file(self, path: Path) -> bool: ...
     def local_file(self, key: str) -> Path | None: ...
 
 
@@ -103,7 +105,7 @@ def source_for(uri: str, s3: object | None = None) -> tuple[Store, str]:
         return S3Store(bucket, client=s3), key
     if is_file_uri(uri):
         path = local_path(uri).resolve()
-        return FileStore(path.parent), path.name
+        return FileStore(path.parent, resolved=True), path.name
     raise ValueError(f"unsupported URI {uri!r}: use s3:// or file://")
 
 
@@ -150,8 +152,9 @@ class FileStore:
     # the calling thread, 2.0-3.2 through a pool of 8 threads, and no sooner done.
     concurrent_puts = False
 
-    def __init__(self, root: str | Path, url: str | None = None) -> None:
-        self.root = Path(root).resolve()
+    def __init__(self, root: str | Path, url: str | None = None, *, resolved: bool = False) -> None:
+        """`resolved`: `root` is a real path already (symlinks and '..' resolved)."""
+        self.root = Path(root) if resolved else Path(root).resolve()
         self.url = url or self.root.as_uri()
 
     def _path(self, key: str) -> Path:
@@ -197,11 +200,14 @@ class FileStore:
 
     def get_at_most(self, key: str, limit: int) -> bytes:
         """The file's bytes; raises ObjectTooLarge past `limit` bytes, before reading."""
-        path = self._path(key)
-        size = self.head(key)["ContentLength"]
-        if size > limit:
-            raise ObjectTooLarge(self.uri(key), size)
-        with open(path, "rb") as fh:
+        try:
+            fh = open(self._path(key), "rb")  # noqa: SIM115 (closed below)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(self.uri(key)) from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size  # of the file opened, not of a name
+            if size > limit:
+                raise ObjectTooLarge(self.uri(key), size)
             data = fh.read(limit + 1)
         if len(data) > limit:  # it grew since
             raise ObjectTooLarge(self.uri(key), len(data))
@@ -209,11 +215,13 @@ class FileStore:
 
     def head(self, key: str) -> dict:
         """{'ContentLength', 'ETag'} as S3 names them; the ETag from size and mtime."""
-        path = self._path(key)
-        if not path.is_file():
+        try:
+            found = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(self.uri(key)) from None
+        if not stat.S_ISREG(found.st_mode):
             raise ObjectNotFound(self.uri(key))
-        stat = path.stat()
-        return {"ContentLength": stat.st_size, "ETag": f"{stat.st_size}-{stat.st_mtime_ns}"}
+        return {"ContentLength": found.st_size, "ETag": f"{found.st_size}-{found.st_mtime_ns}"}
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -224,9 +232,10 @@ class FileStore:
 
     def holds(self, uri: str) -> bool:
         """Whether a file:// URI names a file under this store's root (symlinks resolved)."""
-        if not is_file_uri(uri):
-            return False
-        path = local_path(uri).resolve()
+        return is_file_uri(uri) and self.holds_file(local_path(uri).resolve())
+
+    def holds_file(self, path: Path) -> bool:
+        """Whether a real path (symlinks resolved) lies under this store's root."""
         return self.root in path.parents
 
     def list(self, prefix: str) -> list[str]:
@@ -242,8 +251,8 @@ class FileStore:
         for path in folder.rglob("*"):
             key = path.relative_to(self.root).as_posix()
             if key.startswith(prefix) and "/.tmp-" not in "/" + key and path.is_file():
-                stat = path.stat()
-                found.append((key, stat.st_mtime, stat.st_size))
+                info = path.stat()
+                found.append((key, info.st_mtime, info.st_size))
         return sorted(found)
 
     def delete_many(self, keys: list[str]) -> int:
@@ -529,6 +538,10 @@ class S3Store:
     def local_file(self, key: str) -> Path | None:
         """None: an S3 object must be downloaded to be read as a file."""
         return None
+
+    def holds_file(self, path: Path) -> bool:
+        """A bucket holds no local file."""
+        return False
 
     def holds(self, uri: str) -> bool:
         """Whether an s3:// URI names an object under this store's bucket and prefix."""

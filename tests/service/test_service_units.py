@@ -207,6 +207,38 @@ def test_symlink_in_an_allowed_folder_cannot_reach_outside(tmp_path: Path) -> No
         fetch_model((allowed / "link.h5").as_uri(), settings)
 
 
+def test_a_worker_reads_local_images_from_its_result_store_only(tmp_path: Path) -> None:
+    from producer.errors import ImageTooLarge
+    from producer.storage import FileStore
+    from worker.runtime.fetch import read_image
+
+    results, outside = tmp_path / "results", tmp_path / "private"
+    (results / "images").mkdir(parents=True)
+    outside.mkdir()
+    (results / "images" / "a.jpg").write_bytes(b"jpeg")
+    (outside / "b.jpg").write_bytes(b"secret")
+    (results / "images" / "link.jpg").symlink_to(outside / "b.jpg")
+    (results / "images" / "folder.jpg").mkdir()
+    store = FileStore(results)
+    settings = Settings(broker_url="redis://x", storage_url=results.as_uri(), max_image_bytes=5)
+    assert read_image((results / "images" / "a.jpg").as_uri(), store, settings) == b"jpeg"
+    for uri in ((outside / "b.jpg").as_uri(), f"{results.as_uri()}/images/../../private/b.jpg"):
+        with pytest.raises(InputNotFound, match="outside the result store"):
+            read_image(uri, store, settings)
+    # A symlink in the store is judged by its target.
+    with pytest.raises(InputNotFound, match="outside the result store"):
+        read_image((results / "images" / "link.jpg").as_uri(), store, settings)
+    for missing in ("none.jpg", "folder.jpg", "a.jpg/x.jpg"):
+        with pytest.raises(InputNotFound, match="does not exist"):
+            read_image(f"{(results / 'images').as_uri()}/{missing}", store, settings)
+    (results / "images" / "big.jpg").write_bytes(b"123456")
+    with pytest.raises(ImageTooLarge, match="6 bytes, above the 5-byte limit"):
+        read_image((results / "images" / "big.jpg").as_uri(), store, settings)
+    # The embedded mode (producer and worker one user) reads a local file from anywhere.
+    embedded = Settings(storage_url=results.as_uri())
+    assert read_image((outside / "b.jpg").as_uri(), store, embedded) == b"secret"
+
+
 def test_trust_and_allow_are_decided_on_the_decoded_resolved_path(tmp_path: Path) -> None:
     from worker.runtime.fetch import canonical_model_uri, fetch_model
 

@@ -8,6 +8,7 @@ object changes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -73,15 +74,20 @@ def model_trusted(uri: str, settings: Settings) -> bool:
     return any(uri.startswith(prefix) for prefix in _prefixes(settings.model_trusted))
 
 
-def _prefixes(prefixes: tuple[str, ...]) -> list[str]:
-    """The prefixes as canonical URIs: a file:// folder by its real path, as models are."""
+@functools.lru_cache(maxsize=32)
+def _prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The prefixes as canonical URIs: a file:// folder by its real path, as models are.
+
+    Resolved once per process and setting: the allow-list is configuration, and a
+    folder's symlink re-pointed later does not move it.
+    """
     out = []
     for prefix in filter(None, prefixes):
         if is_file_uri(prefix):
             real = local_path(prefix).resolve().as_uri()
             prefix = real + "/" if prefix.endswith("/") and not real.endswith("/") else real
         out.append(prefix)
-    return out
+    return tuple(out)
 
 
 def canonical_model_uri(uri: str) -> str:
@@ -223,8 +229,10 @@ def read_image(uri: str, store: Store, settings: Settings, s3: object | None = N
         raise InputNotFound(
             f"image URI {uri!r} has an unsupported scheme; use s3:// or file://"
         ) from None
-    # Local files are read from the result store only (the embedded mode: from anywhere).
-    if source.local_file(key) is not None and not (store.holds(uri) or settings.embedded):
+    # Local files are read from the result store only (the embedded mode: from anywhere),
+    # by their real path (source_for resolved it).
+    path = source.local_file(key)
+    if path is not None and not (settings.embedded or store.holds_file(path)):
         raise InputNotFound(f"image {uri} is outside the result store")
     try:
         return source.get_at_most(key, limit)
