@@ -22,6 +22,7 @@ from producer.settings import Settings
 from worker import transport
 from worker.jobs import lifecycle
 from worker.logs import job_context
+from worker.result_backend import worker_backend_url
 from worker.runtime import WorkerRuntime
 from worker.runtime.pool import pool_for
 from worker.runtime.quarantine import Quarantine
@@ -46,6 +47,8 @@ def worker_config(settings: Settings) -> dict:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Every message passes the gate before Celery reads it (worker/consumer.py).
         "worker_consumer": "worker.consumer:Consumer",
+        # Each state written in one round trip (worker/result_backend.py).
+        "result_backend": worker_backend_url(settings.backend_url),
     }
 
 

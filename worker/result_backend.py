@@ -1,0 +1,91 @@
+"""The worker's result backend: Celery's Redis backend, each state written in one round trip.
+
+Celery's Redis backend writes a task's state (a job's stage, its SUCCESS or
+FAILURE) in two round trips: a GET, so that a SUCCESS already stored is never
+overwritten (by a duplicate delivery's failure, say), then a MULTI with the
+SETEX and the PUBLISH that wakes the job's watchers. Another process's write
+can land between the two. Here one Lua script does the three, atomically, in
+one round trip: the same key, value, expiry and message, so producers,
+`celery result` and Flower read what Celery's own backend would have written.
+
+A worker's app names these classes in `result_backend` (Celery's
+`module:Class+url` form, `worker_backend_url`); producers keep Celery's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
+
+# KEYS[1]: the task's key; ARGV[1]: its encoded state; ARGV[2]: seconds to keep it (0: no
+# expiry). A value that is not JSON, or a group's (no status), is replaced like any other.
+_STORE_UNLESS_SUCCEEDED = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+local seconds = tonumber(ARGV[2])
+if seconds > 0 then
+  redis.call('SETEX', KEYS[1], seconds, ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class _OneTrip:
+    """Celery's `_store_result` and `_set`, the read and the write as one script."""
+
+    _script: Any = None
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        key = self.get_key_for_task(task_id)
+        try:
+            self._set_with_state(key, self.encode(meta), state)
+        except BackendStoreError as exc:
+            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        return result
+
+    def _set(self, key: str, value: Any, expires: int | None = None) -> None:
+        if expires is None:
+            expires = self.expires
+        if self._script is None:
+            self._script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
+        self._script(keys=[key], args=[value, int(expires or 0)])
+
+
+class OneTripRedisBackend(_OneTrip, RedisBackend):
+    """redis:// and rediss://."""
+
+
+class OneTripSentinelBackend(_OneTrip, SentinelBackend):
+    """sentinel://, Redis behind Sentinels."""
+
+
+def worker_backend_url(url: str) -> str:
+    """`result_backend` for a worker: these classes in front of a Redis URL, else `url`."""
+    if url.startswith(("redis://", "rediss://")):
+        return f"{__name__}:OneTripRedisBackend+{url}"
+    if url.startswith("sentinel://"):
+        return f"{__name__}:OneTripSentinelBackend+{url}"
+    return url
