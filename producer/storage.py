@@ -95,16 +95,17 @@ class Store(Protocol):
     def local_file(self, key: str) -> Path | None: ...
 
 
-def source_for(uri: str, s3: object | None = None) -> tuple[Store, str]:
+def source_for(uri: str, s3: object | None = None, *, resolved: bool = False) -> tuple[Store, str]:
     """(store, key) that read the object at an `s3://` or `file://` URI.
 
-    `s3`: a boto3 client to reuse. Raises ValueError for another scheme.
+    `s3`: a boto3 client to reuse; `resolved`: a `file://` URI names a real path already
+    (symlinks and '..' resolved), to be read as it is. Raises ValueError for another scheme.
     """
     if is_s3_uri(uri):
         bucket, key = split_s3_uri(uri)
         return S3Store(bucket, client=s3), key
     if is_file_uri(uri):
-        path = local_path(uri).resolve()
+        path = local_path(uri) if resolved else local_path(uri).resolve()
         return FileStore(path.parent, resolved=True), path.name
     raise ValueError(f"unsupported URI {uri!r}: use s3:// or file://")
 

@@ -144,8 +144,9 @@ def fetch_model(uri: str, settings: Settings, s3: object | None = None) -> Model
     elif uri.startswith("builtin:"):
         raise ModelNotFound(f"no builtin model {uri!r}; the builtin one is {BUILTIN_DEMO}")
     try:
-        # A local file by its resolved path: a symlink cannot be swapped in after the checks.
-        store, key = source_for(canonical, s3)
+        # A local file by the real path the checks judged: resolving it again would follow
+        # a symlink swapped in since.
+        store, key = source_for(canonical, s3, resolved=True)
     except ValueError:
         raise ModelNotFound(
             f"model URI {uri!r} has an unsupported scheme; use s3:// or file://"
