@@ -90,6 +90,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
 
     from worker.app import create_app
     from worker.logs import configure_logging
+    from worker.runtime import heap
     from worker.runtime.accelerator import configure_accelerator
     from worker.runtime.pool import pool_for
 
@@ -124,6 +125,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
             pinned,
             _backend(),
         )
+    heap.tune()
     app = create_app(settings)
     start_sweepers(app, settings)
     service = start_service(settings.metrics_port)

@@ -65,6 +65,33 @@ def test_cache_evicts_by_bytes_but_keeps_the_model_just_loaded() -> None:
     assert cache.stats()["bytes"] == 500
 
 
+def test_a_settled_worker_still_frees_an_evicted_model() -> None:
+    """A worker freezes its long-lived heap (worker/runtime/heap.py); a model it evicts
+    afterwards, held in a reference cycle as Keras graphs are, is still freed."""
+    import gc
+    import weakref
+
+    from worker.runtime import heap
+    from worker.runtime.process import WorkerRuntime
+
+    class Cyclic(FakeLoaded):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.itself = self
+
+    cache = ModelCache(max_models=1, max_bytes=10**9)
+    gone = weakref.ref(cache.get_or_load("a#1", Cyclic)[0])
+    try:
+        WorkerRuntime(Settings()).settle_heap()  # the embedded mode: a user's process
+        assert gc.get_freeze_count() == 0
+        WorkerRuntime(Settings(broker_url="redis://unused")).settle_heap()
+        assert gc.get_freeze_count() > 0 and gone() is not None
+        cache.get_or_load("b#1", Cyclic)  # evicts a#1
+        assert gone() is None
+    finally:
+        heap.thaw()
+
+
 def test_cache_keeps_nothing_when_loading_fails() -> None:
     cache = ModelCache(max_models=2, max_bytes=100)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.metrics import CACHE_BYTES, CACHE_EVENTS, CACHE_MODELS
+from worker.runtime import heap
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ class ModelCache:
             log.info("evicted model %s from the warm cache", oldest)
             evicted = True
         if evicted:
-            # Keras graphs hold reference cycles; free the evicted weights now, not later.
+            # Keras graphs hold reference cycles; free the evicted weights now, not later
+            # (thawed first: a settled worker froze them, worker/runtime/heap.py).
+            heap.thaw()
             gc.collect()
 
     def _publish(self) -> None:

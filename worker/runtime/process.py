@@ -16,7 +16,7 @@ from producer.settings import Settings
 from producer.storage import Store, is_s3_uri, open_store, s3_client
 from worker.logs import current_job_id
 from worker.metrics import STAGE_SECONDS
-from worker.runtime import running
+from worker.runtime import heap, running
 from worker.runtime.batcher import Batcher, run_alone, run_cam_alone
 from worker.runtime.cache import ModelCache
 from worker.runtime.cores import report_helpers
@@ -167,6 +167,7 @@ class WorkerRuntime:
         STAGE_SECONDS.labels(stage="download_model").observe(fetched - started)
         if event == "miss":
             STAGE_SECONDS.labels(stage="load").observe(done - fetched)
+            self.settle_heap()
         timings = {"download_model": (fetched - started) * 1000, "load": (done - fetched) * 1000}
         return loaded, event, timings
 
@@ -191,3 +192,11 @@ class WorkerRuntime:
                 ",".join(map(str, sizes)),
                 (time.perf_counter() - started) * 1000,
             )
+        if uris:
+            self.settle_heap()  # the warm-up's programs too
+
+    def settle_heap(self) -> None:
+        """Freeze the long-lived heap out of full collections (worker/runtime/heap.py); not
+        in the embedded mode, which runs in a user's own process."""
+        if not self.settings.embedded:
+            heap.settle()
