@@ -9,10 +9,11 @@ thread, a few times per thousand jobs.
 
 `tune()` makes young collections rarer: CPython's 700 net new containers ran
 one every two jobs or so, each promoting the objects of the jobs in flight
-towards the full passes. `settle()` collects once and then freezes what is left (`gc.freeze()`), so
-later passes walk only the objects made since: a job's, mostly, which
-reference counting frees anyway. It runs after a model is loaded and after
-the preloaded models are warm, the moments a worker's long-lived heap grows.
+towards the full passes. `settle()` collects once and then freezes what is
+left (`gc.freeze()`), so later passes walk only the objects made since: a
+job's, mostly, which reference counting frees anyway. It runs after a model
+is loaded and after the preloaded models are warm, the moments a worker's
+long-lived heap grows.
 A frozen object is never collected, so `thaw()` unfreezes everything before
 long-lived objects are dropped (a model evicted from the warm cache); the
 next `settle()` freezes what is still alive. The embedded mode, which runs in
