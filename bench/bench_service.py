@@ -422,8 +422,9 @@ class Worker:
 
     def counters(self) -> dict[str, float]:
         """So far, all processes: "passes", "images" (actviz_forward_batch_images),
-        "native" (CPU seconds, actviz_native_thread_cpu_seconds) and, per bucket
-        bound `le` of the passes' histogram, "le=<bound>": passes of at most that size."""
+        "native" (CPU seconds, actviz_native_thread_cpu_seconds), per thread kind of
+        actviz_thread_cpu_seconds "threads=<kind>" (CPU seconds) and, per bucket bound `le`
+        of the passes' histogram, "le=<bound>": passes of at most that size."""
         names = {
             "actviz_forward_batch_images_count": "passes",
             "actviz_forward_batch_images_sum": "images",
@@ -437,6 +438,9 @@ class Worker:
                 name, _, value = line.partition(" ")
                 if name in names:
                     values[names[name]] += float(value)
+                elif name.startswith('actviz_thread_cpu_seconds{threads="'):
+                    kind = "threads=" + name.split('"')[1]
+                    values[kind] = values.get(kind, 0.0) + float(value)
                 elif name.startswith('actviz_forward_batch_images_bucket{le="'):
                     bound = "le=" + name.split('"')[1]
                     values[bound] = values.get(bound, 0.0) + float(value)
@@ -479,6 +483,7 @@ class Load:
     cpu_ms: dict[str, float]  # CPU ms per job, by process
     cpu_stages: dict[str, float]  # CPU ms per job by stage, from the jobs' own cpu_ms
     redis_calls: dict[str, float] = field(default_factory=dict)  # commands per job, by name
+    threads: dict[str, float] = field(default_factory=dict)  # worker CPU ms per job, by thread kind
 
     @property
     def rate(self) -> float:
@@ -739,6 +744,13 @@ def measure_service(
                             for name, calls in calls_after.items()
                             if calls > calls_before.get(name, 0.0)
                         },
+                        {
+                            key[len("threads=") :]: (spent - before.get(key, 0.0))
+                            * 1000.0
+                            / len(workload)
+                            for key, spent in after.items()
+                            if key.startswith("threads=")
+                        },
                     )
                     print(
                         f"  batch {batch_size:>2} concurrency {concurrency:>2}: "
@@ -753,6 +765,34 @@ def measure_service(
             finally:
                 worker.stop()
     return loads, cold
+
+
+# Thread kinds that do the engine's work (actviz_thread_cpu_seconds): the render pool and,
+# on a CPU, the backend's own threads; the rest of a worker's threads serve the jobs.
+ENGINE_THREADS = ("actviz-render", "native")
+
+
+def print_thread_cpu(loads: dict[tuple[int, int], Load]) -> None:
+    """The worker's CPU per job by thread kind, and the work of the threads around the
+    engine over its render threads': a ratio the machine's speed cancels."""
+    kinds = sorted({k for load in loads.values() for k, ms in load.threads.items() if ms >= 0.05})
+    if not kinds:
+        return
+    print()
+    print(
+        "worker CPU per job by thread (ms, actviz_thread_cpu_seconds; ThreadPoolExecutor-0: "
+        "the jobs' pool, MainThread: Celery's consumer, actviz-forward: the batcher):"
+    )
+    for (batch, conc), load in sorted(loads.items()):
+        cells = ", ".join(f"{kind} {load.threads.get(kind, 0.0):.1f}" for kind in kinds)
+        render = load.threads.get("actviz-render", 0.0)
+        around = sum(ms for k, ms in load.threads.items() if k not in ENGINE_THREADS)
+        ratio = f"; around / render {around / render:.2f}" if render > 0 else ""
+        print(f"{batch:>5}{conc:>6}  {cells}{ratio}")
+    print(
+        "(around / render: the CPU of the threads that are not the engine's over the render "
+        "threads': a ratio in which the machine's speed mostly cancels)"
+    )
 
 
 # ---- report -------------------------------------------------------------------
@@ -981,6 +1021,7 @@ def main() -> None:
         "(/ engine: the worker's CPU per job over the engine's in-process CPU per image; "
         "target <= 1.5x on 2 CPU cores)"
     )
+    print_thread_cpu(loads)
     print()
     print(
         "Redis commands per job (INFO commandstats, every client: producers, their result "

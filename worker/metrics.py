@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -69,6 +70,14 @@ NATIVE_THREAD_CPU = Gauge(
     "own pools (TensorFlow's intra- and inter-op threads run the forward pass on a CPU; "
     "XLA's and the device runtime's on an accelerator). Linux only; read at each scrape",
 )
+THREAD_CPU = Gauge(
+    "actviz_thread_cpu_seconds",
+    "CPU seconds of this process's live threads by kind: Python's by name without its "
+    "number (actviz-render, ThreadPoolExecutor-0 the jobs' pool, MainThread Celery's "
+    "consumer, Timer, actviz-forward, ...), `native` those Python did not start. Linux "
+    "only; read at each scrape",
+    ["threads"],
+)
 GPU_MEMORY = Gauge("actviz_gpu_memory_bytes", "Accelerator memory in use", ["device"])
 GPU_MEMORY_PEAK = Gauge(
     "actviz_gpu_memory_peak_bytes", "Peak accelerator memory since process start", ["device"]
@@ -122,25 +131,39 @@ def _jax_memory() -> dict[str, tuple[int, int]]:
     return usage
 
 
-def sample_native_threads() -> float:
-    """Set NATIVE_THREAD_CPU from /proc/self/task; returns it (0.0 where /proc is absent).
+def thread_kind(name: str) -> str:
+    """A Python thread's name without its number: 'actviz-render_1' -> 'actviz-render',
+    'ThreadPoolExecutor-0_3' -> 'ThreadPoolExecutor-0', 'Thread-5 (run)' -> 'Thread'."""
+    return _THREAD_NUMBER.sub("", _THREAD_TARGET.sub("", name)) or name
+
+
+_THREAD_TARGET = re.compile(r" \(.*\)$")
+_THREAD_NUMBER = re.compile(r"[-_]?\d+$")
+_kinds_seen: set[str] = set()
+
+
+def sample_threads() -> float:
+    """Set THREAD_CPU and NATIVE_THREAD_CPU from /proc/self/task; returns the native CPU
+    (0.0 where /proc is absent).
 
     A thread is Python's when `threading` knows its native id; every other live
     thread of the process was started by native code. Called on every /metrics
-    scrape. A native thread that exits takes its CPU out of the gauge. A Python thread
-    sampled in the instant between leaving `threading`'s list and its exit from the
-    kernel counts as native in that one sample.
+    scrape. A thread that exits takes its CPU out of the gauges (a kind with no live
+    thread reads 0). A Python thread sampled in the instant between leaving
+    `threading`'s list and its exit from the kernel counts as native in that one sample.
     """
-    python = {t.native_id for t in threading.enumerate()}
+    python = {t.native_id: thread_kind(t.name) for t in threading.enumerate()}
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    seconds = dict.fromkeys(_kinds_seen | {"native"}, 0.0)
     for stat in Path("/proc/self/task").glob("*/stat"):
-        if int(stat.parent.name) in python:
-            continue
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended between the listing and the read
             continue
-        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-    NATIVE_THREAD_CPU.set(total)
-    return total
+        kind = python.get(int(stat.parent.name), "native")
+        seconds[kind] = seconds.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    for kind, spent in seconds.items():
+        THREAD_CPU.labels(threads=kind).set(spent)
+    _kinds_seen.update(seconds)
+    NATIVE_THREAD_CPU.set(seconds["native"])
+    return seconds["native"]

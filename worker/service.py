@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from worker.metrics import sample_gpu_memory, sample_native_threads
+from worker.metrics import sample_gpu_memory, sample_threads
 
 _ready = threading.Event()
 
@@ -42,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(503, b"warming up\n", "text/plain; charset=utf-8")
         elif path == "/metrics":
             sample_gpu_memory()
-            sample_native_threads()
+            sample_threads()
             self._reply(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
         else:
             self._reply(404, b"not found\n", "text/plain; charset=utf-8")

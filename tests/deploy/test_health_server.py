@@ -100,36 +100,40 @@ def test_gpu_memory_of_a_jax_gpu_appears_in_metrics(server):
     assert peak and float(peak.group(1)) >= float(used.group(1))
 
 
-def test_native_thread_cpu_counts_the_backends_threads_not_pythons():
+def test_thread_cpu_counts_the_backends_threads_as_native_and_pythons_by_name():
     # TensorFlow runs a CPU forward pass on its own pool threads, which no job's
-    # clock sees: the gauge holds their CPU, and none of a busy Python thread's.
+    # clock sees: the native gauge holds their CPU, and none of a busy Python thread's,
+    # which the per-kind gauge shows under the thread's name without its number.
     code = """
 import os, threading, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np, tensorflow as tf
-from worker.metrics import sample_native_threads
+from prometheus_client import REGISTRY
+from worker.metrics import sample_threads
 spun, release = threading.Event(), threading.Event()
 def spin():
     end = time.thread_time() + 0.5
     while time.thread_time() < end:
         pass
     spun.set(); release.wait()
-before = sample_native_threads()
-worker = threading.Thread(target=spin)
+before = sample_threads()
+worker = threading.Thread(target=spin, name="actviz-spin_1")
 worker.start(); spun.wait()
 # Sampled while the thread lives: once `threading` has dropped it, the kernel may still
-# list it for an instant, and a sample then would count it (see sample_native_threads).
-python_added = sample_native_threads() - before
+# list it for an instant, and a sample then would count it (see sample_threads).
+python_added = sample_threads() - before
+spin = REGISTRY.get_sample_value("actviz_thread_cpu_seconds", {"threads": "actviz-spin"})
 release.set(); worker.join()
 x = tf.random.uniform((8, 128, 128, 16))
 w = tf.random.uniform((3, 3, 16, 64))
-start_native, start_all = sample_native_threads(), time.process_time()
+start_native, start_all = sample_threads(), time.process_time()
 for _ in range(40):
     tf.nn.conv2d(x, w, 1, "SAME").numpy()
-native = sample_native_threads() - start_native
-print(python_added, native, time.process_time() - start_all)
+native = sample_threads() - start_native
+print(python_added, native, time.process_time() - start_all, spin)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    python_added, native, total = (float(v) for v in out.stdout.split())
+    python_added, native, total, spin = (float(v) for v in out.stdout.split())
     assert python_added < 0.1, out.stderr  # the 0.5 s of a Python thread is not native
+    assert spin >= 0.45, spin  # it is the actviz-spin threads'
     assert native > 0.25 * total > 0, (native, total)  # the convolutions ran on TF's threads
