@@ -14,6 +14,7 @@ left (`gc.freeze()`), so later passes walk only the objects made since: a
 job's, mostly, which reference counting frees anyway. It runs after a model
 is loaded and after the preloaded models are warm, the moments a worker's
 long-lived heap grows.
+
 A frozen object is never collected, so `thaw()` unfreezes everything before
 long-lived objects are dropped (a model evicted from the warm cache); the
 next `settle()` freezes what is still alive. The embedded mode, which runs in

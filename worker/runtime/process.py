@@ -139,8 +139,11 @@ class WorkerRuntime:
             self._s3 = s3_client()
         return self._s3
 
-    def load_model(self, uri: str) -> tuple[Any, str, dict[str, float]]:
+    def load_model(self, uri: str, *, settle: bool = True) -> tuple[Any, str, dict[str, float]]:
         """(LoadedModel, 'hit' | 'miss', {stage: ms}) for the model at `uri`.
+
+        A miss settles the heap (`settle_heap`) unless `settle` is false (preload,
+        which settles once after every model's warm-up).
 
         The source is asked for its version on every job (one HEAD on S3), so
         a replaced model file is picked up at once. Raises ModelNotAllowed,
@@ -167,7 +170,8 @@ class WorkerRuntime:
         STAGE_SECONDS.labels(stage="download_model").observe(fetched - started)
         if event == "miss":
             STAGE_SECONDS.labels(stage="load").observe(done - fetched)
-            self.settle_heap()
+            if settle:
+                self.settle_heap()
         timings = {"download_model": (fetched - started) * 1000, "load": (done - fetched) * 1000}
         return loaded, event, timings
 
@@ -182,7 +186,7 @@ class WorkerRuntime:
             self.reports.start()
         sizes = pass_sizes(self.settings.batch_size) if every_pass_size else [1]
         for uri in uris:
-            loaded, _, timings = self.load_model(uri)
+            loaded, _, timings = self.load_model(uri, settle=False)
             started = time.perf_counter()
             warmup(loaded, JobOptions(), self.settings, sizes)
             log.info(
