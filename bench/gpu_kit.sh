@@ -20,7 +20,7 @@ target="${PY_VERSION:-3.12}"
 packages=(
     keras namex optree
     celery kombu billiard vine amqp click click-didyoumean click-plugins click-repl
-    prompt_toolkit wcwidth tzlocal tzdata redis
+    prompt_toolkit wcwidth tzlocal tzdata redis hiredis
     boto3 botocore s3transfer jmespath
     google-re2 isal orjson
 )

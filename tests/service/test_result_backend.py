@@ -132,3 +132,21 @@ def test_only_redis_urls_get_the_one_trip_classes_and_keep_their_address() -> No
     assert cls is OneTripSentinelBackend and kept == sentinels
     for other in ("cache+memory://", "db+postgresql://db/results"):
         assert worker_backend_url(other) == other
+
+
+def test_redis_replies_are_parsed_by_hiredis(apps: tuple[Celery, Celery]) -> None:
+    """The result backends' and the broker's connections use hiredis's C parser (the
+    `redis[hiredis]` dependency), not redis-py's Python one."""
+    from redis._parsers import _HiredisParser
+
+    clients = [app.backend.client for app in apps]
+    with apps[0].connection_for_read() as broker:
+        clients.append(broker.default_channel.client)
+        for client in clients:
+            pool = client.connection_pool
+            connection = pool.get_connection()
+            try:
+                connection.connect()
+                assert isinstance(connection._parser, _HiredisParser)
+            finally:
+                pool.release(connection)
