@@ -8,6 +8,10 @@ can land between the two. Here one Lua script does the three, atomically, in
 one round trip: the same key, value, expiry and message, so producers,
 `celery result` and Flower read what Celery's own backend would have written.
 
+A job's stage can be written guarded by its cancel mark (`store_unless`): the
+script writes nothing when the mark is there, so the stage write and the
+cancel check between a job's stages are one round trip, not two.
+
 A worker's app names these classes in `result_backend` (Celery's
 `module:Class+url` form, `worker_backend_url`); producers keep Celery's.
 """
@@ -22,7 +26,12 @@ from kombu.utils.encoding import bytes_to_str
 
 # KEYS[1]: the task's key; ARGV[1]: its encoded state; ARGV[2]: seconds to keep it (0: no
 # expiry). A value that is not JSON, or a group's (no status), is replaced like any other.
+# KEYS[2], when given: a key whose presence stops the write (a job's cancel mark).
+# Returns 1 (written), 0 (a SUCCESS is stored) or -1 (KEYS[2] exists).
 _STORE_UNLESS_SUCCEEDED = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
+end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
@@ -66,12 +75,27 @@ class _OneTrip:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         return result
 
+    def store_unless(
+        self, task_id: str, result: Any, state: str, request: Any = None, *, guard: str
+    ) -> bool:
+        """`store_result(task_id, result, state)`, unless key `guard` exists: then nothing
+        is written or announced, and it returns False. The check and the write are one
+        script, one round trip (retried on connection errors as Celery's own writes)."""
+        meta = self._get_result_meta(
+            result=self.encode_result(result, state), state=state, traceback=None, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        key = self.get_key_for_task(task_id)
+        return self.ensure(self._run, (key, self.encode(meta), self.expires, guard)) != -1
+
     def _set(self, key: str, value: Any, expires: int | None = None) -> None:
-        if expires is None:
-            expires = self.expires
+        self._run(key, value, self.expires if expires is None else expires)
+
+    def _run(self, key: str, value: Any, expires: int | None, guard: str | None = None) -> int:
         if self._script is None:
             self._script = self.client.register_script(_STORE_UNLESS_SUCCEEDED)
-        self._script(keys=[key], args=[value, int(expires or 0)])
+        keys = [key] if guard is None else [key, guard]
+        return int(self._script(keys=keys, args=[value, int(expires or 0)]))
 
 
 class OneTripRedisBackend(_OneTrip, RedisBackend):

@@ -98,6 +98,55 @@ def test_a_running_job_stops_at_its_next_stage_once_cancelled(redis_url: str) ->
         job.pop_request()
 
 
+def test_a_workers_stage_write_and_cancel_check_are_one_round_trip(redis_url: str) -> None:
+    """With the worker's result backend, a stage due to be shown is written by the script
+    that checks the cancel mark: one command sent, and no stage written once the job is
+    cancelled."""
+    import redis as redis_lib
+    from celery import Celery
+
+    from producer.contract import cancel_key
+    from producer.errors import Cancelled
+    from worker.jobs.steps import job_progress, report_stage
+    from worker.result_backend import worker_backend_url
+
+    app = Celery("cancel-guard-test", broker=redis_url, backend=worker_backend_url(redis_url))
+
+    @app.task(bind=True, name="cancel-guard-test.job")
+    def job(self) -> None:  # noqa: ANN001
+        return None
+
+    # The commands the job's side sends: the backend's client carries its writes and
+    # its cancel checks (worker/jobs/deliveries.py redis_client).
+    sent: list[str] = []
+    backend_client = app.backend.client
+    execute = backend_client.execute_command
+
+    def recorded(*args: object, **options: object) -> object:
+        sent.append(str(args[0]).upper())
+        return execute(*args, **options)
+
+    backend_client.execute_command = recorded
+    client = redis_lib.Redis.from_url(redis_url)
+    job.push_request(id="guarded-job")
+    try:
+        with job_progress(job, 0):
+            report_stage(job, "loading_model")  # the backend loads its script
+            sent.clear()
+            report_stage(job, "forward")
+            assert sent == ["EVALSHA"]
+            assert app.AsyncResult("guarded-job").info == {"stage": "forward"}
+            client.set(cancel_key("guarded-job"), b"1")
+            sent.clear()
+            with pytest.raises(Cancelled, match="before its rendering stage"):
+                report_stage(job, "rendering")
+            assert sent == ["EVALSHA"]
+            assert app.AsyncResult("guarded-job").info == {"stage": "forward"}
+    finally:
+        job.pop_request()
+        client.delete(cancel_key("guarded-job"))
+
+
 def test_stages_show_at_most_once_per_progress_interval_and_never_after_the_end(
     redis_url: str,
 ) -> None:

@@ -114,6 +114,33 @@ def test_a_stored_success_is_never_overwritten_nor_announced_again(
     assert producer.AsyncResult(task_id).state == "SUCCESS"
 
 
+def test_a_guarded_state_is_written_only_while_its_guard_is_absent(
+    apps: tuple[Celery, Celery],
+) -> None:
+    """`store_unless`: a job's stage and its cancel check in one script call."""
+    worker, producer = apps
+    backend = worker.backend
+    task_id, guard = uuid.uuid4().hex, f"guard-{uuid.uuid4().hex}"
+    key = backend.get_key_for_task(task_id)
+    client = backend.client
+    pubsub = client.pubsub()
+    pubsub.subscribe(key)
+    before = calls(client)
+    stage = {"stage": "forward"}
+    assert backend.store_unless(task_id, stage, "STARTED", request_for(task_id), guard=guard)
+    spent = {name: n - before.get(name, 0) for name, n in calls(client).items()}
+    assert spent.get("evalsha", 0) + spent.get("eval", 0) == 1 + spent.get("script|load", 0)
+    assert spent.get("exists", 0) == 1 and spent.get("setex", 0) == 1  # inside the script
+    assert producer.AsyncResult(task_id).info == stage
+    stored = client.get(key)
+    client.set(guard, b"1")
+    late = {"stage": "rendering"}
+    assert not backend.store_unless(task_id, late, "STARTED", request_for(task_id), guard=guard)
+    assert client.get(key) == stored  # nothing written, nothing announced
+    assert [m["result"] for m in messages(pubsub)] == [stage]
+    client.delete(guard)
+
+
 def test_a_value_that_is_not_a_state_is_replaced(apps: tuple[Celery, Celery]) -> None:
     worker, producer = apps
     backend = worker.backend

@@ -41,10 +41,10 @@ class StageReports:
     """When a job's stages reach the result backend (`Job.state().stage`).
 
     Stages are written at most once per `after_s` (ACTVIZ_PROGRESS_AFTER_MS), the
-    first once the job has run that long: each write is a result-backend read and
-    write and a cancel check, which stages nobody has time to see would spend (a
-    job in a loaded worker's passes reaches its four stages within a few hundred
-    ms). A stage reached before its time is written then, by the process's timer
+    first once the job has run that long: each write is a round trip to the result
+    backend (with the worker's, the cancel check is in it, `report_stage`), which
+    stages nobody has time to see would spend (a job in a loaded worker's passes
+    reaches its four stages within a few hundred ms). A stage reached before its time is written then, by the process's timer
     thread, if it is still the job's stage: a long stage that began early (the
     forward pass and encoding, after a warm model's load) shows, at most `after_s`
     late, and a shorter one that a later stage replaced meanwhile does not. Writes
@@ -67,13 +67,14 @@ class StageReports:
     def due(self, now: float) -> bool:
         return now >= self._next
 
-    def write(self, stage: str) -> None:
-        """Write `stage` now (the job's thread); a deferred one is dropped."""
+    def write(self, stage: str, guard: str | None = None) -> bool:
+        """Write `stage` now (the job's thread); a deferred one is dropped. With `guard`
+        (the job's cancel mark), nothing is written while that key exists, in the same
+        round trip: returns False then."""
         with self._lock:
             self._pending = None
             self._cancel_entry()
-            if not self._closed:
-                self._store(stage)
+            return self._closed or self._store(stage, guard)
 
     def defer(self, stage: str) -> None:
         """Write `stage` when the next write is due, unless a later stage or the job's
@@ -106,12 +107,18 @@ class StageReports:
             except Exception as exc:  # noqa: BLE001 (progress only: the job goes on)
                 log.warning("could not report the job's %s stage: %s", stage, exc)
 
-    def _store(self, stage: str) -> None:
+    def _store(self, stage: str, guard: str | None = None) -> bool:
+        backend, meta = self.task.backend, {"stage": stage}
+        if guard is not None:
+            if not backend.store_unless(
+                self.request.id, meta, "STARTED", self.request, guard=guard
+            ):
+                return False
+        else:
+            backend.store_result(self.request.id, meta, "STARTED", request=self.request)
         self._next = time.monotonic() + self.after_s
         self.written += 1
-        self.task.backend.store_result(
-            self.request.id, {"stage": stage}, "STARTED", request=self.request
-        )
+        return True
 
 
 def report_stage(task: Task, stage: str) -> None:
@@ -128,11 +135,24 @@ def report_stage(task: Task, stage: str) -> None:
         reports.defer(stage)
         return
     # A job long enough to show its stages is long enough to be cancelled between them.
-    raise_if_cancelled(task, f"before its {stage} stage")
+    when = f"before its {stage} stage"
+    guard = _cancel_guard(task) if reports is not None else None
+    if guard is None:
+        raise_if_cancelled(task, when)
     if reports is None:
         task.update_state(state="STARTED", meta={"stage": stage})
-    else:
-        reports.write(stage)
+    elif not reports.write(stage, guard):
+        raise Cancelled(f"the job was cancelled {when}")
+
+
+def _cancel_guard(task: Task) -> str | None:
+    """The job's cancel mark, where the result backend checks it in the stage's own write
+    (worker/result_backend.py `store_unless`: the Redis that holds the marks, see
+    `redis_client`); None where `raise_if_cancelled` decides: another backend, or the
+    admission's read of the mark not used yet."""
+    if getattr(task.request, "actviz_cancelled", None) is not None:
+        return None
+    return cancel_key(task.request.id) if hasattr(task.backend, "store_unless") else None
 
 
 def raise_if_cancelled(task: Task, when: str) -> None:
