@@ -356,3 +356,28 @@ def test_a_nan_in_a_channel_makes_its_statistics_nan_on_the_host_as_in_numpy(
     for c in (0, 2):
         assert np.abs(tiles[c].astype(int) - reference[:, :, c]).max() <= 1
     assert len(np.unique(tiles[1])) == 1
+
+
+def test_the_hosts_one_pass_statistics_hold_far_from_zero_and_with_infinities() -> None:
+    """The host's moments come from one pass over values less each channel's first
+    (host_kernels.py `moments`): the std of values far from 0 stays within 1e-6 of
+    float64 numpy's, a constant channel's is exactly 0, and a channel holding an
+    infinity has numpy's statistics: an infinite mean, a NaN std, its true min and max."""
+    from worker.engine.host_reduce import reduce_image
+    from worker.engine.reduce import LayerPlan
+
+    rng = np.random.default_rng(5)
+    x = (1e4 + rng.standard_normal((20, 30, 4))).astype(np.float32)
+    x[..., 1] = 3.25  # constant: a dead channel
+    x[5, 6, 2] = np.inf
+    x[..., 3] = rng.standard_normal((20, 30)).astype(np.float32) * 1e-3 - 7e3
+    out = reduce_image(x, LayerPlan.of(x.shape, 512), RenderKey.of(JobOptions(), Settings()))
+    mean, std, low, high = out["moments"]
+    flat = x.reshape(-1, 4).astype(np.float64)
+    for c in (0, 3):
+        np.testing.assert_allclose(mean[c], flat[:, c].mean(), rtol=1e-7)
+        np.testing.assert_allclose(std[c], flat[:, c].std(), rtol=1e-6)
+        assert (low[c], high[c]) == (flat[:, c].min(), flat[:, c].max())
+    assert (mean[1], std[1], low[1], high[1]) == (3.25, 0.0, 3.25, 3.25)
+    assert mean[2] == np.inf and np.isnan(std[2]) and high[2] == np.inf
+    assert low[2] == flat[:, 2].min()

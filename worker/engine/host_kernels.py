@@ -37,34 +37,70 @@ def _compiled(fn: Any) -> Any:
 
 
 @_compiled
-def first_pass(flat: Any, total: Any, low: Any, high: Any, zeros: Any) -> None:  # pragma: no cover
-    """Per channel: the sum, min, max (NaN where a value is NaN, as numpy's) and count of
-    exact zeros. The minima and maxima take a loop each, through numpy's ufuncs: written
-    as `low[c] = min(low[c], v)` beside the sums, the compare became a masked store per
-    channel (`vmaskmovps`), and the pass took 2-3 times as long."""
+def moments(
+    flat: Any, total: Any, low: Any, high: Any, zeros: Any, spread: Any
+) -> None:  # pragma: no cover
+    """Per channel of (positions, channels) `flat`, in one pass: the sum, min, max, count
+    of exact zeros and the squared deviations from the mean (`spread`), all in float64
+    but min and max.
+
+    The deviations come from sums of each value less the channel's first value (so the
+    sums stay small where the values sit far from 0), as sum((x - s)^2) - sum(x - s)^2 /
+    n: one pass where the mean's took two. The minima and maxima go to arrays of this
+    loop's own, which the compiler may keep in vector registers; written into the
+    caller's arrays at each position, the compares became masked stores (`vmaskmovps`)
+    and the pass 2-3 times slower. A channel whose sums are not finite (a NaN or an
+    infinity in it) is taken again alone, as numpy would: NaN wherever it holds a NaN."""
     count, channels = flat.shape
-    for c in range(channels):
-        low[c], high[c], zeros[c] = np.inf, -np.inf, 0
-    for p in range(count):
-        np.minimum(low, flat[p], low)
-    for p in range(count):
-        np.maximum(high, flat[p], high)
+    shift = np.zeros(channels)
+    lo = np.full(channels, np.inf, np.float32)
+    hi = np.full(channels, -np.inf, np.float32)
+    counted = np.zeros(channels, np.int64)
+    first = np.zeros(channels)
+    second = np.zeros(channels)
+    if count:
+        for c in range(channels):
+            shift[c] = flat[0, c]
     for p in range(count):
         row = flat[p]
         for c in range(channels):  # contiguous: vectorized
             v = row[c]
-            total[c] += v
-            zeros[c] += v == 0.0
+            lo[c] = v if v < lo[c] else lo[c]
+            hi[c] = v if v > hi[c] else hi[c]
+            d = np.float64(v) - shift[c]
+            first[c] += d
+            second[c] += d * d
+            counted[c] += v == 0.0
+    for c in range(channels):
+        low[c], high[c], zeros[c] = lo[c], hi[c], counted[c]
+        if np.isfinite(first[c]) and np.isfinite(second[c]):
+            total[c] = first[c] + shift[c] * count
+            spread[c] = max(0.0, second[c] - first[c] * first[c] / max(1, count))
+        else:
+            _one_channel(flat, c, total, low, high, spread)
 
 
 @_compiled
-def deviations(flat: Any, mean: Any, spread: Any) -> None:  # pragma: no cover
-    count, channels = flat.shape
+def _one_channel(
+    flat: Any, c: int, total: Any, low: Any, high: Any, spread: Any
+) -> None:  # pragma: no cover
+    """Channel `c` of `flat` in two passes, as numpy: a NaN makes its min, max and sums
+    NaN, an infinity its sum infinite and its deviations NaN."""
+    count = flat.shape[0]
+    added, lo, hi = 0.0, np.float32(np.inf), np.float32(-np.inf)
     for p in range(count):
-        row = flat[p]
-        for c in range(channels):
-            d = row[c] - mean[c]
-            spread[c] += d * d
+        v = flat[p, c]
+        added += v
+        if np.isnan(v) or np.isnan(lo):
+            lo = hi = np.float32(np.nan)
+        else:
+            lo, hi = min(lo, v), max(hi, v)
+    mean = added / max(1, count)
+    squares = 0.0
+    for p in range(count):
+        d = flat[p, c] - mean
+        squares += d * d
+    total[c], low[c], high[c], spread[c] = added, lo, hi, squares
 
 
 @_compiled
@@ -135,14 +171,12 @@ def fused(
     ceiling: Any,
     separator: int,
 ) -> None:  # pragma: no cover
-    """`first_pass` and `deviations`, then `tile` normalized by min and max (per channel,
-    or over the layer with `layer_wide`), then the canvas's PNG rows
-    filtered `up` (render.py `palette_rows`): what reduce_image and _canvas do for
-    the default grid, in one call."""
+    """`moments`, then `tile` normalized by min and max (per channel, or over the layer
+    with `layer_wide`), then the canvas's PNG rows filtered `up` (render.py
+    `palette_rows`): what reduce_image and _canvas do for the default grid, in one call."""
     channels = x.shape[2]
     flat = x.reshape(-1, channels)
-    first_pass(flat, total, low, high, zeros)
-    mean = total / max(1, flat.shape[0])
+    moments(flat, total, low, high, zeros, spread)
     lo, hi = low, high
     if layer_wide:  # as _canvas: every channel between the layer's min and max
         lo = np.full(channels, low.min(), np.float32)
@@ -152,7 +186,6 @@ def fused(
         width = hi[c] - lo[c]
         if width > 0:
             gain[c] = ceiling / width
-    deviations(flat, mean, spread)
     canvas[:] = separator
     tile(x, 1, lo, gain, np.float32(0.0), top, left, tile_h, tile_w, canvas, ceiling)
     for i in range(canvas.shape[0]):

@@ -9,9 +9,9 @@ forward pass on 2 cores. Here one image's layer is reduced by compiled loops
 (numba, worker/engine/host_kernels.py) instead, each over the maps while
 they are in the core's cache:
 
-- per channel, the min and max (a loop each), the sum and the count of
-  exact zeros (a census's positions of the maxima take a loop of their own);
-- the squared deviations from the mean;
+- per channel, in one pass (`moments`): the min, max, sum, count of exact
+  zeros and squared deviations from the mean (a census's positions of the
+  maxima take a loop of their own);
 - the grid: each position's channels normalized, quantized to palette
   indices and written to their tiles (over the strided maps where the grid
   is downsampled).
@@ -72,9 +72,8 @@ def reduce_image(x: np.ndarray, plan: LayerPlan, key: RenderKey) -> dict[str, np
         mean = total / count
         out["canvas"], out["rows"] = canvas, rows
     else:
-        kernels.first_pass(flat, total, low, high, zeros)
+        kernels.moments(flat, total, low, high, zeros, spread)
         mean = total / count
-        kernels.deviations(flat, mean, spread)
         if grid is not None:
             std = np.sqrt(spread / count).astype(np.float32)
             out["canvas"] = _canvas(x, grid, key, low, high, kernels, mean, std)
