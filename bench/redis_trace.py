@@ -8,9 +8,11 @@ connection; "periodic" for the worker's timed sweeps) and the round trip it
 belongs to. A MULTI ... EXEC block, or commands of one connection less than
 `--gap-us` apart (a pipeline sent at once; a script's own commands bridge the
 gap), count as one round trip. The worker's pop of the job precedes the trace;
-the pop it sends next is in it. Never asserts.
+the pop it sends next is in it. `--progress-after-ms 0` has the job report every
+stage (a fast job reports none at the default 250), as one that runs long does.
+Never asserts.
 
-    python bench/redis_trace.py [--layers :8] [--gap-us 60] [--full]
+    python bench/redis_trace.py [--layers :8] [--gap-us 60] [--full] [--progress-after-ms 0]
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def main() -> None:
     parser.add_argument("--layers", default=":8", help="the job's layer spec")
     parser.add_argument("--gap-us", type=float, default=60.0, help="a pipeline's largest gap")
     parser.add_argument("--full", action="store_true", help="print whole command lines")
+    parser.add_argument(
+        "--progress-after-ms",
+        type=int,
+        help="the worker's ACTVIZ_PROGRESS_AFTER_MS (0: every stage reported)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="actviz-trace-") as tmp:
         folder = Path(tmp)
@@ -83,6 +90,8 @@ def main() -> None:
                 "ACTVIZ_LOG_LEVEL": "WARNING",
                 "ACTVIZ_MODEL_CACHE_DIR": str(folder / "cache"),
             }
+            if args.progress_after_ms is not None:
+                worker_env["ACTVIZ_PROGRESS_AFTER_MS"] = str(args.progress_after_ms)
             worker = bench_service.Worker(worker_env, [model], folder / "worker.log")
             try:
                 settings = Settings(broker_url=env["ACTVIZ_BROKER_URL"], storage_url=storage_url)
