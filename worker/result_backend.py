@@ -64,13 +64,9 @@ class _OneTrip:
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        meta = self._get_result_meta(
-            result=result, state=state, traceback=traceback, request=request
-        )
-        meta["task_id"] = bytes_to_str(task_id)
-        key = self.get_key_for_task(task_id)
+        key, value = self._state(task_id, result, state, traceback, request)
         try:
-            self._set_with_state(key, self.encode(meta), state)
+            self._set_with_state(key, value, state)
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         return result
@@ -81,12 +77,18 @@ class _OneTrip:
         """`store_result(task_id, result, state)`, unless key `guard` exists: then nothing
         is written or announced, and it returns False. The check and the write are one
         script, one round trip (retried on connection errors as Celery's own writes)."""
+        key, value = self._state(task_id, self.encode_result(result, state), state, None, request)
+        return self.ensure(self._run, (key, value, self.expires, guard)) != -1
+
+    def _state(
+        self, task_id: str, result: Any, state: str, traceback: Any, request: Any
+    ) -> tuple[str, Any]:
+        """The task's key and its encoded state, as Celery's backend writes them."""
         meta = self._get_result_meta(
-            result=self.encode_result(result, state), state=state, traceback=None, request=request
+            result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = bytes_to_str(task_id)
-        key = self.get_key_for_task(task_id)
-        return self.ensure(self._run, (key, self.encode(meta), self.expires, guard)) != -1
+        return self.get_key_for_task(task_id), self.encode(meta)
 
     def _set(self, key: str, value: Any, expires: int | None = None) -> None:
         self._run(key, value, self.expires if expires is None else expires)
