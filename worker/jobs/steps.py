@@ -44,12 +44,13 @@ class StageReports:
     first once the job has run that long: each write is a round trip to the result
     backend (with the worker's, the cancel check is in it, `report_stage`), which
     stages nobody has time to see would spend (a job in a loaded worker's passes
-    reaches its four stages within a few hundred ms). A stage reached before its time is written then, by the process's timer
-    thread, if it is still the job's stage: a long stage that began early (the
-    forward pass and encoding, after a warm model's load) shows, at most `after_s`
-    late, and a shorter one that a later stage replaced meanwhile does not. Writes
-    are serialized, and `close()` at the job's end cancels what is pending and
-    waits for a write under way, so no stage lands after the job's final state.
+    reaches its four stages within a few hundred ms). A stage reached before its
+    time is written then, by the process's timer thread, if it is still the job's
+    stage: a long stage that began early (the forward pass and encoding, after a
+    warm model's load) shows, at most `after_s` late, and a shorter one that a later
+    stage replaced meanwhile does not. Writes are serialized, and `close()` at the
+    job's end cancels what is pending and waits for a write under way, so no stage
+    lands after the job's final state.
     """
 
     def __init__(self, task: Task, after_s: float) -> None:
@@ -109,13 +110,10 @@ class StageReports:
 
     def _store(self, stage: str, guard: str | None = None) -> bool:
         backend, meta = self.task.backend, {"stage": stage}
-        if guard is not None:
-            if not backend.store_unless(
-                self.request.id, meta, "STARTED", self.request, guard=guard
-            ):
-                return False
-        else:
+        if guard is None:
             backend.store_result(self.request.id, meta, "STARTED", request=self.request)
+        elif not backend.store_unless(self.request.id, meta, "STARTED", self.request, guard=guard):
+            return False
         self._next = time.monotonic() + self.after_s
         self.written += 1
         return True
