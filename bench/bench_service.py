@@ -20,6 +20,8 @@ VGG-style CNN on the same input), half with layers ':8', half with the
 default (every spatial layer), in that order; every service job has an image of
 its own (320x240 JPEG), which its producer uploads (--reuse-images cycles the 16
 images of the in-process floor instead, and the client skips their uploads).
+Each producer deletes its job's stored files once the job is done, so the store
+holds only the jobs in flight (--keep-results keeps them all).
 
     python bench/bench_service.py [--jobs 200] [--batch-sizes 1,8] [--concurrency 1,4,16]
     KERAS_BACKEND=jax python bench/bench_service.py --in-process-only
@@ -60,6 +62,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from producer import contract  # noqa: E402
 from producer.contract import JobOptions  # noqa: E402
 from producer.settings import Settings  # noqa: E402
 from worker.engine import (  # noqa: E402
@@ -559,9 +562,16 @@ class Watcher:
 
 
 def run_load(
-    settings: Settings, workload: list[tuple[str, bytes, str | None]], concurrency: int
+    settings: Settings,
+    workload: list[tuple[str, bytes, str | None]],
+    concurrency: int,
+    keep: bool = True,
 ) -> tuple[float, list[float], int, dict[str, float], dict[str, float]]:
     """Submit `workload` with `concurrency` jobs in flight.
+
+    `keep=False`: each producer deletes its job's stored files once the job is
+    done, as a retention rule would, so that the store does not grow with the run
+    (see `--keep-results`).
 
     Returns (seconds, [(group, latency s)], failed jobs, mean ms per worker stage,
     mean CPU ms per worker stage).
@@ -588,6 +598,10 @@ def run_load(
             job = client.submit(model, image, layers=spec)
             state, result = watcher.wait(job.id)
             elapsed = time.perf_counter() - started
+            if not keep and state == "SUCCESS":
+                prefix = contract.job_prefix(job.id)
+                names = [prefix + name for name in result.get("files") or []]
+                client.store.delete_many([*names, contract.manifest_key(job.id)])
             with lock:
                 latencies.append((f"{model.rsplit('/', 1)[-1]} {spec_name(spec)}", elapsed))
                 failed[0] += state == "FAILURE"
@@ -713,7 +727,7 @@ def measure_service(
                     before = worker.counters()
                     calls_before = redis_commands(settings.broker_url)
                     seconds, latencies, failed, stages, cpu_stages = run_load(
-                        settings, workload, concurrency
+                        settings, workload, concurrency, args.keep_results
                     )
                     calls_after = redis_commands(settings.broker_url)
                     after = worker.counters()
@@ -862,6 +876,14 @@ def main() -> None:
         "--reuse-images",
         action="store_true",
         help=f"cycle the {IMAGES} floor images instead of a new image per job (uploads skipped)",
+    )
+    parser.add_argument(
+        "--keep-results",
+        action="store_true",
+        help="keep every job's stored files to the end of the run (by default each "
+        "producer deletes its job's files once the job is done, so that the store does "
+        "not grow by about 0.7 MB a job: on a virtual machine, writing memory the guest "
+        "has not used yet cost the worker's uploads up to ten times more CPU)",
     )
     parser.add_argument(
         "--per-device",
