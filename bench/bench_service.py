@@ -20,8 +20,8 @@ VGG-style CNN on the same input), half with layers ':8', half with the
 default (every spatial layer), in that order; every service job has an image of
 its own (320x240 JPEG), which its producer uploads (--reuse-images cycles the 16
 images of the in-process floor instead, and the client skips their uploads).
-Each producer deletes its job's stored files once the job is done, so the store
-holds only the jobs in flight (--keep-results keeps them all).
+With --storage file, each producer deletes its job's stored files once the job is
+done, so the folder holds only the jobs in flight (--keep-results keeps them all).
 
     python bench/bench_service.py [--jobs 200] [--batch-sizes 1,8] [--concurrency 1,4,16]
     KERAS_BACKEND=jax python bench/bench_service.py --in-process-only
@@ -727,7 +727,7 @@ def measure_service(
                     before = worker.counters()
                     calls_before = redis_commands(settings.broker_url)
                     seconds, latencies, failed, stages, cpu_stages = run_load(
-                        settings, workload, concurrency, args.keep_results
+                        settings, workload, concurrency, args.keep_results or args.storage == "s3"
                     )
                     calls_after = redis_commands(settings.broker_url)
                     after = worker.counters()
@@ -880,10 +880,11 @@ def main() -> None:
     parser.add_argument(
         "--keep-results",
         action="store_true",
-        help="keep every job's stored files to the end of the run (by default each "
-        "producer deletes its job's files once the job is done, so that the store does "
-        "not grow by about 0.7 MB a job: on a virtual machine, writing memory the guest "
-        "has not used yet cost the worker's uploads up to ten times more CPU)",
+        help="with --storage file, keep every job's stored files to the end of the run (by "
+        "default each producer deletes its job's files once the job is done, so that the "
+        "folder does not grow by about 0.7 MB a job: on a virtual machine, writing memory "
+        "the guest has not used yet cost the worker's uploads up to ten times more CPU). "
+        "The S3 server keeps them always (a delete is a request of its own there)",
     )
     parser.add_argument(
         "--per-device",
@@ -967,6 +968,11 @@ def main() -> None:
         f"service: Redis + {'moto S3' if args.storage == 's3' else 'local folder'} + actviz worker"
         f" --preload --per-device {args.per_device}; {args.jobs} jobs per model per row "
         f"({len(args.models) * args.jobs} jobs), submit -> result ready"
+        + (
+            "; each job's files deleted once it is done (--keep-results keeps them)"
+            if args.storage == "file" and not args.keep_results
+            else ""
+        )
     )
     print(
         f"{'batch':>5}{'conc':>6}{'jobs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p95/p50':>9}"
