@@ -199,6 +199,53 @@ def test_a_pass_of_three_runs_on_powers_of_two_and_returns_three(
     assert extractor.reduce(batch, key).count == 3
 
 
+@pytest.mark.parametrize("name", ["sequential_h5", "fully_conv"])
+def test_the_hosts_program_is_traced_once_and_runs_every_pass_whole(
+    loaded_models,  # noqa: ANN001
+    name: str,
+) -> None:
+    """On TensorFlow, the program whose float32 outputs the host reduces leaves the batch
+    dimension to the pass: passes of 1, 3, 5 and 7 images make one trace where the
+    power-of-two programs make three (1, 2, 4), each pass runs as one piece, and each
+    image's outputs are those of a pass of its own. A model of any input size is traced
+    once per image shape."""
+    import keras
+
+    from worker.engine.compiled import compile_program, run_sized, takes_any_batch
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("one trace for every pass size is TensorFlow's (input_signature)")
+    loaded = loaded_models(name)
+    extractor = loaded.extractor(None)
+    assert takes_any_batch(extractor.program(None))
+    batch = pixels_for(loaded, count=7)
+    traces = {True: 0, False: 0}
+
+    def counted(any_batch: bool):  # noqa: ANN202
+        def tail(outputs: list) -> list:
+            traces[any_batch] += 1  # Python runs only while TensorFlow traces
+            return [keras.ops.cast(x, "float32") for x in outputs]
+
+        return compile_program(extractor.model, tail, any_batch=any_batch)
+
+    whole, split = counted(True), counted(False)
+    singles = [run_sized(whole, (batch[i : i + 1],), (0.0,)) for i in range(7)]
+    for count in (1, 3, 5, 7):
+        pieces = run_sized(whole, (batch[:count],), (0.0,), pad=False, join=False)
+        assert len(pieces) == 1
+        for layer, outputs in enumerate(pieces[0]):
+            assert outputs.shape[0] == count
+            for image in range(count):
+                np.testing.assert_allclose(
+                    outputs[image], singles[image][layer][0], rtol=1e-5, atol=1e-5
+                )
+        run_sized(split, (batch[:count],), (0.0,), pad=False)
+    assert traces == {True: 1, False: 3}
+    if loaded.input_shape[0] is None:  # another image size: a trace of its own
+        run_sized(whole, (pixels_for(loaded, count=2, side=64),), (0.0,))
+        assert traces[True] == 2
+
+
 @pytest.mark.parametrize("name", ["residual", "fully_conv", "wide_dense", "gray"])
 def test_the_host_reduces_what_a_job_asks_besides_as_the_device_does(
     loaded_models,  # noqa: ANN001

@@ -95,12 +95,15 @@ class Extractor:
 
     def program(self, key: RenderKey | None) -> Any:
         """The compiled forward pass + reduction for `key`, built once per key; for `None`,
-        the forward pass alone, every output as float32."""
+        the forward pass alone, every output as float32 (on TensorFlow one trace for
+        every pass size: worker/engine/compiled.py `takes_any_batch`)."""
         with self._lock:
             found = self._programs.get(key)
             if found is None:
                 tail = _as_float32 if key is None else functools.partial(reduce_outputs, key=key)
-                found = self._programs[key] = compile_program(self.model, tail)
+                found = self._programs[key] = compile_program(
+                    self.model, tail, any_batch=key is None
+                )
         return found
 
     def reduce(self, batch: np.ndarray, key: RenderKey, on_host: bool | None = None) -> ReducedPass:
@@ -108,9 +111,10 @@ class Extractor:
 
         Reduced in the program, only its results reaching the host, on an
         accelerator; on the host, layer by layer as they are taken, on a CPU
-        (`on_host`: see worker/engine/compiled.py `reduces_on_host`). It runs on
-        power-of-two pass sizes only (`run_sized`): padded with blank images on
-        an accelerator, split on a CPU.
+        (`on_host`: see worker/engine/compiled.py `reduces_on_host`). The program
+        reduced on the device runs on power-of-two pass sizes only (`run_sized`):
+        padded with blank images on an accelerator, split on a CPU. The host's
+        program runs whole on TensorFlow, one trace for every pass size.
         """
         plans = [LayerPlan.of(s, key.max_side) for s in self.output_shapes(batch.shape[1:])]
         if not reduces_on_host(on_host):
