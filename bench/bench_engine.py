@@ -74,6 +74,7 @@ from worker.engine.compiled import (  # noqa: E402
     reduces_on_host,
     run_sized,
     split_sizes,
+    takes_any_batch,
     to_host,
 )
 from worker.report import render_report  # noqa: E402
@@ -282,6 +283,16 @@ def main() -> None:
                     lambda pad=pad: run_sized(extractor.program(key), (pixels[:odd],), (0.0,), pad),
                     args.repeats,
                 )
+            # The host's program (float32 outputs), which takes any pass size on TensorFlow:
+            # the pass whole, and as the power-of-two pieces it ran as before.
+            host = extractor.program(None)
+            if takes_any_batch(host):
+                pieces = list(itertools.accumulate(split_sizes(odd), initial=0))
+                cases["host whole"] = (lambda: to_host(host(pixels[:odd])), args.repeats)
+                cases["host split"] = (
+                    lambda: [to_host(host(pixels[a:b])) for a, b in itertools.pairwise(pieces)],
+                    args.repeats,
+                )
         timed = measure(cases)
         # The pass at the largest batch, reduced by the program and on the host: wall time
         # and the whole process's CPU (both use TensorFlow's pools, the host's loops not).
@@ -420,6 +431,13 @@ def main() -> None:
             f"a pass of {odd} (device pass, ms/img): padded to {padded_size(odd)} {pad:.2f}, "
             f"split {' + '.join(map(str, split_sizes(odd)))} {split:.2f}; split / padded "
             f"{split / pad:.2f}x (this device: {'padded' if accelerated() else 'split'})"
+        )
+    if "host whole" in timed:
+        whole, split = timed["host whole"][0] / odd, timed["host split"][0] / odd
+        print(
+            f"a pass of {odd} (the host's program, forward only, ms/img): whole {whole:.2f}, "
+            f"split {' + '.join(map(str, split_sizes(odd)))} {split:.2f}; whole / split "
+            f"{whole / split:.2f}x (one trace for every pass size; a CPU runs it whole)"
         )
     print(
         f"per job on the host: manifest JSON {per_job['manifest'][0]:.2f} ms "
