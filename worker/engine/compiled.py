@@ -206,7 +206,8 @@ def padded_size(count: int) -> int:
 
 
 def split_sizes(count: int) -> list[int]:
-    """`count` as distinct powers of two, largest first: the passes a CPU runs (7 -> 4, 2, 1)."""
+    """`count` as distinct powers of two, largest first: the passes a CPU runs a program
+    of fixed pass sizes as (7 -> 4, 2, 1)."""
     return [1 << bit for bit in range(count.bit_length() - 1, -1, -1) if count >> bit & 1]
 
 
@@ -217,7 +218,8 @@ def run_sized(
     pad: bool | None = None,
     join: bool = True,
 ) -> Any:
-    """`program(*inputs)` as a host tree, every leaf N first, run on power-of-two sizes only.
+    """`program(*inputs)` as a host tree, every leaf N first: whole for a program that
+    `takes_any_batch`, else run on power-of-two sizes only.
 
     `inputs` share their first dimension N; `fills` is each one's blank value.
     Padded to one pass where `pads(pad)` (on an accelerator, unless `pad` says);
