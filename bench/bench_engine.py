@@ -425,20 +425,21 @@ def main() -> None:
         )
         + f"(this device: {'host' if reduces_on_host() else 'program'})"
     )
-    if "pad" in timed:
-        pad, split = timed["pad"][0] / odd, timed["split"][0] / odd
-        print(
-            f"a pass of {odd} (device pass, ms/img): padded to {padded_size(odd)} {pad:.2f}, "
-            f"split {' + '.join(map(str, split_sizes(odd)))} {split:.2f}; split / padded "
-            f"{split / pad:.2f}x (this device: {'padded' if accelerated() else 'split'})"
-        )
-    if "host whole" in timed:
-        whole, split = timed["host whole"][0] / odd, timed["host split"][0] / odd
-        print(
-            f"a pass of {odd} (the host's program, forward only, ms/img): whole {whole:.2f}, "
-            f"split {' + '.join(map(str, split_sizes(odd)))} {split:.2f}; whole / split "
-            f"{whole / split:.2f}x (one trace for every pass size; a CPU runs it whole)"
-        )
+    # A pass of `odd` images run whole or padded, and split: (what, its two cases, the
+    # first's name and short name, how a CPU runs it).
+    passes = [
+        ("device pass", "pad", "split", f"padded to {padded_size(odd)}", "padded", "split"),
+        ("the host's program, forward only", "host whole", "host split", "whole", "whole", "whole"),
+    ]
+    pieces = " + ".join(map(str, split_sizes(odd)))
+    for what, case, split_case, first, short, on_cpu in passes:
+        if case in timed:
+            one, split = timed[case][0] / odd, timed[split_case][0] / odd
+            print(
+                f"a pass of {odd} ({what}, ms/img): {first} {one:.2f}, split {pieces} "
+                f"{split:.2f}; split / {short} {split / one:.2f}x "
+                f"(this device: {short if accelerated() else on_cpu})"
+            )
     print(
         f"per job on the host: manifest JSON {per_job['manifest'][0]:.2f} ms "
         f"({len(manifest_bytes(manifest)) / 1024:.0f} KB), report page "
