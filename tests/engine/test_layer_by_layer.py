@@ -11,6 +11,7 @@ from PIL import Image
 from sample_images import image_bytes
 
 from producer.contract import JobOptions
+from producer.errors import ActvizError
 from producer.settings import Settings
 from worker.engine import Artifacts, analyze
 from worker.runtime.batcher import Batcher
@@ -98,6 +99,48 @@ def test_batched_rendering_gives_what_analyze_gives(loaded_models) -> None:
             for key, value in theirs["summary"].items():
                 if key != "top_k":
                     assert mine["summary"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_on_a_cpu_a_pass_renders_on_one_thread_fewer_while_other_jobs_are_in(
+    loaded_models,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three jobs in at once, a pass each: the first pass renders beside the other two
+    jobs, on the pool of one thread fewer; a job alone renders on every thread. The
+    count of jobs in the batcher is back to 0 after each (results and a failed
+    preprocess alike)."""
+    from worker.engine.compiled import reduces_on_host
+    from worker.runtime.cores import loaded_render_threads
+
+    loaded = loaded_models("residual")
+    batcher = Batcher(Settings(batch_size=1), render_threads=3)
+    assert loaded_render_threads(3, on_host=True) == 2
+    assert loaded_render_threads(1, on_host=True) == 1
+    assert loaded_render_threads(3, on_host=False) == 3
+    if not reduces_on_host():  # an accelerator: its cores run no forward pass
+        assert batcher._render_loaded is batcher._render
+        return
+    assert batcher._render_loaded._max_workers == 2
+    used: list[str] = []
+    for name in ("_render", "_render_loaded"):
+        pool = getattr(batcher, name)
+
+        def spy(*args, _name=name, _submit=pool.submit):  # noqa: ANN002, ANN202
+            used.append(_name)
+            return _submit(*args)
+
+        monkeypatch.setattr(pool, "submit", spy)
+    images = [image_bytes(seed=s) for s in (51, 52, 53)]
+    assert len(run_concurrently(batcher, loaded, images, timeout=60)) == 3
+    assert used[0] == "_render_loaded"  # the first pass's first task: two jobs beside it
+    assert batcher._jobs == 0
+    used.clear()
+    assert len(run_concurrently(batcher, loaded, images[:1], timeout=60)) == 1
+    assert used and set(used) == {"_render"}
+    batcher.expect()
+    with pytest.raises(ActvizError):
+        batcher.run(loaded, b"not an image", JobOptions())
+    assert batcher._jobs == 0
 
 
 def test_a_pass_renders_image_by_image_so_its_first_image_finishes_first(loaded_models):

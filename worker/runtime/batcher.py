@@ -10,7 +10,10 @@ waiting at most `batch_wait_ms` for the group to fill, and runs one compiled
 pass (forward and on-device reduction, worker/engine/reduce.py). Each
 image's grids are PNG-encoded on a pool of threads sized to the cores
 (Pillow's encoder and numpy release the GIL), and the job's own thread gets
-back its Artifacts and uploads them.
+back its Artifacts and uploads them. On a CPU, whose cores also run the next
+pass's forward and the other jobs' threads, a pass renders on one thread
+fewer while other jobs are in the batcher (`cores.loaded_render_threads`);
+a job alone renders on them all.
 
 So every job keeps its own Celery task: its own result, stages, retries,
 delivery count and late acknowledgement after its own manifest is written.
@@ -161,10 +164,19 @@ class Batcher:
         self.decode_budget = PixelBudget(settings.decode_budget_mp * 1_000_000)
         self._pending: list[Pending] = []
         self._incoming = 0
+        self._jobs = 0  # from `expect` to the job's result: preprocessing, waiting, rendering
         self._cond = threading.Condition()
         self._slots = threading.BoundedSemaphore(PIPELINE_DEPTH)
+        from worker.engine.compiled import reduces_on_host
+
         threads = render_threads or cores.render_threads(settings)  # its share of the cores
         self._render = ThreadPoolExecutor(threads, thread_name_prefix="actviz-render")
+        # The pool of a pass rendered while other jobs are in the batcher: on a CPU, one
+        # thread fewer (the cores run the next pass's forward and those jobs' threads).
+        loaded = cores.loaded_render_threads(threads, reduces_on_host())
+        self._render_loaded = self._render
+        if loaded < threads:
+            self._render_loaded = ThreadPoolExecutor(loaded, thread_name_prefix="actviz-render")
         self._batches = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="actviz-forward", daemon=True)
         self._thread.start()
@@ -173,12 +185,29 @@ class Batcher:
         """A job has started and will call `run` (or `cancel`) soon."""
         with self._cond:
             self._incoming += 1
+            self._jobs += 1
 
     def cancel(self) -> None:
         """A job that called `expect` will not call `run` (it failed before its forward pass)."""
         with self._cond:
             self._incoming = max(0, self._incoming - 1)
+            self._jobs = max(0, self._jobs - 1)
             self._cond.notify_all()
+
+    def _wait(self, future: Future) -> Any:
+        """The job's result, from its own thread; then the job has left the batcher."""
+        try:
+            return wait_result(future)
+        finally:
+            with self._cond:
+                self._jobs = max(0, self._jobs - 1)
+
+    def _pool_for(self, batch: list[Pending]) -> ThreadPoolExecutor:
+        """The render pool for `batch`'s pass: every thread for jobs alone in the batcher,
+        `_render_loaded` while others preprocess, wait or render."""
+        with self._cond:
+            alone = self._jobs <= len(batch)
+        return self._render if alone else self._render_loaded
 
     def run(
         self,
@@ -216,7 +245,7 @@ class Batcher:
             self._incoming = max(0, self._incoming - 1)
             self._pending.append(item)
             self._cond.notify_all()
-        return wait_result(item.future)
+        return self._wait(item.future)
 
     def run_cam(self, loaded: Any, image_bytes: bytes, options: JobOptions) -> Any:
         """Grad-CAM for one image in a shared pass (same model, layer, input shape and
@@ -244,7 +273,7 @@ class Batcher:
             self._incoming = max(0, self._incoming - 1)
             self._pending.append(item)
             self._cond.notify_all()
-        return wait_result(item.future)
+        return self._wait(item.future)
 
     def _loop(self) -> None:
         while True:
@@ -311,9 +340,10 @@ class Batcher:
         # Render tasks run on the pool in a copy of their job's context (its job id for
         # log lines); a context is entered by one thread at a time.
         contexts = [item.context for item in batch]
+        pool = self._pool_for(batch)
 
         def submit(fn: Any, *args: int) -> None:  # the image's position last
-            self._render.submit(contexts[args[-1]].copy().run, fn, *args)
+            pool.submit(contexts[args[-1]].copy().run, fn, *args)
 
         forward.run(submit)
         outputs = forward.outputs
@@ -346,8 +376,10 @@ class Batcher:
             futures=[item.future for item in batch],
         )
 
+        pool = self._pool_for(batch)
+
         def submit(fn: Any, position: int) -> None:
-            self._render.submit(contexts[position].copy().run, fn, position)
+            pool.submit(contexts[position].copy().run, fn, position)
 
         cam_pass.run(submit)
         BATCH_IMAGES.observe(len(batch))
