@@ -44,8 +44,8 @@ def loaded_render_threads(threads: int, on_host: bool) -> int:
     """Render threads for a pass while other jobs are in the worker's batcher: on a CPU
     (`on_host`, the layers reduced on the host), one fewer, at least 1. Those cores also
     run TensorFlow's pool for the next pass and the jobs' own threads: on 2 cores, at 16
-    jobs in flight, one render thread gave 7-12% more jobs/s for 8-10% less CPU a job
-    than two; a job alone still renders on both (17 against 21 ms a job at 1 in flight)."""
+    jobs in flight, 11-13% more jobs/s for 10-11% less CPU a job than two threads always;
+    a job alone renders on both (one thread always took 21 ms a job against 17)."""
     return max(1, threads - 1) if on_host else threads
 
 
