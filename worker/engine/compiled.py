@@ -19,9 +19,10 @@ the host is viewed read-only, not copied).
 program once per image shape for every pass size, the batch dimension left
 unknown to the trace (a tail that needs no static batch size: the host path's
 float32 outputs). `run_sized` runs such a program on the whole pass. On 2
-cores, the classic CNN's first 8 layers: the same CPU an image as a program
-traced for that size, and 12-18% less than the split below for passes of 5 to
-7 images (3.0-3.1 against 3.4-3.7 ms of CPU an image).
+cores, the classic CNN's first 8 layers, a pass alone: the same CPU an image
+as a program traced for that size, and 12-18% less than the split below for
+passes of 5 to 7 images (3.0-3.1 against 3.4-3.7 ms of CPU an image); under
+a worker's full load the CPU was the same either way (docs/benchmarks.md).
 
 Otherwise, `run_sized(program, inputs, fills)` runs a program only on
 power-of-two pass sizes, so at most log2(batch size) + 1 programs are
