@@ -727,7 +727,7 @@ def measure_service(
                     before = worker.counters()
                     calls_before = redis_commands(settings.broker_url)
                     seconds, latencies, failed, stages, cpu_stages = run_load(
-                        settings, workload, concurrency, args.keep_results or args.storage == "s3"
+                        settings, workload, concurrency, not args.delete_results
                     )
                     calls_after = redis_commands(settings.broker_url)
                     after = worker.counters()
@@ -898,6 +898,7 @@ def main() -> None:
 
         args.per_device = default_per_device(usable_cores(), visible_gpus(dict(os.environ)), 1)
     args.models = [m for m in args.models.split(",") if m]
+    args.delete_results = args.storage == "file" and not args.keep_results
     args.specs = tuple(None if s == "default" else s for s in args.specs.split(","))
     # SIGTERM unwinds like Ctrl-C, so the worker, Redis and S3 server it started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -970,7 +971,7 @@ def main() -> None:
         f"({len(args.models) * args.jobs} jobs), submit -> result ready"
         + (
             "; each job's files deleted once it is done (--keep-results keeps them)"
-            if args.storage == "file" and not args.keep_results
+            if args.delete_results
             else ""
         )
     )

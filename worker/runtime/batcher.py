@@ -202,12 +202,21 @@ class Batcher:
             with self._cond:
                 self._jobs = max(0, self._jobs - 1)
 
-    def _pool_for(self, batch: list[Pending]) -> ThreadPoolExecutor:
-        """The render pool for `batch`'s pass: every thread for jobs alone in the batcher,
-        `_render_loaded` while others preprocess, wait or render."""
+    def _submitter(self, batch: list[Pending]) -> Any:
+        """`submit(fn, *args)` for `batch`'s render tasks, whose last argument is the image's
+        position: each runs in a copy of its job's context (its job id for log lines; a
+        context is entered by one thread at a time), on every render thread when the
+        batch's jobs are alone in the batcher, on `_render_loaded` while others
+        preprocess, wait or render."""
         with self._cond:
             alone = self._jobs <= len(batch)
-        return self._render if alone else self._render_loaded
+        pool = self._render if alone else self._render_loaded
+        contexts = [item.context for item in batch]
+
+        def submit(fn: Any, *args: int) -> None:
+            pool.submit(contexts[args[-1]].copy().run, fn, *args)
+
+        return submit
 
     def run(
         self,
@@ -337,15 +346,7 @@ class Batcher:
             on_finished=self._pass_finished,
             futures=[item.future for item in batch],
         )
-        # Render tasks run on the pool in a copy of their job's context (its job id for
-        # log lines); a context is entered by one thread at a time.
-        contexts = [item.context for item in batch]
-        pool = self._pool_for(batch)
-
-        def submit(fn: Any, *args: int) -> None:  # the image's position last
-            pool.submit(contexts[args[-1]].copy().run, fn, *args)
-
-        forward.run(submit)
+        forward.run(self._submitter(batch))
         outputs = forward.outputs
         BATCH_IMAGES.observe(len(batch))
         ACTIVATION_BYTES.observe(outputs.activation_bytes)
@@ -363,7 +364,6 @@ class Batcher:
             work.timings["batch_wait"] = (now - item.arrived) * 1000.0
             images.append(PassImage(work.image, work.options, work.timings, work.cpu))
             rows.append(work.row)
-        contexts = [item.context for item in batch]
         cam_pass = CamPass(
             first.loaded,
             first.cam,
@@ -375,13 +375,7 @@ class Batcher:
             on_finished=self._pass_finished,
             futures=[item.future for item in batch],
         )
-
-        pool = self._pool_for(batch)
-
-        def submit(fn: Any, position: int) -> None:
-            pool.submit(contexts[position].copy().run, fn, position)
-
-        cam_pass.run(submit)
+        cam_pass.run(self._submitter(batch))
         BATCH_IMAGES.observe(len(batch))
 
     def _pass_finished(self, forward: Any) -> None:
