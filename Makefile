@@ -39,8 +39,16 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The suite on TensorFlow (a CPU worker's backend), then the engine's tests and a worker's
+# jobs on JAX (a GPU node's, bench/gpu.sh), so that its code paths run without a GPU.
+JAX_TESTS := tests/engine \
+	tests/service/test_round_trip.py::test_python_submit_stores_grids_manifest_and_report_in_s3 \
+	tests/service/test_batching.py::test_jobs_queued_together_share_forward_passes_and_a_bad_image_fails_alone \
+	tests/service/test_gradcam_jobs.py::test_grad_cam_jobs_share_passes_write_their_files_and_fail_alone
+
 test: $(STAMP) services lint
 	$(PY) -m pytest
+	KERAS_BACKEND=jax $(PY) -m pytest $(JAX_TESTS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py

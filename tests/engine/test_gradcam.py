@@ -109,6 +109,11 @@ CASES = {
 def test_heatmaps_equal_the_recipe_computed_independently(
     case: str, method: str, request: pytest.FixtureRequest, settings
 ) -> None:  # noqa: ANN001
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip(
+            "the reference is written with TensorFlow's GradientTape: the suite's TensorFlow "
+            "run compares it; this backend's heatmaps are checked by the other tests here"
+        )
     key, reference, layer = CASES[case]
     files = request.getfixturevalue("keras2_files" if case == "keras2_h5" else "model_files")
     loaded = open_model(files[key])

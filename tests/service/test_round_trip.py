@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,6 +94,8 @@ def test_python_submit_stores_grids_manifest_and_report_in_s3(
     assert result.layers == ["conv2d_1", "conv2d_2"]
     assert result.manifest["job_id"] == job.id
     assert result.manifest["model"]["uri"] == s3_model
+    # The worker inherits this run's backend: `make test` runs this test under JAX too.
+    assert result.manifest["engine"]["backend"] == os.environ.get("KERAS_BACKEND", "tensorflow")
     grid = result.grid("conv2d_1")
     assert grid.size == (
         result.layer("conv2d_1")["grid"]["width"],
