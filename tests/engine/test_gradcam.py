@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -111,8 +115,8 @@ def test_heatmaps_equal_the_recipe_computed_independently(
 ) -> None:  # noqa: ANN001
     if keras.backend.backend() != "tensorflow":
         pytest.skip(
-            "the reference is written with TensorFlow's GradientTape: the suite's TensorFlow "
-            "run compares it; this backend's heatmaps are checked by the other tests here"
+            "the reference is written with TensorFlow's GradientTape; on this backend the "
+            "heatmaps are compared with TensorFlow's (test_this_backends_heatmaps_equal_tensorflows)"
         )
     key, reference, layer = CASES[case]
     files = request.getfixturevalue("keras2_files" if case == "keras2_h5" else "model_files")
@@ -132,6 +136,32 @@ def test_heatmaps_equal_the_recipe_computed_independently(
         assert (got["classes"][:, slot] == cls).all()
         shown += int((want.max(axis=(1, 2)) > 0).sum())
     assert shown >= len(x), "the reference heatmaps are mostly empty: the case shows little"
+
+
+def test_this_backends_heatmaps_equal_tensorflows(tmp_path: Path) -> None:
+    """On JAX (`make test`'s second run), or torch: every case's heatmaps equal
+    TensorFlow's, which the test above compares with the independent recipe.
+    bench/gradcam_backends.py writes TensorFlow's maps in a process of its own, then
+    computes them again on this backend: 4 models, both methods and the top-2 predictions."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        pytest.skip("TensorFlow's heatmaps are compared with the independent recipe above")
+    script = str(Path(__file__).resolve().parents[2] / "bench" / "gradcam_backends.py")
+
+    def run(step: str, on: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KERAS_BACKEND": on}
+        return subprocess.run(
+            [sys.executable, script, step, str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    written = run("write", "tensorflow")
+    assert written.returncode == 0, written.stderr[-2000:]
+    checked = run("check", backend)
+    assert checked.returncode == 0, checked.stdout + checked.stderr[-2000:]
+    assert checked.stdout.startswith(f"backend {backend} "), checked.stdout
+    assert checked.stdout.count("classes equal True") == 12, checked.stdout
+    assert "PASS" in checked.stdout.splitlines()[-1], checked.stdout
 
 
 def test_softmax_head_reports_probabilities_and_takes_the_logit_gradient(model_files, settings):  # noqa: ANN001
