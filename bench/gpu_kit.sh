@@ -10,18 +10,20 @@
 #   JOBS=10000 SERVICE_ARGS=--task-events bash KIT_DIR/run.sh OUT_DIR   # gpu.sh's knobs
 #
 # PY_VERSION (default 3.12) is the node's Python; PYTHON the interpreter whose
-# package versions are pinned (default .venv/bin/python). The kit is about 30 MB.
+# package versions are pinned (default .venv/bin/python). The kit is about 40 MB.
 set -euo pipefail
 kit="${1:-.whl}"
 py="${PYTHON:-.venv/bin/python}"
 target="${PY_VERSION:-3.12}"
 # The worker's needs (pyproject.toml, [worker] without TensorFlow) and theirs, less
-# what a GPU node's image has; click is carried for the version Celery asks.
+# what a GPU node's image has; click is carried for the version Celery asks, and
+# absl-py, typing_extensions and urllib3 (Keras's, optree's and botocore's), which
+# an image with JAX alone does not hold (TensorFlow or PyTorch would bring them).
 packages=(
-    keras namex optree
+    keras namex optree absl-py typing_extensions
     celery kombu billiard vine amqp click click-didyoumean click-plugins click-repl
     prompt_toolkit wcwidth tzlocal tzdata redis hiredis
-    boto3 botocore s3transfer jmespath
+    boto3 botocore s3transfer jmespath urllib3
     google-re2 isal orjson
 )
 rm -rf "$kit"
