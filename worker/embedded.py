@@ -54,9 +54,10 @@ def start_embedded_worker(settings: Settings, timeout: float = 60.0) -> Celery:
     with _lock:
         if key in _running:
             return _running[key]
+        from worker.runtime.cores import backend_threads
         from worker.runtime.native_logs import import_backend
 
-        import_backend()
+        import_backend(backend_threads(settings))
         from worker.app import create_app
         from worker.runtime.accelerator import configure_accelerator
 

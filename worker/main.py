@@ -28,7 +28,7 @@ from typing import Any
 from producer.errors import ActvizError
 from producer.registry import load_registry, resolve_model
 from producer.settings import Settings, child_environ, redact_url
-from worker.runtime.cores import render_threads, report_helpers, usable_cores
+from worker.runtime.cores import backend_threads, render_threads, report_helpers, usable_cores
 
 log = logging.getLogger("actviz.worker")
 
@@ -83,9 +83,9 @@ def run_worker(settings: Settings, node_name: str | None = None) -> int:
 
 
 def run_one(settings: Settings, node_name: str | None) -> int:
-    from worker.runtime.native_logs import import_backend
+    from worker.runtime.native_logs import backend_pools, import_backend
 
-    import_backend()
+    import_backend(backend_threads(settings))
     from celery.signals import worker_ready, worker_shutting_down
 
     from worker.app import create_app
@@ -104,6 +104,10 @@ def run_one(settings: Settings, node_name: str | None) -> int:
         ",".join(settings.queues),
     )
     accelerators = configure_accelerator()
+    pools = backend_pools()
+    if pools is not None:  # 0: TensorFlow's default, every core
+        intra, inter = (str(count) if count else "default" for count in pools)
+        log.info("TensorFlow's pools: %s thread(s) for each op, %s op(s) at a time", intra, inter)
     pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if not accelerators and settings.require_gpu:
         log.error(

@@ -10,6 +10,7 @@ from stack import free_port, start_worker, subprocess_env, wait_for
 
 from producer import Client, Settings
 from worker.main import child_plan
+from worker.runtime.cores import usable_cores
 
 REDIS_DB = 7
 pytestmark = pytest.mark.timeout(180)
@@ -59,6 +60,10 @@ def test_two_processes_on_one_device_both_serve_jobs(
     worker = start_worker(env, tmp_path / "worker.log", "--per-device", "2")
     try:
         wait_for(lambda: worker.log_text().count(" ready.") == 2, 90, "both worker processes")
+        # Each process runs TensorFlow's ops on its share of the cores, one op at a time.
+        share = max(1, usable_cores() // 2)
+        pools = f"TensorFlow's pools: {share} thread(s) for each op, 1 op(s) at a time"
+        assert worker.log_text().count(pools) == 2, worker.log_text()[-3000:]
         for child_port in (port, port + 1):
             wait_for(lambda p=child_port: _ready(p), 30, f"/readyz on {child_port}")
         client = Client(settings=Settings.from_env(environ=env))
@@ -155,17 +160,19 @@ def test_require_gpu_makes_a_worker_without_one_exit_with_the_reason(
 
 
 def test_each_process_sizes_its_pools_to_its_share_of_the_cores() -> None:
-    from worker.runtime.cores import core_share, render_threads, report_helpers
+    from worker.runtime.cores import backend_threads, core_share, render_threads, report_helpers
 
-    # (cores, processes on the host) -> (share, encode threads, report helpers)
+    # (cores, processes on the host) -> (share, encode threads, report helpers, TensorFlow's
+    # threads for each op and ops at a time)
     cases = {
-        (16, 12): (1, 2, 0),  # below a share of 4 cores, reports render in the job's thread
-        (16, 5): (3, 3, 0),
-        (16, 4): (4, 4, 2),
-        (16, 1): (16, 16, 4),
-        (2, 1): (2, 2, 0),
+        (16, 12): (1, 2, 0, (1, 1)),  # below a share of 4 cores, reports in the job's thread
+        (16, 5): (3, 3, 0, (3, 1)),
+        (16, 4): (4, 4, 2, (4, 1)),
+        (16, 1): (16, 16, 4, None),  # a process alone keeps TensorFlow's default pools
+        (2, 1): (2, 2, 0, None),
     }
     for (cores, processes), expected in cases.items():
         settings = Settings.from_env({"ACTVIZ_HOST_PROCESSES": str(processes)})
         got = (core_share(settings, cores), render_threads(settings, cores))
-        assert (*got, report_helpers(settings, cores)) == expected, (cores, processes)
+        got += (report_helpers(settings, cores), backend_threads(settings, cores))
+        assert got == expected, (cores, processes)

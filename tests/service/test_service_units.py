@@ -779,6 +779,34 @@ def test_native_start_up_notices_are_dropped_and_other_stderr_lines_kept() -> No
     ]
 
 
+def test_tensorflows_pools_are_sized_before_its_first_op_unless_set_already() -> None:
+    """`import_backend(threads)` sizes TensorFlow's pools in a new process (a worker's); the
+    environment's TF_NUM_*_THREADS win, and a process that ran an op keeps its pools."""
+    import os
+    import subprocess
+    import sys
+
+    def pools(env: dict[str, str], first: str = "") -> tuple[int, int]:
+        code = (
+            f"{first}\n"
+            "from worker.runtime.native_logs import backend_pools, import_backend\n"
+            "import_backend((1, 1))\n"
+            "print(*backend_pools())\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "KERAS_BACKEND": "tensorflow", **env},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        intra, inter = done.stdout.split()
+        return int(intra), int(inter)
+
+    assert pools({}) == (1, 1)
+    assert pools({"TF_NUM_INTEROP_THREADS": "3"}) == (1, 0)  # 0: left to TensorFlow
+    ran = "import tensorflow as tf; tf.zeros((2,)) + 1"  # an embedding host's own work
+    assert pools({}, first=ran) == (0, 0)
+
+
 def test_a_message_above_the_workers_bound_is_refused_at_submit(tmp_path: Path) -> None:
     """Class names travel in the message; too many of them are refused before anything is
     queued, with the size and what takes it, not by the worker later."""

@@ -49,6 +49,19 @@ def loaded_render_threads(threads: int, on_host: bool) -> int:
     return max(1, threads - 1) if on_host else threads
 
 
+def backend_threads(settings: Settings, cores: int | None = None) -> tuple[int, int] | None:
+    """TensorFlow's (intra-op, inter-op) threads for a CPU worker process that shares its
+    host with others: its core share for each op, and one op at a time (a CNN's ops run
+    in a chain); None, TensorFlow's default, for a process alone on its host.
+    TensorFlow's default, every core for each op and as many ops at once in each process,
+    starts K times the threads the cores can run in K processes: two worker processes on
+    2 cores served 94-95 jobs/s with it, 102-106 with these (docs/benchmarks.md). A
+    process alone served 1-6% less with these in 3 of 4 pairs, so it keeps the default."""
+    if settings.host_processes <= 1:
+        return None
+    return core_share(settings, cores), 1
+
+
 def report_helpers(settings: Settings, cores: int | None = None) -> int:
     """Helper processes that render reports: half the core share, up to 4 (a report is a
     few ms of a job's CPU; each helper is an interpreter of its own); none, the report

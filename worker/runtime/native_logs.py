@@ -14,6 +14,10 @@ job prints it.
 `quiet_native_startup()` runs a block with file descriptor 2 captured, then
 writes back every captured line except those start-up notices, so a real
 error or warning printed during the import still reaches stderr.
+
+`import_backend` is also where a worker process sizes TensorFlow's thread
+pools on a CPU (worker/runtime/cores.py `backend_threads`): they can change
+only before its first op, which the import runs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 NOISE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called"
@@ -62,14 +67,45 @@ def quiet_native_startup() -> Iterator[None]:
                 print("\n".join(kept), file=sys.stderr, flush=True)
 
 
-def import_backend() -> None:
-    """Import Keras and its backend (and let TensorFlow look for GPUs) quietly."""
+def import_backend(threads: tuple[int, int] | None = None) -> None:
+    """Import Keras and its backend (and let TensorFlow look for GPUs) quietly.
+
+    `threads`: TensorFlow's (intra-op, inter-op) pool sizes where it sees no GPU
+    (worker/runtime/cores.py `backend_threads`), set before its first op, unless the
+    environment sets them (TF_NUM_INTRAOP_THREADS, TF_NUM_INTEROP_THREADS) or this
+    process has run an op already (an embedding host's): then they stay as they are.
+    """
     with quiet_native_startup():
         import keras
 
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            tf.config.list_physical_devices("GPU")
+            if not tf.config.list_physical_devices("GPU") and threads is not None:
+                _size_pools(tf, *threads)
             # The one-time notice of oneDNN's uint8 support, here rather than in a job.
             tf.transpose(tf.zeros((1, 2), tf.uint8))
+
+
+def _size_pools(tf: Any, intra: int, inter: int) -> None:
+    pools = tf.config.threading
+    try:
+        if "TF_NUM_INTRAOP_THREADS" not in os.environ:
+            pools.set_intra_op_parallelism_threads(intra)
+        if "TF_NUM_INTEROP_THREADS" not in os.environ:
+            pools.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # TensorFlow has run an op in this process: its pools are made
+        pass
+
+
+def backend_pools() -> tuple[int, int] | None:
+    """TensorFlow's (intra-op, inter-op) pool sizes in this process, 0 where they are its
+    default (every core); None on another backend."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    pools = tf.config.threading
+    return pools.get_intra_op_parallelism_threads(), pools.get_inter_op_parallelism_threads()

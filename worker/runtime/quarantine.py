@@ -190,9 +190,10 @@ def serve(conn: Any, settings: Settings) -> None:
     _die_with_parent()
     # The helper shares its worker's accelerator: JAX must not claim most of it at start.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from worker.runtime.cores import backend_threads
     from worker.runtime.native_logs import import_backend
 
-    import_backend()
+    import_backend(backend_threads(settings))
     from worker.logs import configure_logging
     from worker.runtime import WorkerRuntime
     from worker.runtime.accelerator import configure_accelerator
