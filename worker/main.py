@@ -105,7 +105,7 @@ def run_one(settings: Settings, node_name: str | None) -> int:
     )
     accelerators = configure_accelerator()
     pools = backend_pools()
-    if pools is not None:  # 0: TensorFlow's default, every core
+    if pools is not None:  # 0: TensorFlow's choice (TF_NUM_*_THREADS, else every core)
         intra, inter = (str(count) if count else "default" for count in pools)
         log.info("TensorFlow's pools: %s thread(s) for each op, %s op(s) at a time", intra, inter)
     pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
