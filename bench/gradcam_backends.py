@@ -10,8 +10,8 @@ GPU node without TensorFlow):
     KERAS_BACKEND=torch python bench/gradcam_backends.py check REF_DIR
 
 `write` saves the test models (Sequential with a softmax head, functional,
-nested, .h5), random inputs and the maps of every class for both methods and
-for the top-2 predictions. `check` recomputes them, float32 matmuls at full
+nested, .h5, one that takes (batch, H, W)), random inputs and the maps of every
+class for both methods and for the top-2 predictions. `check` recomputes them, float32 matmuls at full
 precision (no TF32), and prints the largest difference; it exits 1 above 1e-4.
 """
 
@@ -30,6 +30,7 @@ LAYERS = {
     "residual": "block2_add",
     "nested": "features/inner_conv_b",
     "seq_h5": "conv2d_2",
+    "gray_hw": "conv_b",
 }
 
 
@@ -61,6 +62,7 @@ def write(out: Path) -> None:
         "residual": models.save_residual_keras(out),
         "nested": models.save_nested_keras(out),
         "seq_h5": models.save_sequential_h5(out),
+        "gray_hw": models.save_gray_hw_h5(out),
     }
     rng = np.random.default_rng(0)
     arrays = {}

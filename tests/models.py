@@ -106,6 +106,32 @@ def save_gray_keras(out: Path) -> Path:
     return path
 
 
+def gray_hw_cnn(side: int = SIDE, classes: int = 4):
+    """MNIST's way: a (batch, H, W) input without a channel axis, reshaped to one channel
+    inside the model, and a softmax head."""
+    keras = _keras()
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((side, side)),
+            layers.Reshape((side, side, 1), name="add_channel"),
+            layers.Conv2D(6, 3, activation="relu", name="conv_a"),
+            layers.MaxPooling2D(name="pool_a"),
+            layers.Conv2D(8, 3, activation="relu", name="conv_b"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(classes, activation="softmax", name="probs"),
+        ],
+        name="gray_hw_cnn",
+    )
+
+
+def save_gray_hw_h5(out: Path) -> Path:
+    """`gray_hw_cnn` as a legacy .h5, as such models are often shared."""
+    path = out / "gray_hw_cnn.h5"
+    gray_hw_cnn().save(path)
+    return path
+
+
 def residual_separable():
     """Functional: Conv2D, SeparableConv2D, residual Add, BatchNorm, pooling, Dense."""
     keras = _keras()

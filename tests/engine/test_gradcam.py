@@ -105,6 +105,7 @@ CASES = {
     "nested": ("nested", reference_sequential, "features/inner_conv_b"),
     "keras3_h5": ("sequential_h5", reference_sequential, "conv2d_2"),
     "keras2_h5": ("keras2_cnn.h5", reference_sequential, "conv2d_2"),  # written by tf_keras
+    "gray_hw": ("gray_hw", reference_sequential, "conv_b"),  # takes (batch, H, W)
 }
 
 
@@ -128,9 +129,10 @@ def test_heatmaps_equal_the_recipe_computed_independently(
     got = cam.run(x, np.array([row] * len(x)), cam_key)
 
     model = logits_model(files[key]) if cam.softmax else loaded.model
+    fed = x[..., 0] if len(model.inputs[0].shape) == 3 else x  # (batch, H, W): as its author
     shown = 0
     for slot, cls in enumerate(every):
-        acts, grads = reference(model, layer, x, cls)
+        acts, grads = reference(model, layer, fed, cls)
         want = (gradcam_pp_from if method == "gradcam++" else gradcam_from)(acts, grads)
         np.testing.assert_allclose(got["maps"][:, slot], want, atol=TOLERANCE, rtol=0)
         assert (got["classes"][:, slot] == cls).all()
@@ -142,7 +144,7 @@ def test_this_backends_heatmaps_equal_tensorflows(tmp_path: Path) -> None:
     """On JAX (`make test`'s second run), or torch: every case's heatmaps equal
     TensorFlow's, which the test above compares with the independent recipe.
     bench/gradcam_backends.py writes TensorFlow's maps in a process of its own, then
-    computes them again on this backend: 4 models, both methods and the top-2 predictions."""
+    computes them again on this backend: 5 models, both methods and the top-2 predictions."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         pytest.skip("TensorFlow's heatmaps are compared with the independent recipe above")
@@ -160,7 +162,7 @@ def test_this_backends_heatmaps_equal_tensorflows(tmp_path: Path) -> None:
     checked = run("check", backend)
     assert checked.returncode == 0, checked.stdout + checked.stderr[-2000:]
     assert checked.stdout.startswith(f"backend {backend} "), checked.stdout
-    assert checked.stdout.count("classes equal True") == 12, checked.stdout
+    assert checked.stdout.count("classes equal True") == 15, checked.stdout
     assert "PASS" in checked.stdout.splitlines()[-1], checked.stdout
 
 

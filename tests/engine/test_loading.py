@@ -30,6 +30,8 @@ def test_h5_and_keras_files_open_with_their_input_shape(model_files):
     assert seq.nbytes == sum(int(np.prod(w.shape)) * 4 for w in seq.model.weights) > 0
     assert open_model(model_files["fully_conv"]).input_shape == (None, None, 3)
     assert open_model(model_files["gray"]).input_shape == (32, 32, 1)
+    # (batch, H, W): grayscale without a channel axis, fed (H, W, 1) images without it
+    assert open_model(model_files["gray_hw"]).input_shape == (32, 32, 1)
 
 
 def test_keras2_h5_file_loads_with_its_weights(keras2_files):
@@ -90,6 +92,20 @@ def test_plain_folder_is_invalid_model(tmp_path):
     (tmp_path / "readme.txt").write_text("hello")
     with pytest.raises(InvalidModel, match="not a TensorFlow SavedModel"):
         open_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "shape, why",
+    [((784,), "is not (batch, H, W, C) or (batch, H, W) image input"), ((8, 8, 4), "4 channels")],
+)
+def test_a_model_that_takes_no_image_is_invalid_model_saying_why(tmp_path, shape, why):
+    inputs = keras.Input(shape)
+    path = tmp_path / "not_an_image_model.keras"
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(path)
+    with pytest.raises(InvalidModel) as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+    assert why in err.value.message
 
 
 def test_never_built_sequential_is_invalid_model_saying_why(model_files):

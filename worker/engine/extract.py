@@ -189,12 +189,25 @@ def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:
     deserialized Sequential model can carry several stale inbound nodes per
     layer, and a model over those would run some layers many times.
     """
-    source = model.inputs[0]
-    inputs = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype)
+    inputs, fed = image_input(model)
     traced: dict[int, Any] = {}
-    trace(model, inputs, traced)
+    trace(model, fed, traced)
     outputs = [traced[id(ref.layer)] for ref in refs]
     return Extractor(keras.Model(inputs, outputs), refs)
+
+
+def image_input(model: keras.Model) -> tuple[Any, Any]:
+    """A new `keras.Input` for `model`'s images, (H, W, C), and the tensor to trace its
+    graph on: that input, or for a model that takes (batch, H, W) (a grayscale image
+    without a channel axis, as MNIST's models often do), that input without its axis of
+    one channel. Every pass the engine builds is fed (N, H, W, C) images this way."""
+    source = model.inputs[0]
+    shape = tuple(source.shape[1:])
+    if len(shape) == 2:
+        inputs = keras.Input(shape=(*shape, 1), dtype=source.dtype)
+        return inputs, keras.ops.squeeze(inputs, axis=-1)
+    inputs = keras.Input(shape=shape, dtype=source.dtype)
+    return inputs, inputs
 
 
 def extract(loaded: Any, batch: np.ndarray, refs: list[LayerRef]) -> list[np.ndarray]:

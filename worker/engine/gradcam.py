@@ -49,7 +49,7 @@ import numpy as np
 
 from producer.errors import InvalidJob, NotDifferentiable
 from worker.engine.compiled import run_sized, tf_function
-from worker.engine.extract import KNOWN_SHAPES, trace
+from worker.engine.extract import KNOWN_SHAPES, image_input, trace
 from worker.engine.layers import LayerRef, select_layers
 
 
@@ -149,10 +149,9 @@ class CamModel:
 def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[LayerRef], Any]:
     """The layers Grad-CAM can use (an (H, W, C) output on the way to the model's
     output), in model order, and the model's output tensor as traced."""
-    source = model.inputs[0]
-    inputs = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype)
+    _, fed = image_input(model)
     traced: dict[int, Any] = {}
-    output = _first(trace(model, inputs, traced))
+    output = _first(trace(model, fed, traced))
     upstream = _ancestors(output)
     found = [
         ref
@@ -178,9 +177,8 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     ref = _choose(refs, candidates, layer)
     head = _head(model)
     softmax = _ends_in_softmax(head)
-    source = model.inputs[0]
-    inputs = keras.Input(shape=tuple(source.shape[1:]), dtype=source.dtype)
-    probe = keras.Input(shape=tuple(ref.output_shape), dtype=source.dtype, name="actviz_probe")
+    inputs, fed = image_input(model)
+    probe = keras.Input(shape=tuple(ref.output_shape), dtype=inputs.dtype, name="actviz_probe")
     seen: dict[str, Any] = {}
 
     def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -191,7 +189,7 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
             seen["logits"] = _logits(layer, args[0])
         return out
 
-    probs = _first(trace(model, inputs, {}, hook))
+    probs = _first(trace(model, fed, {}, hook))
     outputs = [seen["features"], seen["logits"], probs] if softmax else [seen["features"], probs]
     graph = keras.Model([inputs, probe], outputs, name=f"{model.name}_gradcam")
     features = keras.Model(inputs, seen["features"])

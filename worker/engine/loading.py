@@ -136,7 +136,11 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
 
 
 def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
-    """(H, W, C) of the single image input; raises InvalidModel otherwise."""
+    """(H, W, C) of the single image input; raises InvalidModel otherwise.
+
+    A model that takes (batch, H, W) takes grayscale images without a channel axis:
+    (H, W, 1), the images fed without that axis (worker/engine/extract.py
+    `image_input`)."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError) as exc:
@@ -154,8 +158,12 @@ def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
     if len(inputs) != 1:
         raise InvalidModel(f"model has {len(inputs)} inputs; an image model needs exactly one")
     shape = tuple(inputs[0].shape)
+    if len(shape) == 3:  # (batch, H, W): one channel, without its axis
+        shape = (*shape, 1)
     if len(shape) != 4:
-        raise InvalidModel(f"model input shape {shape} is not (batch, H, W, C) image input")
+        raise InvalidModel(
+            f"model input shape {shape} is not (batch, H, W, C) or (batch, H, W) image input"
+        )
     _, height, width, channels = shape
     if channels not in IMAGE_CHANNELS:
         raise InvalidModel(
