@@ -590,7 +590,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     cam.add_argument(
         "--layer",
         help="the layer Grad-CAM weighs (a name such as 'block5_conv3' or 'outer/inner', or "
-        "an index; default: the last (H, W, C) layer before the head)",
+        "an index; default: the last (H, W, C) layer before the head, larger than 1 x 1)",
     )
     cam.add_argument("--method", choices=CAM_METHODS, help="gradcam (default) or gradcam++")
     cam.add_argument(

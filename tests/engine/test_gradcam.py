@@ -263,6 +263,27 @@ def test_a_layer_off_the_path_to_the_output_fails_invalid_job() -> None:
     assert build_cam_model(model, flatten_layers(model), None).ref.name == "trunk"
 
 
+def test_the_default_layer_is_the_last_map_larger_than_one_pixel() -> None:
+    """MobileNetV3's head: pooled to 1 x 1, then 1 x 1 convolutions up to the logits. By
+    default Grad-CAM weighs the last map before that pool; a 1 x 1 layer named is used."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="last_map")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+    x = keras.layers.Conv2D(8, 1, activation="relu", name="head_conv")(x)
+    x = keras.layers.Conv2D(3, 1, name="logits")(x)
+    outputs = keras.layers.Softmax(name="probs")(keras.layers.Flatten(name="flat")(x))
+    model = keras.Model(inputs, outputs)
+    refs = flatten_layers(model)
+    assert build_cam_model(model, refs, None).ref.name == "last_map"
+    named = build_cam_model(model, refs, "head_conv")
+    assert named.ref.name == "head_conv" and tuple(named.ref.output_shape) == (1, 1, 8)
+    # Where every map is 1 x 1, the last of them.
+    small = keras.Input((1, 1, 3))
+    head = keras.layers.Conv2D(2, 1, name="only")(small)
+    tiny = keras.Model(small, keras.layers.Flatten()(head))
+    assert build_cam_model(tiny, flatten_layers(tiny), None).ref.name == "only"
+
+
 def test_a_class_out_of_range_fails_invalid_job_naming_the_class_count(model_files, settings):  # noqa: ANN001
     loaded = open_model(model_files["softmax"])
     with pytest.raises(InvalidJob, match="the model has 4 classes"):

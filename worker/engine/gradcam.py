@@ -166,7 +166,8 @@ def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[Layer
 
 def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None) -> CamModel:
     """The CamModel of `model` at `layer` (a name, 'outer/inner', or an index); None
-    picks the last layer with an (H, W, C) output on the way to the output.
+    picks the last layer with an (H, W, C) output on the way to the output, larger than
+    1 x 1 where one is (`default_layer`).
 
     Raises InvalidJob for a layer that is not (H, W, C), not on the way to the
     output, or a model whose output is not (batch, classes); NotDifferentiable
@@ -261,7 +262,7 @@ def _choose(refs: list[LayerRef], candidates: list[LayerRef], layer: str | None)
                 "the model has no layer with an (H, W, C) output on the way to its output; "
                 "Grad-CAM needs one"
             )
-        return candidates[-1]
+        return default_layer(candidates)
     from producer.errors import UnknownLayer
 
     try:
@@ -285,6 +286,14 @@ def _choose(refs: list[LayerRef], candidates: list[LayerRef], layer: str | None)
             f"Grad-CAM cannot use layer '{ref.name}': {why}. Layers it can use: {valid}"
         )
     return ref
+
+
+def default_layer(candidates: list[LayerRef]) -> LayerRef:
+    """The last candidate whose map is more than one pixel (a free side counts as more):
+    heads such as MobileNetV3's pool to 1 x 1 and go on with 1 x 1 convolutions, on
+    which a heatmap is one value. The last candidate where every map is 1 x 1."""
+    wide = [ref for ref in candidates if tuple(ref.output_shape[:2]) != (1, 1)]
+    return (wide or candidates)[-1]
 
 
 def _head(model: keras.Model) -> Any:
