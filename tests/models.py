@@ -319,7 +319,26 @@ def code_lambda_model(path: Path, source: str, side: int = 16) -> Path:
 
 # ---- Keras 2 (tf_keras) files, written in a subprocess -----------------------
 
-KERAS2_FILES = ("keras2_cnn.h5", "keras2_lambda.h5", "keras2_savedmodel")
+KERAS2_FILES = (
+    "keras2_cnn.h5",
+    "keras2_lambda.h5",
+    "keras2_savedmodel",
+    # What Keras 3 cannot build from a tf.keras config as it is (worker/engine/keras2_config.py)
+    "keras2_ops.h5",
+    "keras2_ops_savedmodel",
+    "keras2_mobilenet_v3.h5",
+    "keras2_unknown_op.h5",
+    "keras2_v3.keras",
+    "keras2_outputs.npz",  # each model's outputs under tf_keras, for KERAS2_INPUT
+)
+KERAS2_SIDE = 32
+
+
+def keras2_input():
+    """The images the Keras 2 models' outputs were computed on (keras2_outputs.npz)."""
+    import numpy as np
+
+    return np.random.default_rng(5).random((2, KERAS2_SIDE, KERAS2_SIDE, 3), dtype=np.float32)
 
 
 def save_keras2_models(out: Path) -> dict[str, Path]:
@@ -359,6 +378,47 @@ def _write_keras2(out: Path) -> None:
         ]
     )
     lam.save(out / "keras2_lambda.h5", save_format="h5")
+    _write_keras2_adapted(out)
+
+
+def _write_keras2_adapted(out: Path) -> None:
+    """tf.keras models whose configs Keras 3 cannot build as they are: op layers
+    (TensorFlow called on Keras tensors), a nested Sequential built on an Input, depthwise
+    and separable convolutions (their `groups` argument), names with '/'; tf.keras's own
+    MobileNetV3 (all of them); one op actviz does not rebuild; tf.keras's `.keras`."""
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras
+
+    layers = tf_keras.layers
+    side = KERAS2_SIDE
+    inputs = tf_keras.Input((side, side, 3), name="image")
+    stem = tf_keras.Sequential(
+        [tf_keras.Input((side, side, 3)), layers.Conv2D(6, 3, name="stem_conv")], name="stem"
+    )
+    x = stem(inputs)
+    a = layers.DepthwiseConv2D(3, padding="same", name="block/depthwise")(x)
+    b = layers.SeparableConv2D(6, 3, padding="same", name="block/separable")(x)
+    y = tf.nn.relu6(a + b * 0.5 - 1.0) / 6.0  # add, multiply, subtract, relu6, truediv
+    y = tf.concat([y, tf.math.sigmoid(x)], axis=-1)
+    y = tf.reshape(tf.reshape(y, (-1, (side - 2) * (side - 2) * 12)), (-1, side - 2, side - 2, 12))
+    pooled = tf.math.reduce_mean(y, axis=[1, 2])
+    ops_model = tf_keras.Model(inputs, layers.Dense(3, name="head")(pooled), name="ops_model")
+    ops_model.save(out / "keras2_ops.h5", save_format="h5")
+    ops_model.save(out / "keras2_ops_savedmodel", save_format="tf")
+    ops_model.save(out / "keras2_v3.keras", save_format="keras")
+    mobilenet = tf_keras.applications.MobileNetV3Small(
+        weights=None, input_shape=(side, side, 3), classes=4
+    )
+    mobilenet.save(out / "keras2_mobilenet_v3.h5", save_format="h5")
+    unknown = tf_keras.Model(inputs, tf.math.cumsum(layers.Conv2D(2, 3, name="conv")(inputs)))
+    unknown.save(out / "keras2_unknown_op.h5", save_format="h5")
+    x = keras2_input()
+    np.savez(
+        out / "keras2_outputs.npz",
+        ops=ops_model(x, training=False).numpy(),
+        mobilenet_v3=mobilenet(x * 255.0, training=False).numpy(),
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from their embedded Keras config, see `savedmodel.py`).
 
 Loading never runs code from the file unless the caller says the source is
 trusted: the model config is scanned for `Lambda` layers *before* Keras
-deserializes anything, and Keras itself runs with `safe_mode=True`.
+deserializes anything, and Keras itself runs with `safe_mode=True`. A tf.keras
+config is adapted first (`keras2_config.py`): its op layers of pure functions
+(`a + b`, `tf.nn.relu6`) become Keras 3 layers; any other is refused as code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -30,6 +33,7 @@ import numpy as np
 from producer.errors import ActvizError, InvalidModel, ModelNotFound, UnsafeModel
 from worker.engine.extract import Extractor, build_extractor
 from worker.engine.gradcam import CamModel, build_cam_model
+from worker.engine.keras2_config import adapt, custom_objects
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.safety import MAX_CONFIG_BYTES, check_model_bounds, refuse_code_layers
 from worker.engine.savedmodel import is_savedmodel, load_savedmodel
@@ -118,12 +122,18 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
         return load_savedmodel(path, trusted=trusted)
     kind = _sniff(path)
     check_model_bounds(path, kind)
+    if kind == "keras":
+        _refuse_keras2_archive(path)
     config = _read_config(path, kind)
+    adapted = adapt(config) if kind == "h5" and _written_by_keras2(path) else config
     if not trusted:
-        refuse_code_layers(config)
-    with _named_for_keras(path, ".keras" if kind == "keras" else ".h5") as named:
+        refuse_code_layers(adapted)
+    suffix = ".keras" if kind == "keras" else ".h5"
+    with _named_for_keras(path, suffix, adapted if adapted is not config else None) as named:
         try:
-            model = keras.saving.load_model(named, compile=False, safe_mode=not trusted)
+            model = keras.saving.load_model(
+                named, compile=False, safe_mode=not trusted, custom_objects=custom_objects()
+            )
         except ActvizError:
             raise
         except Exception as exc:  # Keras raises anything from ValueError to KeyError
@@ -210,17 +220,51 @@ def _read_config(path: Path, kind: str) -> Any:
         raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
 
 
+def _written_by_keras2(path: Path) -> bool:
+    """An `.h5` file that Keras 2 (or tf.keras, or Keras 1) wrote, not Keras 3."""
+    try:
+        with h5py.File(path, "r") as fh:
+            version = fh.attrs.get("keras_version", b"")
+    except OSError:
+        return True
+    version = version.decode() if isinstance(version, bytes) else str(version)
+    return not version.startswith("3.")
+
+
+def _refuse_keras2_archive(path: Path) -> None:
+    """Raise InvalidModel for a `.keras` archive that Keras 2 (tf.keras 2.13 to 2.15, or
+    tf_keras) wrote: Keras 3 reads neither its classes nor its weights' layout."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("metadata.json") as member:
+            version = str(json.loads(member.read(64 * 1024)).get("keras_version", ""))
+    except (KeyError, OSError, ValueError, AttributeError, zipfile.BadZipFile):
+        return  # no readable metadata: the loader says what is wrong
+    if version.startswith("2."):
+        raise InvalidModel(
+            f"'{path.name}' was written by Keras {version} (tf.keras) in its own .keras "
+            "format, which Keras 3 cannot read; where it was made, save it as legacy "
+            "HDF5 (model.save('model.h5')), which actviz reads"
+        )
+
+
 @contextlib.contextmanager
-def _named_for_keras(path: Path, suffix: str) -> Iterator[str]:
-    """Keras picks the format by file extension; give it one without copying."""
+def _named_for_keras(path: Path, suffix: str, config: Any = None) -> Iterator[str]:
+    """Keras picks the format by file extension; give it one without copying. With
+    `config` (an `.h5` file's model config, adapted: worker/engine/keras2_config.py), a copy of
+    the file that holds it instead of its own; the file itself is never changed."""
     accepted = (".h5", ".hdf5") if suffix == ".h5" else (suffix,)
-    if path.suffix.lower() in accepted:
+    if config is None and path.suffix.lower() in accepted:
         yield str(path)
         return
     with tempfile.TemporaryDirectory(prefix="actviz-model-") as tmp:
-        link = Path(tmp) / ("model" + suffix)
-        link.symlink_to(path.resolve())
-        yield str(link)
+        named = Path(tmp) / ("model" + suffix)
+        if config is None:
+            named.symlink_to(path.resolve())
+        else:
+            shutil.copyfile(path, named)
+            with h5py.File(named, "r+") as fh:
+                fh.attrs["model_config"] = json.dumps(config)
+        yield str(named)
 
 
 def hash_path(path: Path) -> str:

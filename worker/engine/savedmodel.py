@@ -21,6 +21,7 @@ import h5py
 import keras
 
 from producer.errors import ActvizError, InvalidModel, UnsafeModel
+from worker.engine.keras2_config import adapt, custom_objects
 from worker.engine.safety import refuse_code_layers
 
 CONVERT_HINT = (
@@ -49,7 +50,7 @@ def load_savedmodel(path: Path, *, trusted: bool = False) -> keras.Model:
             f"SavedModel '{path.name}' has no Keras layers that Keras 3 can rebuild; "
             + CONVERT_HINT
         )
-    config = {"class_name": root["class_name"], "config": root["config"]}
+    config = adapt({"class_name": root["class_name"], "config": root["config"]})
     if not trusted:
         refuse_code_layers(config)
     weights = _layer_weights(path, nodes)
@@ -57,7 +58,9 @@ def load_savedmodel(path: Path, *, trusted: bool = False) -> keras.Model:
         h5_path = Path(tmp) / "model.h5"
         _write_legacy_h5(h5_path, config, weights)
         try:
-            return keras.saving.load_model(h5_path, compile=False, safe_mode=not trusted)
+            return keras.saving.load_model(
+                h5_path, compile=False, safe_mode=not trusted, custom_objects=custom_objects()
+            )
         except ActvizError:
             raise
         except Exception as exc:

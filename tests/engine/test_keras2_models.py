@@ -1,0 +1,126 @@
+"""tf.keras models whose configs Keras 3 cannot build as they are (worker/engine/keras2_config.py).
+
+Each was written by tf_keras in a subprocess (tests/models.py `_write_keras2_adapted`),
+with its outputs on the same images; here it opens, and gives those outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import keras
+import models
+import numpy as np
+import pytest
+from sample_images import image_bytes
+
+from producer.contract import ErrorCode, JobOptions
+from producer.errors import InvalidModel, UnsafeModel
+from worker.engine import Artifacts, analyze, extract, open_model
+from worker.engine.cam_pass import analyze_cam
+from worker.engine.keras2_config import OPS, adapt
+
+to_numpy = keras.ops.convert_to_numpy  # any backend, any device
+TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, outputs, scale",
+    [
+        ("keras2_ops.h5", "ops", 1.0),
+        ("keras2_ops_savedmodel", "ops", 1.0),
+        ("keras2_mobilenet_v3.h5", "mobilenet_v3", 255.0),  # it rescales by 1/127.5 itself
+    ],
+)
+def test_a_tf_keras_model_keras3_cannot_build_as_it_is_gives_tf_keras_outputs(
+    keras2_files, name, outputs, scale
+):
+    loaded = open_model(keras2_files[name])
+    x = models.keras2_input() * np.float32(scale)
+    expected = np.load(keras2_files["keras2_outputs.npz"])[outputs]
+    np.testing.assert_allclose(to_numpy(loaded.model(x, training=False)), expected, atol=TOLERANCE)
+    classes = {ref.class_name for ref in loaded.layers}
+    assert "TFOp" in classes and "TFOpLambda" not in classes
+    assert not any("/" in ref.name.split("/")[-1] for ref in loaded.layers if "/" in ref.name)
+
+
+def test_a_config_keras3_builds_as_it_is_is_left_as_it_is(keras2_files):
+    with h5py.File(keras2_files["keras2_cnn.h5"], "r") as fh:
+        config = json.loads(fh.attrs["model_config"])
+    assert adapt(config) is config  # and its file is opened as it is, not copied
+
+
+def test_the_adapted_config_rebuilds_ops_renames_slashes_and_drops_groups(keras2_files):
+    with h5py.File(keras2_files["keras2_ops.h5"], "r") as fh:
+        config = json.loads(fh.attrs["model_config"])
+    adapted = adapt(config)
+    assert adapted is not config
+    layers = {entry["name"]: entry for entry in adapted["config"]["layers"]}
+    assert "block_depthwise" in layers and "block/depthwise" not in layers
+    assert "groups" not in layers["block_depthwise"]["config"]
+    functions = {
+        entry["config"]["function"]
+        for entry in layers.values()
+        if entry["class_name"] == "ActvizTFOp"
+    }
+    assert functions == {
+        "__operators__.add", "math.multiply", "math.subtract", "nn.relu6", "math.truediv",
+        "concat", "math.sigmoid", "reshape", "math.reduce_mean",
+    }  # fmt: skip
+    assert functions <= set(OPS)
+    # The nested Sequential "stem" was node 1 of tf.keras's graph; it is node 0 of Keras 3's.
+    assert layers["block_depthwise"]["inbound_nodes"] == [[["stem", 0, 0, {}]]]
+
+
+def test_its_layers_are_analyzed_and_explained_like_any_models(keras2_files, settings):
+    loaded = open_model(keras2_files["keras2_mobilenet_v3.h5"])
+    data = image_bytes(40, 36, seed=21)
+    spec = "re:.*(multiply|add|Conv_BatchNorm).*"
+    (result,) = analyze(loaded, [data], JobOptions(layers=spec), settings)
+    assert isinstance(result, Artifacts)
+    refs = loaded.select(spec)
+    assert {ref.class_name for ref in refs} >= {"TFOp", "BatchNormalization"}
+    # The extractor traces the graph again: each op layer's output is Keras's own.
+    x = models.keras2_input() * np.float32(255.0)
+    mine = extract(loaded, x, refs)
+    probe = keras.Model(loaded.model.inputs, [ref.layer.output for ref in refs])
+    theirs = probe(x, training=False)
+    for ref, a, b in zip(refs, mine, theirs, strict=True):
+        np.testing.assert_allclose(a, to_numpy(b), atol=TOLERANCE, err_msg=ref.name)
+    names = [entry["name"] for entry in result.manifest["layers"]]
+    assert names == [ref.name for ref in refs]
+    (cam,) = analyze_cam(loaded, [data], JobOptions(), settings)
+    assert isinstance(cam, Artifacts)
+    # Its head pools to 1 x 1 and ends in 1 x 1 convolutions: a larger map is explained.
+    assert cam.manifest["gradcam"]["layer_shape"][:2] != [1, 1]
+
+
+def test_a_tf_keras_op_not_rebuilt_is_still_refused_as_code(keras2_files):
+    with pytest.raises(UnsafeModel, match="tf.math.cumsum") as err:
+        open_model(keras2_files["keras2_unknown_op.h5"])
+    assert err.value.code == ErrorCode.UNSAFE_MODEL
+    with pytest.raises(InvalidModel) as trusted:  # Keras 3 has no layer to run it with
+        open_model(keras2_files["keras2_unknown_op.h5"], trusted=True)
+    assert trusted.value.code == ErrorCode.INVALID_MODEL
+
+
+def test_a_keras2_dot_keras_archive_is_invalid_model_saying_to_save_h5(keras2_files):
+    with pytest.raises(InvalidModel) as err:
+        open_model(keras2_files["keras2_v3.keras"])
+    assert err.value.code == ErrorCode.INVALID_MODEL
+    assert "written by Keras 2." in err.value.message
+    assert "model.save('model.h5')" in err.value.message
+
+
+def test_a_keras3_h5_is_not_adapted_its_nested_sequential_called_twice(tmp_path):
+    """Only what Keras 2 wrote is adapted: Keras 3 numbers a nested Sequential's calls
+    from 0 already, and its second call is node 1."""
+    inputs = keras.Input((8, 8, 3))
+    shared = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(3, 1)], name="shared")
+    model = keras.Model(inputs, shared(shared(inputs)))
+    path = tmp_path / "keras3_shared.h5"
+    model.save(path)
+    x = np.random.default_rng(1).random((1, 8, 8, 3)).astype(np.float32)
+    opened = open_model(path)
+    np.testing.assert_allclose(to_numpy(opened.model(x)), to_numpy(model(x)), atol=TOLERANCE)

@@ -1,0 +1,353 @@
+"""What a tf.keras (Keras 2) model config needs before Keras 3 can build it.
+
+Five things in the configs of legacy `.h5` files and tf.keras SavedModels
+stop Keras 3, though the model is plain:
+
+- **Op layers.** In a tf.keras functional model, TensorFlow called on a Keras
+  tensor (`a + b`, `x * 0.5`, `tf.nn.relu6(x)`, `tf.concat([a, b], -1)`)
+  becomes a `TFOpLambda` layer naming the TensorFlow function. Keras 3 has no
+  such layer, and one could name any TensorFlow function (a file write), so a
+  config holding them is refused as code (worker/engine/safety.py). Each one
+  whose function is in `OPS` (arithmetic, activations, reductions, concat,
+  reshape: functions of their tensors alone) becomes a `TFOp`, a Keras 3
+  layer calling the same function written with `keras.ops`, with the tensors
+  and constants of its one call. Any other is left as it was, and refused.
+- **Names with '/'.** tf.keras's MobileNetV3 names layers `Conv/BatchNorm`;
+  Keras 3 refuses '/' in a name (and actviz addresses nested layers
+  `outer/inner`). Each '/' becomes '_' (another suffix where that name is
+  taken). Weights still load: a legacy file's weights go to layers by order.
+- **Arguments Keras 3 dropped.** tf.keras wrote `groups: 1` for every
+  `DepthwiseConv2D` (MobileNet, EfficientNet) and `SeparableConv2D`
+  (Xception, NASNet), with the kernel's initializer, regularizer and
+  constraint for the latter; Keras 3 refuses them. Where the class does not
+  take one, it is left out: `groups` where it is 1, the others always (they
+  act in training alone; a loaded model's weights are in the file).
+- **Nested Sequential models.** tf.keras gave a Sequential built on an Input a
+  node of its own, so a model calling it refers to its node 1; Keras 3 gives it
+  none (a Functional keeps one, as before). Those references count from 0.
+- **Keras's own layers outside `keras.layers`.** ConvNeXt's `LayerScale` is
+  named by class alone in a legacy config; `custom_objects` supplies Keras's.
+
+tf.keras's MobileNetV3, ConvNeXt and RegNet have most of these; every
+tf.keras MobileNet has the third; many models people wrote have the first.
+`adapt(config)` returns the config Keras 3 can build, for a config Keras 2
+wrote (a Keras 3 `.h5` numbers its nodes its own way); `custom_objects()`
+what it needs to build it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+ops = keras.ops
+CLASS_NAME = "ActvizTFOp"
+
+
+def _silu(features: Any, beta: float = 1.0) -> Any:
+    return features * ops.sigmoid(beta * features)
+
+
+def _reduce(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def reduce(input_tensor: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return fn(input_tensor, axis=axis, keepdims=keepdims)
+
+    return reduce
+
+
+# tf.keras's name of each function -> the function, with TensorFlow's parameter names.
+OPS: dict[str, Callable[..., Any]] = {
+    "__operators__.add": lambda x, y: ops.add(x, y),
+    "math.add": lambda x, y: ops.add(x, y),
+    "math.subtract": lambda x, y: ops.subtract(x, y),
+    "math.multiply": lambda x, y: ops.multiply(x, y),
+    "math.truediv": lambda x, y: ops.divide(x, y),
+    "math.divide": lambda x, y: ops.divide(x, y),
+    "math.maximum": lambda x, y: ops.maximum(x, y),
+    "math.minimum": lambda x, y: ops.minimum(x, y),
+    "math.pow": lambda x, y: ops.power(x, y),
+    "math.negative": lambda x: ops.negative(x),
+    "math.abs": lambda x: ops.abs(x),
+    "math.square": lambda x: ops.square(x),
+    "math.sqrt": lambda x: ops.sqrt(x),
+    "math.exp": lambda x: ops.exp(x),
+    "math.sigmoid": lambda x: ops.sigmoid(x),
+    "math.tanh": lambda x: ops.tanh(x),
+    "nn.relu": lambda features: ops.relu(features),
+    "nn.relu6": lambda features: ops.relu6(features),
+    "nn.silu": _silu,
+    "nn.swish": _silu,
+    "nn.gelu": lambda features, approximate=False: ops.gelu(features, approximate=approximate),
+    "nn.softmax": lambda logits, axis=None: ops.softmax(logits, axis=-1 if axis is None else axis),
+    "math.reduce_mean": _reduce(ops.mean),
+    "math.reduce_sum": _reduce(ops.sum),
+    "math.reduce_max": _reduce(ops.max),
+    "concat": lambda values, axis: ops.concatenate(values, axis=axis),
+    "reshape": lambda tensor, shape: ops.reshape(tensor, shape),
+    "clip_by_value": lambda t, clip_value_min, clip_value_max: ops.clip(
+        t, clip_value_min, clip_value_max
+    ),
+}
+
+
+class TFOp(keras.layers.Layer):
+    """One call of a function of `OPS`: `inputs` names the parameter each input tensor
+    (or list of `count` tensors) goes to, in order; `constants` the other arguments."""
+
+    def __init__(
+        self,
+        function: str,
+        inputs: list[tuple[str, int | None]],
+        constants: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if function not in OPS:
+            raise ValueError(f"no Keras 3 form of TensorFlow's {function!r}")
+        self.function = function
+        self.inputs_layout = [(str(name), count) for name, count in inputs]
+        self.constants = dict(constants or {})
+
+    def call(self, inputs: Any) -> Any:
+        tensors = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        arguments = dict(self.constants)
+        for name, count in self.inputs_layout:
+            if count is None:
+                arguments[name] = tensors.pop(0)
+            else:
+                arguments[name], tensors = tensors[:count], tensors[count:]
+        return OPS[self.function](**arguments)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "function": self.function,
+            "inputs": [list(item) for item in self.inputs_layout],
+            "constants": self.constants,
+        }
+
+
+def custom_objects() -> dict[str, type]:
+    """What Keras needs to build an adapted config: `TFOp`, and Keras's own layers that
+    a legacy config names by class alone."""
+    found: dict[str, type] = {CLASS_NAME: TFOp}
+    try:
+        from keras.src.applications.convnext import LayerScale
+    except ImportError:  # pragma: no cover (another Keras: such a config fails to load)
+        pass
+    else:
+        found["LayerScale"] = LayerScale
+    return found
+
+
+def adapt(config: Any) -> Any:
+    """`config` (a legacy model config) as Keras 3 can build it (see the module doc): a
+    new config where anything changed, else `config` itself."""
+    adapted = copy.deepcopy(config)
+    _adapt(adapted)
+    return config if adapted == config else adapted
+
+
+# Arguments tf.keras wrote that some Keras 3 classes refuse, and the values at which
+# leaving one out changes nothing of a loaded model.
+DROPPED_ARGUMENTS: dict[str, Callable[[Any], bool]] = {
+    "groups": lambda value: value == 1,
+    "kernel_initializer": lambda value: True,
+    "kernel_regularizer": lambda value: True,
+    "kernel_constraint": lambda value: True,
+}
+
+
+def _adapt(node: Any) -> None:
+    """Every model config in `node` (a Functional's or a Sequential's: a dict holding
+    "layers"), innermost first."""
+    if isinstance(node, dict):
+        for value in node.values():
+            _adapt(value)
+        layers = node.get("layers")
+        if isinstance(layers, list) and all(isinstance(entry, dict) for entry in layers):
+            for entry in layers:
+                _drop_arguments(entry)
+            _rename_slashes(node, layers)
+            _count_sequential_nodes_from_0(node, layers)
+            names = {_name_of(entry) for entry in layers}
+            for i, entry in enumerate(layers):
+                if entry.get("class_name") == "TFOpLambda":
+                    layers[i] = _op_layer(entry, names) or entry
+    elif isinstance(node, list):
+        for value in node:
+            _adapt(value)
+
+
+def _name_of(entry: dict[str, Any]) -> Any:
+    config = entry.get("config")
+    return entry.get("name", config.get("name") if isinstance(config, dict) else None)
+
+
+def _drop_arguments(entry: dict[str, Any]) -> None:
+    """Leave out of a layer's config the `DROPPED_ARGUMENTS` its Keras 3 class refuses."""
+    config = entry.get("config")
+    cls = getattr(keras.layers, str(entry.get("class_name")), None)
+    if not isinstance(config, dict) or not isinstance(cls, type):
+        return
+    taken = inspect.signature(cls.__init__).parameters
+    for key, neutral in DROPPED_ARGUMENTS.items():
+        if key in config and key not in taken and neutral(config[key]):
+            del config[key]
+
+
+def _count_sequential_nodes_from_0(model: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+    """References in `model` to a nested Sequential built on an Input, one node lower."""
+    shifted = {
+        _name_of(entry)
+        for entry in layers
+        if entry.get("class_name") == "Sequential" and _built_on_input(entry.get("config"))
+    }
+    if not shifted:
+        return
+
+    def lower(node: Any) -> Any:
+        if isinstance(node, list):
+            if (
+                len(node) >= 3
+                and node[0] in shifted
+                and isinstance(node[1], int)
+                and not isinstance(node[1], bool)
+                and node[1] >= 1
+            ):
+                return [node[0], node[1] - 1, *(lower(value) for value in node[2:])]
+            return [lower(value) for value in node]
+        if isinstance(node, dict):
+            return {key: lower(value) for key, value in node.items()}
+        return node
+
+    for entry in layers:
+        if "inbound_nodes" in entry:
+            entry["inbound_nodes"] = lower(entry["inbound_nodes"])
+    if "output_layers" in model:
+        model["output_layers"] = lower(model["output_layers"])
+
+
+def _built_on_input(config: Any) -> bool:
+    """A Sequential config whose first layer is an InputLayer or declares its input."""
+    layers = config.get("layers") if isinstance(config, dict) else None
+    if not isinstance(layers, list) or not layers or not isinstance(layers[0], dict):
+        return False
+    first = layers[0]
+    inner = first.get("config") if isinstance(first.get("config"), dict) else {}
+    return first.get("class_name") == "InputLayer" or "batch_input_shape" in inner
+
+
+def _rename_slashes(model: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+    """Each layer name with '/' in `model`'s layers, and every reference to it there
+    (inbound nodes, the model's input and output layers), with '_' instead."""
+    taken = {_name_of(entry) for entry in layers}
+    renamed: dict[str, str] = {}
+    for entry in layers:
+        old = _name_of(entry)
+        if not isinstance(old, str) or "/" not in old:
+            continue
+        new, suffix = old.replace("/", "_"), 1
+        while new in taken:
+            new, suffix = f"{old.replace('/', '_')}_{suffix}", suffix + 1
+        taken.add(new)
+        renamed[old] = new
+        if "name" in entry:
+            entry["name"] = new
+        if isinstance(entry.get("config"), dict) and entry["config"].get("name") == old:
+            entry["config"]["name"] = new
+    if not renamed:
+        return
+    for entry in layers:
+        if "inbound_nodes" in entry:
+            entry["inbound_nodes"] = _renamed(entry["inbound_nodes"], renamed)
+    for key in ("input_layers", "output_layers"):
+        if key in model:
+            model[key] = _renamed(model[key], renamed)
+
+
+def _renamed(node: Any, renamed: dict[str, str]) -> Any:
+    """`node` with each tensor reference [layer, node, tensor(, kwargs)] to a renamed
+    layer pointing at its new name."""
+    if isinstance(node, list):
+        if node and isinstance(node[0], str) and node[0] in renamed:
+            return [renamed[node[0]], *(_renamed(value, renamed) for value in node[1:])]
+        return [_renamed(value, renamed) for value in node]
+    if isinstance(node, dict):
+        return {key: _renamed(value, renamed) for key, value in node.items()}
+    return node
+
+
+def _op_layer(entry: dict[str, Any], names: set[Any]) -> dict[str, Any] | None:
+    """The TFOp layer for one TFOpLambda `entry`, or None where its function is not in
+    `OPS` or its call is not one this module can read."""
+    config = entry.get("config")
+    nodes = entry.get("inbound_nodes")
+    if not isinstance(config, dict) or not isinstance(nodes, list) or len(nodes) != 1:
+        return None
+    function, node = config.get("function"), nodes[0]
+    if function not in OPS or not isinstance(node, list) or not node:
+        return None
+    # The call's first argument: one tensor, its node written [layer, node, tensor,
+    # kwargs] (or as a list of that one entry), or a list of tensors, one entry each.
+    entries = [node] if isinstance(node[0], str) else node
+    if not all(_is_tensor(e, names) for e in entries):
+        return None
+    kwargs = entries[-1][3] if len(entries[-1]) > 3 else {}
+    if not isinstance(kwargs, dict):
+        return None
+    params = list(inspect.signature(OPS[function]).parameters)
+    inbound = [[*e[:3], {}] for e in entries]
+    layout: list[list[Any]] = [[params[0], len(entries) if len(entries) > 1 else None]]
+    constants: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name == "name":
+            continue
+        if name not in params[1:]:
+            return None
+        if isinstance(value, dict) and value.get("class_name") == "__tuple__":
+            value = value.get("items")  # a tuple, as a SavedModel's metadata writes it
+        if _is_tensor(value, names):
+            inbound.append([*value[:3], {}])
+            layout.append([name, None])
+        elif _is_constant(value):
+            constants[name] = value
+        else:
+            return None
+    return {
+        **{key: value for key, value in entry.items() if key != "config"},
+        "class_name": CLASS_NAME,
+        "config": {
+            "name": config.get("name", entry.get("name")),
+            "trainable": bool(config.get("trainable", False)),
+            "dtype": config.get("dtype", "float32"),
+            "function": function,
+            "inputs": layout,
+            "constants": constants,
+        },
+        "inbound_nodes": [inbound],
+    }
+
+
+def _is_tensor(value: Any, names: set[Any]) -> bool:
+    """[layer name, node index, tensor index(, kwargs)] naming a layer of this model."""
+    return (
+        isinstance(value, list)
+        and len(value) in (3, 4)
+        and isinstance(value[0], str)
+        and value[0] in names
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in value[1:3])
+    )
+
+
+def _is_constant(value: Any) -> bool:
+    """A number, a bool, None, or a list of numbers (a shape, axes)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
