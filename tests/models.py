@@ -132,6 +132,20 @@ def save_gray_hw_h5(out: Path) -> Path:
     return path
 
 
+def save_uint8_input_keras(out: Path) -> Path:
+    """A model that takes uint8 pixels (0..255) and rescales them itself, then a
+    softmax head."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((SIDE, SIDE, 3), dtype="uint8")
+    x = layers.Rescaling(1 / 255.0, name="rescale")(inputs)
+    x = layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = layers.Dense(3, activation="softmax", name="probs")(layers.GlobalAveragePooling2D()(x))
+    path = out / "uint8_input_cnn.keras"
+    keras.Model(inputs, x, name="uint8_input_cnn").save(path)
+    return path
+
+
 def residual_separable():
     """Functional: Conv2D, SeparableConv2D, residual Add, BatchNorm, pooling, Dense."""
     keras = _keras()

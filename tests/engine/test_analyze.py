@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 from sample_images import image_bytes
 
-from producer.contract import MANIFEST_VERSION, JobOptions
+from producer.contract import MANIFEST_VERSION, ErrorCode, JobOptions
 from producer.errors import InvalidImage, InvalidJob, UnknownLayer
 from producer.settings import Settings
 from worker.engine import Artifacts, analyze, extract, manifest_bytes, open_model, preprocess
 from worker.engine import warmup as warm
+from worker.engine.cam_pass import analyze_cam
 
 LEVELS = 255
 ATOL = 1e-5
@@ -159,6 +160,28 @@ def test_keras2_h5_model_matches_the_reference(keras2_files, settings):
     path = keras2_files["keras2_cnn.h5"]
     loaded = open_model(path)
     check_against_reference(loaded, path, image_bytes(seed=12), JobOptions(layers=":5"), settings)
+
+
+def test_a_model_that_takes_uint8_pixels_is_fed_them_and_refuses_a_scale_it_would_truncate(
+    model_files, loaded_models, settings
+):
+    """Scaled by 1/255, every pixel would reach its uint8 input as 0 or 1: a typed error,
+    not activations of a black image. With scale 'none' its own Rescaling sees 0..255."""
+    loaded = loaded_models("uint8_input")
+    data = image_bytes(40, 30, seed=14)
+    for kind in (analyze, analyze_cam):
+        with pytest.raises(InvalidJob) as err:
+            kind(loaded, [data], JobOptions(), settings)
+        assert err.value.code == ErrorCode.INVALID_JOB
+        assert "scale='none'" in err.value.message and "uint8" in err.value.message
+    options = JobOptions(scale="none")
+    result = check_against_reference(loaded, model_files["uint8_input"], data, options, settings)
+    rescaled = result.manifest["layers"][0]
+    assert rescaled["name"] == "rescale" and rescaled["summary"]["min"] >= 0.0
+    assert 0.5 < rescaled["summary"]["max"] <= 1.0  # the pixels / 255, as the model's author meant
+    (cam,) = analyze_cam(loaded, [data], options, settings)
+    assert isinstance(cam, Artifacts)
+    warm(loaded, JobOptions())  # a preloaded model warms whatever the jobs' scale
 
 
 def test_gray_model_fed_an_rgb_image_sees_its_luma(loaded_models, settings):

@@ -10,6 +10,7 @@ whole call.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from producer.contract import JobOptions
-from producer.errors import ActivationsTooLarge, ActvizError
+from producer.errors import ActivationsTooLarge, ActvizError, InvalidJob
 from producer.settings import Settings
 from worker.engine.artifacts import Artifacts
 from worker.engine.compiled import padded_size, pads, split_sizes
@@ -47,15 +48,29 @@ def encoder_pool() -> ThreadPoolExecutor:
         return _encoders
 
 
-def check_options(options: JobOptions, channels: int) -> None:
-    """Raise InvalidJob for options no image could satisfy.
+def check_options(options: JobOptions, loaded: LoadedModel) -> None:
+    """Raise InvalidJob for options no image could satisfy with `loaded`.
 
     The contract's checks (`JobOptions.validate`, the ones `submit` ran), then
-    what needs the model or the worker: mean/std against the model's channels,
-    and a colormap name matplotlib knows.
+    what needs the model or the worker: mean/std against the model's channels, a
+    scale an integer input keeps (`check_integer_input`), and a colormap name
+    matplotlib knows.
     """
-    check_scale(options, channels)
+    check_scale(options, loaded.input_shape[2])
+    check_integer_input(options, loaded)
     colormap_lut(options.colormap)
+
+
+def check_integer_input(options: JobOptions, loaded: LoadedModel) -> None:
+    """Raise InvalidJob where the model's input is integer (uint8, int32: it takes pixel
+    values 0..255, and rescales them itself) and `options.scale` is not 'none': the pass
+    would truncate 1/255's fractions to 0 and 1, and every activation would be wrong."""
+    dtype = str(loaded.model.inputs[0].dtype)
+    if options.scale != "none" and ("int" in dtype or dtype == "bool"):
+        raise InvalidJob(
+            f"the model's input is {dtype}: it takes pixel values 0..255, not scaled ones; "
+            f"submit with scale='none' (`--scale none`), not {options.scale!r}"
+        )
 
 
 def prepare_image(
@@ -107,7 +122,7 @@ def analyze(
     (InvalidImage, ImageTooLarge, ActivationsTooLarge) when that image is bad.
     Raises InvalidJob (bad options) or UnknownLayer (bad layer spec) for all.
     """
-    check_options(options, loaded.input_shape[2])
+    check_options(options, loaded)
     extractor = loaded.extractor(options.layers)
     results: list[Artifacts | ActvizError | None] = [None] * len(images)
     prepared: dict[int, PreparedImage] = {}
@@ -155,7 +170,8 @@ def warmup(
     reduced."""
     options = options or JobOptions()
     settings = settings or Settings()
-    check_options(options, loaded.input_shape[2])
+    # Its gray images are no job's: any scale warms the same programs.
+    check_options(dataclasses.replace(options, scale="none"), loaded)
     extractor = loaded.extractor(options.layers)
     height, width, channels = loaded.input_shape
     side = min(64, settings.max_side)

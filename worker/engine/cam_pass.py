@@ -90,7 +90,7 @@ def analyze_cam(
     (InvalidImage, ImageTooLarge, ActivationsTooLarge) when that image is bad.
     Raises InvalidJob (bad options, layer or class) or NotDifferentiable for all.
     """
-    check_options(options, loaded.input_shape[2])
+    check_options(options, loaded)
     cam, key, row = cam_of(loaded, options)
     results: list[Artifacts | ActvizError | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[tuple[int, PassImage]]] = defaultdict(list)

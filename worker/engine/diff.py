@@ -34,7 +34,7 @@ import numpy as np
 from producer.contract import JobOptions, layer_stem
 from producer.errors import InvalidJob
 from producer.settings import Settings
-from worker.engine.analysis import check_activation_budget
+from worker.engine.analysis import check_activation_budget, check_integer_input
 from worker.engine.artifacts import Artifacts, image_record, model_record
 from worker.engine.layers import LayerRef
 from worker.engine.loading import LoadedModel
@@ -109,6 +109,8 @@ def diff_image(
             f"the two models take different inputs: {a.input_shape} and {b.input_shape} "
             "(H, W, C); a diff compares checkpoints of one architecture"
         )
+    check_integer_input(options, a)
+    check_integer_input(options, b)
     started = time.perf_counter()
     pairs, unmatched = match_layers(a, b, options.layers, options.match)
     if not pairs:

@@ -179,7 +179,9 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     head = _head(model)
     softmax = _ends_in_softmax(head)
     inputs, fed = image_input(model)
-    probe = keras.Input(shape=tuple(ref.output_shape), dtype=inputs.dtype, name="actviz_probe")
+    # The layer's own dtype: the model's input may be integer (uint8 pixels), its maps not.
+    dtype = getattr(ref.layer, "compute_dtype", None) or keras.config.floatx()
+    probe = keras.Input(shape=tuple(ref.output_shape), dtype=dtype, name="actviz_probe")
     seen: dict[str, Any] = {}
 
     def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:

@@ -237,7 +237,7 @@ class Batcher:
 
         try:
             started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
-            check_options(options, loaded.input_shape[2])
+            check_options(options, loaded)
             extractor = loaded.extractor(options.layers)
             pixels = decoded_pixels(image_bytes, loaded.input_shape, self.settings)
             with self.decode_budget.reserve(pixels):
@@ -266,7 +266,7 @@ class Batcher:
 
         try:
             started, cpu_started = time.perf_counter(), cpu_clock(self.settings)
-            check_options(options, loaded.input_shape[2])
+            check_options(options, loaded)
             cam, key, row = cam_of(loaded, options)
             pixels = decoded_pixels(image_bytes, loaded.input_shape, self.settings)
             with self.decode_budget.reserve(pixels):
