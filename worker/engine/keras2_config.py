@@ -25,8 +25,9 @@ stop Keras 3, though the model is plain:
 - **Nested Sequential models.** tf.keras gave a Sequential built on an Input a
   node of its own, so a model calling it refers to its node 1; Keras 3 gives it
   none (a Functional keeps one, as before). Those references count from 0.
-- **Keras's own layers outside `keras.layers`.** ConvNeXt's `LayerScale` is
-  named by class alone in a legacy config; `custom_objects` supplies Keras's.
+- **Keras's own layers outside `keras.layers`.** ConvNeXt's `LayerScale` and
+  `StochasticDepth`, InceptionResNetV2's `CustomScaleLayer`, are named by class
+  alone in a legacy config; `custom_objects` supplies Keras's.
 
 tf.keras's MobileNetV3, ConvNeXt and RegNet have most of these; every
 tf.keras MobileNet has the third; many models people wrote have the first.
@@ -136,11 +137,17 @@ def custom_objects() -> dict[str, type]:
     a legacy config names by class alone."""
     found: dict[str, type] = {CLASS_NAME: TFOp}
     try:
-        from keras.src.applications.convnext import LayerScale
+        from keras.src.applications.convnext import LayerScale, StochasticDepth
+        from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
     except ImportError:  # pragma: no cover (another Keras: such a config fails to load)
-        pass
-    else:
-        found["LayerScale"] = LayerScale
+        return found
+    found.update(
+        LayerScale=LayerScale,
+        StochasticDepth=StochasticDepth,
+        CustomScaleLayer=CustomScaleLayer,
+        # tf.keras registered InceptionResNetV2's under the package "Custom"
+        **{"Custom>CustomScaleLayer": CustomScaleLayer},
+    )
     return found
 
 
