@@ -108,6 +108,28 @@ def test_a_model_that_takes_no_image_is_invalid_model_saying_why(tmp_path, shape
     assert why in err.value.message
 
 
+def test_a_layer_class_of_the_models_author_is_named_in_the_error(tmp_path):
+    """Written by a process that defined (and registered) the class; this one has not."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "custom_layer.keras"
+    script = (
+        "import sys, keras\n"
+        "@keras.saving.register_keras_serializable(package='mine')\n"
+        "class Twice(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return x * 2\n"
+        "inputs = keras.Input((8, 8, 3))\n"
+        "keras.Model(inputs, Twice()(keras.layers.Conv2D(2, 3)(inputs))).save(sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=240)
+    with pytest.raises(InvalidModel) as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+    assert "not Keras's (mine>Twice)" in err.value.message
+
+
 def test_never_built_sequential_is_invalid_model_saying_why(model_files):
     with pytest.raises(InvalidModel) as err:
         open_model(model_files["unbuilt"])

@@ -139,6 +139,13 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
         except Exception as exc:  # Keras raises anything from ValueError to KeyError
             if "safe_mode" in str(exc) or "arbitrary code" in str(exc):
                 raise UnsafeModel(f"model refused in safe mode: {_short(exc)}") from exc
+            unknown = sorted(set(_unknown_layer_classes(adapted)))
+            if unknown:  # Keras's own message buries it under the model that held them
+                raise InvalidModel(
+                    f"could not load model '{path.name}': it uses layer classes that are not "
+                    f"Keras's ({', '.join(unknown)}); they are Python code of its author's, "
+                    "which a worker does not import: rebuild the model with Keras layers"
+                ) from exc
             raise InvalidModel(f"could not load model '{path.name}': {_short(exc)}") from exc
     if not isinstance(model, keras.Model):
         raise InvalidModel(f"'{path.name}' holds a {type(model).__name__}, not a Keras model")
@@ -218,6 +225,32 @@ def _read_config(path: Path, kind: str) -> Any:
         raise
     except (KeyError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
+
+
+def _unknown_layer_classes(node: Any) -> Iterator[str]:
+    """The class (registered) names of the layers in a model config that neither Keras
+    nor actviz's `custom_objects` know: custom classes of the model's author."""
+    if isinstance(node, dict):
+        layers = node.get("layers")
+        for entry in layers if isinstance(layers, list) else []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("class_name"), str):
+                continue
+            name = entry.get("registered_name") or entry["class_name"]
+            module = str(entry.get("module") or "")
+            if not (
+                module.startswith("keras")
+                or hasattr(keras.layers, entry["class_name"])
+                or entry["class_name"] in ("Functional", "Model", "Sequential")
+                or name in custom_objects()
+                or entry["class_name"] in custom_objects()
+                or keras.saving.get_registered_object(name) is not None
+            ):
+                yield str(name)
+        for value in node.values():
+            yield from _unknown_layer_classes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _unknown_layer_classes(value)
 
 
 def _written_by_keras2(path: Path) -> bool:
