@@ -341,6 +341,8 @@ KERAS2_FILES = (
     "keras2_ops.h5",
     "keras2_ops_savedmodel",
     "keras2_mobilenet_v3.h5",
+    "keras2_transfer_functional.h5",
+    "keras2_transfer_sequential.h5",
     "keras2_unknown_op.h5",
     "keras2_v3.keras",
     "keras2_outputs.npz",  # each model's outputs under tf_keras, for KERAS2_INPUT
@@ -399,7 +401,8 @@ def _write_keras2_adapted(out: Path) -> None:
     """tf.keras models whose configs Keras 3 cannot build as they are: op layers
     (TensorFlow called on Keras tensors), a nested Sequential built on an Input, depthwise
     and separable convolutions (their `groups` argument), names with '/'; tf.keras's own
-    MobileNetV3 (all of them); one op actviz does not rebuild; tf.keras's `.keras`."""
+    MobileNetV3 (all of them); a pretrained base in a Functional (with augmentation) and
+    in a Sequential; one op actviz does not rebuild; tf.keras's `.keras`."""
     import numpy as np
     import tensorflow as tf
     import tf_keras
@@ -425,6 +428,31 @@ def _write_keras2_adapted(out: Path) -> None:
         weights=None, input_shape=(side, side, 3), classes=4
     )
     mobilenet.save(out / "keras2_mobilenet_v3.h5", save_format="h5")
+    # Transfer learning as the tutorials write it: augmentation, the base's own
+    # preprocess_input (op layers), a pretrained base called with training=False.
+    base = tf_keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(side, side, 3), alpha=0.35
+    )
+    augment = tf_keras.Sequential(
+        [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1)], name="augment"
+    )
+    h = tf_keras.applications.mobilenet_v2.preprocess_input(augment(inputs))
+    h = layers.GlobalAveragePooling2D()(base(h, training=False))
+    transfer = tf_keras.Model(inputs, layers.Dense(2, name="head")(h), name="transfer")
+    transfer.save(out / "keras2_transfer_functional.h5", save_format="h5")
+    stacked = tf_keras.Sequential(
+        [
+            tf_keras.Input((side, side, 3)),
+            layers.Rescaling(1 / 127.5, offset=-1),
+            tf_keras.applications.MobileNetV2(
+                include_top=False, weights=None, input_shape=(side, side, 3), alpha=0.35
+            ),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(2, name="head"),
+        ],
+        name="stacked",
+    )
+    stacked.save(out / "keras2_transfer_sequential.h5", save_format="h5")
     unknown = tf_keras.Model(inputs, tf.math.cumsum(layers.Conv2D(2, 3, name="conv")(inputs)))
     unknown.save(out / "keras2_unknown_op.h5", save_format="h5")
     x = keras2_input()
@@ -432,6 +460,8 @@ def _write_keras2_adapted(out: Path) -> None:
         out / "keras2_outputs.npz",
         ops=ops_model(x, training=False).numpy(),
         mobilenet_v3=mobilenet(x * 255.0, training=False).numpy(),
+        transfer_functional=transfer(x * 255.0, training=False).numpy(),
+        transfer_sequential=stacked(x * 255.0, training=False).numpy(),
     )
 
 

@@ -1,6 +1,6 @@
 """What a tf.keras (Keras 2) model config needs before Keras 3 can build it.
 
-Five things in the configs of legacy `.h5` files and tf.keras SavedModels
+Seven things in the configs of legacy `.h5` files and tf.keras SavedModels
 stop Keras 3, though the model is plain:
 
 - **Op layers.** In a tf.keras functional model, TensorFlow called on a Keras
@@ -19,12 +19,21 @@ stop Keras 3, though the model is plain:
 - **Arguments Keras 3 dropped.** tf.keras wrote `groups: 1` for every
   `DepthwiseConv2D` (MobileNet, EfficientNet) and `SeparableConv2D`
   (Xception, NASNet), with the kernel's initializer, regularizer and
-  constraint for the latter; Keras 3 refuses them. Where the class does not
-  take one, it is left out: `groups` where it is 1, the others always (they
-  act in training alone; a loaded model's weights are in the file).
-- **Nested Sequential models.** tf.keras gave a Sequential built on an Input a
-  node of its own, so a model calling it refers to its node 1; Keras 3 gives it
-  none (a Functional keeps one, as before). Those references count from 0.
+  constraint for the latter, and `rng_type` for its augmentation layers
+  (`RandomFlip`, `RandomRotation`); Keras 3 refuses them. Where the class does
+  not take one, it is left out: `groups` where it is 1, the others always
+  (they act in training alone; a loaded model's weights are in the file).
+- **Nested models.** tf.keras gave a Functional, and a Sequential built on an
+  Input, a node of their own, so a model calling one (a pretrained base, an
+  augmentation block) refers to its node 1; Keras 3, building it from a
+  legacy config, gives it none. Those references count from 0 (a model's
+  output that is a nested Functional's Keras 3 shifts itself).
+- **One input or output as a list of one.** tf.keras wrote a Functional's
+  single input and output as `[[layer, 0, 0]]`; Keras 3 reads a list, and the
+  model (a pretrained base inside a Sequential) then hands on a list of one
+  tensor. They are written as the one reference they are.
+- **BatchNormalization's axis as a list** (`[3]`, as tf.keras wrote it for a
+  layer inside a nested model): Keras 3 takes one int.
 - **Keras's own layers outside `keras.layers`.** ConvNeXt's `LayerScale` and
   `StochasticDepth`, InceptionResNetV2's `CustomScaleLayer`, are named by class
   alone in a legacy config; `custom_objects` supplies Keras's.
@@ -166,6 +175,7 @@ DROPPED_ARGUMENTS: dict[str, Callable[[Any], bool]] = {
     "kernel_initializer": lambda value: True,
     "kernel_regularizer": lambda value: True,
     "kernel_constraint": lambda value: True,
+    "rng_type": lambda value: True,  # tf.keras's augmentation layers: inactive in inference
 }
 
 
@@ -180,7 +190,11 @@ def _adapt(node: Any) -> None:
             for entry in layers:
                 _drop_arguments(entry)
             _rename_slashes(node, layers)
-            _count_sequential_nodes_from_0(node, layers)
+            _count_nested_nodes_from_0(node, layers)
+            for key in ("input_layers", "output_layers"):
+                refs = node.get(key)
+                if isinstance(refs, list) and len(refs) == 1 and isinstance(refs[0], list):
+                    node[key] = refs[0]
             names = {_name_of(entry) for entry in layers}
             for i, entry in enumerate(layers):
                 if entry.get("class_name") == "TFOpLambda":
@@ -196,8 +210,13 @@ def _name_of(entry: dict[str, Any]) -> Any:
 
 
 def _drop_arguments(entry: dict[str, Any]) -> None:
-    """Leave out of a layer's config the `DROPPED_ARGUMENTS` its Keras 3 class refuses."""
+    """Leave out of a layer's config the `DROPPED_ARGUMENTS` its Keras 3 class refuses;
+    a BatchNormalization's axis of one as an int."""
     config = entry.get("config")
+    if entry.get("class_name") == "BatchNormalization" and isinstance(config, dict):
+        axis = config.get("axis")
+        if isinstance(axis, list) and len(axis) == 1 and isinstance(axis[0], int):
+            config["axis"] = axis[0]
     cls = getattr(keras.layers, str(entry.get("class_name")), None)
     if not isinstance(config, dict) or not isinstance(cls, type):
         return
@@ -207,17 +226,19 @@ def _drop_arguments(entry: dict[str, Any]) -> None:
             del config[key]
 
 
-def _count_sequential_nodes_from_0(model: dict[str, Any], layers: list[dict[str, Any]]) -> None:
-    """References in `model` to a nested Sequential built on an Input, one node lower."""
-    shifted = {
+def _count_nested_nodes_from_0(model: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+    """References in `model` to a nested Functional, or Sequential built on an Input, one
+    node lower; in its output layers, a Sequential's only (Keras 3 lowers a Functional's)."""
+    functional = {
+        _name_of(entry) for entry in layers if entry.get("class_name") in ("Functional", "Model")
+    }
+    sequential = {
         _name_of(entry)
         for entry in layers
         if entry.get("class_name") == "Sequential" and _built_on_input(entry.get("config"))
     }
-    if not shifted:
-        return
 
-    def lower(node: Any) -> Any:
+    def lower(node: Any, shifted: set[Any]) -> Any:
         if isinstance(node, list):
             if (
                 len(node) >= 3
@@ -226,17 +247,18 @@ def _count_sequential_nodes_from_0(model: dict[str, Any], layers: list[dict[str,
                 and not isinstance(node[1], bool)
                 and node[1] >= 1
             ):
-                return [node[0], node[1] - 1, *(lower(value) for value in node[2:])]
-            return [lower(value) for value in node]
+                return [node[0], node[1] - 1, *(lower(value, shifted) for value in node[2:])]
+            return [lower(value, shifted) for value in node]
         if isinstance(node, dict):
-            return {key: lower(value) for key, value in node.items()}
+            return {key: lower(value, shifted) for key, value in node.items()}
         return node
 
-    for entry in layers:
-        if "inbound_nodes" in entry:
-            entry["inbound_nodes"] = lower(entry["inbound_nodes"])
-    if "output_layers" in model:
-        model["output_layers"] = lower(model["output_layers"])
+    if functional or sequential:
+        for entry in layers:
+            if "inbound_nodes" in entry:
+                entry["inbound_nodes"] = lower(entry["inbound_nodes"], functional | sequential)
+    if sequential and "output_layers" in model:
+        model["output_layers"] = lower(model["output_layers"], sequential)
 
 
 def _built_on_input(config: Any) -> bool:
