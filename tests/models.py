@@ -419,6 +419,8 @@ def _write_keras2_adapted(out: Path) -> None:
     y = tf.nn.relu6(a + b * 0.5 - 1.0) / 6.0  # add, multiply, subtract, relu6, truediv
     y = tf.concat([y, tf.math.sigmoid(x)], axis=-1)
     y = tf.reshape(tf.reshape(y, (-1, (side - 2) * (side - 2) * 12)), (-1, side - 2, side - 2, 12))
+    y = tf.nn.leaky_relu(tf.transpose(tf.image.resize(y, (side, side)), (0, 2, 1, 3)))
+    y = tf.squeeze(tf.expand_dims(y, 1), 1)
     pooled = tf.math.reduce_mean(y, axis=[1, 2])
     ops_model = tf_keras.Model(inputs, layers.Dense(3, name="head")(pooled), name="ops_model")
     ops_model.save(out / "keras2_ops.h5", save_format="h5")

@@ -69,7 +69,32 @@ def _reduce(fn: Callable[..., Any]) -> Callable[..., Any]:
     return reduce
 
 
-# tf.keras's name of each function -> the function, with TensorFlow's parameter names.
+def _resize(
+    images: Any,
+    size: Any,
+    method: str = "bilinear",
+    preserve_aspect_ratio: bool = False,
+    antialias: bool = False,
+) -> Any:
+    if preserve_aspect_ratio:
+        raise ValueError("tf.image.resize with preserve_aspect_ratio has no Keras 3 form")
+    return ops.image.resize(images, tuple(size), interpolation=str(method), antialias=antialias)
+
+
+def _expand_dims(input: Any, axis: int) -> Any:  # noqa: A002 (TensorFlow's parameter name)
+    return ops.expand_dims(input, axis)
+
+
+def _squeeze(input: Any, axis: Any = None, squeeze_dims: Any = None) -> Any:  # noqa: A002
+    return ops.squeeze(input, axis if squeeze_dims is None else squeeze_dims)
+
+
+def _transpose(a: Any, perm: Any = None, conjugate: bool = False) -> Any:
+    return ops.transpose(a, axes=perm)  # conjugate: of a real tensor, itself
+
+
+# tf.keras's name of each function -> the function, with TensorFlow's parameter names
+# and defaults (tf.nn.leaky_relu's alpha is 0.2, Keras's 0.3).
 OPS: dict[str, Callable[..., Any]] = {
     "__operators__.add": lambda x, y: ops.add(x, y),
     "math.add": lambda x, y: ops.add(x, y),
@@ -96,6 +121,18 @@ OPS: dict[str, Callable[..., Any]] = {
     "math.reduce_mean": _reduce(ops.mean),
     "math.reduce_sum": _reduce(ops.sum),
     "math.reduce_max": _reduce(ops.max),
+    "math.reduce_min": _reduce(ops.min),
+    "math.log": lambda x: ops.log(x),
+    "nn.leaky_relu": lambda features, alpha=0.2: ops.leaky_relu(features, negative_slope=alpha),
+    "nn.elu": lambda features: ops.elu(features),
+    "nn.softplus": lambda features: ops.softplus(features),
+    "image.resize": _resize,
+    "expand_dims": _expand_dims,
+    "squeeze": _squeeze,
+    "compat.v1.squeeze": _squeeze,  # tf.keras's name of tf.squeeze
+    "transpose": _transpose,
+    "compat.v1.transpose": _transpose,  # tf.keras's name of tf.transpose
+    "stack": lambda values, axis=0: ops.stack(values, axis=axis),
     "concat": lambda values, axis: ops.concatenate(values, axis=axis),
     "reshape": lambda tensor, shape: ops.reshape(tensor, shape),
     "clip_by_value": lambda t, clip_value_min, clip_value_max: ops.clip(
