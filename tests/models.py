@@ -70,20 +70,28 @@ def classic_cnn():
     return keras.Sequential(stack, name="classic")
 
 
-def softmax_cnn(side: int = SIDE, classes: int = 4):
-    """Conv-pool x2, Flatten, Dense(softmax): a classifier whose head is a softmax."""
+def softmax_cnn(side: int = SIDE, classes: int = 4, gray_hw: bool = False):
+    """Conv-pool x2, Flatten, Dense(softmax): a classifier whose head is a softmax.
+
+    gray_hw: MNIST's way, a (batch, H, W) input without a channel axis, reshaped to one
+    channel inside the model."""
     keras = _keras()
     layers = keras.layers
+    stem = (
+        [keras.Input((side, side)), layers.Reshape((side, side, 1), name="add_channel")]
+        if gray_hw
+        else [keras.Input((side, side, 3))]
+    )
     return keras.Sequential(
         [
-            keras.Input((side, side, 3)),
+            *stem,
             layers.Conv2D(6, 3, activation="relu", name="conv_a"),
             layers.MaxPooling2D(name="pool_a"),
             layers.Conv2D(8, 3, activation="relu", name="conv_b"),
             layers.Flatten(name="flatten"),
             layers.Dense(classes, activation="softmax", name="probs"),
         ],
-        name="softmax_cnn",
+        name="gray_hw_cnn" if gray_hw else "softmax_cnn",
     )
 
 
@@ -106,29 +114,10 @@ def save_gray_keras(out: Path) -> Path:
     return path
 
 
-def gray_hw_cnn(side: int = SIDE, classes: int = 4):
-    """MNIST's way: a (batch, H, W) input without a channel axis, reshaped to one channel
-    inside the model, and a softmax head."""
-    keras = _keras()
-    layers = keras.layers
-    return keras.Sequential(
-        [
-            keras.Input((side, side)),
-            layers.Reshape((side, side, 1), name="add_channel"),
-            layers.Conv2D(6, 3, activation="relu", name="conv_a"),
-            layers.MaxPooling2D(name="pool_a"),
-            layers.Conv2D(8, 3, activation="relu", name="conv_b"),
-            layers.Flatten(name="flatten"),
-            layers.Dense(classes, activation="softmax", name="probs"),
-        ],
-        name="gray_hw_cnn",
-    )
-
-
 def save_gray_hw_h5(out: Path) -> Path:
-    """`gray_hw_cnn` as a legacy .h5, as such models are often shared."""
+    """`softmax_cnn(gray_hw=True)` as a legacy .h5, as such models are often shared."""
     path = out / "gray_hw_cnn.h5"
-    gray_hw_cnn().save(path)
+    softmax_cnn(gray_hw=True).save(path)
     return path
 
 
