@@ -122,10 +122,15 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
         return load_savedmodel(path, trusted=trusted)
     kind = _sniff(path)
     check_model_bounds(path, kind)
-    if kind == "keras":
-        _refuse_keras2_archive(path)
-    config = _read_config(path, kind)
-    adapted = adapt(config) if kind == "h5" and _written_by_keras2(path) else config
+    config, version = _read_config(path, kind)
+    if kind == "keras" and version.startswith("2."):
+        raise InvalidModel(  # Keras 3 reads neither its classes nor its weights' layout
+            f"'{path.name}' was written by Keras {version} (tf.keras) in its own .keras "
+            "format, which Keras 3 cannot read; where it was made, save it as legacy "
+            "HDF5 (model.save('model.h5')), which actviz reads"
+        )
+    # What Keras 2 (or 1) wrote; a Keras 3 .h5 numbers its nodes its own way.
+    adapted = adapt(config) if kind == "h5" and not version.startswith("3.") else config
     if not trusted:
         refuse_code_layers(adapted)
     suffix = ".keras" if kind == "keras" else ".h5"
@@ -202,17 +207,20 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _read_config(path: Path, kind: str) -> Any:
-    """The model config JSON, read without deserializing any layer."""
+def _read_config(path: Path, kind: str) -> tuple[Any, str]:
+    """The model config JSON, read without deserializing any layer, and the version of
+    Keras that wrote it ('' where the file does not say)."""
     try:
         if kind == "keras":
-            with zipfile.ZipFile(path) as archive, archive.open("config.json") as member:
-                text = member.read(MAX_CONFIG_BYTES + 1)
-            if len(text) > MAX_CONFIG_BYTES:
-                raise InvalidModel(
-                    f"'{path.name}' has a config.json above {MAX_CONFIG_BYTES} bytes"
-                )
-            return json.loads(text)
+            with zipfile.ZipFile(path) as archive:
+                with archive.open("config.json") as member:
+                    text = member.read(MAX_CONFIG_BYTES + 1)
+                if len(text) > MAX_CONFIG_BYTES:
+                    raise InvalidModel(
+                        f"'{path.name}' has a config.json above {MAX_CONFIG_BYTES} bytes"
+                    )
+                version = _archive_version(archive)
+            return json.loads(text), version
         with h5py.File(path, "r") as fh:
             raw = fh.attrs.get("model_config")
             if raw is None:
@@ -220,16 +228,28 @@ def _read_config(path: Path, kind: str) -> Any:
                     f"'{path.name}' holds weights only (no model config); "
                     "save the whole model with model.save(...)"
                 )
-            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            version = fh.attrs.get("keras_version", "")
+            config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        return config, version.decode() if isinstance(version, bytes) else str(version)
     except InvalidModel:
         raise
     except (KeyError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
 
 
-def _unknown_layer_classes(node: Any) -> Iterator[str]:
+def _archive_version(archive: zipfile.ZipFile) -> str:
+    """metadata.json's keras_version of a .keras archive; '' where it has none."""
+    try:
+        with archive.open("metadata.json") as member:
+            return str(json.loads(member.read(64 * 1024)).get("keras_version", ""))
+    except (KeyError, ValueError, AttributeError):
+        return ""
+
+
+def _unknown_layer_classes(node: Any, known: dict[str, type] | None = None) -> Iterator[str]:
     """The class (registered) names of the layers in a model config that neither Keras
     nor actviz's `custom_objects` know: custom classes of the model's author."""
+    known = custom_objects() if known is None else known
     if isinstance(node, dict):
         layers = node.get("layers")
         for entry in layers if isinstance(layers, list) else []:
@@ -241,43 +261,16 @@ def _unknown_layer_classes(node: Any) -> Iterator[str]:
                 module.startswith("keras")
                 or hasattr(keras.layers, entry["class_name"])
                 or entry["class_name"] in ("Functional", "Model", "Sequential")
-                or name in custom_objects()
-                or entry["class_name"] in custom_objects()
+                or name in known
+                or entry["class_name"] in known
                 or keras.saving.get_registered_object(name) is not None
             ):
                 yield str(name)
         for value in node.values():
-            yield from _unknown_layer_classes(value)
+            yield from _unknown_layer_classes(value, known)
     elif isinstance(node, list):
         for value in node:
-            yield from _unknown_layer_classes(value)
-
-
-def _written_by_keras2(path: Path) -> bool:
-    """An `.h5` file that Keras 2 (or tf.keras, or Keras 1) wrote, not Keras 3."""
-    try:
-        with h5py.File(path, "r") as fh:
-            version = fh.attrs.get("keras_version", b"")
-    except OSError:
-        return True
-    version = version.decode() if isinstance(version, bytes) else str(version)
-    return not version.startswith("3.")
-
-
-def _refuse_keras2_archive(path: Path) -> None:
-    """Raise InvalidModel for a `.keras` archive that Keras 2 (tf.keras 2.13 to 2.15, or
-    tf_keras) wrote: Keras 3 reads neither its classes nor its weights' layout."""
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("metadata.json") as member:
-            version = str(json.loads(member.read(64 * 1024)).get("keras_version", ""))
-    except (KeyError, OSError, ValueError, AttributeError, zipfile.BadZipFile):
-        return  # no readable metadata: the loader says what is wrong
-    if version.startswith("2."):
-        raise InvalidModel(
-            f"'{path.name}' was written by Keras {version} (tf.keras) in its own .keras "
-            "format, which Keras 3 cannot read; where it was made, save it as legacy "
-            "HDF5 (model.save('model.h5')), which actviz reads"
-        )
+            yield from _unknown_layer_classes(value, known)
 
 
 @contextlib.contextmanager
