@@ -275,27 +275,11 @@ def _count_nested_nodes_from_0(model: dict[str, Any], layers: list[dict[str, Any
         if entry.get("class_name") == "Sequential" and _built_on_input(entry.get("config"))
     }
 
-    def lower(node: Any, shifted: set[Any]) -> Any:
-        if isinstance(node, list):
-            if (
-                len(node) >= 3
-                and node[0] in shifted
-                and isinstance(node[1], int)
-                and not isinstance(node[1], bool)
-                and node[1] >= 1
-            ):
-                return [node[0], node[1] - 1, *(lower(value, shifted) for value in node[2:])]
-            return [lower(value, shifted) for value in node]
-        if isinstance(node, dict):
-            return {key: lower(value, shifted) for key, value in node.items()}
-        return node
+    def lower(ref: list[Any]) -> list[Any]:
+        return [ref[0], ref[1] - 1, *ref[2:]] if ref[1] >= 1 else ref
 
-    if functional or sequential:
-        for entry in layers:
-            if "inbound_nodes" in entry:
-                entry["inbound_nodes"] = lower(entry["inbound_nodes"], functional | sequential)
-    if sequential and "output_layers" in model:
-        model["output_layers"] = lower(model["output_layers"], sequential)
+    _rewrite_refs(model, layers, functional | sequential, lower, ())
+    _rewrite_refs(model, [], sequential, lower, ("output_layers",))
 
 
 def _built_on_input(config: Any) -> bool:
@@ -326,25 +310,37 @@ def _rename_slashes(model: dict[str, Any], layers: list[dict[str, Any]]) -> None
             entry["name"] = new
         if isinstance(entry.get("config"), dict) and entry["config"].get("name") == old:
             entry["config"]["name"] = new
-    if not renamed:
-        return
+    if renamed:
+        _rewrite_refs(model, layers, set(renamed), lambda ref: [renamed[ref[0]], *ref[1:]])
+
+
+def _rewrite_refs(
+    model: dict[str, Any],
+    layers: list[dict[str, Any]],
+    names: set[Any],
+    rewrite: Callable[[list[Any]], list[Any]],
+    keys: tuple[str, ...] = ("input_layers", "output_layers"),
+) -> None:
+    """Each tensor reference to a layer in `names`, in `layers`' inbound nodes and in
+    `model`'s `keys`, replaced by `rewrite(reference)`."""
     for entry in layers:
         if "inbound_nodes" in entry:
-            entry["inbound_nodes"] = _renamed(entry["inbound_nodes"], renamed)
-    for key in ("input_layers", "output_layers"):
+            entry["inbound_nodes"] = _map_refs(entry["inbound_nodes"], names, rewrite)
+    for key in keys:
         if key in model:
-            model[key] = _renamed(model[key], renamed)
+            model[key] = _map_refs(model[key], names, rewrite)
 
 
-def _renamed(node: Any, renamed: dict[str, str]) -> Any:
-    """`node` with each tensor reference [layer, node, tensor(, kwargs)] to a renamed
-    layer pointing at its new name."""
+def _map_refs(node: Any, names: set[Any], rewrite: Callable[[list[Any]], list[Any]]) -> Any:
+    """`node` with each tensor reference [layer, node, tensor(, kwargs)] to a layer in
+    `names` replaced by `rewrite(reference)`, its kwargs' references too."""
     if isinstance(node, list):
-        if node and isinstance(node[0], str) and node[0] in renamed:
-            return [renamed[node[0]], *(_renamed(value, renamed) for value in node[1:])]
-        return [_renamed(value, renamed) for value in node]
+        if _is_tensor(node, names):
+            node = rewrite(node)
+            return [*node[:3], *(_map_refs(value, names, rewrite) for value in node[3:])]
+        return [_map_refs(value, names, rewrite) for value in node]
     if isinstance(node, dict):
-        return {key: _renamed(value, renamed) for key, value in node.items()}
+        return {key: _map_refs(value, names, rewrite) for key, value in node.items()}
     return node
 
 
