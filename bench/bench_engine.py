@@ -227,7 +227,10 @@ def main() -> None:
         loaded = open_model(path)
         extractor = loaded.extractor(SPEC)
         pixels = np.stack(
-            [preprocess(data, loaded.input_shape, options, settings).pixels for data in images]
+            [
+                preprocess(data, loaded.input_shape, options, settings, loaded.pixel_input).pixels
+                for data in images
+            ]
         )
         grids = Path(tmp) / "classic"
         grids.mkdir()

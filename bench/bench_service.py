@@ -171,7 +171,10 @@ def measure_floor(
     for batch in batches:
         chosen = [images[i % len(images)] for i in range(batch)]
         pixels = np.stack(
-            [preprocess(d, loaded.input_shape, options, settings).pixels for d in chosen]
+            [
+                preprocess(d, loaded.input_shape, options, settings, loaded.pixel_input).pixels
+                for d in chosen
+            ]
         )
         floor.activation_mb[batch] = batch * extractor.output_bytes(pixels.shape[1:]) / 2**20
         forward = bench_engine.forward_only(extractor)

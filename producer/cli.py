@@ -556,7 +556,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale",
         choices=SCALES,
-        help="pixel scaling before the model: x/255 (default), raw 0..255, -1..1, or "
+        help="pixel scaling before the model: auto (default: raw 0..255 where the model "
+        "rescales its own input, else x/255), x/255, raw 0..255, -1..1, or "
         "(x/255 - mean) / std with --mean and --std",
     )
     p.add_argument(

@@ -114,8 +114,10 @@ class ErrorCode(StrEnum):
 
 ERROR_CODES = tuple(code.value for code in ErrorCode)
 
-# Preprocessing scale modes and grid normalization modes.
-SCALES = ("1/255", "none", "-1..1", "meanstd")
+# Preprocessing scale modes and grid normalization modes. 'auto' is 'none' for a model
+# that takes pixel values 0..255 (it rescales its own input, or takes uint8) and the
+# classic '1/255' for any other (worker/engine/input_scale.py).
+SCALES = ("auto", "1/255", "none", "-1..1", "meanstd")
 NORMALIZATIONS = ("channel", "layer", "meanstd", "percentile")
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -361,7 +363,8 @@ MATCHES = ("name", "index")
 
 @dataclass(frozen=True)
 class JobOptions:
-    """Per-job knobs. Defaults reproduce the classic recipe: x/255, viridis.
+    """Per-job knobs. Defaults reproduce the classic recipe: x/255 (unless the model
+    scales its own input: scale 'auto'), viridis.
 
     `from_dict` (what both sides build options with: the producer in
     `submit`, the worker on receipt) checks types, names and ranges with
@@ -372,7 +375,7 @@ class JobOptions:
     """
 
     layers: str | list[str] | None = None
-    scale: str = "1/255"
+    scale: str = "auto"
     mean: list[float] | None = None
     std: list[float] | None = None
     normalize: str = "channel"

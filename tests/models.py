@@ -135,6 +135,21 @@ def save_uint8_input_keras(out: Path) -> Path:
     return path
 
 
+def save_rescaling_keras(out: Path) -> Path:
+    """The Keras tutorials' classifier: augmentation, then `Rescaling(1. / 255)` in
+    front of the first convolution, so the model takes pixel values 0..255."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((SIDE, SIDE, 3))
+    x = keras.Sequential([layers.RandomFlip("horizontal")], name="augment")(inputs)
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    x = layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = layers.Dense(3, activation="softmax", name="probs")(layers.GlobalAveragePooling2D()(x))
+    path = out / "rescaling_cnn.keras"
+    keras.Model(inputs, x, name="rescaling_cnn").save(path)
+    return path
+
+
 def residual_separable():
     """Functional: Conv2D, SeparableConv2D, residual Add, BatchNorm, pooling, Dense."""
     keras = _keras()

@@ -31,6 +31,7 @@ def model_files(model_dir: Path) -> dict[str, Path]:
         "gray": models.save_gray_keras(model_dir),
         "gray_hw": models.save_gray_hw_h5(model_dir),
         "uint8_input": models.save_uint8_input_keras(model_dir),
+        "rescaling": models.save_rescaling_keras(model_dir),
         "residual": models.save_residual_keras(model_dir),
         "nested": models.save_nested_keras(model_dir),
         "fully_conv": models.save_fully_conv_keras(model_dir),

@@ -22,6 +22,7 @@ from producer.settings import Settings
 from worker.engine import Artifacts, analyze, extract, manifest_bytes, open_model, preprocess
 from worker.engine import warmup as warm
 from worker.engine.cam_pass import analyze_cam
+from worker.report import render_report
 
 LEVELS = 255
 ATOL = 1e-5
@@ -114,7 +115,7 @@ def check_against_reference(loaded, path, data: bytes, options: JobOptions, sett
     """Run analyze on one image and check every layer against the references."""
     (result,) = analyze(loaded, [data], options, settings)
     assert isinstance(result, Artifacts)
-    prepared = preprocess(data, loaded.input_shape, options, settings)
+    prepared = preprocess(data, loaded.input_shape, options, settings, loaded.pixel_input)
     refs = loaded.select(options.layers)
     batch = prepared.pixels[None]
     engine_acts = extract(loaded, batch, refs)
@@ -165,23 +166,59 @@ def test_keras2_h5_model_matches_the_reference(keras2_files, settings):
 def test_a_model_that_takes_uint8_pixels_is_fed_them_and_refuses_a_scale_it_would_truncate(
     model_files, loaded_models, settings
 ):
-    """Scaled by 1/255, every pixel would reach its uint8 input as 0 or 1: a typed error,
-    not activations of a black image. With scale 'none' its own Rescaling sees 0..255."""
+    """Scaled by 1/255, every pixel would reach its uint8 input as 0 or 1: asked for,
+    a typed error, not activations of a black image. By default (scale 'auto') its own
+    Rescaling sees 0..255."""
     loaded = loaded_models("uint8_input")
+    assert loaded.pixel_input == "its input is uint8"
     data = image_bytes(40, 30, seed=14)
     for kind in (analyze, analyze_cam):
         with pytest.raises(InvalidJob) as err:
-            kind(loaded, [data], JobOptions(), settings)
+            kind(loaded, [data], JobOptions(scale="1/255"), settings)
         assert err.value.code == ErrorCode.INVALID_JOB
         assert "scale='none'" in err.value.message and "uint8" in err.value.message
-    options = JobOptions(scale="none")
-    result = check_against_reference(loaded, model_files["uint8_input"], data, options, settings)
-    rescaled = result.manifest["layers"][0]
-    assert rescaled["name"] == "rescale" and rescaled["summary"]["min"] >= 0.0
-    assert 0.5 < rescaled["summary"]["max"] <= 1.0  # the pixels / 255, as the model's author meant
-    (cam,) = analyze_cam(loaded, [data], options, settings)
-    assert isinstance(cam, Artifacts)
+    for options in (JobOptions(), JobOptions(scale="none")):
+        result = check_against_reference(
+            loaded, model_files["uint8_input"], data, options, settings
+        )
+        assert result.manifest["preprocessing"]["scale"] == "none"
+        rescaled = result.manifest["layers"][0]
+        assert rescaled["name"] == "rescale" and rescaled["summary"]["min"] >= 0.0
+        assert 0.5 < rescaled["summary"]["max"] <= 1.0  # pixels / 255, as its author meant
+        (cam,) = analyze_cam(loaded, [data], options, settings)
+        assert isinstance(cam, Artifacts)
     warm(loaded, JobOptions())  # a preloaded model warms whatever the jobs' scale
+
+
+def test_a_model_that_rescales_its_own_input_is_fed_pixels_unless_the_job_says_otherwise(
+    model_files, loaded_models, settings
+):
+    """The tutorials' `Rescaling(1. / 255)` in front of the first convolution: fed
+    x / 255 as well, its first layers would see values 255 times too small, and every
+    activation would be wrong without an error. By default it is fed the pixels; a
+    scale the job names is applied, and the manifest notes what the model takes."""
+    loaded = loaded_models("rescaling")
+    data = image_bytes(40, 30, seed=15)
+    result = check_against_reference(
+        loaded, model_files["rescaling"], data, JobOptions(layers="rescale,conv"), settings
+    )
+    pre = result.manifest["preprocessing"]
+    assert (pre["scale"], pre["formula"]) == ("none", "x")
+    assert "'rescale' (Rescaling) multiplies its input by 0.003922" in pre["scale_auto"]
+    rescaled = next(e for e in result.manifest["layers"] if e["name"] == "rescale")
+    assert 0.5 < rescaled["summary"]["max"] <= 1.0  # pixels / 255, as its author meant
+    page = render_report(result.manifest)["index.html"].decode()
+    assert "takes pixel values 0..255" in page and "multiplies its input by 0.003922" in page
+    (asked,) = analyze(loaded, [data], JobOptions(layers="rescale,conv", scale="1/255"), settings)
+    pre = asked.manifest["preprocessing"]
+    assert pre["scale"] == "1/255" and "scale_auto" not in pre
+    assert "takes pixel values 0..255" in pre["scale_note"]
+    rescaled = next(e for e in asked.manifest["layers"] if e["name"] == "rescale")
+    assert rescaled["summary"]["max"] <= 1.0 / 255
+    (plain,) = analyze(loaded_models("softmax"), [data], JobOptions(), settings)
+    pre = plain.manifest["preprocessing"]
+    assert pre["scale"] == "1/255" and "nothing in front" in pre["scale_auto"]
+    assert "scale_note" not in pre
 
 
 def test_gray_model_fed_an_rgb_image_sees_its_luma(loaded_models, settings):

@@ -33,6 +33,7 @@ import numpy as np
 from producer.errors import ActvizError, InvalidModel, ModelNotFound, UnsafeModel
 from worker.engine.extract import Extractor, build_extractor
 from worker.engine.gradcam import CamModel, build_cam_model
+from worker.engine.input_scale import pixel_input
 from worker.engine.keras2_config import adapt, custom_objects
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.safety import MAX_CONFIG_BYTES, check_model_bounds, refuse_code_layers
@@ -49,6 +50,8 @@ class LoadedModel:
 
     `input_shape` is (H, W, C) with None for free spatial dimensions.
     `nbytes` approximates the memory the weights hold.
+    `pixel_input` says why the model takes pixel values 0..255 unscaled (it
+    rescales its own input, or takes uint8), or is None (see input_scale.py).
     """
 
     model: keras.Model
@@ -57,6 +60,7 @@ class LoadedModel:
     nbytes: int
     input_shape: tuple[int | None, int | None, int]
     layers: list[LayerRef]
+    pixel_input: str | None = None
     _extractors: dict[tuple[str, ...], Extractor] = field(default_factory=dict, repr=False)
     _cams: dict[str | None, CamModel] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -105,6 +109,7 @@ def open_model(path: str | Path, uri: str | None = None, *, trusted: bool = Fals
         nbytes=weight_bytes(model),
         input_shape=input_shape,
         layers=flatten_layers(model),
+        pixel_input=pixel_input(model),
     )
 
 

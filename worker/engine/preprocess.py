@@ -10,6 +10,7 @@ pixels is written to the returned `record`, which goes into the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import warnings
@@ -80,14 +81,19 @@ def preprocess(
     input_shape: tuple[int | None, int | None, int],
     options: JobOptions,
     settings: Settings,
+    pixel_input: str | None = None,
 ) -> PreparedImage:
     """Decode, convert, resize and scale one image for a model with `input_shape` (H, W, C).
 
+    `pixel_input` says why the model takes pixel values 0..255 (its
+    `LoadedModel.pixel_input`), which makes the scale 'auto' 'none'.
     Raises InvalidImage (not a decodable image), ImageTooLarge (header says
     more than settings.max_pixels), InvalidJob (bad scale options).
     """
     channels = input_shape[2]
     check_scale(options, channels)
+    scale_record = _scale_record(options, pixel_input)
+    options = resolve_scale(options, pixel_input)
     image, record = decode_image(
         data,
         settings.max_pixels,
@@ -114,7 +120,7 @@ def preprocess(
         layout="HWC",
         dtype="float32",
     )
-    record.update(_scale_record(options))
+    record.update(scale_record)
     return PreparedImage(
         pixels=scale_pixels(display, options),
         display=display,
@@ -287,6 +293,14 @@ def check_scale(options: JobOptions, channels: int) -> None:
             raise InvalidJob(f"scale 'meanstd' needs options.{name} with 1 or {channels} values")
 
 
+def resolve_scale(options: JobOptions, pixel_input: str | None) -> JobOptions:
+    """`options` with the scale 'auto' made 'none' where `pixel_input` says the model
+    takes pixel values 0..255, else '1/255' (see input_scale.py)."""
+    if options.scale != "auto":
+        return options
+    return dataclasses.replace(options, scale="none" if pixel_input else "1/255")
+
+
 def scale_pixels(display: np.ndarray, options: JobOptions) -> np.ndarray:
     """(H, W, C) uint8 -> (H, W, C) float32 with options.scale applied."""
     x = display.astype(np.float32)
@@ -302,8 +316,23 @@ def scale_pixels(display: np.ndarray, options: JobOptions) -> np.ndarray:
     return x
 
 
-def _scale_record(options: JobOptions) -> dict[str, Any]:
+def _scale_record(options: JobOptions, pixel_input: str | None) -> dict[str, Any]:
+    """The scale applied and its formula; for 'auto', why; and a note where the job
+    asked for a scale other than 'none' of a model that takes pixel values."""
+    asked = options.scale
+    options = resolve_scale(options, pixel_input)
     record: dict[str, Any] = {"scale": options.scale, "formula": _FORMULAS[options.scale]}
+    if asked == "auto":
+        record["scale_auto"] = (
+            f"the model takes pixel values 0..255: {pixel_input}"
+            if pixel_input
+            else "nothing in front of the model's first weights scales its input"
+        )
+    elif pixel_input and asked != "none":
+        record["scale_note"] = (
+            f"the model takes pixel values 0..255 ({pixel_input}), and this job asked "
+            f"for scale {asked!r}; 'auto' or 'none' feeds it what it learnt from"
+        )
     if options.scale == "meanstd":
         record.update(mean=list(options.mean or []), std=list(options.std or []))
     return record

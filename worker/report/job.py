@@ -132,6 +132,7 @@ def _meta(manifest: dict[str, Any]) -> list[tuple[str, str]]:
         ("image", _text(image.get("uri") or image.get("sha256"))),
         ("original size (H, W)", format_shape(image.get("original_size"))),
         ("preprocessing", _describe(pre, ("size", "channels", "scale", "resample", "formula"))),
+        ("scale", _text(pre.get("scale_note") or pre.get("scale_auto"))),
         ("normalization", _describe(norm, ("mode", "percentile"))),
         ("colormap", _text(manifest.get("colormap"))),
         ("timings (ms)", _describe(manifest.get("timings_ms") or {}, None)),

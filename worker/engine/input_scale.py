@@ -1,0 +1,115 @@
+"""Whether a model takes pixel values 0..255 as they are, and why.
+
+Many models scale their own input: Keras's applications built with their
+preprocessing (EfficientNet, ConvNeXt, MobileNetV3, RegNet), the tutorials'
+`layers.Rescaling(1. / 255)` in front of the first convolution, a
+`Normalization` adapted on raw images, tf.keras's `preprocess_input` saved as
+op layers (`x / 127.5`), and models whose input is uint8. Fed x / 255, such a
+model sees values 255 times smaller than the ones it learnt from, and every
+activation is wrong without any error. The job's scale 'auto' (the default) is
+'none' for them and the classic x / 255 for every other model.
+
+`pixel_input(model)` walks the layers in front of the model's first weights
+(into nested models, past augmentation, resizing and reshaping layers) and
+names the one that shows the model takes pixel values: a `Rescaling` by 1/50 or
+less, a `Normalization` whose mean or variance is of pixel values (a mean above
+2 or a variance above 4: images scaled to 0..1 have means near 0.5), or an op
+layer dividing by 50 or more, or multiplying by 1/50 or less. The first layer
+with weights ends the walk: what comes after it says nothing of the input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from worker.engine.keras2_config import TFOp
+
+# A factor that maps 0..255 into a range of at most about 5: the model takes pixels.
+_PIXEL_FACTOR = 1 / 50
+# A mean or variance beyond what values in 0..1 (or -1..1) could have.
+_PIXEL_MEAN = 2.0
+_PIXEL_VARIANCE = 4.0
+_DIVIDE = ("math.truediv", "math.divide")
+_MULTIPLY = ("math.multiply",)
+
+
+def pixel_input(model: keras.Model) -> str | None:
+    """Why `model` takes pixel values 0..255 unscaled ("its input is uint8", "layer
+    'rescaling' (Rescaling) multiplies its input by 0.003922"), or None."""
+    dtype = str(model.inputs[0].dtype)
+    if "int" in dtype or dtype == "bool":
+        return f"its input is {dtype}"
+    reason, _ = _walk(model)
+    return reason
+
+
+def _walk(model: keras.Model) -> tuple[str | None, bool]:
+    """(the reason found, or None; whether the walk reached a layer with weights)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            reason, stopped = _walk(layer)
+            if reason is not None or stopped:
+                return reason, stopped
+            continue
+        verdict = _scales_pixels(layer)
+        if verdict is not None:
+            return (f"layer '{layer.name}' ({type(layer).__name__}) {verdict}", True)
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            return None, True  # it scales values already scaled: x / 255 stands
+        if layer.weights:
+            return None, True
+    return None, False
+
+
+def _scales_pixels(layer: keras.layers.Layer) -> str | None:
+    """What `layer` does that shows its input is pixel values, or None."""
+    if isinstance(layer, keras.layers.Rescaling):
+        scale = _scalar(layer.scale)
+        if scale is not None and 0 < abs(scale) <= _PIXEL_FACTOR:
+            return f"multiplies its input by {scale:.4g}"
+        return None
+    if isinstance(layer, keras.layers.Normalization) and not layer.invert:
+        mean, variance = _normalization_moments(layer)
+        if mean is not None and float(np.max(np.abs(mean))) > _PIXEL_MEAN:
+            return f"subtracts a mean of {_values(mean)}"
+        if variance is not None and float(np.max(variance)) > _PIXEL_VARIANCE:
+            return f"divides by a standard deviation of {_values(np.sqrt(variance))}"
+        return None
+    if isinstance(layer, TFOp):
+        factors = [_scalar(value) for value in layer.constants.values()]
+        factor = next((f for f in factors if f is not None and f != 0), None)
+        if factor is None:
+            return None
+        if layer.function in _DIVIDE and abs(factor) >= 1 / _PIXEL_FACTOR:
+            return f"divides its input by {factor:g}"
+        if layer.function in _MULTIPLY and abs(factor) <= _PIXEL_FACTOR:
+            return f"multiplies its input by {factor:.4g}"
+    return None
+
+
+def _normalization_moments(
+    layer: keras.layers.Normalization,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The layer's mean and variance, given to it or adapted (its weights)."""
+    if layer.input_mean is not None:
+        return np.asarray(layer.input_mean, float), np.asarray(layer.input_variance, float)
+    moments = {w.path.rsplit("/", 1)[-1]: np.asarray(w.numpy(), float) for w in layer.weights}
+    return moments.get("mean"), moments.get("variance")
+
+
+def _scalar(value: Any) -> float | None:
+    """`value` as one float where it is a number or holds one number only."""
+    try:
+        array = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return float(array.reshape(-1)[0]) if array.size == 1 else None
+
+
+def _values(array: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in np.reshape(array, -1)[:4]) + "]"
