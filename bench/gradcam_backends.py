@@ -31,6 +31,7 @@ LAYERS = {
     "nested": "features/inner_conv_b",
     "seq_h5": "conv2d_2",
     "gray_hw": "conv_b",
+    "channels_first": "conv_b",
 }
 
 
@@ -63,6 +64,7 @@ def write(out: Path) -> None:
         "nested": models.save_nested_keras(out),
         "seq_h5": models.save_sequential_h5(out),
         "gray_hw": models.save_gray_hw_h5(out),
+        "channels_first": models.save_channels_first_keras(out),
     }
     rng = np.random.default_rng(0)
     arrays = {}

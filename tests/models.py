@@ -150,6 +150,39 @@ def save_rescaling_keras(out: Path) -> Path:
     return path
 
 
+def channels_first_cnn(data_format: str = "channels_first"):
+    """Functional, every spatial layer in `data_format`: convolutions, BatchNormalization
+    on the channel axis, a residual Add, a Concatenate of channels, pooling, Flatten
+    and a softmax head. With "channels_last", its twin: the same weights fit both."""
+    keras = _keras()
+    layers = keras.layers
+    first = data_format == "channels_first"
+    axis = 1 if first else -1
+    inputs = keras.Input((3, SIDE, SIDE) if first else (SIDE, SIDE, 3), name="image")
+    fmt = {"data_format": data_format}
+    a = layers.Conv2D(6, 3, padding="same", activation="relu", name="conv_a", **fmt)(inputs)
+    a = layers.BatchNormalization(axis=axis, name="bn")(a)
+    b = layers.Conv2D(6, 3, padding="same", name="conv_b", **fmt)(a)
+    x = layers.Concatenate(axis=axis, name="concat")([layers.Add(name="add")([a, b]), a])
+    x = layers.MaxPooling2D(name="pool", **fmt)(x)
+    x = layers.Conv2D(8, 3, activation="relu", name="conv_c", **fmt)(x)
+    x = layers.Flatten(name="flatten", **fmt)(x)
+    return keras.Model(inputs, layers.Dense(3, activation="softmax", name="probs")(x))
+
+
+def save_channels_first_keras(out: Path) -> Path:
+    """`channels_first_cnn` with BatchNormalization statistics that are not 0 and 1."""
+    import numpy as np
+
+    model = channels_first_cnn()
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(9)
+    bn.set_weights([rng.uniform(0.5, 1.5, 6).astype("float32") for _ in bn.get_weights()])
+    path = out / "channels_first_cnn.keras"
+    model.save(path)
+    return path
+
+
 def residual_separable():
     """Functional: Conv2D, SeparableConv2D, residual Add, BatchNorm, pooling, Dense."""
     keras = _keras()
@@ -349,6 +382,7 @@ KERAS2_FILES = (
     "keras2_transfer_sequential.h5",
     "keras2_unknown_op.h5",
     "keras2_v3.keras",
+    "keras2_channels_first.h5",
     "keras2_outputs.npz",  # each model's outputs under tf_keras, for KERAS2_INPUT
 )
 KERAS2_SIDE = 32
@@ -459,6 +493,31 @@ def _write_keras2_adapted(out: Path) -> None:
         name="stacked",
     )
     stacked.save(out / "keras2_transfer_sequential.h5", save_format="h5")
+    # Channels-first, as Keras 2 on a GPU wrote it. TensorFlow runs its convolutions on a
+    # GPU only, so its outputs are its channels-last twin's, with the same weights.
+    twins = []
+    for data_format in ("channels_first", "channels_last"):
+        first = data_format == "channels_first"
+        twins.append(
+            tf_keras.Sequential(
+                [
+                    tf_keras.Input((3, side, side) if first else (side, side, 3)),
+                    layers.Conv2D(5, 3, activation="relu", data_format=data_format),
+                    layers.BatchNormalization(axis=1 if first else -1),
+                    layers.MaxPooling2D(data_format=data_format),
+                    layers.Conv2D(4, 3, data_format=data_format),
+                    layers.Flatten(data_format=data_format),
+                    layers.Dense(2, name="head"),
+                ],
+                name="channels_first" if first else "channels_last",
+            )
+        )
+    rng = np.random.default_rng(11)
+    twins[1].set_weights(  # biases and BatchNormalization's statistics not 0 and 1
+        [rng.uniform(0.5, 1.5, w.shape) if w.ndim == 1 else w for w in twins[1].get_weights()]
+    )
+    twins[0].set_weights(twins[1].get_weights())
+    twins[0].save(out / "keras2_channels_first.h5", save_format="h5")
     unknown = tf_keras.Model(inputs, tf.math.cumsum(layers.Conv2D(2, 3, name="conv")(inputs)))
     unknown.save(out / "keras2_unknown_op.h5", save_format="h5")
     x = keras2_input()
@@ -468,6 +527,7 @@ def _write_keras2_adapted(out: Path) -> None:
         mobilenet_v3=mobilenet(x * 255.0, training=False).numpy(),
         transfer_functional=transfer(x * 255.0, training=False).numpy(),
         transfer_sequential=stacked(x * 255.0, training=False).numpy(),
+        channels_first=twins[1](x, training=False).numpy(),
     )
 
 

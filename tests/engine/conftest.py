@@ -32,6 +32,7 @@ def model_files(model_dir: Path) -> dict[str, Path]:
         "gray_hw": models.save_gray_hw_h5(model_dir),
         "uint8_input": models.save_uint8_input_keras(model_dir),
         "rescaling": models.save_rescaling_keras(model_dir),
+        "channels_first": models.save_channels_first_keras(model_dir),
         "residual": models.save_residual_keras(model_dir),
         "nested": models.save_nested_keras(model_dir),
         "fully_conv": models.save_fully_conv_keras(model_dir),

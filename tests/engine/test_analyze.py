@@ -34,14 +34,19 @@ to_numpy = keras.ops.convert_to_numpy  # any backend, any device
 
 def reference_activations(path, names: list[str], x: np.ndarray) -> list[np.ndarray]:
     """Plain Keras on a fresh copy: one multi-output model over top-level layers. A model
-    that takes (batch, H, W) is fed `x` without its axis of one channel, as its author would."""
+    that takes (batch, H, W) is fed `x` without its axis of one channel, and a
+    channels-first one `x` as (N, C, H, W), as their authors would; the latter's
+    (N, C, H, W) maps are compared as (N, H, W, C)."""
     model = keras.saving.load_model(path, compile=False)
+    first = any(getattr(layer, "data_format", "") == "channels_first" for layer in model.layers)
     if len(model.inputs[0].shape) == 3:
         x = x[..., 0]
+    elif first:
+        x = x.transpose(0, 3, 1, 2)
     probe = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])
     out = probe(x, training=False)
-    out = out if isinstance(out, (list, tuple)) else [out]
-    return [to_numpy(o) for o in out]
+    out = [to_numpy(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+    return [o.transpose(0, 2, 3, 1) if first and o.ndim == 4 else o for o in out]
 
 
 def expected_indices(act: np.ndarray, mode: str = "channel", percentile: float = 99.0):
@@ -144,6 +149,7 @@ def check_against_reference(loaded, path, data: bytes, options: JobOptions, sett
         ("residual", "block1_sep,block1_bn,block1_add,gap,logits"),
         ("gray", ":4"),
         ("gray_hw", ":"),
+        ("channels_first", ":"),
     ],
 )
 def test_activations_grids_and_stats_equal_the_keras_reference(

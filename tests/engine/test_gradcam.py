@@ -106,6 +106,7 @@ CASES = {
     "keras3_h5": ("sequential_h5", reference_sequential, "conv2d_2"),
     "keras2_h5": ("keras2_cnn.h5", reference_sequential, "conv2d_2"),  # written by tf_keras
     "gray_hw": ("gray_hw", reference_sequential, "conv_b"),  # takes (batch, H, W)
+    "channels_first": ("channels_first", reference_functional, "conv_b"),  # (batch, C, H, W)
 }
 
 
@@ -130,9 +131,13 @@ def test_heatmaps_equal_the_recipe_computed_independently(
 
     model = logits_model(files[key]) if cam.softmax else loaded.model
     fed = x[..., 0] if len(model.inputs[0].shape) == 3 else x  # (batch, H, W): as its author
+    if loaded.channels_first:  # fed (N, C, H, W), its maps and gradients read as (N, H, W, C)
+        fed = x.transpose(0, 3, 1, 2)
     shown = 0
     for slot, cls in enumerate(every):
         acts, grads = reference(model, layer, fed, cls)
+        if loaded.channels_first:  # contiguous: numpy's float32 sums then add in one order
+            acts, grads = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (acts, grads))
         want = (gradcam_pp_from if method == "gradcam++" else gradcam_from)(acts, grads)
         np.testing.assert_allclose(got["maps"][:, slot], want, atol=TOLERANCE, rtol=0)
         assert (got["classes"][:, slot] == cls).all()
@@ -144,7 +149,7 @@ def test_this_backends_heatmaps_equal_tensorflows(tmp_path: Path) -> None:
     """On JAX (`make test`'s second run), or torch: every case's heatmaps equal
     TensorFlow's, which the test above compares with the independent recipe.
     bench/gradcam_backends.py writes TensorFlow's maps in a process of its own, then
-    computes them again on this backend: 5 models, both methods and the top-2 predictions."""
+    computes them again on this backend: 6 models, both methods and the top-2 predictions."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         pytest.skip("TensorFlow's heatmaps are compared with the independent recipe above")
@@ -162,7 +167,7 @@ def test_this_backends_heatmaps_equal_tensorflows(tmp_path: Path) -> None:
     checked = run("check", backend)
     assert checked.returncode == 0, checked.stdout + checked.stderr[-2000:]
     assert checked.stdout.startswith(f"backend {backend} "), checked.stdout
-    assert checked.stdout.count("classes equal True") == 15, checked.stdout
+    assert checked.stdout.count("classes equal True") == 18, checked.stdout
     assert "PASS" in checked.stdout.splitlines()[-1], checked.stdout
 
 
@@ -322,3 +327,49 @@ def test_an_image_whose_grad_cam_would_hold_too_much_fails_activations_too_large
     assert isinstance(outcome, ActivationsTooLarge)
     assert "Grad-CAM at layer 'conv_b'" in outcome.message
     assert "ACTVIZ_MAX_IMAGE_ACTIVATION_MB" in outcome.message
+
+
+FRESH_PROCESS = """
+import json, sys
+from producer.contract import JobOptions
+from producer.settings import Settings
+from worker.engine import Artifacts, analyze, open_model
+from worker.engine.cam_pass import analyze_cam
+loaded = open_model(sys.argv[1])
+data = open(sys.argv[2], "rb").read()
+(cam,) = analyze_cam(loaded, [data], JobOptions(), Settings())
+(acts,) = analyze(loaded, [data], JobOptions(), Settings())
+print(json.dumps([type(cam).__name__, cam.manifest["gradcam"]["layer"], type(acts).__name__]))
+"""
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_layers_of_kerass_default_names_are_explained_in_a_fresh_process(
+    tmp_path: Path, channels_first: bool
+) -> None:
+    """Keras names a model's first Add layer "add", as it names the first `keras.ops.add`
+    of a process: a Grad-CAM graph holding both would be refused. A worker is a fresh
+    process; so is this test's."""
+    fmt = "channels_first" if channels_first else "channels_last"
+    inputs = keras.Input((3, 24, 24) if channels_first else (24, 24, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", data_format=fmt, name="conv2d")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", data_format=fmt, name="conv2d_1")(a)
+    x = keras.layers.Add(name="add")([a, b])
+    x = keras.layers.GlobalAveragePooling2D(data_format=fmt, name="transpose")(x)
+    probs = keras.layers.Dense(3, activation="softmax", name="dense")(x)
+    path = tmp_path / "default_names.keras"
+    keras.Model(inputs, probs).save(path)
+    image = tmp_path / "image.png"
+    image.write_bytes(image_bytes(seed=3))
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(path), str(image)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["Artifacts", "add", "Artifacts"]

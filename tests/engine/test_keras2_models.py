@@ -33,13 +33,16 @@ TOLERANCE = 1e-5
         ("keras2_mobilenet_v3.h5", "mobilenet_v3", True),
         ("keras2_transfer_functional.h5", "transfer_functional", True),
         ("keras2_transfer_sequential.h5", "transfer_sequential", False),
+        ("keras2_channels_first.h5", "channels_first", False),
     ],
 )
 def test_a_tf_keras_model_keras3_cannot_build_as_it_is_gives_tf_keras_outputs(
     keras2_files, name, outputs, ops
 ):
     loaded = open_model(keras2_files[name])
-    x = models.keras2_input() * np.float32(1.0 if outputs == "ops" else 255.0)  # pixels, 0..255
+    x = models.keras2_input() * np.float32(1.0 if outputs in ("ops", "channels_first") else 255.0)
+    if loaded.channels_first:  # its images are (N, C, H, W); its outputs, its twin's
+        x = x.transpose(0, 3, 1, 2)
     expected = np.load(keras2_files["keras2_outputs.npz"])[outputs]
     np.testing.assert_allclose(to_numpy(loaded.model(x, training=False)), expected, atol=TOLERANCE)
     classes = {ref.class_name for ref in loaded.layers}

@@ -179,6 +179,8 @@ def model_record(loaded: LoadedModel) -> dict[str, Any]:
         "name": loaded.model.name,
         "class_name": type(loaded.model).__name__,
         "input_shape": list(loaded.input_shape),
+        # Its own maps are (C, H, W); every shape here is (H, W, C) (worker/engine/layout.py).
+        **({"data_format": "channels_first"} if loaded.channels_first else {}),
     }
 
 

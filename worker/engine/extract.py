@@ -21,8 +21,10 @@ import keras
 import numpy as np
 
 from worker.engine.compiled import compile_program, reduces_on_host, run_sized
+from worker.engine.graph_ops import step
 from worker.engine.host_reduce import reduce_image
 from worker.engine.layers import LayerRef, is_graph_model
+from worker.engine.layout import channels_first, engine_shape, to_engine, to_model
 from worker.engine.reduce import HostLayer, LayerPlan, RenderKey, reduce_outputs
 
 KNOWN_SHAPES = 256  # input shapes whose output shapes an extractor remembers
@@ -193,6 +195,8 @@ def build_extractor(model: keras.Model, refs: list[LayerRef]) -> Extractor:
     traced: dict[int, Any] = {}
     trace(model, fed, traced)
     outputs = [traced[id(ref.layer)] for ref in refs]
+    if channels_first(model):
+        outputs = [to_engine(output) for output in outputs]
     return Extractor(keras.Model(inputs, outputs), refs)
 
 
@@ -200,12 +204,17 @@ def image_input(model: keras.Model) -> tuple[Any, Any]:
     """A new `keras.Input` for `model`'s images, (H, W, C), and the tensor to trace its
     graph on: that input, or for a model that takes (batch, H, W) (a grayscale image
     without a channel axis, as MNIST's models often do), that input without its axis of
-    one channel. Every pass the engine builds is fed (N, H, W, C) images this way."""
+    one channel; for a channels-first model, that input transposed to (N, C, H, W)
+    (worker/engine/layout.py). Every pass the engine builds is fed (N, H, W, C) images
+    this way."""
     source = model.inputs[0]
     shape = tuple(source.shape[1:])
     if len(shape) == 2:
         inputs = keras.Input(shape=(*shape, 1), dtype=source.dtype)
-        return inputs, keras.ops.squeeze(inputs, axis=-1)
+        return inputs, step("squeeze", lambda x: keras.ops.squeeze(x, axis=-1), inputs)
+    if len(shape) == 3 and channels_first(model):
+        inputs = keras.Input(shape=engine_shape(shape), dtype=source.dtype)
+        return inputs, to_model(inputs)
     inputs = keras.Input(shape=shape, dtype=source.dtype)
     return inputs, inputs
 

@@ -50,7 +50,9 @@ import numpy as np
 from producer.errors import InvalidJob, NotDifferentiable
 from worker.engine.compiled import run_sized, tf_function
 from worker.engine.extract import KNOWN_SHAPES, image_input, trace
+from worker.engine.graph_ops import step
 from worker.engine.layers import LayerRef, select_layers
+from worker.engine.layout import channels_first, to_engine, to_model
 
 
 @dataclass(frozen=True)
@@ -183,11 +185,12 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     dtype = getattr(ref.layer, "compute_dtype", None) or keras.config.floatx()
     probe = keras.Input(shape=tuple(ref.output_shape), dtype=dtype, name="actviz_probe")
     seen: dict[str, Any] = {}
+    transposed = channels_first(model)  # the probe and features are (H, W, C) all the same
 
     def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         if layer is ref.layer and "features" not in seen:
-            seen["features"] = out
-            return keras.ops.add(out, probe)
+            seen["features"] = to_engine(out) if transposed else out
+            return step("probe", keras.ops.add, out, to_model(probe) if transposed else probe)
         if layer is head and softmax and "logits" not in seen:
             seen["logits"] = _logits(layer, args[0])
         return out
@@ -321,8 +324,13 @@ def _ends_in_softmax(layer: Any) -> bool:
 def _logits(layer: Any, x: Any) -> Any:
     """The input of `layer`'s softmax for input `x` (the layer ends in one)."""
     if isinstance(layer, keras.layers.Dense):
-        logits = keras.ops.matmul(x, layer.kernel)
-        return keras.ops.add(logits, layer.bias) if layer.use_bias else logits
+        kernel, bias = layer.kernel, layer.bias if layer.use_bias else None
+
+        def logits(x: Any) -> Any:
+            out = keras.ops.matmul(x, kernel)
+            return out if bias is None else keras.ops.add(out, bias)
+
+        return step("logits", logits, x)
     return x  # an Activation('softmax') or Softmax layer: its input is the logits
 
 

@@ -22,6 +22,7 @@ import keras
 
 from producer.contract import PATTERN_PREFIX, compile_layer_pattern, layer_tokens
 from producer.errors import UnknownLayer
+from worker.engine.layout import channels_first, engine_shape
 
 _INT = re.compile(r"^-?\d+$")
 _SLICE = re.compile(r"^(-?\d*):(-?\d*)(?::(-?\d*))?$")
@@ -64,9 +65,10 @@ def is_graph_model(layer: keras.layers.Layer) -> bool:
 
 
 def flatten_layers(model: keras.Model) -> list[LayerRef]:
-    """Every layer of `model` in model order, nested models expanded (see module doc)."""
+    """Every layer of `model` in model order, nested models expanded (see module doc);
+    a channels-first model's (C, H, W) outputs as (H, W, C) (worker/engine/layout.py)."""
     refs: list[LayerRef] = []
-    _flatten(model, (), "", refs)
+    _flatten(model, (), "", refs, channels_first(model))
     return refs
 
 
@@ -75,18 +77,20 @@ def _flatten(
     parents: tuple[keras.layers.Layer, ...],
     prefix: str,
     refs: list[LayerRef],
+    transposed: bool,
 ) -> None:
     for layer in model.layers:
         path = (*parents, layer)
         nested = is_graph_model(layer)
         if nested:
-            _flatten(layer, path, f"{prefix}{layer.name}/", refs)
+            _flatten(layer, path, f"{prefix}{layer.name}/", refs, transposed)
+        shape = _output_shape(layer)
         refs.append(
             LayerRef(
                 name=prefix + layer.name,
                 index=len(refs),
                 class_name=type(layer).__name__,
-                output_shape=_output_shape(layer),
+                output_shape=engine_shape(shape) if transposed else shape,
                 path=path,
                 container=nested,
             )

@@ -36,6 +36,7 @@ from worker.engine.gradcam import CamModel, build_cam_model
 from worker.engine.input_scale import pixel_input
 from worker.engine.keras2_config import adapt, custom_objects
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
+from worker.engine.layout import channels_first, engine_shape
 from worker.engine.safety import MAX_CONFIG_BYTES, check_model_bounds, refuse_code_layers
 from worker.engine.savedmodel import is_savedmodel, load_savedmodel
 
@@ -52,6 +53,8 @@ class LoadedModel:
     `nbytes` approximates the memory the weights hold.
     `pixel_input` says why the model takes pixel values 0..255 unscaled (it
     rescales its own input, or takes uint8), or is None (see input_scale.py).
+    `channels_first`: the model takes (C, H, W) images, and the engine sees it as
+    channels-last (see layout.py).
     """
 
     model: keras.Model
@@ -61,6 +64,7 @@ class LoadedModel:
     input_shape: tuple[int | None, int | None, int]
     layers: list[LayerRef]
     pixel_input: str | None = None
+    channels_first: bool = False
     _extractors: dict[tuple[str, ...], Extractor] = field(default_factory=dict, repr=False)
     _cams: dict[str | None, CamModel] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -110,6 +114,7 @@ def open_model(path: str | Path, uri: str | None = None, *, trusted: bool = Fals
         input_shape=input_shape,
         layers=flatten_layers(model),
         pixel_input=pixel_input(model),
+        channels_first=channels_first(model),
     )
 
 
@@ -167,7 +172,9 @@ def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
 
     A model that takes (batch, H, W) takes grayscale images without a channel axis:
     (H, W, 1), the images fed without that axis (worker/engine/extract.py
-    `image_input`)."""
+    `image_input`). A channels-first model's (batch, C, H, W) is (H, W, C) too,
+    the images fed transposed (worker/engine/layout.py). Raises InvalidModel for
+    a model that mixes channels-first and channels-last layers."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError) as exc:
@@ -187,6 +194,8 @@ def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
     shape = tuple(inputs[0].shape)
     if len(shape) == 3:  # (batch, H, W): one channel, without its axis
         shape = (*shape, 1)
+    elif len(shape) == 4 and channels_first(model):  # (batch, C, H, W)
+        shape = (shape[0], *engine_shape(shape[1:]))
     if len(shape) != 4:
         raise InvalidModel(
             f"model input shape {shape} is not (batch, H, W, C) or (batch, H, W) image input"
