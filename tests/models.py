@@ -183,6 +183,111 @@ def save_channels_first_keras(out: Path) -> Path:
     return path
 
 
+def chollet_cnn(side: int = 150):
+    """Deep Learning with Python's cats-and-dogs CNN (section 5.2), in Keras 3."""
+    keras = _keras()
+    layers = keras.layers
+    stack = [keras.Input((side, side, 3))]
+    for filters in (32, 64, 128, 128):
+        stack += [layers.Conv2D(filters, 3, activation="relu"), layers.MaxPooling2D(2)]
+    stack += [
+        layers.Flatten(),
+        layers.Dropout(0.5),
+        layers.Dense(512, activation="relu"),
+        layers.Dense(1, activation="sigmoid"),
+    ]
+    return keras.Sequential(stack)
+
+
+def save_keras_2_0_h5(out: Path, side: int = 150) -> tuple[Path, object]:
+    """`chollet_cnn` as Keras 2.0.8 (the book's Keras, on TensorFlow 1) wrote
+    `cats_and_dogs_small_2.h5`: a Sequential's config as a bare list of layers, the
+    first holding `batch_input_shape`, layers named from `conv2d_1`, the RMSprop
+    training config, and weights under `model_weights/<layer>/<layer>/kernel:0`.
+    Written here with h5py, field for field as Keras 2.0.8's `save_model`,
+    `Layer.get_config` and the layers' own `get_config` write them, since Keras 2.0
+    runs on no TensorFlow of today. Returns (path, the Keras 3 twin whose weights it
+    holds)."""
+    import json
+
+    import h5py
+    import numpy as np
+
+    twin = chollet_cnn(side)
+    rng = np.random.default_rng(13)
+    twin.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in twin.get_weights()])
+    glorot = {
+        "class_name": "VarianceScaling",
+        "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform", "seed": None},
+    }
+    empty = {
+        "kernel_regularizer": None, "bias_regularizer": None, "activity_regularizer": None,
+        "kernel_constraint": None, "bias_constraint": None,
+    }  # fmt: skip
+    config, names, counts = [], [], {}
+    for layer in twin.layers:
+        kind = type(layer).__name__
+        base = {"Conv2D": "conv2d", "MaxPooling2D": "max_pooling2d"}.get(kind, kind.lower())
+        counts[base] = counts.get(base, 0) + 1
+        name = f"{base}_{counts[base]}"
+        entry = {"name": name, "trainable": True}
+        if not config:
+            entry.update(batch_input_shape=[None, side, side, 3], dtype="float32")
+        if kind == "Conv2D":
+            entry.update(
+                filters=layer.filters, kernel_size=[3, 3], strides=[1, 1], padding="valid",
+                data_format="channels_last", dilation_rate=[1, 1], activation="relu",
+                use_bias=True, kernel_initializer=glorot,
+                bias_initializer={"class_name": "Zeros", "config": {}}, **empty,
+            )  # fmt: skip
+        elif kind == "MaxPooling2D":
+            entry.update(
+                pool_size=[2, 2], padding="valid", strides=[2, 2], data_format="channels_last"
+            )
+        elif kind == "Dropout":
+            entry.update(rate=0.5)
+        elif kind == "Dense":
+            entry.update(
+                units=layer.units, activation=layer.activation.__name__, use_bias=True,
+                kernel_initializer=glorot,
+                bias_initializer={"class_name": "Zeros", "config": {}}, **empty,
+            )  # fmt: skip
+        config.append({"class_name": kind, "config": entry})
+        names.append(name)
+    path = out / "cats_and_dogs_small_2.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = b"2.0.8"
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": config}).encode(
+            "utf8"
+        )
+        group = f.create_group("model_weights")
+        group.attrs["layer_names"] = [name.encode("utf8") for name in names]
+        group.attrs["backend"] = b"tensorflow"
+        group.attrs["keras_version"] = b"2.0.8"
+        for name, layer in zip(names, twin.layers, strict=True):
+            g = group.create_group(name)
+            values = layer.get_weights()
+            weight_names = [f"{name}/{w}:0".encode() for w in ("kernel", "bias")[: len(values)]]
+            g.attrs["weight_names"] = weight_names
+            for weight_name, value in zip(weight_names, values, strict=True):
+                g.create_dataset(weight_name, data=value)
+        f.attrs["training_config"] = json.dumps(
+            {
+                "optimizer_config": {
+                    "class_name": "RMSprop",
+                    "config": {"lr": 9.999999747378752e-05, "rho": 0.8999999761581421,
+                               "decay": 0.0, "epsilon": 1e-07},
+                },
+                "loss": "binary_crossentropy",
+                "metrics": ["acc"],
+                "sample_weight_mode": None,
+                "loss_weights": None,
+            }
+        ).encode("utf8")  # fmt: skip
+    return path, twin
+
+
 def residual_separable():
     """Functional: Conv2D, SeparableConv2D, residual Add, BatchNorm, pooling, Dense."""
     keras = _keras()

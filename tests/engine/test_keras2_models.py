@@ -129,3 +129,40 @@ def test_a_keras3_h5_is_not_adapted_its_nested_sequential_called_twice(tmp_path)
     x = np.random.default_rng(1).random((1, 8, 8, 3)).astype(np.float32)
     opened = open_model(path)
     np.testing.assert_allclose(to_numpy(opened.model(x)), to_numpy(model(x)), atol=TOLERANCE)
+
+
+def test_a_keras_2_0_h5_as_the_book_saved_it_runs_and_shows_the_recipes_layers(tmp_path, settings):
+    """Deep Learning with Python's `cats_and_dogs_small_2.h5`, as Keras 2.0.8 wrote it (a
+    Sequential's config as a bare list, no InputLayer): its twin's outputs, and the
+    recipe's `model.layers[:8]` as `:8`."""
+    path, twin = models.save_keras_2_0_h5(tmp_path)
+    with h5py.File(path, "r") as fh:
+        config = json.loads(fh.attrs["model_config"])
+    assert isinstance(config["config"], list)  # what Keras 3 alone cannot read
+    adapted = adapt(config)["config"]
+    assert adapted["layers"][0]["class_name"] == "InputLayer"
+    assert adapted["layers"][0]["config"]["batch_input_shape"] == [None, 150, 150, 3]
+    assert "batch_input_shape" not in adapted["layers"][1]["config"]
+    loaded = open_model(path)
+    assert loaded.input_shape == (150, 150, 3)
+    x = np.random.default_rng(4).random((2, 150, 150, 3), dtype=np.float32)
+    np.testing.assert_allclose(to_numpy(loaded.model(x)), to_numpy(twin(x)), atol=1e-6)
+    names = [ref.name for ref in loaded.select(":8")]
+    assert names == [f"{kind}_{i}" for i in range(1, 5) for kind in ("conv2d", "max_pooling2d")]
+    (result,) = analyze(loaded, [image_bytes(64, 48, seed=22)], JobOptions(layers=":8"), settings)
+    assert [entry["name"] for entry in result.manifest["layers"]] == names
+    assert all(entry["grid"] for entry in result.manifest["layers"])
+    assert result.manifest["preprocessing"]["scale"] == "1/255"  # the recipe's
+
+
+def test_a_keras_1_h5_is_invalid_model_saying_how_to_convert_it(tmp_path):
+    path, _ = models.save_keras_2_0_h5(tmp_path, side=64)
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["keras_version"] = b"1.2.2"  # the version is what the worker reads
+    with pytest.raises(InvalidModel) as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+    assert (
+        "written by Keras 1.2.2" in err.value.message
+        and "save it again as .h5" in err.value.message
+    )

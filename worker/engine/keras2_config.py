@@ -1,8 +1,14 @@
 """What a tf.keras (Keras 2) model config needs before Keras 3 can build it.
 
-Seven things in the configs of legacy `.h5` files and tf.keras SavedModels
+Eight things in the configs of legacy `.h5` files and tf.keras SavedModels
 stop Keras 3, though the model is plain:
 
+- **A Sequential as a bare list of layers.** Keras 2.0 to 2.2.2 (the Keras of
+  Deep Learning with Python's first edition and its `cats_and_dogs_small_2.h5`)
+  wrote a Sequential's config as the list of its layers, the first declaring the
+  input (`batch_input_shape`); Keras 3 reads a dict of its name and layers, and
+  an `InputLayer` first (tf.keras wrote one), taking `batch_input_shape` on any
+  other layer for its input shape, batch axis included.
 - **Op layers.** In a tf.keras functional model, TensorFlow called on a Keras
   tensor (`a + b`, `x * 0.5`, `tf.nn.relu6(x)`, `tf.concat([a, b], -1)`)
   becomes a `TFOpLambda` layer naming the TensorFlow function. Keras 3 has no
@@ -220,6 +226,10 @@ def _adapt(node: Any) -> None:
     """Every model config in `node` (a Functional's or a Sequential's: a dict holding
     "layers"), innermost first."""
     if isinstance(node, dict):
+        if node.get("class_name") == "Sequential" and isinstance(node.get("config"), list):
+            node["config"] = {"name": "sequential", "layers": node["config"]}
+        if node.get("class_name") == "Sequential" and isinstance(node.get("config"), dict):
+            _declare_input(node["config"].get("layers"))
         for value in node.values():
             _adapt(value)
         layers = node.get("layers")
@@ -239,6 +249,24 @@ def _adapt(node: Any) -> None:
     elif isinstance(node, list):
         for value in node:
             _adapt(value)
+
+
+def _declare_input(layers: Any) -> None:
+    """A Sequential's first layer declaring `batch_input_shape` (Keras 2.0 to 2.2 wrote
+    no InputLayer before it), given the InputLayer tf.keras would have written: Keras 3
+    reads that argument of any other layer as its input shape, batch axis included."""
+    if not isinstance(layers, list) or not layers or not isinstance(layers[0], dict):
+        return
+    first = layers[0]
+    config = first.get("config")
+    if first.get("class_name") == "InputLayer" or not isinstance(config, dict):
+        return
+    shape = config.pop("batch_input_shape", None)
+    if shape is None:
+        return
+    declared = {"batch_input_shape": shape, "dtype": config.get("dtype", "float32")}
+    declared.update(sparse=False, name=f"{config.get('name', 'sequential')}_input")
+    layers.insert(0, {"class_name": "InputLayer", "config": declared})
 
 
 def _name_of(entry: dict[str, Any]) -> Any:

@@ -139,7 +139,13 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
             "format, which Keras 3 cannot read; where it was made, save it as legacy "
             "HDF5 (model.save('model.h5')), which actviz reads"
         )
-    # What Keras 2 (or 1) wrote; a Keras 3 .h5 numbers its nodes its own way.
+    if kind == "h5" and version.startswith("1."):
+        raise InvalidModel(  # Convolution2D, nb_filter, output_dim: none is Keras 3's
+            f"'{path.name}' was written by Keras {version}, whose layers Keras 3 does not "
+            "have; load it with Keras 2 (up to tf.keras 2.15), which converts Keras 1 "
+            "files, and save it again as .h5"
+        )
+    # What Keras 2 wrote; a Keras 3 .h5 numbers its nodes its own way.
     adapted = adapt(config) if kind == "h5" and not version.startswith("3.") else config
     if not trusted:
         refuse_code_layers(adapted)
