@@ -176,8 +176,8 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     for a model whose output is not floating point.
     """
     candidates, output = cam_candidates(model, refs)
-    _check_output(output)
-    ref = _choose(refs, candidates, layer)
+    check_output(output)
+    ref = choose_layer(refs, candidates, layer)
     head = _head(model)
     softmax = _ends_in_softmax(head)
     inputs, fed = image_input(model)
@@ -246,7 +246,7 @@ def _ancestors(tensor: Any) -> set[int]:
     return seen
 
 
-def _check_output(output: Any) -> None:
+def check_output(output: Any) -> None:
     if len(output.shape) != 2 or output.shape[-1] is None:
         raise InvalidJob(
             f"Grad-CAM explains a classifier's scores: the model's output must be "
@@ -259,7 +259,7 @@ def _check_output(output: Any) -> None:
         )
 
 
-def _choose(refs: list[LayerRef], candidates: list[LayerRef], layer: str | None) -> LayerRef:
+def choose_layer(refs: list[LayerRef], candidates: list[LayerRef], layer: str | None) -> LayerRef:
     valid = ", ".join(ref.name for ref in candidates) or "none"
     if layer is None:
         if not candidates:
