@@ -199,79 +199,103 @@ def chollet_cnn(side: int = 150):
     return keras.Sequential(stack)
 
 
-def save_keras_2_0_h5(out: Path, side: int = 150) -> tuple[Path, object]:
-    """`chollet_cnn` as Keras 2.0.8 (the book's Keras, on TensorFlow 1) wrote
-    `cats_and_dogs_small_2.h5`: a Sequential's config as a bare list of layers, the
-    first holding `batch_input_shape`, layers named from `conv2d_1`, the RMSprop
-    training config, and weights under `model_weights/<layer>/<layer>/kernel:0`.
-    Written here with h5py, field for field as Keras 2.0.8's `save_model`,
-    `Layer.get_config` and the layers' own `get_config` write them, since Keras 2.0
-    runs on no TensorFlow of today. Returns (path, the Keras 3 twin whose weights it
-    holds)."""
+def vgg_like(side: int = 64, top: bool = True):
+    """VGG16's first blocks, named as keras.applications names them: a functional model
+    (Keras 2's `Model`), with its classifier or, `top=False`, as a convolutional base."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((side, side, 3), name="input_1")
+    x = inputs
+    for block, filters in ((1, 8), (2, 16)):
+        for conv in (1, 2):
+            x = layers.Conv2D(
+                filters, 3, padding="same", activation="relu", name=f"block{block}_conv{conv}"
+            )(x)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    if top:
+        x = layers.Flatten(name="flatten")(x)
+        x = layers.Dense(32, activation="relu", name="fc1")(x)
+        x = layers.Dense(5, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, x, name="vgg16")
+
+
+def transfer_cnn(side: int = 64):
+    """Deep Learning with Python's feature extraction (section 5.3): a convolutional
+    base (`vgg_like(top=False)`) inside a Sequential, then a classifier."""
+    keras = _keras()
+    layers = keras.layers
+    base = vgg_like(side, top=False)
+    head = [
+        layers.Flatten(),
+        layers.Dense(16, activation="relu"),
+        layers.Dense(1, activation="sigmoid"),
+    ]
+    return keras.Sequential([keras.Input((side, side, 3)), base, *head])
+
+
+KERAS_2_0 = ("sequential", "functional", "nested")  # what `save_keras_2_0_h5` writes
+
+
+def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> tuple[Path, object]:
+    """A model as Keras 2.0.8 (Deep Learning with Python's Keras, on TensorFlow 1) wrote
+    it to `.h5`, with random weights; returns (path, the Keras 3 twin holding them).
+
+    - "sequential": section 5.2's `cats_and_dogs_small_2.h5` (`chollet_cnn`), which its
+      section 5.4 opens to show intermediate activations: a Sequential's config as a
+      bare list of layers, the first holding `batch_input_shape`, the layers named from
+      `conv2d_1`.
+    - "functional": `vgg_like`, a `Model` (VGG16, which section 5.4 explains with
+      Grad-CAM), its layers' inbound nodes and the model's inputs and outputs as
+      lists.
+    - "nested": section 5.3's `transfer_cnn`, a `Model` inside a Sequential, its
+      weights in the Sequential's group for it.
+
+    Written with h5py field for field as Keras 2.0.8's `save_model`,
+    `Container.get_config` and the layers' own `get_config` write them (Keras 2.0
+    runs on no TensorFlow of today), with the RMSprop training config the book
+    compiles with.
+    """
     import json
 
     import h5py
     import numpy as np
 
-    twin = chollet_cnn(side)
+    keras = _keras()
+    twin = {"sequential": chollet_cnn, "functional": vgg_like, "nested": transfer_cnn}[kind](side)
     rng = np.random.default_rng(13)
     twin.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in twin.get_weights()])
-    glorot = {
-        "class_name": "VarianceScaling",
-        "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform", "seed": None},
-    }
-    empty = {
-        "kernel_regularizer": None, "bias_regularizer": None, "activity_regularizer": None,
-        "kernel_constraint": None, "bias_constraint": None,
-    }  # fmt: skip
-    config, names, counts = [], [], {}
-    for layer in twin.layers:
-        kind = type(layer).__name__
-        base = {"Conv2D": "conv2d", "MaxPooling2D": "max_pooling2d"}.get(kind, kind.lower())
-        counts[base] = counts.get(base, 0) + 1
-        name = f"{base}_{counts[base]}"
-        entry = {"name": name, "trainable": True}
-        if not config:
-            entry.update(batch_input_shape=[None, side, side, 3], dtype="float32")
-        if kind == "Conv2D":
-            entry.update(
-                filters=layer.filters, kernel_size=[3, 3], strides=[1, 1], padding="valid",
-                data_format="channels_last", dilation_rate=[1, 1], activation="relu",
-                use_bias=True, kernel_initializer=glorot,
-                bias_initializer={"class_name": "Zeros", "config": {}}, **empty,
-            )  # fmt: skip
-        elif kind == "MaxPooling2D":
-            entry.update(
-                pool_size=[2, 2], padding="valid", strides=[2, 2], data_format="channels_last"
-            )
-        elif kind == "Dropout":
-            entry.update(rate=0.5)
-        elif kind == "Dense":
-            entry.update(
-                units=layer.units, activation=layer.activation.__name__, use_bias=True,
-                kernel_initializer=glorot,
-                bias_initializer={"class_name": "Zeros", "config": {}}, **empty,
-            )  # fmt: skip
-        config.append({"class_name": kind, "config": entry})
-        names.append(name)
-    path = out / "cats_and_dogs_small_2.h5"
+    base = twin.layers[0] if kind == "nested" else twin
+    kept = set() if kind == "sequential" else {base.name, *(layer.name for layer in base.layers)}
+    names = _Keras20Names(kept)
+    if isinstance(twin, keras.Sequential):
+        top = twin.layers
+        config = {
+            "class_name": "Sequential",
+            "config": [_keras_2_0_entry(layer, names, first=i == 0) for i, layer in enumerate(top)],
+        }
+    else:
+        top = twin.layers
+        config = _keras_2_0_entry(twin, names, first=True)
+    path = out / {"sequential": "cats_and_dogs_small_2.h5"}.get(kind, f"keras_2_0_{kind}.h5")
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = b"2.0.8"
         f.attrs["backend"] = b"tensorflow"
-        f.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": config}).encode(
-            "utf8"
-        )
+        f.attrs["model_config"] = json.dumps(config).encode("utf8")
         group = f.create_group("model_weights")
-        group.attrs["layer_names"] = [name.encode("utf8") for name in names]
+        group.attrs["layer_names"] = [names.of(layer).encode("utf8") for layer in top]
         group.attrs["backend"] = b"tensorflow"
         group.attrs["keras_version"] = b"2.0.8"
-        for name, layer in zip(names, twin.layers, strict=True):
-            g = group.create_group(name)
-            values = layer.get_weights()
-            weight_names = [f"{name}/{w}:0".encode() for w in ("kernel", "bias")[: len(values)]]
-            g.attrs["weight_names"] = weight_names
-            for weight_name, value in zip(weight_names, values, strict=True):
-                g.create_dataset(weight_name, data=value)
+        for layer in top:
+            g = group.create_group(names.of(layer))
+            inner = layer.layers if isinstance(layer, keras.Model) else [layer]
+            weights = [
+                (f"{names.of(part)}/{w}:0".encode(), value)
+                for part in inner
+                for w, value in zip(("kernel", "bias"), part.get_weights(), strict=False)
+            ]
+            g.attrs["weight_names"] = [name for name, _ in weights]
+            for name, value in weights:
+                g.create_dataset(name, data=value)
         f.attrs["training_config"] = json.dumps(
             {
                 "optimizer_config": {
@@ -286,6 +310,94 @@ def save_keras_2_0_h5(out: Path, side: int = 150) -> tuple[Path, object]:
             }
         ).encode("utf8")  # fmt: skip
     return path, twin
+
+
+class _Keras20Names:
+    """Keras 2.0's layer names, `conv2d_1`, `max_pooling2d_1`, ... counted per class from
+    1, for the twin's layers Keras named; the names in `kept` (VGG16's `block1_conv1`)
+    as they are."""
+
+    BASES = {"Conv2D": "conv2d", "MaxPooling2D": "max_pooling2d"}
+
+    def __init__(self, kept: set[str]) -> None:
+        self.kept, self.names, self.counts = kept, {}, {}
+
+    def of(self, layer) -> str:  # noqa: ANN001
+        if id(layer) not in self.names:
+            if layer.name in self.kept:
+                self.names[id(layer)] = layer.name
+            else:
+                base = self.BASES.get(type(layer).__name__, type(layer).__name__.lower())
+                self.counts[base] = self.counts.get(base, 0) + 1
+                self.names[id(layer)] = f"{base}_{self.counts[base]}"
+        return self.names[id(layer)]
+
+
+def _keras_2_0_entry(layer, names: _Keras20Names, first: bool = False) -> dict:  # noqa: ANN001
+    """{"class_name", "config"} of `layer` as Keras 2.0.8's `get_config` wrote it."""
+    keras = _keras()
+    kind = type(layer).__name__
+    glorot = {
+        "class_name": "VarianceScaling",
+        "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "uniform", "seed": None},
+    }
+    zeros = {"class_name": "Zeros", "config": {}}
+    empty = {
+        "kernel_regularizer": None, "bias_regularizer": None, "activity_regularizer": None,
+        "kernel_constraint": None, "bias_constraint": None,
+    }  # fmt: skip
+    if isinstance(layer, keras.Model):
+        return {"class_name": "Model", "config": _keras_2_0_model(layer, names)}
+    entry: dict = {"name": names.of(layer), "trainable": True}
+    if kind == "InputLayer":
+        shape = [None, *layer.batch_shape[1:]]
+        return {
+            "class_name": kind,
+            "config": {"batch_input_shape": shape, "dtype": "float32", "sparse": False,
+                       "name": names.of(layer)},
+        }  # fmt: skip
+    if first:
+        entry.update(batch_input_shape=[None, *layer.input.shape[1:]], dtype="float32")
+    if kind == "Conv2D":
+        entry.update(
+            filters=layer.filters, kernel_size=list(layer.kernel_size), strides=[1, 1],
+            padding=layer.padding, data_format="channels_last", dilation_rate=[1, 1],
+            activation=layer.activation.__name__, use_bias=True, kernel_initializer=glorot,
+            bias_initializer=zeros, **empty,
+        )  # fmt: skip
+    elif kind == "MaxPooling2D":
+        entry.update(
+            pool_size=list(layer.pool_size), padding="valid", strides=list(layer.strides),
+            data_format="channels_last",
+        )  # fmt: skip
+    elif kind == "Dropout":
+        entry.update(rate=layer.rate)
+    elif kind == "Dense":
+        entry.update(
+            units=layer.units, activation=layer.activation.__name__, use_bias=True,
+            kernel_initializer=glorot, bias_initializer=zeros, **empty,
+        )  # fmt: skip
+    elif kind != "Flatten":
+        raise ValueError(f"no Keras 2.0 form of {kind} here")
+    return {"class_name": kind, "config": entry}
+
+
+def _keras_2_0_model(model, names: _Keras20Names) -> dict:  # noqa: ANN001
+    """A chain-shaped functional model's config as Keras 2.0.8's `Container.get_config`
+    wrote it: each layer with its inbound nodes, the inputs and outputs as lists."""
+    entries, previous = [], None
+    for layer in model.layers:
+        entry = _keras_2_0_entry(layer, names)
+        entry["name"] = names.of(layer)
+        entry["inbound_nodes"] = [] if previous is None else [[[names.of(previous), 0, 0, {}]]]
+        entries.append(entry)
+        previous = layer
+    return {
+        "name": model.name,
+        "layers": entries,
+        "input_layers": [[names.of(model.layers[0]), 0, 0]],
+        "output_layers": [[names.of(model.layers[-1]), 0, 0]],
+    }
 
 
 def residual_separable():

@@ -155,8 +155,31 @@ def test_a_keras_2_0_h5_as_the_book_saved_it_runs_and_shows_the_recipes_layers(t
     assert result.manifest["preprocessing"]["scale"] == "1/255"  # the recipe's
 
 
+@pytest.mark.parametrize("kind", ["functional", "nested"])
+def test_keras_2_0_functional_models_give_their_twins_outputs_and_heatmaps(
+    tmp_path, settings, kind
+):
+    """The book's VGG16 (a Keras 2.0 `Model`, which its Grad-CAM explains) and its
+    section 5.3 model (that base inside a Sequential), as Keras 2.0.8 wrote them."""
+    path, twin = models.save_keras_2_0_h5(tmp_path, kind, side=64)
+    loaded = open_model(path)
+    x = np.random.default_rng(6).random((2, 64, 64, 3), dtype=np.float32)
+    np.testing.assert_allclose(to_numpy(loaded.model(x)), to_numpy(twin(x)), atol=1e-6)
+    prefix = "vgg16/" if kind == "nested" else ""
+    assert loaded.select("Conv2D")[0].name == f"{prefix}block1_conv1"
+    twin_path = tmp_path / "twin.keras"
+    twin.save(twin_path)
+    data = image_bytes(70, 60, seed=23)
+    (mine,) = analyze_cam(loaded, [data], JobOptions(), settings)
+    (theirs,) = analyze_cam(open_model(twin_path), [data], JobOptions(), settings)
+    assert mine.manifest["gradcam"]["layer"] == f"{prefix}block2_pool"
+    assert mine.manifest["gradcam"]["classes"] == theirs.manifest["gradcam"]["classes"]
+    heatmaps = [key for key in theirs.files if key.endswith(".png") and key != "input.png"]
+    assert heatmaps and all(mine.files[key] == theirs.files[key] for key in heatmaps)
+
+
 def test_a_keras_1_h5_is_invalid_model_saying_how_to_convert_it(tmp_path):
-    path, _ = models.save_keras_2_0_h5(tmp_path, side=64)
+    path, _ = models.save_keras_2_0_h5(tmp_path, "sequential", side=64)
     with h5py.File(path, "r+") as fh:
         fh.attrs["keras_version"] = b"1.2.2"  # the version is what the worker reads
     with pytest.raises(InvalidModel) as err:
