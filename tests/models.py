@@ -55,15 +55,19 @@ def sequential_cnn(side: int = SIDE, channels: int = 3):
     return model
 
 
-def classic_cnn():
-    """The classic cats-vs-dogs CNN: 4x (Conv2D + MaxPooling2D) on 150x150x3, Dense head."""
+def classic_cnn(side: int = 150):
+    """The classic cats-vs-dogs CNN, Deep Learning with Python's (section 5.2, the
+    model it saves as `cats_and_dogs_small_2.h5`): 4x (Conv2D + MaxPooling2D) on
+    150x150x3, Flatten, Dropout, a Dense head. bench/bench_engine.py builds the same
+    (the GPU kit carries no tests)."""
     keras = _keras()
     layers = keras.layers
-    stack = [keras.Input((150, 150, 3))]
+    stack = [keras.Input((side, side, 3))]
     for filters in (32, 64, 128, 128):
         stack += [layers.Conv2D(filters, 3, activation="relu"), layers.MaxPooling2D(2)]
     stack += [
         layers.Flatten(),
+        layers.Dropout(0.5),
         layers.Dense(512, activation="relu"),
         layers.Dense(1, activation="sigmoid"),
     ]
@@ -124,29 +128,26 @@ def save_gray_hw_h5(out: Path) -> Path:
 def save_uint8_input_keras(out: Path) -> Path:
     """A model that takes uint8 pixels (0..255) and rescales them itself, then a
     softmax head."""
-    keras = _keras()
-    layers = keras.layers
-    inputs = keras.Input((SIDE, SIDE, 3), dtype="uint8")
-    x = layers.Rescaling(1 / 255.0, name="rescale")(inputs)
-    x = layers.Conv2D(4, 3, activation="relu", name="conv")(x)
-    x = layers.Dense(3, activation="softmax", name="probs")(layers.GlobalAveragePooling2D()(x))
-    path = out / "uint8_input_cnn.keras"
-    keras.Model(inputs, x, name="uint8_input_cnn").save(path)
-    return path
+    return _save_rescaling_cnn(out, "uint8_input_cnn", dtype="uint8")
 
 
 def save_rescaling_keras(out: Path) -> Path:
     """The Keras tutorials' classifier: augmentation, then `Rescaling(1. / 255)` in
     front of the first convolution, so the model takes pixel values 0..255."""
+    return _save_rescaling_cnn(out, "rescaling_cnn", augment=True)
+
+
+def _save_rescaling_cnn(out: Path, name: str, dtype: str = "float32", augment: bool = False):
     keras = _keras()
     layers = keras.layers
-    inputs = keras.Input((SIDE, SIDE, 3))
-    x = keras.Sequential([layers.RandomFlip("horizontal")], name="augment")(inputs)
-    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    inputs = x = keras.Input((SIDE, SIDE, 3), dtype=dtype)
+    if augment:
+        x = keras.Sequential([layers.RandomFlip("horizontal")], name="augment")(x)
+    x = layers.Rescaling(1 / 255.0, name="rescale")(x)
     x = layers.Conv2D(4, 3, activation="relu", name="conv")(x)
     x = layers.Dense(3, activation="softmax", name="probs")(layers.GlobalAveragePooling2D()(x))
-    path = out / "rescaling_cnn.keras"
-    keras.Model(inputs, x, name="rescaling_cnn").save(path)
+    path = out / f"{name}.keras"
+    keras.Model(inputs, x, name=name).save(path)
     return path
 
 
@@ -181,22 +182,6 @@ def save_channels_first_keras(out: Path) -> Path:
     path = out / "channels_first_cnn.keras"
     model.save(path)
     return path
-
-
-def chollet_cnn(side: int = 150):
-    """Deep Learning with Python's cats-and-dogs CNN (section 5.2), in Keras 3."""
-    keras = _keras()
-    layers = keras.layers
-    stack = [keras.Input((side, side, 3))]
-    for filters in (32, 64, 128, 128):
-        stack += [layers.Conv2D(filters, 3, activation="relu"), layers.MaxPooling2D(2)]
-    stack += [
-        layers.Flatten(),
-        layers.Dropout(0.5),
-        layers.Dense(512, activation="relu"),
-        layers.Dense(1, activation="sigmoid"),
-    ]
-    return keras.Sequential(stack)
 
 
 def vgg_like(side: int = 64, top: bool = True):
@@ -240,7 +225,7 @@ def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> t
     """A model as Keras 2.0.8 (Deep Learning with Python's Keras, on TensorFlow 1) wrote
     it to `.h5`, with random weights; returns (path, the Keras 3 twin holding them).
 
-    - "sequential": section 5.2's `cats_and_dogs_small_2.h5` (`chollet_cnn`), which its
+    - "sequential": section 5.2's `cats_and_dogs_small_2.h5` (`classic_cnn`), which its
       section 5.4 opens to show intermediate activations: a Sequential's config as a
       bare list of layers, the first holding `batch_input_shape`, the layers named from
       `conv2d_1`.
@@ -261,7 +246,7 @@ def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> t
     import numpy as np
 
     keras = _keras()
-    twin = {"sequential": chollet_cnn, "functional": vgg_like, "nested": transfer_cnn}[kind](side)
+    twin = {"sequential": classic_cnn, "functional": vgg_like, "nested": transfer_cnn}[kind](side)
     rng = np.random.default_rng(13)
     twin.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in twin.get_weights()])
     base = twin.layers[0] if kind == "nested" else twin
