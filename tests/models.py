@@ -585,6 +585,8 @@ KERAS2_FILES = (
     "keras2_unknown_op.h5",
     "keras2_v3.keras",
     "keras2_channels_first.h5",
+    "keras2_caffe_preprocess.h5",
+    "keras2_torch_preprocess.h5",
     "keras2_outputs.npz",  # each model's outputs under tf_keras, for KERAS2_INPUT
 )
 KERAS2_SIDE = 32
@@ -720,6 +722,18 @@ def _write_keras2_adapted(out: Path) -> None:
     )
     twins[0].set_weights(twins[1].get_weights())
     twins[0].save(out / "keras2_channels_first.h5", save_format="h5")
+    # Transfer learning from ResNet50 or VGG (caffe: BGR order, a mean subtracted as a
+    # bias: a SlicingOpLambda and nn.bias_add), and from DenseNet (torch: / 255, a mean,
+    # / std), the base's preprocess_input inside the model.
+    preprocessed = {}
+    for mode, preprocess in (
+        ("caffe", tf_keras.applications.resnet50.preprocess_input),
+        ("torch", tf_keras.applications.densenet.preprocess_input),
+    ):
+        h = layers.Conv2D(4, 3, activation="relu", name="conv")(preprocess(inputs))
+        h = layers.Dense(3, activation="softmax", name="head")(layers.GlobalAveragePooling2D()(h))
+        preprocessed[mode] = tf_keras.Model(inputs, h, name=f"{mode}_preprocess")
+        preprocessed[mode].save(out / f"keras2_{mode}_preprocess.h5", save_format="h5")
     unknown = tf_keras.Model(inputs, tf.math.cumsum(layers.Conv2D(2, 3, name="conv")(inputs)))
     unknown.save(out / "keras2_unknown_op.h5", save_format="h5")
     x = keras2_input()
@@ -730,6 +744,8 @@ def _write_keras2_adapted(out: Path) -> None:
         transfer_functional=transfer(x * 255.0, training=False).numpy(),
         transfer_sequential=stacked(x * 255.0, training=False).numpy(),
         channels_first=twins[1](x, training=False).numpy(),
+        caffe_preprocess=preprocessed["caffe"](x * 255.0, training=False).numpy(),
+        torch_preprocess=preprocessed["torch"](x * 255.0, training=False).numpy(),
     )
 
 

@@ -101,13 +101,16 @@ def test_a_legacy_h5_rescaling_model_takes_pixel_values(tmp_path):
 def test_tf_keras_preprocessing_saved_as_op_layers_makes_the_model_take_pixel_values(
     keras2_files,
 ):
-    """tf.keras's MobileNetV3 (its own Rescaling), a transfer model calling
-    `mobilenet_v2.preprocess_input` (op layers: x / 127.5 - 1) and a Sequential with
+    """tf.keras's MobileNetV3 (its own Rescaling), transfer models calling the
+    `preprocess_input` of MobileNetV2 (x / 127.5 - 1), ResNet50 (BGR, a mean subtracted)
+    and DenseNet (x / 255, a mean, a std), as op layers, and a Sequential with
     `Rescaling(1 / 127.5, offset=-1)`; an op model whose ops follow its weights does not."""
     expected = {
         "keras2_mobilenet_v3.h5": "(Rescaling) multiplies its input by 0.007843",
         "keras2_transfer_functional.h5": "(TFOp) divides its input by 127.5",
         "keras2_transfer_sequential.h5": "(Rescaling) multiplies its input by 0.007843",
+        "keras2_caffe_preprocess.h5": "(TFOp) subtracts a mean of [103.9, 116.8, 123.7]",
+        "keras2_torch_preprocess.h5": "(TFOp) divides its input by 255",
     }
     for name, reason in expected.items():
         found = open_model(keras2_files[name]).pixel_input

@@ -34,6 +34,8 @@ TOLERANCE = 1e-5
         ("keras2_transfer_functional.h5", "transfer_functional", True),
         ("keras2_transfer_sequential.h5", "transfer_sequential", False),
         ("keras2_channels_first.h5", "channels_first", False),
+        ("keras2_caffe_preprocess.h5", "caffe_preprocess", True),
+        ("keras2_torch_preprocess.h5", "torch_preprocess", True),
     ],
 )
 def test_a_tf_keras_model_keras3_cannot_build_as_it_is_gives_tf_keras_outputs(

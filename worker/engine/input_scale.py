@@ -14,7 +14,8 @@ activation is wrong without any error. The job's scale 'auto' (the default) is
 names the one that shows the model takes pixel values: a `Rescaling` by 1/50 or
 less, a `Normalization` whose mean or variance is of pixel values (a mean above
 2 or a variance above 4: images scaled to 0..1 have means near 0.5), or an op
-layer dividing by 50 or more, or multiplying by 1/50 or less. The first layer
+layer dividing by 50 or more, multiplying by 1/50 or less, or adding a bias
+above 2 (`preprocess_input` of ResNet50 and VGG: a mean of pixels). The first layer
 with weights ends the walk: what comes after it says nothing of the input.
 """
 
@@ -79,6 +80,11 @@ def _scales_pixels(layer: keras.layers.Layer) -> str | None:
             return f"subtracts a mean of {_values(mean)}"
         if variance is not None and float(np.max(variance)) > _PIXEL_VARIANCE:
             return f"divides by a standard deviation of {_values(np.sqrt(variance))}"
+        return None
+    if isinstance(layer, TFOp) and layer.function == "nn.bias_add":
+        bias = np.asarray(layer.constants.get("bias", 0.0), dtype=float)
+        if bias.size and float(np.max(np.abs(bias))) > _PIXEL_MEAN:
+            return f"subtracts a mean of {_values(-bias)}"
         return None
     if isinstance(layer, TFOp):
         factors = [_scalar(value) for value in layer.constants.values()]

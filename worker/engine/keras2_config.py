@@ -15,7 +15,8 @@ stop Keras 3, though the model is plain:
   such layer, and one could name any TensorFlow function (a file write), so a
   config holding them is refused as code (worker/engine/safety.py). Each one
   whose function is in `OPS` (arithmetic, activations, reductions, concat,
-  reshape: functions of their tensors alone) becomes a `TFOp`, a Keras 3
+  reshape, a bias, indexing (`x[..., ::-1]`, a `SlicingOpLambda`): functions of
+  their tensors alone) becomes a `TFOp`, a Keras 3
   layer calling the same function written with `keras.ops`, with the tensors
   and constants of its one call. Any other is left as it was, and refused.
 - **Names with '/'.** tf.keras's MobileNetV3 names layers `Conv/BatchNorm`;
@@ -99,6 +100,36 @@ def _transpose(a: Any, perm: Any = None, conjugate: bool = False) -> Any:
     return ops.transpose(a, axes=perm)  # conjugate: of a real tensor, itself
 
 
+def _bias_add(value: Any, bias: Any, data_format: str | None = None) -> Any:
+    if data_format is not None and str(data_format).startswith("NC"):  # NCHW: axis 1
+        bias = ops.reshape(ops.convert_to_tensor(bias), (-1, *[1] * (len(value.shape) - 2)))
+    return ops.add(value, ops.cast(bias, value.dtype))
+
+
+def _getitem(tensor: Any, slice_spec: Any) -> Any:
+    """`tensor[slice_spec]`, the spec as tf.keras wrote it (`slice_key`)."""
+    return tensor[slice_key(slice_spec)]
+
+
+def slice_key(spec: Any) -> Any:
+    """A `SlicingOpLambda`'s written spec as Python's index: slices written as
+    {"start", "stop", "step"}, Ellipsis as {"class_name": "__ellipsis__"}, a list of
+    them as a tuple; raises ValueError for anything but ints and None in them."""
+    if isinstance(spec, (list, tuple)):
+        return tuple(slice_key(part) for part in spec)
+    if spec is Ellipsis or (isinstance(spec, dict) and spec.get("class_name") == "__ellipsis__"):
+        return Ellipsis  # Keras 3 decodes the latter to the former as it builds the layer
+    if isinstance(spec, slice):
+        spec = {"start": spec.start, "stop": spec.stop, "step": spec.step}
+    if isinstance(spec, dict) and set(spec) == {"start", "stop", "step"}:
+        parts = [spec["start"], spec["stop"], spec["step"]]
+        if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in parts):
+            return slice(*parts)
+    if spec is None or (isinstance(spec, int) and not isinstance(spec, bool)):
+        return spec
+    raise ValueError(f"not an index tf.keras writes: {spec!r}")
+
+
 # tf.keras's name of each function -> the function, with TensorFlow's parameter names
 # and defaults (tf.nn.leaky_relu's alpha is 0.2, Keras's 0.3).
 OPS: dict[str, Callable[..., Any]] = {
@@ -144,6 +175,9 @@ OPS: dict[str, Callable[..., Any]] = {
     "clip_by_value": lambda t, clip_value_min, clip_value_max: ops.clip(
         t, clip_value_min, clip_value_max
     ),
+    # preprocess_input of ResNet50, VGG and DenseNet: BGR order, then a mean added
+    "nn.bias_add": _bias_add,
+    "__operators__.getitem": _getitem,  # a SlicingOpLambda: x[..., ::-1], x[:, 0]
 }
 
 
@@ -244,7 +278,7 @@ def _adapt(node: Any) -> None:
                     node[key] = refs[0]
             names = {_name_of(entry) for entry in layers}
             for i, entry in enumerate(layers):
-                if entry.get("class_name") == "TFOpLambda":
+                if entry.get("class_name") in ("TFOpLambda", "SlicingOpLambda"):
                     layers[i] = _op_layer(entry, names) or entry
     elif isinstance(node, list):
         for value in node:
@@ -404,7 +438,7 @@ def _op_layer(entry: dict[str, Any], names: set[Any]) -> dict[str, Any] | None:
         if _is_tensor(value, names):
             inbound.append([*value[:3], {}])
             layout.append([name, None])
-        elif _is_constant(value):
+        elif _is_constant(value) or (name == "slice_spec" and _is_slice_spec(value)):
             constants[name] = value
         else:
             return None
@@ -434,9 +468,18 @@ def _is_tensor(value: Any, names: set[Any]) -> bool:
     )
 
 
+def _is_slice_spec(value: Any) -> bool:
+    try:
+        slice_key(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_constant(value: Any) -> bool:
-    """A number, a bool, None, or a list of numbers (a shape, axes)."""
-    if value is None or isinstance(value, (bool, int, float)):
+    """A number, a bool, a string (a data format, a method), None, or a list of numbers
+    (a shape, axes)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
         return True
     return isinstance(value, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
