@@ -228,7 +228,7 @@ def main() -> None:
         extractor = loaded.extractor(SPEC)
         pixels = np.stack(
             [
-                preprocess(data, loaded.input_shape, options, settings, loaded.pixel_input).pixels
+                preprocess(data, loaded.input_shape, options, settings, loaded.auto_scale).pixels
                 for data in images
             ]
         )

@@ -172,7 +172,7 @@ def measure_floor(
         chosen = [images[i % len(images)] for i in range(batch)]
         pixels = np.stack(
             [
-                preprocess(d, loaded.input_shape, options, settings, loaded.pixel_input).pixels
+                preprocess(d, loaded.input_shape, options, settings, loaded.auto_scale).pixels
                 for d in chosen
             ]
         )

@@ -557,8 +557,9 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "--scale",
         choices=SCALES,
         help="pixel scaling before the model: auto (default: raw 0..255 where the model "
-        "rescales its own input, else x/255), x/255, raw 0..255, -1..1, or "
-        "(x/255 - mean) / std with --mean and --std",
+        "rescales its own input, preprocess_input's for Keras's applications, else x/255), "
+        "x/255, raw 0..255, -1..1, (x/255 - mean) / std with --mean and --std, or "
+        "caffe (VGG's and ResNet's: BGR, ImageNet's means subtracted)",
     )
     p.add_argument(
         "--mean", type=_floats, help="per-channel means for --scale meanstd, e.g. 0.485,0.456,0.406"

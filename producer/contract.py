@@ -115,9 +115,11 @@ class ErrorCode(StrEnum):
 ERROR_CODES = tuple(code.value for code in ErrorCode)
 
 # Preprocessing scale modes and grid normalization modes. 'auto' is 'none' for a model
-# that takes pixel values 0..255 (it rescales its own input, or takes uint8) and the
-# classic '1/255' for any other (worker/engine/input_scale.py).
-SCALES = ("auto", "1/255", "none", "-1..1", "meanstd")
+# that takes pixel values 0..255 (it rescales its own input, or takes uint8), what
+# preprocess_input makes of them for Keras's applications that leave it outside the
+# model, and the classic '1/255' for any other (worker/engine/input_scale.py). 'caffe'
+# is VGG's and ResNet's: BGR order, ImageNet's means subtracted.
+SCALES = ("auto", "1/255", "none", "-1..1", "meanstd", "caffe")
 NORMALIZATIONS = ("channel", "layer", "meanstd", "percentile")
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

@@ -120,7 +120,7 @@ def check_against_reference(loaded, path, data: bytes, options: JobOptions, sett
     """Run analyze on one image and check every layer against the references."""
     (result,) = analyze(loaded, [data], options, settings)
     assert isinstance(result, Artifacts)
-    prepared = preprocess(data, loaded.input_shape, options, settings, loaded.pixel_input)
+    prepared = preprocess(data, loaded.input_shape, options, settings, loaded.auto_scale)
     refs = loaded.select(options.layers)
     batch = prepared.pixels[None]
     engine_acts = extract(loaded, batch, refs)
@@ -176,7 +176,7 @@ def test_a_model_that_takes_uint8_pixels_is_fed_them_and_refuses_a_scale_it_woul
     a typed error, not activations of a black image. By default (scale 'auto') its own
     Rescaling sees 0..255."""
     loaded = loaded_models("uint8_input")
-    assert loaded.pixel_input == "its input is uint8"
+    assert loaded.auto_scale.scale == "none" and "its input is uint8" in loaded.auto_scale.why
     data = image_bytes(40, 30, seed=14)
     for kind in (analyze, analyze_cam):
         with pytest.raises(InvalidJob) as err:

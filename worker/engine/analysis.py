@@ -66,7 +66,7 @@ def check_integer_input(options: JobOptions, loaded: LoadedModel) -> None:
     values 0..255, and rescales them itself) and `options.scale` is not 'none': the pass
     would truncate 1/255's fractions to 0 and 1, and every activation would be wrong."""
     dtype = str(loaded.model.inputs[0].dtype)
-    scale = resolve_scale(options, loaded.pixel_input).scale
+    scale = resolve_scale(options, loaded.auto_scale).scale
     if scale != "none" and ("int" in dtype or dtype == "bool"):
         raise InvalidJob(
             f"the model's input is {dtype}: it takes pixel values 0..255, not scaled ones; "
@@ -87,7 +87,7 @@ def prepare_image(
     (activations_too_large) when the image's input and selected layers, at
     the size the model is fed, exceed settings.max_image_activation_mb.
     """
-    image = preprocess(data, loaded.input_shape, options, settings, loaded.pixel_input)
+    image = preprocess(data, loaded.input_shape, options, settings, loaded.auto_scale)
     height, width, _ = image.pixels.shape
     check_activation_budget(
         extractor.activation_bytes(image.pixels.shape),

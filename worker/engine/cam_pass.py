@@ -69,7 +69,7 @@ def prepare_cam_image(
     """Preprocess one image and check what its Grad-CAM pass would hold (as
     `prepare_image` does for activations). Raises InvalidImage, ImageTooLarge,
     ActivationsTooLarge."""
-    image = preprocess(data, loaded.input_shape, options, settings, loaded.pixel_input)
+    image = preprocess(data, loaded.input_shape, options, settings, loaded.auto_scale)
     height, width, _ = image.pixels.shape
     check_activation_budget(
         cam.image_bytes(image.pixels.shape, key.count),

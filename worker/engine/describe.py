@@ -14,15 +14,13 @@ from producer.errors import ActvizError
 from worker.engine.gradcam import cam_candidates, check_output, choose_layer
 from worker.engine.layers import default_layers
 from worker.engine.loading import LoadedModel
-from worker.engine.preprocess import resolve_scale
-
-_FORMULAS = {"1/255": "x / 255", "none": "x (pixel values 0..255)"}
+from worker.engine.preprocess import FORMULAS
 
 
 def describe_model(loaded: LoadedModel) -> dict[str, Any]:
     """See the module doc."""
     model = loaded.model
-    auto = resolve_scale_of(loaded)
+    auto = loaded.auto_scale
     shown = {ref.name for ref in default_layers(loaded.layers)}
     return {
         "uri": loaded.uri,
@@ -33,13 +31,10 @@ def describe_model(loaded: LoadedModel) -> dict[str, Any]:
         "input_dtype": str(model.inputs[0].dtype),
         "data_format": "channels_first" if loaded.channels_first else "channels_last",
         "scale_auto": {
-            "scale": auto,
-            "formula": _FORMULAS[auto],
-            "why": (
-                f"the model takes pixel values 0..255: {loaded.pixel_input}"
-                if loaded.pixel_input
-                else "nothing in front of the model's first weights scales its input"
-            ),
+            "scale": auto.scale,
+            "formula": FORMULAS[auto.scale],
+            "why": auto.why,
+            **({"mean": list(auto.mean), "std": list(auto.std)} if auto.mean and auto.std else {}),
         },
         "parameters": int(model.count_params()),
         "weight_bytes": loaded.nbytes,
@@ -56,13 +51,6 @@ def describe_model(loaded: LoadedModel) -> dict[str, Any]:
         ],
         "gradcam": _gradcam(loaded),
     }
-
-
-def resolve_scale_of(loaded: LoadedModel) -> str:
-    """The scale 'auto' gives `loaded`: 'none' or '1/255'."""
-    from producer.contract import JobOptions
-
-    return resolve_scale(JobOptions(), loaded.pixel_input).scale
 
 
 def _gradcam(loaded: LoadedModel) -> dict[str, Any]:

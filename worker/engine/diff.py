@@ -109,13 +109,11 @@ def diff_image(
             f"the two models take different inputs: {a.input_shape} and {b.input_shape} "
             "(H, W, C); a diff compares checkpoints of one architecture"
         )
-    if options.scale == "auto" and bool(a.pixel_input) != bool(b.pixel_input):
+    if options.scale == "auto" and a.auto_scale != b.auto_scale:
         raise InvalidJob(
             "the scale 'auto' differs between the two models: "
             + "; ".join(
-                f"{name} takes pixel values 0..255 ({m.pixel_input})"
-                if m.pixel_input
-                else f"{name} takes x / 255"
+                f"{name} would be fed {m.auto_scale.scale!r} ({m.auto_scale.why})"
                 for name, m in (("model a", a), ("model b", b))
             )
             + "; name the scale the checkpoints were trained with (`--scale`)"
@@ -129,7 +127,7 @@ def diff_image(
             f"no layer of the two models matches by {options.match}: "
             + "; ".join(f"{u['name']}: {u['reason']}" for u in unmatched[:8])
         )
-    image = preprocess(data, a.input_shape, options, settings, a.pixel_input)
+    image = preprocess(data, a.input_shape, options, settings, a.auto_scale)
     extract_a = a.extractor([ref.name for ref, _ in pairs])
     extract_b = b.extractor([ref.name for _, ref in pairs])
     check_activation_budget(

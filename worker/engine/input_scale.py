@@ -1,4 +1,4 @@
-"""Whether a model takes pixel values 0..255 as they are, and why.
+"""What the job's scale 'auto' (the default) feeds a model, and why.
 
 Many models scale their own input: Keras's applications built with their
 preprocessing (EfficientNet, ConvNeXt, MobileNetV3, RegNet), the tutorials'
@@ -6,27 +6,35 @@ preprocessing (EfficientNet, ConvNeXt, MobileNetV3, RegNet), the tutorials'
 `Normalization` adapted on raw images, tf.keras's `preprocess_input` saved as
 op layers (`x / 127.5`), and models whose input is uint8. Fed x / 255, such a
 model sees values 255 times smaller than the ones it learnt from, and every
-activation is wrong without any error. The job's scale 'auto' (the default) is
-'none' for them and the classic x / 255 for every other model.
+activation is wrong without any error. For them 'auto' is 'none'.
 
-`pixel_input(model)` walks the layers in front of the model's first weights
-(into nested models, past augmentation, resizing and reshaping layers) and
-names the one that shows the model takes pixel values: a `Rescaling` by 1/50 or
+`auto_scale(model)` walks the layers in front of the model's first weights
+(into nested models, past augmentation, resizing and reshaping layers) for
+the one that shows the model takes pixel values: a `Rescaling` by 1/50 or
 less, a `Normalization` whose mean or variance is of pixel values (a mean above
 2 or a variance above 4: images scaled to 0..1 have means near 0.5), or an op
 layer dividing by 50 or more, multiplying by 1/50 or less, or adding a bias
 above 2 (`preprocess_input` of ResNet50 and VGG: a mean of pixels). The first layer
 with weights ends the walk: what comes after it says nothing of the input.
+
+Where the walk finds no scaling at all, a model that is one of Keras's
+applications whose `preprocess_input` is outside it (by the name Keras gives it:
+`vgg16`, `resnet50`, `xception`, ...) is fed what that function makes of the
+pixels: caffe's (BGR, ImageNet's means subtracted) for VGG and ResNet, -1..1 for
+Xception, Inception, ResNetV2, MobileNet V1 and V2 and NASNet, ImageNet's mean
+and std for DenseNet. Every other model gets the classic x / 255.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import keras
 import numpy as np
 
 from worker.engine.keras2_config import TFOp
+from worker.engine.preprocess import CLASSIC, IMAGENET_MEAN, IMAGENET_STD, AutoScale
 
 # A factor that maps 0..255 into a range of at most about 5: the model takes pixels.
 _PIXEL_FACTOR = 1 / 50
@@ -35,36 +43,69 @@ _PIXEL_MEAN = 2.0
 _PIXEL_VARIANCE = 4.0
 _DIVIDE = ("math.truediv", "math.divide")
 _MULTIPLY = ("math.multiply",)
+# Keras's applications that leave their preprocessing to `preprocess_input`, by the
+# name Keras (and tf.keras) gives the model: (pattern, the scale, its mean and std).
+APPLICATIONS: tuple[tuple[re.Pattern[str], str, str], ...] = (
+    (re.compile(r"(vgg16|vgg19|resnet50|resnet101|resnet152)"), "caffe", "VGG and ResNet"),
+    (
+        re.compile(
+            r"(xception|inception_v3|inception_resnet_v2|resnet(50|101|152)v2"
+            r"|mobilenet(v2)?_\d\.\d\d_\d+|nasnet(_mobile|_large)?)",
+            re.IGNORECASE,
+        ),
+        "-1..1",
+        "Xception, Inception, ResNetV2, MobileNet and NASNet",
+    ),
+    (re.compile(r"densenet(121|169|201)"), "meanstd", "DenseNet"),
+)
 
 
-def pixel_input(model: keras.Model) -> str | None:
-    """Why `model` takes pixel values 0..255 unscaled ("its input is uint8", "layer
-    'rescaling' (Rescaling) multiplies its input by 0.003922"), or None."""
+def auto_scale(model: keras.Model, channels: int = 3) -> AutoScale:
+    """What 'auto' feeds `model`, whose images have `channels` (see the module doc)."""
     dtype = str(model.inputs[0].dtype)
     if "int" in dtype or dtype == "bool":
-        return f"its input is {dtype}"
-    reason, _ = _walk(model)
-    return reason
+        return AutoScale("none", f"the model takes pixel values 0..255: its input is {dtype}")
+    reason, scaled = _walk(model)
+    if reason is not None:
+        return AutoScale("none", f"the model takes pixel values 0..255: {reason}")
+    if not scaled and channels == 3:  # the applications take RGB
+        for pattern, scale, family in APPLICATIONS:
+            if pattern.fullmatch(model.name):
+                return AutoScale(
+                    scale,
+                    f"the model is named '{model.name}', as Keras names its {family} "
+                    "applications, whose preprocess_input is outside the model",
+                    *((IMAGENET_MEAN, IMAGENET_STD) if scale == "meanstd" else ()),
+                )
+    return CLASSIC
 
 
 def _walk(model: keras.Model) -> tuple[str | None, bool]:
-    """(the reason found, or None; whether the walk reached a layer with weights)."""
+    """(why the model takes pixel values, or None; whether a layer in front of its
+    first weights scales values that are not pixels)."""
+    reason, scaled, _ = _walk_layers(model)
+    return reason, scaled
+
+
+def _walk_layers(model: keras.Model) -> tuple[str | None, bool, bool]:
+    """(the reason found, or None; a scaling of values not pixels seen; whether the walk
+    reached a layer with weights)."""
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if isinstance(layer, keras.Model):
-            reason, stopped = _walk(layer)
-            if reason is not None or stopped:
-                return reason, stopped
+            reason, scaled, stopped = _walk_layers(layer)
+            if reason is not None or scaled or stopped:
+                return reason, scaled, stopped
             continue
         verdict = _scales_pixels(layer)
         if verdict is not None:
-            return (f"layer '{layer.name}' ({type(layer).__name__}) {verdict}", True)
+            return f"layer '{layer.name}' ({type(layer).__name__}) {verdict}", False, True
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
-            return None, True  # it scales values already scaled: x / 255 stands
+            return None, True, True  # it scales values already scaled: x / 255 stands
         if layer.weights:
-            return None, True
-    return None, False
+            return None, False, True
+    return None, False, False
 
 
 def _scales_pixels(layer: keras.layers.Layer) -> str | None:

@@ -33,10 +33,11 @@ import numpy as np
 from producer.errors import ActvizError, InvalidModel, ModelNotFound, UnsafeModel
 from worker.engine.extract import Extractor, build_extractor
 from worker.engine.gradcam import CamModel, build_cam_model
-from worker.engine.input_scale import pixel_input
+from worker.engine.input_scale import auto_scale
 from worker.engine.keras2_config import adapt, custom_objects
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.layout import channels_first, engine_shape
+from worker.engine.preprocess import CLASSIC, AutoScale
 from worker.engine.safety import MAX_CONFIG_BYTES, check_model_bounds, refuse_code_layers
 from worker.engine.savedmodel import is_savedmodel, load_savedmodel
 
@@ -51,8 +52,7 @@ class LoadedModel:
 
     `input_shape` is (H, W, C) with None for free spatial dimensions.
     `nbytes` approximates the memory the weights hold.
-    `pixel_input` says why the model takes pixel values 0..255 unscaled (it
-    rescales its own input, or takes uint8), or is None (see input_scale.py).
+    `auto_scale` is what the job's scale 'auto' feeds it, and why (input_scale.py).
     `channels_first`: the model takes (C, H, W) images, and the engine sees it as
     channels-last (see layout.py).
     """
@@ -63,7 +63,7 @@ class LoadedModel:
     nbytes: int
     input_shape: tuple[int | None, int | None, int]
     layers: list[LayerRef]
-    pixel_input: str | None = None
+    auto_scale: AutoScale = CLASSIC
     channels_first: bool = False
     _extractors: dict[tuple[str, ...], Extractor] = field(default_factory=dict, repr=False)
     _cams: dict[str | None, CamModel] = field(default_factory=dict, repr=False)
@@ -113,7 +113,7 @@ def open_model(path: str | Path, uri: str | None = None, *, trusted: bool = Fals
         nbytes=weight_bytes(model),
         input_shape=input_shape,
         layers=flatten_layers(model),
-        pixel_input=pixel_input(model),
+        auto_scale=auto_scale(model, input_shape[2]),
         channels_first=channels_first(model),
     )
 

@@ -50,11 +50,35 @@ _PLUGINS = (
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 RESAMPLE = "bilinear"
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_FORMULAS = {
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AutoScale:
+    """What the scale 'auto' is for one model: a scale of the contract's (with its mean
+    and std for 'meanstd'), and why."""
+
+    scale: str = "1/255"
+    why: str = "nothing in front of the model's first weights scales its input"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def found(self) -> bool:
+        """Whether something of the model's chose it (else it is the classic x / 255)."""
+        return self != CLASSIC
+
+
+CLASSIC = AutoScale()
+
+CAFFE_MEAN = (103.939, 116.779, 123.68)  # ImageNet's, in BGR order
+FORMULAS = {
     "1/255": "x / 255",
     "none": "x",
     "-1..1": "x / 127.5 - 1",
     "meanstd": "(x / 255 - mean) / std",
+    "caffe": "x[..., ::-1] - [103.939, 116.779, 123.68] (BGR, ImageNet's means)",
 }
 # Errors Pillow raises for bytes that are not a well-formed image.
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError)
@@ -81,19 +105,19 @@ def preprocess(
     input_shape: tuple[int | None, int | None, int],
     options: JobOptions,
     settings: Settings,
-    pixel_input: str | None = None,
+    auto: AutoScale = CLASSIC,
 ) -> PreparedImage:
     """Decode, convert, resize and scale one image for a model with `input_shape` (H, W, C).
 
-    `pixel_input` says why the model takes pixel values 0..255 (its
-    `LoadedModel.pixel_input`), which makes the scale 'auto' 'none'.
+    `auto` is what the scale 'auto' is for the model (its `LoadedModel.auto_scale`).
     Raises InvalidImage (not a decodable image), ImageTooLarge (header says
     more than settings.max_pixels), InvalidJob (bad scale options).
     """
     channels = input_shape[2]
     check_scale(options, channels)
-    scale_record = _scale_record(options, pixel_input)
-    options = resolve_scale(options, pixel_input)
+    scale_record = _scale_record(options, auto)
+    options = resolve_scale(options, auto)
+    check_scale(options, channels)  # what 'auto' chose fits the model's channels too
     image, record = decode_image(
         data,
         settings.max_pixels,
@@ -285,6 +309,8 @@ def check_scale(options: JobOptions, channels: int) -> None:
         options.validate()
     except ValueError as exc:
         raise InvalidJob(str(exc)) from None
+    if options.scale == "caffe" and channels != 3:
+        raise InvalidJob(f"scale 'caffe' reorders RGB to BGR; this model takes {channels} channel")
     if options.scale != "meanstd":
         return
     for name in ("mean", "std"):
@@ -293,12 +319,12 @@ def check_scale(options: JobOptions, channels: int) -> None:
             raise InvalidJob(f"scale 'meanstd' needs options.{name} with 1 or {channels} values")
 
 
-def resolve_scale(options: JobOptions, pixel_input: str | None) -> JobOptions:
-    """`options` with the scale 'auto' made 'none' where `pixel_input` says the model
-    takes pixel values 0..255, else '1/255' (see input_scale.py)."""
+def resolve_scale(options: JobOptions, auto: AutoScale = CLASSIC) -> JobOptions:
+    """`options` with the scale 'auto' made the model's `auto` (input_scale.py)."""
     if options.scale != "auto":
         return options
-    return dataclasses.replace(options, scale="none" if pixel_input else "1/255")
+    mean, std = (list(auto.mean), list(auto.std)) if auto.mean and auto.std else (None, None)
+    return dataclasses.replace(options, scale=auto.scale, mean=mean, std=std)
 
 
 def scale_pixels(display: np.ndarray, options: JobOptions) -> np.ndarray:
@@ -313,25 +339,23 @@ def scale_pixels(display: np.ndarray, options: JobOptions) -> np.ndarray:
         x /= np.float32(255)
         x -= np.asarray(options.mean, dtype=np.float32)
         x /= np.asarray(options.std, dtype=np.float32)
+    elif options.scale == "caffe":
+        x = x[..., ::-1] - np.asarray(CAFFE_MEAN, dtype=np.float32)
     return x
 
 
-def _scale_record(options: JobOptions, pixel_input: str | None) -> dict[str, Any]:
+def _scale_record(options: JobOptions, auto: AutoScale) -> dict[str, Any]:
     """The scale applied and its formula; for 'auto', why; and a note where the job
-    asked for a scale other than 'none' of a model that takes pixel values."""
+    named a scale other than the one the model's own layers or name chose."""
     asked = options.scale
-    options = resolve_scale(options, pixel_input)
-    record: dict[str, Any] = {"scale": options.scale, "formula": _FORMULAS[options.scale]}
+    options = resolve_scale(options, auto)
+    record: dict[str, Any] = {"scale": options.scale, "formula": FORMULAS[options.scale]}
     if asked == "auto":
-        record["scale_auto"] = (
-            f"the model takes pixel values 0..255: {pixel_input}"
-            if pixel_input
-            else "nothing in front of the model's first weights scales its input"
-        )
-    elif pixel_input and asked != "none":
+        record["scale_auto"] = auto.why
+    elif auto.found and asked != auto.scale:
         record["scale_note"] = (
-            f"the model takes pixel values 0..255 ({pixel_input}), and this job asked "
-            f"for scale {asked!r}; 'auto' or 'none' feeds it what it learnt from"
+            f"'auto' would feed this model scale {auto.scale!r} ({auto.why}); this job "
+            f"asked for {asked!r}"
         )
     if options.scale == "meanstd":
         record.update(mean=list(options.mean or []), std=list(options.std or []))
