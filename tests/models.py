@@ -221,7 +221,9 @@ def transfer_cnn(side: int = 64):
 KERAS_2_0 = ("sequential", "functional", "nested")  # what `save_keras_2_0_h5` writes
 
 
-def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> tuple[Path, object]:
+def save_keras_2_0_h5(
+    out: Path, kind: str = "sequential", side: int = 150, backend: str = "tensorflow"
+) -> tuple[Path, object]:
     """A model as Keras 2.0.8 (Deep Learning with Python's Keras, on TensorFlow 1) wrote
     it to `.h5`, with random weights; returns (path, the Keras 3 twin holding them).
 
@@ -238,7 +240,9 @@ def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> t
     Written with h5py field for field as Keras 2.0.8's `save_model`,
     `Container.get_config` and the layers' own `get_config` write them (Keras 2.0
     runs on no TensorFlow of today), with the RMSprop training config the book
-    compiles with.
+    compiles with. `backend="theano"`: as Keras 2.0 on Theano wrote it, whose
+    convolution is a true one: each kernel stored turned around in space, so that the
+    file computes what its twin does.
     """
     import json
 
@@ -264,11 +268,11 @@ def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> t
     path = out / {"sequential": "cats_and_dogs_small_2.h5"}.get(kind, f"keras_2_0_{kind}.h5")
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = b"2.0.8"
-        f.attrs["backend"] = b"tensorflow"
+        f.attrs["backend"] = backend.encode()
         f.attrs["model_config"] = json.dumps(config).encode("utf8")
         group = f.create_group("model_weights")
         group.attrs["layer_names"] = [names.of(layer).encode("utf8") for layer in top]
-        group.attrs["backend"] = b"tensorflow"
+        group.attrs["backend"] = backend.encode()
         group.attrs["keras_version"] = b"2.0.8"
         for layer in top:
             g = group.create_group(names.of(layer))
@@ -280,6 +284,8 @@ def save_keras_2_0_h5(out: Path, kind: str = "sequential", side: int = 150) -> t
             ]
             g.attrs["weight_names"] = [name for name, _ in weights]
             for name, value in weights:
+                if backend == "theano" and value.ndim == 4:  # a Conv2D's kernel
+                    value = np.ascontiguousarray(value[::-1, ::-1])
                 g.create_dataset(name, data=value)
         f.attrs["training_config"] = json.dumps(
             {

@@ -180,6 +180,24 @@ def test_keras_2_0_functional_models_give_their_twins_outputs_and_heatmaps(
     assert heatmaps and all(mine.files[key] == theirs.files[key] for key in heatmaps)
 
 
+def test_a_keras_2_0_h5_theano_wrote_has_its_kernels_turned_as_keras_2_turned_them(tmp_path):
+    """Theano's convolution is a true one: Keras 2 turned each kernel of a file Theano's
+    backend wrote around in space as it loaded it, and actviz does too (Keras 3 does
+    not), so the model computes what it computed under Theano (its twin here)."""
+    path, twin = models.save_keras_2_0_h5(tmp_path, "sequential", side=64, backend="theano")
+    loaded = open_model(path)
+    x = np.random.default_rng(8).random((2, 64, 64, 3), dtype=np.float32)
+    np.testing.assert_allclose(to_numpy(loaded.model(x)), to_numpy(twin(x)), atol=1e-6)
+    conv = loaded.select("conv2d_2")[0]
+    mine, theirs = extract(loaded, x, [conv])[0], twin.layers[2](twin.layers[1](twin.layers[0](x)))
+    np.testing.assert_allclose(mine, to_numpy(theirs), atol=1e-5)
+    (tmp_path / "tf").mkdir()
+    as_tensorflow, _ = models.save_keras_2_0_h5(tmp_path / "tf", "sequential", side=64)
+    with h5py.File(path, "r") as a, h5py.File(as_tensorflow, "r") as b:
+        kernel = "model_weights/conv2d_1/conv2d_1/kernel:0"
+        np.testing.assert_array_equal(a[kernel][()][::-1, ::-1], b[kernel][()])
+
+
 def test_a_keras_1_h5_is_invalid_model_saying_how_to_convert_it(tmp_path):
     path, _ = models.save_keras_2_0_h5(tmp_path, "sequential", side=64)
     with h5py.File(path, "r+") as fh:

@@ -132,7 +132,7 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
         return load_savedmodel(path, trusted=trusted)
     kind = _sniff(path)
     check_model_bounds(path, kind)
-    config, version = _read_config(path, kind)
+    config, version, backend = _read_config(path, kind)
     if kind == "keras" and version.startswith("2."):
         raise InvalidModel(  # Keras 3 reads neither its classes nor its weights' layout
             f"'{path.name}' was written by Keras {version} (tf.keras) in its own .keras "
@@ -170,7 +170,37 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
             raise InvalidModel(f"could not load model '{path.name}': {_short(exc)}") from exc
     if not isinstance(model, keras.Model):
         raise InvalidModel(f"'{path.name}' holds a {type(model).__name__}, not a Keras model")
+    if backend == "theano":
+        flip_theano_kernels(model)
     return model
+
+
+# The layers whose kernels Keras 2 flipped loading a file another backend wrote.
+_THEANO_FLIPPED = (
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+)
+
+
+def flip_theano_kernels(model: keras.Model) -> None:
+    """Each convolution kernel of `model` (nested models' too) turned around in space.
+
+    Theano's convolution is a true one, its kernel turned around; TensorFlow's, JAX's
+    and Keras 3's are correlations. Keras 2 turned the kernels of a file Theano's
+    backend wrote as it loaded it (its `preprocess_weights_for_loading`); Keras 3
+    loads them as they are, and every map after the first convolution would be
+    another model's."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            flip_theano_kernels(layer)
+        elif type(layer).__name__ in _THEANO_FLIPPED:
+            kernel = keras.ops.convert_to_numpy(layer.kernel)
+            spatial = tuple(range(kernel.ndim - 2))
+            layer.kernel.assign(np.ascontiguousarray(np.flip(kernel, axis=spatial)))
 
 
 def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
@@ -227,9 +257,10 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _read_config(path: Path, kind: str) -> tuple[Any, str]:
-    """The model config JSON, read without deserializing any layer, and the version of
-    Keras that wrote it ('' where the file does not say)."""
+def _read_config(path: Path, kind: str) -> tuple[Any, str, str]:
+    """The model config JSON, read without deserializing any layer, the version of
+    Keras that wrote it and, for an `.h5`, the backend it ran on ('' where the file does
+    not say)."""
     try:
         if kind == "keras":
             with zipfile.ZipFile(path) as archive:
@@ -240,7 +271,7 @@ def _read_config(path: Path, kind: str) -> tuple[Any, str]:
                         f"'{path.name}' has a config.json above {MAX_CONFIG_BYTES} bytes"
                     )
                 version = _archive_version(archive)
-            return json.loads(text), version
+            return json.loads(text), version, ""
         with h5py.File(path, "r") as fh:
             raw = fh.attrs.get("model_config")
             if raw is None:
@@ -249,12 +280,17 @@ def _read_config(path: Path, kind: str) -> tuple[Any, str]:
                     "save the whole model with model.save(...)"
                 )
             version = fh.attrs.get("keras_version", "")
+            backend = fh.attrs.get("backend", "")
             config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        return config, version.decode() if isinstance(version, bytes) else str(version)
+        return config, _text(version), _text(backend)
     except InvalidModel:
         raise
     except (KeyError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InvalidModel(f"'{path.name}' is not a readable Keras model: {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _archive_version(archive: zipfile.ZipFile) -> str:
