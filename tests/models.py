@@ -222,7 +222,11 @@ KERAS_2_0 = ("sequential", "functional", "nested")  # what `save_keras_2_0_h5` w
 
 
 def save_keras_2_0_h5(
-    out: Path, kind: str = "sequential", side: int = 150, backend: str = "tensorflow"
+    out: Path,
+    kind: str = "sequential",
+    side: int = 150,
+    backend: str = "tensorflow",
+    version: str = "2.0.8",
 ) -> tuple[Path, object]:
     """A model as Keras 2.0.8 (Deep Learning with Python's Keras, on TensorFlow 1) wrote
     it to `.h5`, with random weights; returns (path, the Keras 3 twin holding them).
@@ -242,7 +246,8 @@ def save_keras_2_0_h5(
     runs on no TensorFlow of today), with the RMSprop training config the book
     compiles with. `backend="theano"`: as Keras 2.0 on Theano wrote it, whose
     convolution is a true one: each kernel stored turned around in space, so that the
-    file computes what its twin does.
+    file computes what its twin does. `version="2.2.4"`: a Sequential's config as
+    Keras 2.2.3 to 2.2.5 wrote it, a dict of its name and layers (still no InputLayer).
     """
     import json
 
@@ -258,22 +263,24 @@ def save_keras_2_0_h5(
     names = _Keras20Names(kept)
     if isinstance(twin, keras.Sequential):
         top = twin.layers
+        entries = [_keras_2_0_entry(layer, names, first=i == 0) for i, layer in enumerate(top)]
+        listed = version < "2.2.3"
         config = {
             "class_name": "Sequential",
-            "config": [_keras_2_0_entry(layer, names, first=i == 0) for i, layer in enumerate(top)],
+            "config": entries if listed else {"name": "sequential_1", "layers": entries},
         }
     else:
         top = twin.layers
         config = _keras_2_0_entry(twin, names, first=True)
     path = out / {"sequential": "cats_and_dogs_small_2.h5"}.get(kind, f"keras_2_0_{kind}.h5")
     with h5py.File(path, "w") as f:
-        f.attrs["keras_version"] = b"2.0.8"
+        f.attrs["keras_version"] = version.encode()
         f.attrs["backend"] = backend.encode()
         f.attrs["model_config"] = json.dumps(config).encode("utf8")
         group = f.create_group("model_weights")
         group.attrs["layer_names"] = [names.of(layer).encode("utf8") for layer in top]
         group.attrs["backend"] = backend.encode()
-        group.attrs["keras_version"] = b"2.0.8"
+        group.attrs["keras_version"] = version.encode()
         for layer in top:
             g = group.create_group(names.of(layer))
             inner = layer.layers if isinstance(layer, keras.Model) else [layer]

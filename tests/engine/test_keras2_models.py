@@ -180,6 +180,18 @@ def test_keras_2_0_functional_models_give_their_twins_outputs_and_heatmaps(
     assert heatmaps and all(mine.files[key] == theirs.files[key] for key in heatmaps)
 
 
+def test_a_keras_2_2_sequential_without_an_input_layer_gives_its_twins_outputs(tmp_path):
+    """Keras 2.2.3 to 2.2.5 wrote a Sequential's config as a dict, its first layer still
+    declaring the input."""
+    path, twin = models.save_keras_2_0_h5(tmp_path, "sequential", side=64, version="2.2.4")
+    with h5py.File(path, "r") as fh:
+        config = json.loads(fh.attrs["model_config"])["config"]
+    assert "batch_input_shape" in config["layers"][0]["config"]
+    loaded = open_model(path)
+    x = np.random.default_rng(9).random((2, 64, 64, 3), dtype=np.float32)
+    np.testing.assert_allclose(to_numpy(loaded.model(x)), to_numpy(twin(x)), atol=1e-6)
+
+
 def test_a_keras_2_0_h5_theano_wrote_has_its_kernels_turned_as_keras_2_turned_them(tmp_path):
     """Theano's convolution is a true one: Keras 2 turned each kernel of a file Theano's
     backend wrote around in space as it loaded it, and actviz does too (Keras 3 does
