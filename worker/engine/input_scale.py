@@ -65,7 +65,7 @@ def auto_scale(model: keras.Model, channels: int = 3) -> AutoScale:
     dtype = str(model.inputs[0].dtype)
     if "int" in dtype or dtype == "bool":
         return AutoScale("none", f"the model takes pixel values 0..255: its input is {dtype}")
-    reason, scaled = _walk(model)
+    reason, scaled, _ = _walk(model)
     if reason is not None:
         return AutoScale("none", f"the model takes pixel values 0..255: {reason}")
     if not scaled and channels == 3:  # the applications take RGB
@@ -80,21 +80,15 @@ def auto_scale(model: keras.Model, channels: int = 3) -> AutoScale:
     return CLASSIC
 
 
-def _walk(model: keras.Model) -> tuple[str | None, bool]:
+def _walk(model: keras.Model) -> tuple[str | None, bool, bool]:
     """(why the model takes pixel values, or None; whether a layer in front of its
-    first weights scales values that are not pixels)."""
-    reason, scaled, _ = _walk_layers(model)
-    return reason, scaled
-
-
-def _walk_layers(model: keras.Model) -> tuple[str | None, bool, bool]:
-    """(the reason found, or None; a scaling of values not pixels seen; whether the walk
-    reached a layer with weights)."""
+    first weights scales values that are not pixels; whether the walk reached a layer
+    with weights)."""
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if isinstance(layer, keras.Model):
-            reason, scaled, stopped = _walk_layers(layer)
+            reason, scaled, stopped = _walk(layer)
             if reason is not None or scaled or stopped:
                 return reason, scaled, stopped
             continue

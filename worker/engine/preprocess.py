@@ -116,8 +116,10 @@ def preprocess(
     channels = input_shape[2]
     check_scale(options, channels)
     scale_record = _scale_record(options, auto)
-    options = resolve_scale(options, auto)
-    check_scale(options, channels)  # what 'auto' chose fits the model's channels too
+    resolved = resolve_scale(options, auto)
+    if resolved is not options:  # what 'auto' chose fits the model's channels too
+        check_scale(resolved, channels)
+    options = resolved
     image, record = decode_image(
         data,
         settings.max_pixels,
