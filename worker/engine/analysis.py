@@ -26,6 +26,7 @@ from worker.engine.artifacts import Artifacts
 from worker.engine.compiled import padded_size, pads, split_sizes
 from worker.engine.extract import Extractor
 from worker.engine.forward_pass import ForwardPass, PassImage, cpu_clock
+from worker.engine.input_scale import integer_input
 from worker.engine.loading import LoadedModel
 from worker.engine.preprocess import PreparedImage, check_scale, preprocess, resolve_scale
 from worker.engine.reduce import RenderKey
@@ -65,9 +66,8 @@ def check_integer_input(options: JobOptions, loaded: LoadedModel) -> None:
     """Raise InvalidJob where the model's input is integer (uint8, int32: it takes pixel
     values 0..255, and rescales them itself) and `options.scale` is not 'none': the pass
     would truncate 1/255's fractions to 0 and 1, and every activation would be wrong."""
-    dtype = str(loaded.model.inputs[0].dtype)
-    scale = resolve_scale(options, loaded.auto_scale).scale
-    if scale != "none" and ("int" in dtype or dtype == "bool"):
+    dtype = integer_input(loaded.model)
+    if dtype is not None and resolve_scale(options, loaded.auto_scale).scale != "none":
         raise InvalidJob(
             f"the model's input is {dtype}: it takes pixel values 0..255, not scaled ones; "
             f"submit with scale='none' (`--scale none`), not {options.scale!r}"

@@ -62,8 +62,8 @@ APPLICATIONS: tuple[tuple[re.Pattern[str], str, str], ...] = (
 
 def auto_scale(model: keras.Model, channels: int = 3) -> AutoScale:
     """What 'auto' feeds `model`, whose images have `channels` (see the module doc)."""
-    dtype = str(model.inputs[0].dtype)
-    if "int" in dtype or dtype == "bool":
+    dtype = integer_input(model)
+    if dtype is not None:
         return AutoScale("none", f"the model takes pixel values 0..255: its input is {dtype}")
     reason, scaled, _ = _walk(model)
     if reason is not None:
@@ -78,6 +78,13 @@ def auto_scale(model: keras.Model, channels: int = 3) -> AutoScale:
                     *((IMAGENET_MEAN, IMAGENET_STD) if scale == "meanstd" else ()),
                 )
     return CLASSIC
+
+
+def integer_input(model: keras.Model) -> str | None:
+    """The dtype of `model`'s image input where it is an integer (or bool) one: such a
+    model takes pixel values 0..255 and rescales them itself."""
+    dtype = str(model.inputs[0].dtype)
+    return dtype if "int" in dtype or dtype == "bool" else None
 
 
 def _walk(model: keras.Model) -> tuple[str | None, bool, bool]:

@@ -260,10 +260,11 @@ def _adapt(node: Any) -> None:
     """Every model config in `node` (a Functional's or a Sequential's: a dict holding
     "layers"), innermost first."""
     if isinstance(node, dict):
-        if node.get("class_name") == "Sequential" and isinstance(node.get("config"), list):
-            node["config"] = {"name": "sequential", "layers": node["config"]}
-        if node.get("class_name") == "Sequential" and isinstance(node.get("config"), dict):
-            _declare_input(node["config"].get("layers"))
+        if node.get("class_name") == "Sequential":
+            if isinstance(node.get("config"), list):  # Keras 2.0 to 2.2.2
+                node["config"] = {"name": "sequential", "layers": node["config"]}
+            if isinstance(node.get("config"), dict):
+                _declare_input(node["config"].get("layers"))
         for value in node.values():
             _adapt(value)
         layers = node.get("layers")

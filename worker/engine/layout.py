@@ -59,11 +59,6 @@ def engine_shape(shape: tuple[Any, ...]) -> tuple[Any, ...]:
     return (*shape[1:], shape[0]) if len(shape) == 3 else tuple(shape)
 
 
-def model_shape(shape: tuple[Any, ...]) -> tuple[Any, ...]:
-    """An (H, W, C) shape as a channels-first model holds it: (C, H, W)."""
-    return (shape[-1], *shape[:-1]) if len(shape) == 3 else tuple(shape)
-
-
 def to_model(x: Any) -> Any:
     """(N, H, W, C) images (a Keras tensor) as a channels-first model takes them."""
     return step("nchw", lambda t: keras.ops.transpose(t, TO_MODEL), x)
