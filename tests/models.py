@@ -26,6 +26,14 @@ def _keras():
     return keras
 
 
+def run_model(model, x):  # noqa: ANN001, ANN201
+    """`model`'s outputs on `x`, as a list of numpy arrays, through the engine's compiled
+    program: on a CPU, TensorFlow runs a channels-first model there only (under XLA)."""
+    from worker.engine.compiled import compile_program, to_host
+
+    return to_host(compile_program(model, lambda outputs: outputs)(x))
+
+
 def _kill_channel(conv, channel: int = DEAD_CHANNEL) -> None:
     """Zero kernel and negative bias: the ReLU output of `channel` is constant 0."""
     kernel, bias = conv.get_weights()
@@ -169,6 +177,22 @@ def channels_first_cnn(data_format: str = "channels_first"):
     x = layers.Conv2D(8, 3, activation="relu", name="conv_c", **fmt)(x)
     x = layers.Flatten(name="flatten", **fmt)(x)
     return keras.Model(inputs, layers.Dense(3, activation="softmax", name="probs")(x))
+
+
+def channels_last_twin(model, dtype: str = "float32"):  # noqa: ANN001, ANN201
+    """`channels_first_cnn`'s twin in channels_last holding `model`'s weights and head, in
+    `dtype`: what a channels-first model computes, run by TensorFlow's own CPU kernels
+    (which take NHWC only) as an independent reference."""
+    keras = _keras()
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        twin = channels_first_cnn("channels_last")
+    finally:
+        keras.config.set_dtype_policy(policy)
+    twin.set_weights([w.astype(dtype) for w in model.get_weights()])
+    twin.layers[-1].activation = model.layers[-1].activation
+    return twin
 
 
 def save_channels_first_keras(out: Path) -> Path:

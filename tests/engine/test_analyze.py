@@ -11,6 +11,7 @@ import io
 import json
 
 import keras
+import models
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,19 +35,17 @@ to_numpy = keras.ops.convert_to_numpy  # any backend, any device
 
 def reference_activations(path, names: list[str], x: np.ndarray) -> list[np.ndarray]:
     """Plain Keras on a fresh copy: one multi-output model over top-level layers. A model
-    that takes (batch, H, W) is fed `x` without its axis of one channel, and a
-    channels-first one `x` as (N, C, H, W), as their authors would; the latter's
-    (N, C, H, W) maps are compared as (N, H, W, C)."""
+    that takes (batch, H, W) is fed `x` without its axis of one channel, as its author
+    would; a channels-first one is run as its channels-last twin, with its weights
+    (TensorFlow's own CPU kernels take NHWC only)."""
     model = keras.saving.load_model(path, compile=False)
-    first = any(getattr(layer, "data_format", "") == "channels_first" for layer in model.layers)
+    if any(getattr(layer, "data_format", "") == "channels_first" for layer in model.layers):
+        model = models.channels_last_twin(model)
     if len(model.inputs[0].shape) == 3:
         x = x[..., 0]
-    elif first:
-        x = x.transpose(0, 3, 1, 2)
     probe = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])
     out = probe(x, training=False)
-    out = [to_numpy(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
-    return [o.transpose(0, 2, 3, 1) if first and o.ndim == 4 else o for o in out]
+    return [to_numpy(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def expected_indices(act: np.ndarray, mode: str = "channel", percentile: float = 99.0):

@@ -9,6 +9,7 @@ here, what the engine shows of them and the model it refuses.
 from __future__ import annotations
 
 import keras
+import models
 import numpy as np
 import pytest
 from sample_images import image_bytes
@@ -57,11 +58,15 @@ def test_its_maps_are_the_transposed_maps_of_the_model_run_as_built(loaded_model
     refs = loaded.select("conv_a,concat,conv_c,flatten,probs")
     x = np.random.default_rng(2).random((2, 32, 32, 3), dtype=np.float32)
     mine = extract(loaded, x, refs)
+    # Run as built, under XLA (TensorFlow's own CPU kernels take NHWC only), and as its
+    # channels-last twin with its weights.
     probe = keras.Model(loaded.model.inputs, [ref.layer.output for ref in refs])
-    theirs = [keras.ops.convert_to_numpy(t) for t in probe(x.transpose(0, 3, 1, 2))]
-    for ref, a, b in zip(refs, mine, theirs, strict=True):
-        want = b.transpose(0, 2, 3, 1) if b.ndim == 4 else b
-        np.testing.assert_allclose(a, want, atol=1e-5, err_msg=ref.name)
+    built = models.run_model(probe, x.transpose(0, 3, 1, 2))
+    twin = models.channels_last_twin(loaded.model)
+    twin_probe = keras.Model(twin.inputs, [twin.get_layer(ref.name).output for ref in refs])
+    for ref, a, b, c in zip(refs, mine, built, models.run_model(twin_probe, x), strict=True):
+        np.testing.assert_allclose(a, b.transpose(0, 2, 3, 1) if b.ndim == 4 else b, atol=1e-5)
+        np.testing.assert_allclose(a, c, atol=1e-5, err_msg=ref.name)
 
 
 def test_a_model_mixing_channels_first_and_last_convolutions_is_invalid_model(tmp_path):

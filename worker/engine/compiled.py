@@ -8,7 +8,12 @@ trace cache keyed by shape):
   arguments (not baked into the program as constants);
 - TensorFlow: `tf.function` without shape relaxation, so every trace sees
   static shapes (the tail's grid geometry needs them); a model whose layer
-  names TensorFlow refuses as graph name scopes runs eagerly instead;
+  names TensorFlow refuses as graph name scopes runs eagerly instead. A
+  channels-first model on the host's CPU is compiled by XLA (`needs_xla`):
+  TensorFlow's own CPU kernels for convolutions and poolings take NHWC only,
+  unless its oneDNN operations are on (the default on some x86 CPUs, not on
+  others), so without XLA such a model would run on some hosts and fail with
+  "only supports NHWC" on the rest;
 - torch: eager under `torch.no_grad()`.
 
 `to_host(tree)` brings a result tree to numpy in one go (one device-to-host
@@ -87,7 +92,7 @@ def compile_program(
         def eager(batch: Any) -> Any:
             return tail(_outputs(model(batch, training=False)))
 
-        return tf_function(eager, any_batch)
+        return tf_function(eager, any_batch, xla=needs_xla(model))
     if backend == "torch":
         import torch
 
@@ -99,16 +104,26 @@ def compile_program(
     return lambda batch: tail(_outputs(model(batch, training=False)))
 
 
-def tf_function(eager: Callable[..., Any], any_batch: bool = False) -> Callable[..., Any]:
+def needs_xla(model: keras.Model) -> bool:
+    """Whether `model`'s programs on TensorFlow are compiled by XLA: a channels-first
+    model on the host's CPU (see the module's docstring)."""
+    from worker.engine.layout import channels_first
+
+    return keras.backend.backend() == "tensorflow" and not accelerated() and channels_first(model)
+
+
+def tf_function(
+    eager: Callable[..., Any], any_batch: bool = False, xla: bool = False
+) -> Callable[..., Any]:
     """`eager` as a `tf.function` with static shapes (with `any_batch`, all but the
-    batch dimension), or eager itself for a model whose layer names TensorFlow
-    refuses as graph name scopes."""
+    batch dimension), compiled by XLA with `xla`, or eager itself for a model whose
+    layer names TensorFlow refuses as graph name scopes."""
     import tensorflow as tf
 
     if any_batch:
-        traced = _batch_free(eager)
+        traced = _batch_free(eager, xla)
     else:
-        traced = tf.function(eager, autograph=False, reduce_retracing=False)
+        traced = tf.function(eager, autograph=False, reduce_retracing=False, jit_compile=xla)
     chosen: list[Callable[..., Any]] = [traced]
 
     def run(*args: Any) -> Any:
@@ -127,7 +142,7 @@ def tf_function(eager: Callable[..., Any], any_batch: bool = False) -> Callable[
     return run
 
 
-def _batch_free(eager: Callable[..., Any]) -> Callable[..., Any]:
+def _batch_free(eager: Callable[..., Any], xla: bool = False) -> Callable[..., Any]:
     """`eager` traced once per shape and dtype of its inputs' images, for any number of
     them: the trace's inputs are (None, *image shape)."""
     import tensorflow as tf
@@ -143,7 +158,9 @@ def _batch_free(eager: Callable[..., Any]) -> Callable[..., Any]:
                 found = traced.get(key)
                 if found is None:
                     spec = [tf.TensorSpec((None, *a.shape[1:]), a.dtype) for a in args]
-                    found = traced[key] = tf.function(eager, autograph=False, input_signature=spec)
+                    found = traced[key] = tf.function(
+                        eager, autograph=False, input_signature=spec, jit_compile=xla
+                    )
         return found(*args)
 
     return run

@@ -128,11 +128,9 @@ class Extractor:
         return ReducedPass(layers, plans, int(batch.shape[0]), key)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Every selected layer's float32 output on the host (an eager pass; not the pipeline's)."""
-        outputs = self.model(batch, training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        return [np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float32) for t in outputs]
+        """Every selected layer's float32 output on the host: the forward pass's program
+        alone (`program(None)`), without the pipeline's reduction."""
+        return list(run_sized(self.program(None), (batch,), (0.0,)))
 
 
 class ReducedPass:

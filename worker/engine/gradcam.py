@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from producer.errors import InvalidJob, NotDifferentiable
-from worker.engine.compiled import run_sized, tf_function
+from worker.engine.compiled import needs_xla, run_sized, tf_function
 from worker.engine.extract import KNOWN_SHAPES, image_input, trace
 from worker.engine.graph_ops import step
 from worker.engine.layers import LayerRef, select_layers
@@ -431,7 +431,7 @@ def _tf_program(cam: CamModel, key: CamKey) -> Any:
             raise NotDifferentiable(_no_gradient(cam))
         return _finish(acts, tf.stack(grads), classes, shown, (top_scores, top_classes), key.method)
 
-    return tf_function(eager)
+    return tf_function(eager, xla=needs_xla(cam.graph))
 
 
 def _torch_program(cam: CamModel, key: CamKey) -> Any:
