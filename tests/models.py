@@ -621,6 +621,14 @@ KERAS2_FILES = (
     "keras2_transfer_sequential.h5",
     "keras2_unknown_op.h5",
     "keras2_v3.keras",
+    # tf.keras's own .keras archives (worker/engine/keras2_archive.py)
+    "keras2_cnn.keras",
+    "keras2_lambda.keras",
+    "keras2_mobilenet_v3.keras",
+    "keras2_transfer_functional.keras",
+    "keras2_transfer_sequential.keras",
+    "keras2_channels_first.keras",
+    "keras2_torch_preprocess.keras",
     "keras2_channels_first.h5",
     "keras2_caffe_preprocess.h5",
     "keras2_torch_preprocess.h5",
@@ -665,6 +673,7 @@ def _write_keras2(out: Path) -> None:
         ]
     )
     cnn.save(out / "keras2_cnn.h5", save_format="h5")
+    cnn.save(out / "keras2_cnn.keras", save_format="keras")
     cnn.save(out / "keras2_savedmodel", save_format="tf")
     lam = tf_keras.Sequential(
         [
@@ -673,6 +682,7 @@ def _write_keras2(out: Path) -> None:
         ]
     )
     lam.save(out / "keras2_lambda.h5", save_format="h5")
+    lam.save(out / "keras2_lambda.keras", save_format="keras")
     _write_keras2_adapted(out)
 
 
@@ -681,7 +691,7 @@ def _write_keras2_adapted(out: Path) -> None:
     (TensorFlow called on Keras tensors), a nested Sequential built on an Input, depthwise
     and separable convolutions (their `groups` argument), names with '/'; tf.keras's own
     MobileNetV3 (all of them); a pretrained base in a Functional (with augmentation) and
-    in a Sequential; one op actviz does not rebuild; tf.keras's `.keras`."""
+    in a Sequential; one op actviz does not rebuild; most also as tf.keras's own `.keras`."""
     import numpy as np
     import tensorflow as tf
     import tf_keras
@@ -709,6 +719,7 @@ def _write_keras2_adapted(out: Path) -> None:
         weights=None, input_shape=(side, side, 3), classes=4
     )
     mobilenet.save(out / "keras2_mobilenet_v3.h5", save_format="h5")
+    mobilenet.save(out / "keras2_mobilenet_v3.keras", save_format="keras")
     # Transfer learning as the tutorials write it: augmentation, the base's own
     # preprocess_input (op layers), a pretrained base called with training=False.
     base = tf_keras.applications.MobileNetV2(
@@ -721,6 +732,7 @@ def _write_keras2_adapted(out: Path) -> None:
     h = layers.GlobalAveragePooling2D()(base(h, training=False))
     transfer = tf_keras.Model(inputs, layers.Dense(2, name="head")(h), name="transfer")
     transfer.save(out / "keras2_transfer_functional.h5", save_format="h5")
+    transfer.save(out / "keras2_transfer_functional.keras", save_format="keras")
     stacked = tf_keras.Sequential(
         [
             tf_keras.Input((side, side, 3)),
@@ -734,6 +746,7 @@ def _write_keras2_adapted(out: Path) -> None:
         name="stacked",
     )
     stacked.save(out / "keras2_transfer_sequential.h5", save_format="h5")
+    stacked.save(out / "keras2_transfer_sequential.keras", save_format="keras")
     # Channels-first, as Keras 2 on a GPU wrote it. TensorFlow runs its convolutions on a
     # GPU only, so its outputs are its channels-last twin's, with the same weights.
     twins = []
@@ -759,6 +772,7 @@ def _write_keras2_adapted(out: Path) -> None:
     )
     twins[0].set_weights(twins[1].get_weights())
     twins[0].save(out / "keras2_channels_first.h5", save_format="h5")
+    twins[0].save(out / "keras2_channels_first.keras", save_format="keras")
     # Transfer learning from ResNet50 or VGG (caffe: BGR order, a mean subtracted as a
     # bias: a SlicingOpLambda and nn.bias_add), and from DenseNet (torch: / 255, a mean,
     # / std), the base's preprocess_input inside the model.
@@ -771,6 +785,8 @@ def _write_keras2_adapted(out: Path) -> None:
         h = layers.Dense(3, activation="softmax", name="head")(layers.GlobalAveragePooling2D()(h))
         preprocessed[mode] = tf_keras.Model(inputs, h, name=f"{mode}_preprocess")
         preprocessed[mode].save(out / f"keras2_{mode}_preprocess.h5", save_format="h5")
+        if mode == "torch":  # tf.keras cannot write the other's slice (an Ellipsis) there
+            preprocessed[mode].save(out / f"keras2_{mode}_preprocess.keras", save_format="keras")
     unknown = tf_keras.Model(inputs, tf.math.cumsum(layers.Conv2D(2, 3, name="conv")(inputs)))
     unknown.save(out / "keras2_unknown_op.h5", save_format="h5")
     x = keras2_input()

@@ -7,6 +7,8 @@ with its outputs on the same images; here it opens, and gives those outputs.
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 import h5py
 import keras
@@ -36,6 +38,13 @@ TOLERANCE = 1e-5
         ("keras2_channels_first.h5", "channels_first", False),
         ("keras2_caffe_preprocess.h5", "caffe_preprocess", True),
         ("keras2_torch_preprocess.h5", "torch_preprocess", True),
+        # The same models as tf.keras's own .keras archives
+        ("keras2_v3.keras", "ops", True),
+        ("keras2_mobilenet_v3.keras", "mobilenet_v3", True),
+        ("keras2_transfer_functional.keras", "transfer_functional", True),
+        ("keras2_transfer_sequential.keras", "transfer_sequential", False),
+        ("keras2_channels_first.keras", "channels_first", False),
+        ("keras2_torch_preprocess.keras", "torch_preprocess", True),
     ],
 )
 def test_a_tf_keras_model_keras3_cannot_build_as_it_is_gives_tf_keras_outputs(
@@ -113,12 +122,56 @@ def test_a_tf_keras_op_not_rebuilt_is_still_refused_as_code(keras2_files):
     assert trusted.value.code == ErrorCode.INVALID_MODEL
 
 
-def test_a_keras2_dot_keras_archive_is_invalid_model_saying_to_save_h5(keras2_files):
-    with pytest.raises(InvalidModel) as err:
-        open_model(keras2_files["keras2_v3.keras"])
-    assert err.value.code == ErrorCode.INVALID_MODEL
-    assert "written by Keras 2." in err.value.message
-    assert "model.save('model.h5')" in err.value.message
+def test_a_tf_keras_archive_opens_as_its_h5_does(keras2_files, settings):
+    """A Sequential whose first layer declares its input, as tf_keras writes it in both."""
+    archive = open_model(keras2_files["keras2_cnn.keras"])
+    h5 = open_model(keras2_files["keras2_cnn.h5"])
+    assert [(r.name, r.class_name, r.output_shape) for r in archive.layers] == [
+        (r.name, r.class_name, r.output_shape) for r in h5.layers
+    ]
+    x = np.random.default_rng(3).random((2, models.SIDE, models.SIDE, 3), dtype=np.float32)
+    mine, theirs = models.run_model(archive.model, x), models.run_model(h5.model, x)
+    np.testing.assert_array_equal(mine[0], theirs[0])
+    data = image_bytes(40, 36, seed=24)
+    (a,), (b,) = (analyze(m, [data], JobOptions(), settings) for m in (archive, h5))
+    assert a.files == b.files
+    assert a.manifest["preprocessing"] == b.manifest["preprocessing"]
+
+
+def test_a_tf_keras_archive_with_a_lambda_is_code_refused_unless_trusted(keras2_files):
+    with pytest.raises(UnsafeModel, match="Lambda") as err:
+        open_model(keras2_files["keras2_lambda.keras"])
+    assert err.value.code == ErrorCode.UNSAFE_MODEL
+    trusted = open_model(keras2_files["keras2_lambda.keras"], trusted=True)
+    x = np.random.default_rng(2).random((1, models.SIDE, models.SIDE, 3), dtype=np.float32)
+    conv = keras.Model(trusted.model.inputs, trusted.model.get_layer("conv").output)
+    np.testing.assert_allclose(
+        models.run_model(trusted.model, x)[0], 2.0 * models.run_model(conv, x)[0], rtol=1e-6
+    )
+
+
+def _rewritten(source: Path, out: Path, **members: bytes | None) -> Path:
+    """A copy of the archive `source` with `members` replaced (None: left out)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(out, "w") as new:
+        for info in old.infolist():
+            if info.filename not in members:
+                new.writestr(info, old.read(info))
+        for name, data in members.items():
+            if data is not None:
+                new.writestr(name, data)
+    return out
+
+
+def test_a_tf_keras_archive_whose_weights_do_not_fit_is_invalid_model(keras2_files, tmp_path):
+    with zipfile.ZipFile(keras2_files["keras2_v3.keras"]) as other:
+        foreign = other.read("model.weights.h5")
+    source = keras2_files["keras2_cnn.keras"]
+    for name, weights in (("foreign", foreign), ("missing", None)):
+        path = _rewritten(source, tmp_path / f"{name}.keras", **{"model.weights.h5": weights})
+        with pytest.raises(InvalidModel) as err:
+            open_model(path)
+        assert err.value.code == ErrorCode.INVALID_MODEL
+        assert f"could not load model '{name}.keras'" in err.value.message
 
 
 def test_a_keras3_h5_is_not_adapted_its_nested_sequential_called_twice(tmp_path):

@@ -1,9 +1,10 @@
 """Open a saved Keras model safely and keep it warm as a `LoadedModel`.
 
 Three on-disk formats are accepted, recognised by their bytes rather than the
-file name: Keras 3 `.keras` zip archives, legacy HDF5 files written by Keras 2
-or tf.keras, and TensorFlow SavedModel folders written by tf.keras (rebuilt
-from their embedded Keras config, see `savedmodel.py`).
+file name: `.keras` zip archives (Keras 3's, and tf.keras's, see
+`keras2_archive.py`), legacy HDF5 files written by Keras 2 or tf.keras, and
+TensorFlow SavedModel folders written by tf.keras (rebuilt from their embedded
+Keras config, see `savedmodel.py`).
 
 Loading never runs code from the file unless the caller says the source is
 trusted: the model config is scanned for `Lambda` layers *before* Keras
@@ -34,6 +35,7 @@ from producer.errors import ActvizError, InvalidModel, ModelNotFound, UnsafeMode
 from worker.engine.extract import Extractor, build_extractor
 from worker.engine.gradcam import CamModel, build_cam_model
 from worker.engine.input_scale import auto_scale
+from worker.engine.keras2_archive import legacy_config, load_keras2_archive
 from worker.engine.keras2_config import adapt, custom_objects
 from worker.engine.layers import LayerRef, flatten_layers, select_layers
 from worker.engine.layout import channels_first, engine_shape
@@ -133,41 +135,44 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
     kind = _sniff(path)
     check_model_bounds(path, kind)
     config, version, backend = _read_config(path, kind)
-    if kind == "keras" and version.startswith("2."):
-        raise InvalidModel(  # Keras 3 reads neither its classes nor its weights' layout
-            f"'{path.name}' was written by Keras {version} (tf.keras) in its own .keras "
-            "format, which Keras 3 cannot read; where it was made, save it as legacy "
-            "HDF5 (model.save('model.h5')), which actviz reads"
-        )
     if kind == "h5" and version.startswith("1."):
         raise InvalidModel(  # Convolution2D, nb_filter, output_dim: none is Keras 3's
             f"'{path.name}' was written by Keras {version}, whose layers Keras 3 does not "
             "have; load it with Keras 2 (up to tf.keras 2.15), which converts Keras 1 "
             "files, and save it again as .h5"
         )
-    # What Keras 2 wrote; a Keras 3 .h5 numbers its nodes its own way.
-    adapted = adapt(config) if kind == "h5" and not version.startswith("3.") else config
+    # What Keras 2 wrote (an .h5's config, or a Keras 2 archive's in that form); a Keras 3
+    # .h5 numbers its nodes its own way.
+    keras2_archive = kind == "keras" and version.startswith("2.")
+    if keras2_archive:
+        adapted = adapt(legacy_config(config))
+    else:
+        adapted = adapt(config) if kind == "h5" and not version.startswith("3.") else config
     if not trusted:
         refuse_code_layers(adapted)
-    suffix = ".keras" if kind == "keras" else ".h5"
-    with _named_for_keras(path, suffix, adapted if adapted is not config else None) as named:
-        try:
-            model = keras.saving.load_model(
-                named, compile=False, safe_mode=not trusted, custom_objects=custom_objects()
-            )
-        except ActvizError:
-            raise
-        except Exception as exc:  # Keras raises anything from ValueError to KeyError
-            if "safe_mode" in str(exc) or "arbitrary code" in str(exc):
-                raise UnsafeModel(f"model refused in safe mode: {_short(exc)}") from exc
-            unknown = sorted(set(_unknown_layer_classes(adapted)))
-            if unknown:  # Keras's own message buries it under the model that held them
-                raise InvalidModel(
-                    f"could not load model '{path.name}': it uses layer classes that are not "
-                    f"Keras's ({', '.join(unknown)}); they are Python code of its author's, "
-                    "which a worker does not import: rebuild the model with Keras layers"
-                ) from exc
-            raise InvalidModel(f"could not load model '{path.name}': {_short(exc)}") from exc
+    try:
+        if keras2_archive:
+            model = load_keras2_archive(path, adapted, trusted=trusted)
+        else:
+            suffix = ".keras" if kind == "keras" else ".h5"
+            config_copy = adapted if adapted is not config else None
+            with _named_for_keras(path, suffix, config_copy) as named:
+                model = keras.saving.load_model(
+                    named, compile=False, safe_mode=not trusted, custom_objects=custom_objects()
+                )
+    except ActvizError:
+        raise
+    except Exception as exc:  # Keras raises anything from ValueError to KeyError
+        if "safe_mode" in str(exc) or "arbitrary code" in str(exc):
+            raise UnsafeModel(f"model refused in safe mode: {_short(exc)}") from exc
+        unknown = sorted(set(_unknown_layer_classes(adapted)))
+        if unknown:  # Keras's own message buries it under the model that held them
+            raise InvalidModel(
+                f"could not load model '{path.name}': it uses layer classes that are not "
+                f"Keras's ({', '.join(unknown)}); they are Python code of its author's, "
+                "which a worker does not import: rebuild the model with Keras layers"
+            ) from exc
+        raise InvalidModel(f"could not load model '{path.name}': {_short(exc)}") from exc
     if not isinstance(model, keras.Model):
         raise InvalidModel(f"'{path.name}' holds a {type(model).__name__}, not a Keras model")
     if backend == "theano":
