@@ -103,8 +103,9 @@ def _print_description(d: dict[str, Any]) -> None:
         "gradcam "
         + (
             f"default layer {cam['default']}, {cam['classes']} "
-            f"class{'es' if cam['classes'] != 1 else ''}; "
-            f"{len(cam['layers'])} layers it can use"
+            f"class{'es' if cam['classes'] != 1 else ''}"
+            + (f" (output {cam['output']})" if "output" in cam else "")
+            + f"; {len(cam['layers'])} layers it can use"
             if cam["available"]
             else f"not available: {cam['why']}"
         ),

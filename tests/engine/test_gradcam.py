@@ -27,6 +27,7 @@ from producer.contract import JobOptions, gradcam_names
 from producer.errors import InvalidJob, NotDifferentiable
 from worker.engine import flatten_layers, open_model
 from worker.engine.cam_pass import analyze_cam, cam_of, prepare_cam_image
+from worker.engine.describe import describe_model
 from worker.engine.gradcam import build_cam_model
 
 TOLERANCE = 1e-4
@@ -319,6 +320,38 @@ def test_a_model_without_a_classifier_output_fails_invalid_job(model_files) -> N
     loaded = open_model(model_files["fully_conv"])
     with pytest.raises(InvalidJob, match=r"must be \(batch, classes\)"):
         loaded.cam(None)
+
+
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_a_multi_output_model_explains_its_class_head_as_its_single_output_twin(
+    tmp_path: Path, settings, structure: str
+) -> None:  # noqa: ANN001
+    """A detector's or multi-task model's outputs: a box regression (batch, 4), listed
+    first (a dict's are flattened by key: "box" before "cls"), and the softmax class
+    head. Grad-CAM explains the class head, and says so; its maps are those of the
+    same model with that output alone."""
+    inputs = keras.Input((24, 24, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv_a")(inputs)
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv_b")(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    box = keras.layers.Dense(4, name="box")(pooled)
+    cls = keras.layers.Dense(3, activation="softmax", name="cls")(pooled)
+    outputs = [box, cls] if structure == "list" else {"cls": cls, "box": box}
+    several, alone = tmp_path / "several.keras", tmp_path / "alone.keras"
+    keras.Model(inputs, outputs).save(several)
+    keras.Model(inputs, cls).save(alone)
+    data = images(2)
+    (mine, _), (theirs, _) = (
+        analyze_cam(open_model(path), data, JobOptions(top=2), settings)
+        for path in (several, alone)
+    )
+    assert mine.manifest["gradcam"]["output"] == "cls"
+    assert "output" not in theirs.manifest["gradcam"]
+    for key in ("layer", "num_classes", "scores", "predictions", "classes"):
+        assert mine.manifest["gradcam"][key] == theirs.manifest["gradcam"][key], key
+    heatmaps = [key for key in theirs.files if key.startswith("gradcam/")]
+    assert heatmaps and all(mine.files[key] == theirs.files[key] for key in heatmaps)
+    assert describe_model(open_model(several))["gradcam"]["output"] == "cls"
 
 
 def test_an_image_whose_grad_cam_would_hold_too_much_fails_activations_too_large(model_files):  # noqa: ANN001

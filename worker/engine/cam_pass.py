@@ -15,7 +15,7 @@ input as the model saw it (PNG), and the raw map at the layer's resolution
 ```
 "gradcam": {"layer", "layer_index", "layer_shape": [h, w, C], "method",
             "scores": "softmax" | "raw", "gradient_of": "logit" | "output",
-            "num_classes", "labels": bool,
+            "num_classes", "labels": bool, "output"?,  # several outputs: the one explained
             "predictions": [{"class", "name"?, "score"}],     # top P, best first
             "classes": [{"class", "name"?, "score", "rank"?, "requested",
                          "heatmap", "overlay", "values", "peak": [y, x], "empty"}]}
@@ -279,6 +279,8 @@ def cam_section(
         "predictions": predictions,
         "classes": explained,
     }
+    if cam.output is not None:  # the model has several outputs: this one is explained
+        section["output"] = cam.output
     return json_safe(section), files
 
 

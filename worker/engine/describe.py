@@ -11,7 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from producer.errors import ActvizError
-from worker.engine.gradcam import cam_candidates, check_output, choose_layer
+from worker.engine.gradcam import (
+    cam_candidates,
+    check_output,
+    choose_layer,
+    explained_output,
+    head_layer,
+)
 from worker.engine.layers import default_layers
 from worker.engine.loading import LoadedModel
 from worker.engine.preprocess import FORMULAS
@@ -61,9 +67,12 @@ def _gradcam(loaded: LoadedModel) -> dict[str, Any]:
         default = choose_layer(loaded.layers, candidates, None)
     except ActvizError as exc:
         return {"available": False, "why": exc.message}
-    return {
+    found = {
         "available": True,
         "default": default.name,
         "layers": [ref.name for ref in candidates],
         "classes": int(output.shape[-1]),
     }
+    if len(loaded.model.outputs) > 1:  # the output it explains, by its layer's name
+        found["output"] = head_layer(loaded.model, explained_output(loaded.model)).name
+    return found

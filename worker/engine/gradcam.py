@@ -70,8 +70,9 @@ class CamKey:
 class CamModel:
     """One model with a probe at one layer; see the module doc.
 
-    `ref` is the layer, `classes` the model's number of outputs (M), `softmax`
-    whether the head ends in a softmax (then the gradient is the logit's).
+    `ref` is the layer, `classes` the explained output's size (M), `softmax`
+    whether its head ends in a softmax (then the gradient is the logit's), `output`
+    the name of that output's layer where the model has several (`explained_output`).
     """
 
     def __init__(
@@ -81,12 +82,14 @@ class CamModel:
         ref: LayerRef,
         classes: int,
         softmax: bool,
+        output: str | None = None,
     ) -> None:
         self.graph = graph
         self.features = features
         self.ref = ref
         self.classes = classes
         self.softmax = softmax
+        self.output = output
         self._shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._programs: dict[CamKey, Any] = {}
         self._lock = threading.Lock()
@@ -150,10 +153,11 @@ class CamModel:
 
 def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[LayerRef], Any]:
     """The layers Grad-CAM can use (an (H, W, C) output on the way to the model's
-    output), in model order, and the model's output tensor as traced."""
+    output it explains, `explained_output`), in model order, and that output as traced."""
     _, fed = image_input(model)
     traced: dict[int, Any] = {}
-    output = _first(trace(model, fed, traced))
+    outputs = keras.tree.flatten(trace(model, fed, traced))
+    output = outputs[explained_output(model, outputs)]
     upstream = _ancestors(output)
     found = [
         ref
@@ -178,7 +182,8 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     candidates, output = cam_candidates(model, refs)
     check_output(output)
     ref = choose_layer(refs, candidates, layer)
-    head = _head(model)
+    index = explained_output(model)
+    head = head_layer(model, index)
     softmax = _ends_in_softmax(head)
     inputs, fed = image_input(model)
     # The layer's own dtype: the model's input may be integer (uint8 pixels), its maps not.
@@ -195,11 +200,12 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
             seen["logits"] = _logits(layer, args[0])
         return out
 
-    probs = _first(trace(model, fed, {}, hook))
+    probs = keras.tree.flatten(trace(model, fed, {}, hook))[index]
     outputs = [seen["features"], seen["logits"], probs] if softmax else [seen["features"], probs]
     graph = keras.Model([inputs, probe], outputs, name=f"{model.name}_gradcam")
     features = keras.Model(inputs, seen["features"])
-    return CamModel(graph, features, ref, int(output.shape[-1]), softmax)
+    named = head.name if len(model.outputs) > 1 else None
+    return CamModel(graph, features, ref, int(output.shape[-1]), softmax, named)
 
 
 def cam_maps(acts: Any, grads: Any, method: str) -> tuple[Any, Any]:
@@ -225,8 +231,22 @@ def cam_maps(acts: Any, grads: Any, method: str) -> tuple[Any, Any]:
 # ---- building ---------------------------------------------------------------
 
 
-def _first(output: Any) -> Any:
-    return output[0] if isinstance(output, (list, tuple)) else output
+def explained_output(model: keras.Model, outputs: list[Any] | None = None) -> int:
+    """Which of the model's outputs (flattened as `keras.tree.flatten` orders them, a
+    dict's by key) Grad-CAM explains: the first (batch, classes) floating-point one
+    whose layer ends in a softmax, else the first (batch, classes) floating-point one,
+    else the first (which `check_output` then refuses, saying why). A detector's or
+    a multi-task model's class head, not its box regression."""
+    outputs = list(model.outputs) if outputs is None else outputs
+    scores = [
+        i
+        for i, out in enumerate(outputs)
+        if len(out.shape) == 2
+        and out.shape[-1] is not None
+        and str(out.dtype).startswith(("float", "bfloat"))
+    ]
+    classes = [i for i in scores if _ends_in_softmax(head_layer(model, i))]
+    return (classes or scores or [0])[0]
 
 
 def _ancestors(tensor: Any) -> set[int]:
@@ -301,15 +321,16 @@ def default_layer(candidates: list[LayerRef]) -> LayerRef:
     return (wide or candidates)[-1]
 
 
-def _head(model: keras.Model) -> Any:
-    """The layer that makes the model's (first) output, inside nested models too."""
+def head_layer(model: keras.Model, index: int = 0) -> Any:
+    """The layer that makes the model's output `index` (`model.outputs`' order), inside
+    nested models too (a nested model's first)."""
     from worker.engine.layers import is_graph_model
 
     if isinstance(model, keras.Sequential):
         layer = model.layers[-1]
     else:
-        layer = model.outputs[0]._keras_history[0]
-    return _head(layer) if is_graph_model(layer) else layer
+        layer = model.outputs[index]._keras_history[0]
+    return head_layer(layer) if is_graph_model(layer) else layer
 
 
 def _ends_in_softmax(layer: Any) -> bool:
