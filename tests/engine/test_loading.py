@@ -108,6 +108,49 @@ def test_a_model_that_takes_no_image_is_invalid_model_saying_why(tmp_path, shape
     assert why in err.value.message
 
 
+def _sequence_models():
+    layers = keras.layers
+    steps = keras.Input((64, 3))
+    conv1d = layers.Conv1D(4, 3, name="conv1d")(steps)
+    encoder = keras.Sequential(
+        [keras.Input((64, 3)), layers.Conv1D(4, 3, name="inner_conv1d"), layers.Flatten()],
+        name="encoder",
+    )
+    return {
+        "conv1d": (
+            keras.Model(steps, layers.GlobalAveragePooling1D()(conv1d)),
+            "'conv1d' (Conv1D)",
+        ),
+        "lstm": (
+            keras.Sequential([keras.Input((20, 8)), layers.LSTM(4, name="lstm"), layers.Dense(2)]),
+            "'lstm' (LSTM) takes 20 steps of 8 features",
+        ),
+        "nested": (keras.Model(steps, encoder(steps)), "'inner_conv1d' (Conv1D)"),
+    }
+
+
+@pytest.mark.parametrize("name", ["conv1d", "lstm", "nested"])
+def test_a_model_reading_its_input_as_a_sequence_is_invalid_model_not_a_gray_image(tmp_path, name):
+    """(batch, steps, features) has the shape of MNIST's (batch, H, W); the layer that
+    reads it tells them apart. MNIST's models reshape or flatten it first, and open."""
+    model, why = _sequence_models()[name]
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    with pytest.raises(InvalidModel) as err:
+        open_model(path)
+    assert err.value.code == ErrorCode.INVALID_MODEL
+    assert "as a sequence" in err.value.message and why in err.value.message
+    mnist = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    mnist.save(tmp_path / "mnist_mlp.keras")
+    assert open_model(tmp_path / "mnist_mlp.keras").input_shape == (28, 28, 1)
+
+
 def test_a_layer_class_of_the_models_author_is_named_in_the_error(tmp_path):
     """Written by a process that defined (and registered) the class; this one has not."""
     import subprocess

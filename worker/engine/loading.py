@@ -37,7 +37,7 @@ from worker.engine.gradcam import CamModel, build_cam_model
 from worker.engine.input_scale import auto_scale
 from worker.engine.keras2_archive import legacy_config, load_keras2_archive
 from worker.engine.keras2_config import adapt, custom_objects
-from worker.engine.layers import LayerRef, flatten_layers, select_layers
+from worker.engine.layers import LayerRef, flatten_layers, is_graph_model, select_layers
 from worker.engine.layout import channels_first, engine_shape
 from worker.engine.preprocess import CLASSIC, AutoScale
 from worker.engine.safety import MAX_CONFIG_BYTES, check_model_bounds, refuse_code_layers
@@ -180,6 +180,15 @@ def load_model(path: str | Path, *, trusted: bool = False) -> keras.Model:
     return model
 
 
+# Layers that read a (batch, steps, features) input as a sequence, besides every "...1D".
+SEQUENCE_LAYERS = (
+    keras.layers.RNN,
+    keras.layers.Bidirectional,
+    keras.layers.MultiHeadAttention,
+    keras.layers.Attention,
+    keras.layers.Embedding,
+)
+
 # The layers whose kernels Keras 2 flipped loading a file another backend wrote.
 _THEANO_FLIPPED = (
     "Conv1D",
@@ -208,6 +217,27 @@ def flip_theano_kernels(model: keras.Model) -> None:
             layer.kernel.assign(np.ascontiguousarray(np.flip(kernel, axis=spatial)))
 
 
+def _sequence_reader(model: keras.Model) -> keras.layers.Layer | None:
+    """The first layer that takes `model`'s input as a sequence (a 1-D convolution,
+    pooling or padding, a recurrent layer, attention), inside a nested model that
+    takes it too; None where none does (an image model without a channel axis,
+    MNIST's, reshapes or flattens it first)."""
+    source = model.inputs[0]
+    for layer in model.layers:
+        nodes = getattr(layer, "_inbound_nodes", [])
+        if not any(any(t is source for t in node.input_tensors) for node in nodes):
+            continue
+        if is_graph_model(layer):
+            found = _sequence_reader(layer)
+        elif isinstance(layer, SEQUENCE_LAYERS) or type(layer).__name__.endswith("1D"):
+            found = layer
+        else:
+            found = None
+        if found is not None:
+            return found
+    return None
+
+
 def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
     """(H, W, C) of the single image input; raises InvalidModel otherwise.
 
@@ -234,6 +264,13 @@ def model_input_shape(model: keras.Model) -> tuple[int | None, int | None, int]:
         raise InvalidModel(f"model has {len(inputs)} inputs; an image model needs exactly one")
     shape = tuple(inputs[0].shape)
     if len(shape) == 3:  # (batch, H, W): one channel, without its axis
+        reader = _sequence_reader(model)
+        if reader is not None:
+            raise InvalidModel(
+                f"model reads its {shape} input as a sequence: its layer '{reader.name}' "
+                f"({type(reader).__name__}) takes {shape[1]} steps of {shape[2]} features, "
+                f"not a grayscale {shape[1]} x {shape[2]} image; actviz shows image models"
+            )
         shape = (*shape, 1)
     elif len(shape) == 4 and channels_first(model):  # (batch, C, H, W)
         shape = (shape[0], *engine_shape(shape[1:]))
