@@ -29,6 +29,7 @@ from worker.engine import flatten_layers, open_model
 from worker.engine.cam_pass import analyze_cam, cam_of, prepare_cam_image
 from worker.engine.describe import describe_model
 from worker.engine.gradcam import build_cam_model
+from worker.report import render_report
 
 TOLERANCE = 1e-4
 
@@ -316,10 +317,82 @@ def test_a_head_without_a_gradient_fails_not_differentiable() -> None:
         build_cam_model(model, flatten_layers(model), None)
 
 
-def test_a_model_without_a_classifier_output_fails_invalid_job(model_files) -> None:  # noqa: ANN001
-    loaded = open_model(model_files["fully_conv"])
-    with pytest.raises(InvalidJob, match=r"must be \(batch, classes\)"):
-        loaded.cam(None)
+def test_a_model_without_a_classifier_output_fails_invalid_job() -> None:
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.Reshape((14, 56))(x))  # (batch, 14, 56)
+    with pytest.raises(
+        InvalidJob, match=r"must be \(batch, classes\), or \(batch, H, W, classes\)"
+    ):
+        build_cam_model(model, flatten_layers(model), None)
+
+
+def segmentation_cnn(classes: int = 4) -> keras.Model:
+    """A small U-Net: an encoder, a transposed convolution back up, a skip connection,
+    and a per-pixel softmax head (a 1 x 1 convolution)."""
+    layers = keras.layers
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 3))
+    a = layers.Conv2D(6, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    b = layers.MaxPooling2D(name="pool")(a)
+    b = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_b")(b)
+    up = layers.Conv2DTranspose(6, 2, strides=2, name="up")(b)
+    x = layers.Concatenate(name="concat")([a, up])
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="decode")(x)
+    return keras.Model(inputs, layers.Conv2D(classes, 1, activation="softmax", name="seg")(x))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
+    tmp_path: Path, settings, method: str
+) -> None:  # noqa: ANN001
+    """Seg-Grad-CAM over the whole image, as pytorch-grad-cam's SemanticSegmentationTarget
+    with a mask of ones: the gradient of the class's logits summed over every pixel; its
+    score, the mean of its probabilities over every pixel. Against the recipe written
+    with a GradientTape on the model without its softmax."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the reference is written with TensorFlow's GradientTape")
+    path = tmp_path / "unet.keras"
+    segmentation_cnn().save(path)
+    loaded = open_model(path)
+    every = [0, 1, 2, 3]
+    options = JobOptions(classes=every, method=method)
+    cam, cam_key, row = cam_of(loaded, options)
+    assert cam.ref.name == "decode" and cam.pixels and cam.softmax and cam.classes == 4
+    x = pixels_for(loaded, options, settings)
+    got = cam.run(x, np.array([row] * len(x)), cam_key)
+    logits = keras.saving.load_model(path, compile=False)
+    logits.layers[-1].activation = None
+    grad_model = keras.Model(logits.inputs, [logits.get_layer("decode").output, logits.output])
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(grad_model(x)[1], axis=-1))
+    shown = 0
+    for slot, cls in enumerate(every):
+        with tf.GradientTape() as tape:
+            acts, out = grad_model(x)
+            score = tf.reduce_sum(out[..., cls])
+        grads = tape.gradient(score, acts).numpy()
+        want = (gradcam_pp_from if method == "gradcam++" else gradcam_from)(acts.numpy(), grads)
+        np.testing.assert_allclose(got["maps"][:, slot], want, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(
+            got["class_scores"][:, slot], probs[..., cls].mean(axis=(1, 2)), rtol=1e-5
+        )
+        shown += int((want.max(axis=(1, 2)) > 0).sum())
+    assert shown >= len(x), "the reference heatmaps are mostly empty: the case shows little"
+    (job,) = analyze_cam(loaded, images(1), JobOptions(top=4), settings)
+    section = job.manifest["gradcam"]
+    assert section["target"] == "pixels" and section["layer"] == "decode"
+    assert section["scores"] == "softmax" and section["gradient_of"] == "logit"
+    # Every pixel's probabilities sum to 1: so do the classes' shares of the image.
+    assert sum(p["score"] for p in section["predictions"]) == pytest.approx(1.0, abs=1e-5)
+    assert describe_model(loaded)["gradcam"]["target"] == "pixels"
+    page = render_report(job.manifest)["index.html"].decode()
+    assert "summed over every pixel" in page and "share of the pixels" in page
+
+
+def test_a_per_pixel_head_is_not_a_layer_grad_cam_uses() -> None:
+    model = segmentation_cnn()
+    with pytest.raises(InvalidJob, match="Layers it can use: .*decode"):
+        build_cam_model(model, flatten_layers(model), "seg")
 
 
 @pytest.mark.parametrize("structure", ["list", "dict"])

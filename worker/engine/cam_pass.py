@@ -15,11 +15,17 @@ input as the model saw it (PNG), and the raw map at the layer's resolution
 ```
 "gradcam": {"layer", "layer_index", "layer_shape": [h, w, C], "method",
             "scores": "softmax" | "raw", "gradient_of": "logit" | "output",
+            "target": "classes" | "pixels",    # pixels: a per-pixel output, see below
             "num_classes", "labels": bool, "output"?,  # several outputs: the one explained
             "predictions": [{"class", "name"?, "score"}],     # top P, best first
             "classes": [{"class", "name"?, "score", "rank"?, "requested",
                          "heatmap", "overlay", "values", "peak": [y, x], "empty"}]}
 ```
+
+A per-pixel output's (a segmentation model's, `"target": "pixels"`) class score
+is its mean over every pixel (the share of the image it covers, for
+probabilities); the gradient is that of the class's scores summed over every
+pixel (worker/engine/gradcam.py).
 """
 
 from __future__ import annotations
@@ -274,6 +280,7 @@ def cam_section(
         "method": options.method,
         "scores": "softmax" if cam.softmax else "raw",
         "gradient_of": "logit" if cam.softmax else "output",
+        "target": "pixels" if cam.pixels else "classes",
         "num_classes": cam.classes,
         "labels": bool(labels),
         "predictions": predictions,

@@ -17,6 +17,8 @@ from worker.engine.gradcam import (
     choose_layer,
     explained_output,
     head_layer,
+    output_classes,
+    output_kind,
 )
 from worker.engine.layers import default_layers
 from worker.engine.loading import LoadedModel
@@ -63,7 +65,7 @@ def _gradcam(loaded: LoadedModel) -> dict[str, Any]:
     """The default layer and every layer Grad-CAM can use; or why it cannot."""
     try:
         candidates, output = cam_candidates(loaded.model, loaded.layers)
-        check_output(output)
+        check_output(output, loaded.channels_first)
         default = choose_layer(loaded.layers, candidates, None)
     except ActvizError as exc:
         return {"available": False, "why": exc.message}
@@ -71,7 +73,8 @@ def _gradcam(loaded: LoadedModel) -> dict[str, Any]:
         "available": True,
         "default": default.name,
         "layers": [ref.name for ref in candidates],
-        "classes": int(output.shape[-1]),
+        "classes": output_classes(output, loaded.channels_first),
+        "target": output_kind(output, loaded.channels_first),
     }
     if len(loaded.model.outputs) > 1:  # the output it explains, by its layer's name
         found["output"] = head_layer(loaded.model, explained_output(loaded.model)).name

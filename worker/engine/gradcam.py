@@ -15,7 +15,13 @@ Scores: when the head ends in a softmax (a Dense or Activation with
 activation='softmax', or a Softmax layer) the gradient is the class's logit's,
 the softmax's input (the score y^c of the Grad-CAM paper and of Chollet's
 recipe), and the predictions are the probabilities. Otherwise the model's own
-outputs serve for both, and the manifest says 'raw'.
+outputs serve for both, and the manifest says 'raw'. A per-pixel output
+(batch, H, W, classes), a segmentation model's, is explained as Seg-Grad-CAM
+(Vinogradova et al., 2020) with the whole image as the region, as
+pytorch-grad-cam's `SemanticSegmentationTarget` with a mask of ones: the
+gradient is that of the class's score (its logit under a softmax head, a
+convolution's too) summed over every pixel; its shown score, the mean over
+every pixel (for probabilities, the share of the image the class takes).
 
 Heatmaps, for each image n and class slot k (`cam_maps`):
 
@@ -72,7 +78,8 @@ class CamModel:
 
     `ref` is the layer, `classes` the explained output's size (M), `softmax`
     whether its head ends in a softmax (then the gradient is the logit's), `output`
-    the name of that output's layer where the model has several (`explained_output`).
+    the name of that output's layer where the model has several (`explained_output`),
+    `pixels` whether it is per pixel (a segmentation model's; see the module doc).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class CamModel:
         classes: int,
         softmax: bool,
         output: str | None = None,
+        pixels: bool = False,
     ) -> None:
         self.graph = graph
         self.features = features
@@ -90,6 +98,7 @@ class CamModel:
         self.classes = classes
         self.softmax = softmax
         self.output = output
+        self.pixels = pixels
         self._shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._programs: dict[CamKey, Any] = {}
         self._lock = threading.Lock()
@@ -153,11 +162,13 @@ class CamModel:
 
 def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[LayerRef], Any]:
     """The layers Grad-CAM can use (an (H, W, C) output on the way to the model's
-    output it explains, `explained_output`), in model order, and that output as traced."""
+    output it explains, `explained_output`, other than the layer making that output: a
+    per-pixel head's), in model order, and that output as traced."""
     _, fed = image_input(model)
     traced: dict[int, Any] = {}
     outputs = keras.tree.flatten(trace(model, fed, traced))
-    output = outputs[explained_output(model, outputs)]
+    index = explained_output(model, outputs)
+    output, head = outputs[index], head_layer(model, index)
     upstream = _ancestors(output)
     found = [
         ref
@@ -165,6 +176,7 @@ def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[Layer
         if ref.spatial
         and not ref.is_input
         and not ref.container
+        and ref.layer is not head
         and id(traced.get(id(ref.layer))) in upstream
     ]
     return found, output
@@ -179,18 +191,19 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     output, or a model whose output is not (batch, classes); NotDifferentiable
     for a model whose output is not floating point.
     """
+    transposed = channels_first(model)  # the probe and features are (H, W, C) all the same
     candidates, output = cam_candidates(model, refs)
-    check_output(output)
+    check_output(output, transposed)
     ref = choose_layer(refs, candidates, layer)
     index = explained_output(model)
     head = head_layer(model, index)
     softmax = _ends_in_softmax(head)
+    pixels = output_kind(output, transposed) == "pixels"
     inputs, fed = image_input(model)
     # The layer's own dtype: the model's input may be integer (uint8 pixels), its maps not.
     dtype = getattr(ref.layer, "compute_dtype", None) or keras.config.floatx()
     probe = keras.Input(shape=tuple(ref.output_shape), dtype=dtype, name="actviz_probe")
     seen: dict[str, Any] = {}
-    transposed = channels_first(model)  # the probe and features are (H, W, C) all the same
 
     def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         if layer is ref.layer and "features" not in seen:
@@ -201,11 +214,21 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
         return out
 
     probs = keras.tree.flatten(trace(model, fed, {}, hook))[index]
-    outputs = [seen["features"], seen["logits"], probs] if softmax else [seen["features"], probs]
+    scores = seen["logits"] if softmax else probs
+    if pixels:  # each class's scores summed over every pixel; shown, their mean
+        axes = (2, 3) if transposed else (1, 2)
+        outputs = [
+            seen["features"],
+            step("class_sums", lambda t: keras.ops.sum(t, axis=axes), scores),
+            step("class_means", lambda t: keras.ops.mean(t, axis=axes), probs),
+        ]
+    else:
+        outputs = [seen["features"], scores, probs] if softmax else [seen["features"], probs]
     graph = keras.Model([inputs, probe], outputs, name=f"{model.name}_gradcam")
     features = keras.Model(inputs, seen["features"])
     named = head.name if len(model.outputs) > 1 else None
-    return CamModel(graph, features, ref, int(output.shape[-1]), softmax, named)
+    classes = output_classes(output, transposed)
+    return CamModel(graph, features, ref, classes, softmax, named, pixels)
 
 
 def cam_maps(acts: Any, grads: Any, method: str) -> tuple[Any, Any]:
@@ -233,20 +256,38 @@ def cam_maps(acts: Any, grads: Any, method: str) -> tuple[Any, Any]:
 
 def explained_output(model: keras.Model, outputs: list[Any] | None = None) -> int:
     """Which of the model's outputs (flattened as `keras.tree.flatten` orders them, a
-    dict's by key) Grad-CAM explains: the first (batch, classes) floating-point one
-    whose layer ends in a softmax, else the first (batch, classes) floating-point one,
-    else the first (which `check_output` then refuses, saying why). A detector's or
-    a multi-task model's class head, not its box regression."""
+    dict's by key) Grad-CAM explains: a (batch, classes) one before a per-pixel
+    (batch, H, W, classes) one (`output_kind`), and of each kind one whose layer ends
+    in a softmax first; the first output where none qualifies (`check_output` then
+    refuses it, saying why). A detector's or multi-task model's class head, not its
+    box regression."""
     outputs = list(model.outputs) if outputs is None else outputs
-    scores = [
-        i
+    first = channels_first(model)
+    ranked = [
+        (output_kind(out, first) != "classes", not _ends_in_softmax(head_layer(model, i)), i)
         for i, out in enumerate(outputs)
-        if len(out.shape) == 2
-        and out.shape[-1] is not None
-        and str(out.dtype).startswith(("float", "bfloat"))
+        if output_kind(out, first) is not None
     ]
-    classes = [i for i in scores if _ends_in_softmax(head_layer(model, i))]
-    return (classes or scores or [0])[0]
+    return min(ranked)[2] if ranked else 0
+
+
+def output_kind(output: Any, first: bool = False) -> str | None:
+    """ "classes" for a (batch, classes) floating-point output, "pixels" for a per-pixel
+    (batch, H, W, classes) one ((batch, classes, H, W) for a channels-first model, `first`),
+    else None."""
+    if not str(output.dtype).startswith(("float", "bfloat")):
+        return None
+    if len(output.shape) == 2 and output.shape[-1] is not None:
+        return "classes"
+    if len(output.shape) == 4 and output_classes(output, first) is not None:
+        return "pixels"
+    return None
+
+
+def output_classes(output: Any, first: bool = False) -> int | None:
+    """The number of classes of a (batch, classes) or per-pixel output; None where free."""
+    size = output.shape[1] if len(output.shape) == 4 and first else output.shape[-1]
+    return None if size is None else int(size)
 
 
 def _ancestors(tensor: Any) -> set[int]:
@@ -266,16 +307,19 @@ def _ancestors(tensor: Any) -> set[int]:
     return seen
 
 
-def check_output(output: Any) -> None:
-    if len(output.shape) != 2 or output.shape[-1] is None:
-        raise InvalidJob(
-            f"Grad-CAM explains a classifier's scores: the model's output must be "
-            f"(batch, classes), and this one is {tuple(output.shape)}"
-        )
-    if not str(output.dtype).startswith(("float", "bfloat")):
+def check_output(output: Any, first: bool = False) -> None:
+    """Raise InvalidJob for an output that is neither (batch, classes) nor per-pixel
+    (batch, H, W, classes), NotDifferentiable for one that is not floating point."""
+    if len(output.shape) in (2, 4) and not str(output.dtype).startswith(("float", "bfloat")):
         raise NotDifferentiable(
             f"the model's output is {output.dtype}: a class score must be floating point "
             "for its gradient to exist (an argmax or a cast at the head has none)"
+        )
+    if output_kind(output, first) is None:
+        raise InvalidJob(
+            f"Grad-CAM explains a classifier's scores: the model's output must be "
+            f"(batch, classes), or (batch, H, W, classes) per pixel, and this one is "
+            f"{tuple(output.shape)}"
         )
 
 
@@ -334,12 +378,20 @@ def head_layer(model: keras.Model, index: int = 0) -> Any:
 
 
 def _ends_in_softmax(layer: Any) -> bool:
+    """A Softmax layer, or a Dense, Activation or convolution (a per-pixel head's) with
+    activation='softmax'."""
     if isinstance(layer, keras.layers.Softmax):
         return True
     activation = getattr(layer, "activation", None)
-    if not (isinstance(layer, (keras.layers.Dense, keras.layers.Activation)) and activation):
+    kinds = (keras.layers.Dense, keras.layers.Activation)
+    if not ((isinstance(layer, kinds) or _is_convolution(layer)) and activation):
         return False
     return getattr(activation, "__name__", "") == "softmax"
+
+
+def _is_convolution(layer: Any) -> bool:
+    """A Conv1D/2D/3D (Keras's convolutions that compute `convolution_op` + bias)."""
+    return callable(getattr(layer, "convolution_op", None)) and hasattr(layer, "kernel")
 
 
 def _logits(layer: Any, x: Any) -> Any:
@@ -352,6 +404,16 @@ def _logits(layer: Any, x: Any) -> Any:
             return out if bias is None else keras.ops.add(out, bias)
 
         return step("logits", logits, x)
+    if _is_convolution(layer):  # what Keras's convolution computes before its activation
+        kernel, bias = layer.kernel, layer.bias if layer.use_bias else None
+        last = layer.data_format == "channels_last"
+        shape = (1,) * (layer.rank + 1) + (-1,) if last else (1, -1) + (1,) * layer.rank
+
+        def conv_logits(x: Any) -> Any:
+            out = layer.convolution_op(x, kernel)
+            return out if bias is None else keras.ops.add(out, keras.ops.reshape(bias, shape))
+
+        return step("logits", conv_logits, x)
     return x  # an Activation('softmax') or Softmax layer: its input is the logits
 
 
@@ -371,9 +433,9 @@ def _compile(cam: CamModel, key: CamKey) -> Any:
 
 def _split(cam: CamModel, outputs: list[Any]) -> tuple[Any, Any, Any]:
     """(acts, scores whose gradient is taken, scores shown) of the graph's outputs."""
-    if cam.softmax:
-        acts, logits, probs = outputs
-        return acts, logits, probs
+    if len(outputs) == 3:  # a softmax's logits and probabilities, or a per-pixel output's
+        acts, gradient_of, shown = outputs
+        return acts, gradient_of, shown
     acts, scores = outputs
     return acts, scores, scores
 

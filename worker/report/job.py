@@ -73,19 +73,26 @@ def _gradcam_view(section: dict[str, Any] | None) -> dict[str, Any] | None:
     if not section:
         return None
     softmax = section.get("scores") == "softmax"
+    pixels = section.get("target") == "pixels"
     shape = section.get("layer_shape")
     note = (
         f"{section.get('method', 'gradcam')} of the class "
-        f"{'logit (the input of the softmax)' if softmax else 'score (the model output)'} "
+        f"{'logit (the input of the softmax)' if softmax else 'score (the model output)'}"
+        f"{', summed over every pixel,' if pixels else ''} "
         f"with respect to {section.get('layer')}'s output"
         + (f", {format_shape(shape)}" if shape else "")
+        + (f" (output {section['output']})" if section.get("output") else "")
         + "; heatmaps are upsampled to the input and normalized to their maximum."
     )
+    if pixels:
+        score_name = "share of the pixels" if softmax else "mean score over the pixels"
+    else:
+        score_name = "probability" if softmax else "score"
     return {
         "layer": str(section.get("layer", "")),
         "method": str(section.get("method", "")),
         "shape": format_shape(shape),
-        "score_name": "probability" if softmax else "score",
+        "score_name": score_name,
         "note": note,
         "predictions": [
             {"label": _class_label(row), "score": format_number(row.get("score"))}
