@@ -10,7 +10,8 @@ GPU node without TensorFlow):
     KERAS_BACKEND=torch python bench/gradcam_backends.py check REF_DIR
 
 `write` saves the test models (Sequential with a softmax head, functional,
-nested, .h5, one that takes (batch, H, W)), random inputs and the maps of every
+nested, .h5, one that takes (batch, H, W), channels-first, a U-Net's per-pixel
+softmax), random inputs and the maps of every
 class for both methods and for the top-2 predictions. `check` recomputes them, float32 matmuls at full
 precision (no TF32), and prints the largest difference; it exits 1 above 1e-4.
 """
@@ -32,6 +33,7 @@ LAYERS = {
     "seq_h5": "conv2d_2",
     "gray_hw": "conv_b",
     "channels_first": "conv_b",
+    "segmentation": "decode",
 }
 
 
@@ -65,6 +67,7 @@ def write(out: Path) -> None:
         "seq_h5": models.save_sequential_h5(out),
         "gray_hw": models.save_gray_hw_h5(out),
         "channels_first": models.save_channels_first_keras(out),
+        "segmentation": models.save_segmentation_keras(out),
     }
     rng = np.random.default_rng(0)
     arrays = {}

@@ -208,6 +208,27 @@ def save_channels_first_keras(out: Path) -> Path:
     return path
 
 
+def segmentation_cnn(classes: int = 4):  # noqa: ANN201
+    """A small U-Net: an encoder, a transposed convolution back up, a skip connection,
+    and a per-pixel softmax head (a 1 x 1 convolution)."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3))
+    a = layers.Conv2D(6, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    b = layers.MaxPooling2D(name="pool")(a)
+    b = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_b")(b)
+    up = layers.Conv2DTranspose(6, 2, strides=2, name="up")(b)
+    x = layers.Concatenate(name="concat")([a, up])
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="decode")(x)
+    return keras.Model(inputs, layers.Conv2D(classes, 1, activation="softmax", name="seg")(x))
+
+
+def save_segmentation_keras(out: Path) -> Path:
+    path = out / "segmentation.keras"
+    segmentation_cnn().save(path)
+    return path
+
+
 def vgg_like(side: int = 64, top: bool = True):
     """VGG16's first blocks, named as keras.applications names them: a functional model
     (Keras 2's `Model`), with its classifier or, `top=False`, as a convolutional base."""

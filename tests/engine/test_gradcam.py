@@ -154,7 +154,7 @@ def test_this_backends_heatmaps_equal_tensorflows(tmp_path: Path) -> None:
     """On JAX (`make test`'s second run), or torch: every case's heatmaps equal
     TensorFlow's, which the test above compares with the independent recipe.
     bench/gradcam_backends.py writes TensorFlow's maps in a process of its own, then
-    computes them again on this backend: 6 models, both methods and the top-2 predictions."""
+    computes them again on this backend: 7 models, both methods and the top-2 predictions."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         pytest.skip("TensorFlow's heatmaps are compared with the independent recipe above")
@@ -327,21 +327,6 @@ def test_a_model_without_a_classifier_output_fails_invalid_job() -> None:
         build_cam_model(model, flatten_layers(model), None)
 
 
-def segmentation_cnn(classes: int = 4) -> keras.Model:
-    """A small U-Net: an encoder, a transposed convolution back up, a skip connection,
-    and a per-pixel softmax head (a 1 x 1 convolution)."""
-    layers = keras.layers
-    keras.utils.set_random_seed(3)
-    inputs = keras.Input((32, 32, 3))
-    a = layers.Conv2D(6, 3, padding="same", activation="relu", name="conv_a")(inputs)
-    b = layers.MaxPooling2D(name="pool")(a)
-    b = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_b")(b)
-    up = layers.Conv2DTranspose(6, 2, strides=2, name="up")(b)
-    x = layers.Concatenate(name="concat")([a, up])
-    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="decode")(x)
-    return keras.Model(inputs, layers.Conv2D(classes, 1, activation="softmax", name="seg")(x))
-
-
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
 def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
     tmp_path: Path, settings, method: str
@@ -353,7 +338,7 @@ def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the reference is written with TensorFlow's GradientTape")
     path = tmp_path / "unet.keras"
-    segmentation_cnn().save(path)
+    models.segmentation_cnn().save(path)
     loaded = open_model(path)
     every = [0, 1, 2, 3]
     options = JobOptions(classes=every, method=method)
@@ -390,7 +375,7 @@ def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
 
 
 def test_a_per_pixel_head_is_not_a_layer_grad_cam_uses() -> None:
-    model = segmentation_cnn()
+    model = models.segmentation_cnn()
     with pytest.raises(InvalidJob, match="Layers it can use: .*decode"):
         build_cam_model(model, flatten_layers(model), "seg")
 
