@@ -104,6 +104,7 @@ def _print_description(d: dict[str, Any]) -> None:
         + (
             f"default layer {cam['default']}, {cam['classes']} "
             f"class{'es' if cam['classes'] != 1 else ''}"
+            + (" per pixel" if cam.get("target") == "pixels" else "")
             + (f" (output {cam['output']})" if "output" in cam else "")
             + f"; {len(cam['layers'])} layers it can use"
             if cam["available"]
