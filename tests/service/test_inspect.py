@@ -32,7 +32,13 @@ def test_the_books_h5_shows_the_recipes_layers_scale_and_grad_cam_layer(tmp_path
     first = d["layers"][0]
     assert first["output_shape"] == [148, 148, 32] and first["default"] and first["spatial"]
     assert not d["layers"][-1]["default"]  # the Dense head: stats, no grid
-    cam = {"available": True, "default": "max_pooling2d_4", "layers": names[:8], "classes": 1}
+    cam = {
+        "available": True,
+        "default": "max_pooling2d_4",
+        "layers": names[:8],
+        "classes": 1,
+        "target": "classes",
+    }
     assert d["gradcam"] == cam  # the default: the last map, 7 x 7 x 128
     assert d["parameters"] == 3_453_121  # the book's count for this model
 
@@ -48,9 +54,21 @@ def test_a_model_that_scales_itself_channels_first_says_so(tmp_path: Path) -> No
 
 
 def test_a_model_grad_cam_cannot_explain_says_why(tmp_path: Path) -> None:
-    d = inspect_json(tmp_path, str(models.save_fully_conv_keras(tmp_path)))
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    keras.Model(inputs, keras.layers.Reshape((14, 56))(x)).save(tmp_path / "rows.keras")
+    d = inspect_json(tmp_path, str(tmp_path / "rows.keras"))
     assert d["gradcam"]["available"] is False
     assert "(batch, classes)" in d["gradcam"]["why"]
+
+
+def test_a_per_pixel_model_is_explained_per_pixel_before_its_last_layer(tmp_path: Path) -> None:
+    d = inspect_json(tmp_path, str(models.save_fully_conv_keras(tmp_path)))
+    cam = d["gradcam"]
+    assert cam["available"] and cam["target"] == "pixels" and cam["classes"] == 2
+    assert cam["default"] == "fc_conv1" and cam["layers"] == ["fc_conv1"]
 
 
 def test_the_text_form_names_every_layer_and_how_to_select_them(tmp_path: Path) -> None:
