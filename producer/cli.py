@@ -19,6 +19,7 @@ from typing import Any
 from producer.client import Client, Job, Result
 from producer.contract import (
     CAM_METHODS,
+    CAM_REGIONS,
     FINAL_STATES,
     JOB_KINDS,
     MANIFEST_FILE,
@@ -83,6 +84,7 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         top=args.top,
         layer=args.layer,
         method=args.method,
+        region=args.region,
         labels=args.labels,
         predictions=args.predictions,
     )
@@ -595,6 +597,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "an index; default: the last (H, W, C) layer before the head, larger than 1 x 1)",
     )
     cam.add_argument("--method", choices=CAM_METHODS, help="gradcam (default) or gradcam++")
+    cam.add_argument(
+        "--region",
+        choices=CAM_REGIONS,
+        help="a segmentation model's pixels each class is explained over: image (default, "
+        "every pixel) or predicted (those the model assigns to the class)",
+    )
     cam.add_argument(
         "--labels",
         metavar="FILE",

@@ -354,6 +354,9 @@ _COLORMAP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TOP_K = 1024
 # Grad-CAM: how a class score's gradient weighs the layer's channels.
 CAM_METHODS = ("gradcam", "gradcam++")
+# A per-pixel (segmentation) output's region Grad-CAM sums a class's scores over: every
+# pixel, or the pixels the model assigns to that class (its argmax).
+CAM_REGIONS = ("image", "predicted")
 MAX_CAM_CLASSES = 16  # classes explained per image
 MAX_PREDICTIONS = 100  # top predictions listed per image
 MAX_LABELS = 100_000
@@ -390,12 +393,14 @@ class JobOptions:
     # Grad-CAM (kind 'gradcam', or an activations job with gradcam=True): the classes
     # to explain (indices) or the `top` predicted ones (1 by default), the layer
     # (default: the last one with an (H, W, C) output on the way to the output),
-    # the method, class names, and how many top predictions to list.
+    # the method, class names, and how many top predictions to list; for a per-pixel
+    # (segmentation) output, the region each class's scores are summed over.
     gradcam: bool = False
     classes: list[int] | None = None
     top: int | None = None
     layer: str | None = None
     method: str = "gradcam"
+    region: str = "image"
     labels: list[str] | None = None
     predictions: int = 5
     # A job of a census (producer.client.Client.census): its manifest also gives each
@@ -410,7 +415,12 @@ class JobOptions:
     @property
     def wants_gradcam(self) -> bool:
         """Whether any Grad-CAM option is set (they need kind 'gradcam' or gradcam=True)."""
-        return self.classes is not None or self.top is not None or self.layer is not None
+        return (
+            self.classes is not None
+            or self.top is not None
+            or self.layer is not None
+            or self.region != "image"
+        )
 
     def validate(self) -> JobOptions:
         """Returns self; raises ValueError for an option of the wrong type, name or range."""
@@ -486,6 +496,8 @@ class JobOptions:
             )
         if self.method not in CAM_METHODS:
             raise ValueError(f"method {self.method!r} unknown; use one of {', '.join(CAM_METHODS)}")
+        if self.region not in CAM_REGIONS:
+            raise ValueError(f"region {self.region!r} unknown; use one of {', '.join(CAM_REGIONS)}")
         labels = self.labels
         if labels is not None and (
             not isinstance(labels, list)

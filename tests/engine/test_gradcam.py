@@ -327,21 +327,23 @@ def test_a_model_without_a_classifier_output_fails_invalid_job() -> None:
         build_cam_model(model, flatten_layers(model), None)
 
 
+@pytest.mark.parametrize("region", ["image", "predicted"])
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
-def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
-    tmp_path: Path, settings, method: str
+def test_a_segmentation_model_is_explained_per_class_over_its_region(
+    tmp_path: Path, settings, method: str, region: str
 ) -> None:  # noqa: ANN001
-    """Seg-Grad-CAM over the whole image, as pytorch-grad-cam's SemanticSegmentationTarget
-    with a mask of ones: the gradient of the class's logits summed over every pixel; its
-    score, the mean of its probabilities over every pixel. Against the recipe written
-    with a GradientTape on the model without its softmax."""
+    """Seg-Grad-CAM, as pytorch-grad-cam's SemanticSegmentationTarget: the gradient of
+    the class's logits summed over the region (every pixel; or those whose argmax is
+    the class, its tutorial's mask); its score, the mean of its probabilities over
+    every pixel. Against the recipe written with a GradientTape on the model without
+    its softmax."""
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the reference is written with TensorFlow's GradientTape")
     path = tmp_path / "unet.keras"
     models.segmentation_cnn().save(path)
     loaded = open_model(path)
     every = [0, 1, 2, 3]
-    options = JobOptions(classes=every, method=method)
+    options = JobOptions(classes=every, method=method, region=region)
     cam, cam_key, row = cam_of(loaded, options)
     assert cam.ref.name == "decode" and cam.pixels and cam.softmax and cam.classes == 4
     x = pixels_for(loaded, options, settings)
@@ -350,11 +352,13 @@ def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
     logits.layers[-1].activation = None
     grad_model = keras.Model(logits.inputs, [logits.get_layer("decode").output, logits.output])
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(grad_model(x)[1], axis=-1))
+    mask = np.ones_like(probs) if region == "image" else np.eye(4)[probs.argmax(axis=-1)]
+    assert region == "image" or mask.mean(axis=(0, 1, 2)).min() > 0  # each class has pixels
     shown = 0
     for slot, cls in enumerate(every):
         with tf.GradientTape() as tape:
             acts, out = grad_model(x)
-            score = tf.reduce_sum(out[..., cls])
+            score = tf.reduce_sum(out[..., cls] * mask[..., cls])
         grads = tape.gradient(score, acts).numpy()
         want = (gradcam_pp_from if method == "gradcam++" else gradcam_from)(acts.numpy(), grads)
         np.testing.assert_allclose(got["maps"][:, slot], want, atol=TOLERANCE, rtol=0)
@@ -363,9 +367,10 @@ def test_a_segmentation_model_is_explained_per_class_over_every_pixel(
         )
         shown += int((want.max(axis=(1, 2)) > 0).sum())
     assert shown >= len(x), "the reference heatmaps are mostly empty: the case shows little"
-    (job,) = analyze_cam(loaded, images(1), JobOptions(top=4), settings)
+    (job,) = analyze_cam(loaded, images(1), JobOptions(top=4, region=region), settings)
     section = job.manifest["gradcam"]
     assert section["target"] == "pixels" and section["layer"] == "decode"
+    assert section["region"] == region
     assert section["scores"] == "softmax" and section["gradient_of"] == "logit"
     # Every pixel's probabilities sum to 1: so do the classes' shares of the image.
     assert sum(p["score"] for p in section["predictions"]) == pytest.approx(1.0, abs=1e-5)
@@ -378,6 +383,14 @@ def test_a_per_pixel_head_is_not_a_layer_grad_cam_uses() -> None:
     model = models.segmentation_cnn()
     with pytest.raises(InvalidJob, match="Layers it can use: .*decode"):
         build_cam_model(model, flatten_layers(model), "seg")
+
+
+def test_a_region_is_invalid_job_for_a_classifier_and_unknown_ones_are_refused(model_files):  # noqa: ANN001
+    loaded = open_model(model_files["softmax"])
+    with pytest.raises(InvalidJob, match="applies to a per-pixel"):
+        loaded.cam(None, "predicted")
+    with pytest.raises(ValueError, match="region 'mask' unknown"):
+        JobOptions(region="mask").validate()
 
 
 @pytest.mark.parametrize("structure", ["list", "dict"])

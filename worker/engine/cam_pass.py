@@ -16,6 +16,7 @@ input as the model saw it (PNG), and the raw map at the layer's resolution
 "gradcam": {"layer", "layer_index", "layer_shape": [h, w, C], "method",
             "scores": "softmax" | "raw", "gradient_of": "logit" | "output",
             "target": "classes" | "pixels",    # pixels: a per-pixel output, see below
+            "region"?: "image" | "predicted",  # pixels only
             "num_classes", "labels": bool, "output"?,  # several outputs: the one explained
             "predictions": [{"class", "name"?, "score"}],     # top P, best first
             "classes": [{"class", "name"?, "score", "rank"?, "requested",
@@ -24,8 +25,9 @@ input as the model saw it (PNG), and the raw map at the layer's resolution
 
 A per-pixel output's (a segmentation model's, `"target": "pixels"`) class score
 is its mean over every pixel (the share of the image it covers, for
-probabilities); the gradient is that of the class's scores summed over every
-pixel (worker/engine/gradcam.py).
+probabilities); the gradient is that of the class's scores summed over the
+job's `region`: every pixel, or those the model assigns to the class
+(worker/engine/gradcam.py).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ OVERLAY_ALPHA = 0.45  # the heatmap's weight over the input
 
 def cam_of(loaded: LoadedModel, options: JobOptions) -> tuple[CamModel, CamKey, list[int]]:
     """The job's CamModel, CamKey and requested row; raises InvalidJob, NotDifferentiable."""
-    cam = loaded.cam(options.layer)
+    cam = loaded.cam(options.layer, options.region)
     key, row = cam.key(options.classes, options.top, options.method, options.predictions)
     return cam, key, row
 
@@ -281,6 +283,7 @@ def cam_section(
         "scores": "softmax" if cam.softmax else "raw",
         "gradient_of": "logit" if cam.softmax else "output",
         "target": "pixels" if cam.pixels else "classes",
+        **({"region": options.region} if cam.pixels else {}),
         "num_classes": cam.classes,
         "labels": bool(labels),
         "predictions": predictions,

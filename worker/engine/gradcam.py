@@ -182,7 +182,9 @@ def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[Layer
     return found, output
 
 
-def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None) -> CamModel:
+def build_cam_model(
+    model: keras.Model, refs: list[LayerRef], layer: str | None, region: str = "image"
+) -> CamModel:
     """The CamModel of `model` at `layer` (a name, 'outer/inner', or an index); None
     picks the last layer with an (H, W, C) output on the way to the output, larger than
     1 x 1 where one is (`default_layer`).
@@ -199,6 +201,12 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     head = head_layer(model, index)
     softmax = _ends_in_softmax(head)
     pixels = output_kind(output, transposed) == "pixels"
+    if region != "image" and not pixels:
+        raise InvalidJob(
+            f"region {region!r} applies to a per-pixel (segmentation) output; this model's "
+            f"is {tuple(output.shape)}: leave region out"
+        )
+    classes = output_classes(output, transposed)
     inputs, fed = image_input(model)
     # The layer's own dtype: the model's input may be integer (uint8 pixels), its maps not.
     dtype = getattr(ref.layer, "compute_dtype", None) or keras.config.floatx()
@@ -215,11 +223,19 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
 
     probs = keras.tree.flatten(trace(model, fed, {}, hook))[index]
     scores = seen["logits"] if softmax else probs
-    if pixels:  # each class's scores summed over every pixel; shown, their mean
-        axes = (2, 3) if transposed else (1, 2)
+    if pixels:  # each class's scores summed over the region; shown, their mean
+        axes, axis = ((2, 3), 1) if transposed else ((1, 2), -1)
+
+        def summed(scores: Any, probs: Any) -> Any:
+            if region == "predicted":  # each pixel counts for the class it is assigned
+                winner = keras.ops.argmax(probs, axis=axis)
+                mask = keras.ops.one_hot(winner, classes, axis=axis, dtype=scores.dtype)
+                scores = scores * mask
+            return keras.ops.sum(scores, axis=axes)
+
         outputs = [
             seen["features"],
-            step("class_sums", lambda t: keras.ops.sum(t, axis=axes), scores),
+            step("class_sums", summed, scores, probs),
             step("class_means", lambda t: keras.ops.mean(t, axis=axes), probs),
         ]
     else:
@@ -227,7 +243,6 @@ def build_cam_model(model: keras.Model, refs: list[LayerRef], layer: str | None)
     graph = keras.Model([inputs, probe], outputs, name=f"{model.name}_gradcam")
     features = keras.Model(inputs, seen["features"])
     named = head.name if len(model.outputs) > 1 else None
-    classes = output_classes(output, transposed)
     return CamModel(graph, features, ref, classes, softmax, named, pixels)
 
 

@@ -86,16 +86,16 @@ class LoadedModel:
                 self._extractors[key] = found
         return found
 
-    def cam(self, layer: str | None) -> CamModel:
-        """The Grad-CAM model at `layer` (None: the default layer), built once.
+    def cam(self, layer: str | None, region: str = "image") -> CamModel:
+        """The Grad-CAM model at `layer` (None: the default layer) for `region`, built once.
 
         Raises InvalidJob or NotDifferentiable (see `gradcam.build_cam_model`).
         """
         with self._lock:
-            found = self._cams.get(layer)
+            found = self._cams.get((layer, region))
             if found is None:
-                found = build_cam_model(self.model, self.layers, layer)
-                self._cams[layer] = found
+                found = build_cam_model(self.model, self.layers, layer, region)
+                self._cams[(layer, region)] = found
         return found
 
 
