@@ -179,6 +179,40 @@ def test_grad_cam_from_the_command_line_with_labels_from_the_model_registry(
     assert "bird (2)" in page and "Grad-CAM at conv_b" in page
 
 
+def test_grad_cam_of_a_segmentation_model_over_its_predicted_pixels_from_the_command_line(
+    tmp_path: Path, png_bytes: bytes
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import models
+
+    (tmp_path / "street.png").write_bytes(png_bytes)
+    models.save_segmentation_keras(tmp_path)
+    args = ("submit", "--model", "segmentation.keras", "--image", "street.png")
+    done = actviz_in(
+        tmp_path,
+        *args,
+        "--kind",
+        "gradcam",
+        "--top",
+        "2",
+        "--region",
+        "predicted",
+        "--wait",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    job_dir = tmp_path / "actviz-results" / "jobs" / out["job_id"]
+    section = json.loads((job_dir / "manifest.json").read_text())["gradcam"]
+    assert section["target"] == "pixels" and section["region"] == "predicted"
+    assert section["layer"] == "decode" and len(section["classes"]) == 2
+    assert "share of the pixels" in (job_dir / "index.html").read_text()
+    wrong = actviz_in(tmp_path, *args, "--kind", "gradcam", "--region", "mask", "--json")
+    assert wrong.returncode != 0 and b"invalid choice: 'mask'" in wrong.stderr
+
+
 def test_census_from_the_command_line_over_a_list_of_images(
     tmp_path: Path, saved_models: dict[str, Path]
 ) -> None:
