@@ -15,7 +15,6 @@ from worker.engine.gradcam import (
     cam_candidates,
     check_output,
     choose_layer,
-    explained_output,
     head_layer,
     output_classes,
     output_kind,
@@ -64,7 +63,7 @@ def describe_model(loaded: LoadedModel) -> dict[str, Any]:
 def _gradcam(loaded: LoadedModel) -> dict[str, Any]:
     """The default layer and every layer Grad-CAM can use; or why it cannot."""
     try:
-        candidates, output = cam_candidates(loaded.model, loaded.layers)
+        candidates, output, index = cam_candidates(loaded.model, loaded.layers)
         check_output(output, loaded.channels_first)
         default = choose_layer(loaded.layers, candidates, None)
     except ActvizError as exc:
@@ -77,5 +76,5 @@ def _gradcam(loaded: LoadedModel) -> dict[str, Any]:
         "target": output_kind(output, loaded.channels_first),
     }
     if len(loaded.model.outputs) > 1:  # the output it explains, by its layer's name
-        found["output"] = head_layer(loaded.model, explained_output(loaded.model)).name
+        found["output"] = head_layer(loaded.model, index).name
     return found

@@ -160,10 +160,10 @@ class CamModel:
         return {name: np.asarray(array) for name, array in host.items()}
 
 
-def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[LayerRef], Any]:
+def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[LayerRef], Any, int]:
     """The layers Grad-CAM can use (an (H, W, C) output on the way to the model's
     output it explains, `explained_output`, other than the layer making that output: a
-    per-pixel head's), in model order, and that output as traced."""
+    per-pixel head's), in model order; that output as traced, and its index."""
     _, fed = image_input(model)
     traced: dict[int, Any] = {}
     outputs = keras.tree.flatten(trace(model, fed, traced))
@@ -179,7 +179,7 @@ def cam_candidates(model: keras.Model, refs: list[LayerRef]) -> tuple[list[Layer
         and ref.layer is not head
         and id(traced.get(id(ref.layer))) in upstream
     ]
-    return found, output
+    return found, output, index
 
 
 def build_cam_model(
@@ -190,14 +190,14 @@ def build_cam_model(
     1 x 1 where one is (`default_layer`).
 
     Raises InvalidJob for a layer that is not (H, W, C), not on the way to the
-    output, or a model whose output is not (batch, classes); NotDifferentiable
-    for a model whose output is not floating point.
+    output, a model whose output is neither (batch, classes) nor per pixel, or a
+    `region` other than "image" for a model whose output is not per pixel;
+    NotDifferentiable for a model whose output is not floating point.
     """
     transposed = channels_first(model)  # the probe and features are (H, W, C) all the same
-    candidates, output = cam_candidates(model, refs)
+    candidates, output, index = cam_candidates(model, refs)
     check_output(output, transposed)
     ref = choose_layer(refs, candidates, layer)
-    index = explained_output(model)
     head = head_layer(model, index)
     softmax = _ends_in_softmax(head)
     pixels = output_kind(output, transposed) == "pixels"
@@ -287,9 +287,9 @@ def explained_output(model: keras.Model, outputs: list[Any] | None = None) -> in
 
 
 def output_kind(output: Any, first: bool = False) -> str | None:
-    """ "classes" for a (batch, classes) floating-point output, "pixels" for a per-pixel
-    (batch, H, W, classes) one ((batch, classes, H, W) for a channels-first model, `first`),
-    else None."""
+    """What a floating-point output is: "classes" for (batch, classes), "pixels" for a
+    per-pixel (batch, H, W, classes) ((batch, classes, H, W) on a channels-first model,
+    `first`); None for anything else."""
     if not str(output.dtype).startswith(("float", "bfloat")):
         return None
     if len(output.shape) == 2 and output.shape[-1] is not None:
